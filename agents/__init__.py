@@ -1,0 +1,5 @@
+"""Delivery agents: the API custom agents implement, and the built-in agents.
+
+Built-ins: the Drop directory writer used by Foreign connectors (``agents.drop``) and the
+Maildir writer used for local mailboxes (``agents.maildir``).
+"""

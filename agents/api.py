@@ -1,0 +1,174 @@
+"""The delivery-agent API: what a custom delivery agent implements.
+
+Shaped like Exchange's ``DeliveryAgent`` (EXCHANGE §10): for each connection to a next hop
+the transport calls ``open`` → ``deliver`` (once per mail item) → ``close``. Results are data:
+
+* ``open`` returns ``None`` when the connection is up, ``DeferQueue`` to put the whole queue
+  into Retry (with an optional retry interval), or ``FailQueue`` to fail every item.
+* ``deliver`` returns an ``ItemResult``: one ``RecipientResult`` per recipient — delivered,
+  deferred (optionally with a retry interval) or failed with an SMTP response. Helpers
+  acknowledge the whole item at once (``ItemResult.success(item)``, ``.defer``, ``.fail``).
+
+An exception raised by an agent is contained by the core: the item is deferred with
+``451 4.3.0``, and a message that crashes the process repeatedly goes to Poison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from core.model import (
+    Envelope,
+    EnvelopeRecipient,
+    NextHop,
+    QueuedMessage,
+    QueuedRecipient,
+    SmtpResponse,
+)
+
+if TYPE_CHECKING:
+    from core.config import Organization, TransportServer
+    from core.directory import RecipientDirectory
+
+DELIVERED = "delivered"
+DEFERRED = "deferred"
+FAILED = "failed"
+
+OK = SmtpResponse(250, "2.0.0", "OK")
+LOCAL_ERROR = SmtpResponse(451, "4.3.0", "Local error in processing")
+
+
+@dataclass(slots=True)
+class MailItem:
+    """One message for one next hop, with the recipients routed there."""
+
+    message: QueuedMessage
+    recipients: list[QueuedRecipient]
+    next_hop: NextHop
+    queue_id: int = 0
+
+    @property
+    def data(self) -> bytes:
+        return self.message.data
+
+    @property
+    def envelope(self) -> Envelope:
+        return Envelope(self.message.mail_from, [
+            EnvelopeRecipient(r.address, r.notify, r.orcpt) for r in self.recipients])
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    kind: str  # DELIVERED, DEFERRED or FAILED
+    response: SmtpResponse
+    retry_in: float | None = None  # seconds; for DEFERRED only; None = the retry ladder
+
+    @classmethod
+    def delivered(cls, response: SmtpResponse = OK) -> RecipientResult:
+        return cls(DELIVERED, response)
+
+    @classmethod
+    def deferred(cls, response: SmtpResponse, retry_in: float | None = None) -> RecipientResult:
+        if not response.is_transient:
+            raise ValueError(f"a deferral needs a 4xx response, not {response}")
+        return cls(DEFERRED, response, retry_in)
+
+    @classmethod
+    def failed(cls, response: SmtpResponse) -> RecipientResult:
+        if not response.is_permanent:
+            raise ValueError(f"a failure needs a 5xx response, not {response}")
+        return cls(FAILED, response)
+
+
+@dataclass(slots=True)
+class ItemResult:
+    """Per-recipient results for one mail item, keyed by recipient row id."""
+
+    recipients: dict[int, RecipientResult] = field(default_factory=dict)
+    #: set when the agent delivered the item somewhere nameable (a drop file, a mailbox)
+    detail: str = ""
+    #: recipients whose recorded write intent must be forgotten (the file never appeared)
+    void_intents: set[int] = field(default_factory=set)
+
+    def ack(self, recipient: QueuedRecipient, result: RecipientResult) -> None:
+        self.recipients[recipient.id] = result
+
+    @classmethod
+    def for_all(cls, item: MailItem, result: RecipientResult, detail: str = "") -> ItemResult:
+        return cls({r.id: result for r in item.recipients}, detail)
+
+    @classmethod
+    def success(cls, item: MailItem, response: SmtpResponse = OK, detail: str = "") -> ItemResult:
+        return cls.for_all(item, RecipientResult.delivered(response), detail)
+
+    @classmethod
+    def defer(cls, item: MailItem, response: SmtpResponse,
+              retry_in: float | None = None) -> ItemResult:
+        return cls.for_all(item, RecipientResult.deferred(response, retry_in))
+
+    @classmethod
+    def fail(cls, item: MailItem, response: SmtpResponse) -> ItemResult:
+        return cls.for_all(item, RecipientResult.failed(response))
+
+
+@dataclass(frozen=True, slots=True)
+class DeferQueue:
+    """``open`` result: the next hop is not reachable now; retry the whole queue later."""
+
+    response: SmtpResponse
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FailQueue:
+    """``open`` result: every item of the queue fails permanently with this response."""
+
+    response: SmtpResponse
+
+
+@dataclass
+class DeliveryContext:
+    """What the transport offers an agent during delivery."""
+
+    organization: Organization
+    server: TransportServer
+    directory: RecipientDirectory
+    #: commit "written as <name>" for recipients before making a file visible (exactly once)
+    record_intent: Callable[[dict[int, str]], Awaitable[None]]
+    clock: Callable[[], float]
+    #: a random id of this queue database: with queue ids it makes file names unique forever
+    store_id: str = ""
+    log: Any = None
+
+
+class DeliveryAgent:
+    """Base class of delivery agents; subclass it and override ``deliver``.
+
+    One instance serves one connection to a next hop; the transport creates it per
+    connection with the connector it serves and the delivery context.
+    """
+
+    #: the DeliveryProtocol this agent serves (informational; registration names it)
+    protocol: str = ""
+
+    def __init__(self, connector: Any, context: DeliveryContext) -> None:
+        self.connector = connector
+        self.context = context
+
+    async def open(self, next_hop: NextHop) -> DeferQueue | FailQueue | None:
+        """Open the connection (OnOpenConnection). Default: nothing to open."""
+        return None
+
+    async def deliver(self, item: MailItem) -> ItemResult:
+        """Deliver one mail item (OnDeliverMailItem)."""
+        raise NotImplementedError
+
+    async def deliver_many(self, items: Sequence[MailItem]) -> list[ItemResult]:
+        """Deliver several items; agents that can batch their I/O override this."""
+        return [await self.deliver(item) for item in items]
+
+    async def close(self) -> None:
+        """Close the connection (OnCloseConnection)."""
+        return None

@@ -1,0 +1,127 @@
+"""Exactly-once file delivery: the protocol shared by the Drop and Maildir writers.
+
+1. Write each file under a temporary name the consumer ignores; sync them (batched).
+2. Commit "written as <intent>" for the recipients in the queue.
+3. Rename each temporary file to its final name; fsync the folders.
+4. The caller marks the recipients delivered.
+
+Recovery, when a recipient arrives with an intent already recorded: temp present → finish
+the rename; temp gone → the rename happened (the consumer may already have taken the
+file), so it is delivered. No intent → a stale temp is removed and the file written again.
+The consumer taking a file therefore never causes a second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agents.api import DeliveryContext
+from core.durable import fsync_dir, sync_many, write_new_file
+from core.model import SmtpResponse
+
+
+@dataclass(slots=True)
+class FilePlan:
+    """One file to make visible exactly once for a set of recipients."""
+
+    item_index: int
+    recipient_ids: list[int]
+    intent: str
+    temp: Path
+    final: Path
+    data: bytes | None  # None: a recovery plan, the temp was written before a crash
+    error: SmtpResponse | None = None
+    recovered: bool = field(default=False)
+    #: the recorded intent names a file that never became visible: forget it on retry
+    void_intent: bool = field(default=False)
+
+
+def response_for(exc: OSError, what: str) -> SmtpResponse:
+    """A temporary failure describing a filesystem error (never a 5xx: it may clear)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SmtpResponse(452, "4.3.1", f"{what} is full")
+    if exc.errno == errno.ENOENT:
+        return SmtpResponse(451, "4.3.0", f"{what} does not exist")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        code = errno.errorcode.get(exc.errno, exc.errno)
+        return SmtpResponse(451, "4.3.0", f"{what} is not writable ({code})")
+    return SmtpResponse(451, "4.3.0", f"{what}: {os.strerror(exc.errno or 0) or 'I/O error'}")
+
+
+async def commit_files(plans: Sequence[FilePlan], context: DeliveryContext, what: str) -> None:
+    """Run the protocol for ``plans``; a plan that fails keeps ``error`` set and no file."""
+    await asyncio.to_thread(_write_and_sync, plans, what)
+    intents = {rid: p.intent for p in plans if p.error is None and p.data is not None
+               for rid in p.recipient_ids}
+    if intents:
+        try:
+            await context.record_intent(intents)
+        except Exception:
+            await asyncio.to_thread(_remove_temps, [p for p in plans if p.data is not None])
+            raise
+    await asyncio.to_thread(_publish, plans, what)
+
+
+def _write_and_sync(plans: Sequence[FilePlan], what: str) -> None:
+    fds: list[tuple[FilePlan, int]] = []
+    try:
+        for plan in plans:
+            if plan.data is None:
+                continue
+            try:
+                _unlink_quietly(plan.temp)
+                fds.append((plan, write_new_file(plan.temp, plan.data)))
+            except OSError as exc:
+                plan.error = response_for(exc, what)
+        try:
+            sync_many(fd for _, fd in fds)
+        except OSError as exc:
+            for plan, _ in fds:
+                plan.error = response_for(exc, what)
+    finally:
+        for plan, fd in fds:
+            os.close(fd)
+            if plan.error is not None:
+                _unlink_quietly(plan.temp)
+
+
+def _publish(plans: Sequence[FilePlan], what: str) -> None:
+    folders: set[Path] = set()
+    for plan in plans:
+        if plan.error is not None:
+            continue
+        try:
+            os.rename(plan.temp, plan.final)
+            folders.add(plan.final.parent)
+        except FileNotFoundError:
+            if plan.data is not None:  # we wrote it moments ago: someone removed our temp
+                plan.error = SmtpResponse(451, "4.3.0", f"{what}: temporary file vanished")
+                plan.void_intent = True
+            else:
+                plan.recovered = True  # renamed before the crash; the consumer may have it
+        except OSError as exc:
+            plan.error = response_for(exc, what)
+    for folder in folders:
+        try:
+            fsync_dir(folder)
+        except OSError as exc:
+            for plan in plans:
+                if plan.error is None and plan.final.parent == folder:
+                    plan.error = response_for(exc, what)
+
+
+def _remove_temps(plans: Sequence[FilePlan]) -> None:
+    for plan in plans:
+        _unlink_quietly(plan.temp)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,88 @@
+"""The Maildir writer: final delivery to local mailboxes.
+
+Each recipient gets one file in ``<StateDirectory>/mailboxes/<alias>/new``, named from the
+queue's ids, made visible exactly once (``agents.file_commit``): written in ``tmp/``,
+synced, intent committed, renamed into ``new/``. Final delivery adds ``Return-Path`` (RFC
+5321 §4.4) and ``Delivered-To``, and stores lines with LF endings as Maildir readers expect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mailbox
+from collections.abc import Sequence
+from pathlib import Path
+
+from agents.api import DeliveryAgent, ItemResult, MailItem, RecipientResult
+from agents.file_commit import FilePlan, commit_files
+from core.headers import make_field
+from core.model import SmtpResponse
+
+MAILBOX_UNKNOWN = SmtpResponse(550, "5.1.1", "RESOLVER.ADR.RecipNotFound; mailbox not found")
+
+
+def maildir_root(state_directory: Path, alias: str) -> Path:
+    return state_directory / "mailboxes" / alias
+
+
+def ensure_maildir(root: Path) -> None:
+    """Create the Maildir (cur/new/tmp) if missing; stdlib ``mailbox`` knows the layout."""
+    if not (root / "new").is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        mailbox.Maildir(root, create=True)
+
+
+def local_copy(item: MailItem, address: str) -> bytes:
+    head = make_field("Return-Path", f"<{item.message.mail_from.address}>")
+    head += make_field("Delivered-To", address)
+    return (head + item.data).replace(b"\r\n", b"\n")
+
+
+class MaildirAgent(DeliveryAgent):
+    """Delivers each recipient of a mail item into its mailbox's Maildir."""
+
+    protocol = "MAILDIR"
+
+    async def deliver(self, item: MailItem) -> ItemResult:
+        return (await self.deliver_many([item]))[0]
+
+    async def deliver_many(self, items: Sequence[MailItem]) -> list[ItemResult]:
+        directory = self.context.directory
+        server = self.context.server
+        results = [ItemResult() for _ in items]
+        plans: list[FilePlan] = []
+        roots: set[Path] = set()
+        for index, item in enumerate(items):
+            for r in item.recipients:
+                box = directory.mailbox(r.address)
+                if box is None:
+                    results[index].recipients[r.id] = RecipientResult.failed(MAILBOX_UNKNOWN)
+                    continue
+                root = maildir_root(server.state_directory, box.alias)
+                roots.add(root)
+                if r.drop_intent:
+                    name = r.drop_intent.rsplit("/", 1)[-1]
+                    data = None
+                else:
+                    name = (f"{int(item.message.received_at)}.H{self.context.store_id}"
+                            f"M{item.message.id}R{r.id}.{server.name}")
+                    data = local_copy(item, r.address)
+                plans.append(FilePlan(index, [r.id], f"{box.alias}/{name}", root / "tmp" / name,
+                                      root / "new" / name, data))
+        await asyncio.to_thread(_ensure_all, roots)
+        await commit_files(plans, self.context, "Mailbox")
+        for plan in plans:
+            result = results[plan.item_index]
+            if plan.error is None:
+                outcome = RecipientResult.delivered(SmtpResponse(250, "2.0.0", "Delivered"))
+            else:
+                outcome = RecipientResult.deferred(plan.error)
+                if plan.void_intent:
+                    result.void_intents.update(plan.recipient_ids)
+            result.recipients[plan.recipient_ids[0]] = outcome
+        return results
+
+
+def _ensure_all(roots: set[Path]) -> None:
+    for root in roots:
+        ensure_maildir(root)

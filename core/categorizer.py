@@ -1,0 +1,249 @@
+"""The categorizer: resolve recipients, expand groups, choose each recipient's next hop.
+
+Accepted-domain logic (EXCHANGE §3): a recipient that resolves to a mailbox is delivered
+locally and never uses a connector; an unknown recipient in an Authoritative domain fails
+with ``5.1.1``; in an InternalRelay or ExternalRelay domain, or outside the accepted domains,
+it is routed by address space. A non-primary address is rewritten to the primary one and the
+original kept as ORCPT. Groups expand without loops or duplicates.
+
+The categorizer computes decisions only; the pipeline commits them in one transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from core.model import (
+    EnvelopeRecipient,
+    NextHop,
+    Notify,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientStatus,
+    SmtpResponse,
+)
+from core.routing import RouteDecision, RoutingTable
+
+if TYPE_CHECKING:
+    from core.config import Organization, TransportServer
+    from core.directory import DirectoryEntry, RecipientDirectory
+    from core.hooks import Hooks
+
+RECIPIENT_NOT_FOUND = SmtpResponse(550, "5.1.1", "RESOLVER.ADR.RecipNotFound; not found")
+RECIPIENT_LIMIT = SmtpResponse(550, "5.5.3", "RESOLVER.ADR.RecipLimit; too many recipients")
+
+
+# -- results a `categorize` hook implementation may return -------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Replace the recipient by another address (tracked as REDIRECT)."""
+
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class Expand:
+    """Replace the recipient by several addresses (tracked as EXPAND)."""
+
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Fail the recipient with this 5xx response; an NDR follows."""
+
+    response: SmtpResponse
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTo:
+    """Send the recipient to a fixed next hop (Exchange's SetRoutingOverride)."""
+
+    next_hop: NextHop
+
+
+# -- decisions ---------------------------------------------------------------------------
+
+ROUTE = "route"
+UNREACHABLE = "unreachable"
+FAIL = "fail"
+EXPANDED = "expanded"
+
+
+@dataclass(slots=True)
+class Decision:
+    """What happens to one recipient (an existing row, or a new member of a group)."""
+
+    kind: str
+    address: str
+    recipient: QueuedRecipient | None = None  # None for recipients added by expansion
+    envelope: EnvelopeRecipient | None = None  # for added recipients
+    next_hop: NextHop | None = None
+    response: SmtpResponse | None = None
+    orcpt: str | None = None
+    source: str = "ROUTING"  # the tracking Source of a failure
+    related: str = ""  # the address it was resolved, redirected or expanded from
+    event: str = ""  # RESOLVE, REDIRECT or EXPAND when the address changed
+
+
+@dataclass(slots=True)
+class Categorized:
+    message: QueuedMessage
+    decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def next_hops(self) -> list[NextHop]:
+        seen: dict[tuple[str, str, str], NextHop] = {}
+        for d in self.decisions:
+            if d.kind == ROUTE and d.next_hop is not None:
+                seen.setdefault(d.next_hop.key, d.next_hop)
+        return list(seen.values())
+
+
+def mailbox_next_hop(server_name: str) -> NextHop:
+    """The mailbox delivery queue of a server (2010: one MapiDelivery queue per database)."""
+    return NextHop("MapiDelivery", f"Mailbox Database {server_name}", "")
+
+
+class Categorizer:
+    def __init__(self, org: Organization, server: TransportServer,
+                 directory: RecipientDirectory, hooks: Hooks) -> None:
+        self.org = org
+        self.server = server
+        self.directory = directory
+        self.routing = RoutingTable(org, server)
+        self.hooks = hooks
+
+    async def categorize(self, message: QueuedMessage) -> Categorized:
+        result = Categorized(message)
+        pending = [r for r in message.recipients if r.status.value == "Submitted"]
+        limit = self.org.transport_config.max_recipient_envelope_limit
+        if limit is not None and len(message.recipients) > limit:
+            for r in pending:
+                result.decisions.append(Decision(FAIL, r.address, r, response=RECIPIENT_LIMIT,
+                                                 source="RESOLVER"))
+            return result
+        # addresses already settled for this message: never deliver twice to one of them
+        seen = {r.address.lower() for r in message.recipients if r.status.value != "Submitted"}
+        for r in pending:
+            await self._resolve(message, r, r.address, r.orcpt, r.notify, result, seen, set())
+        return result
+
+    async def _resolve(self, message: QueuedMessage, row: QueuedRecipient | None, address: str,
+                       orcpt: str | None, notify: frozenset[Notify], result: Categorized,
+                       seen: set[str], groups: set[str], related: str = "",
+                       event: str = "") -> None:
+        def decide(kind: str, addr: str, **kw: object) -> None:
+            envelope = None if row is not None else EnvelopeRecipient(addr, notify, orcpt)
+            kw.setdefault("related", related)
+            kw.setdefault("event", event)
+            result.decisions.append(Decision(kind, addr, row, envelope, orcpt=orcpt, **kw))  # type: ignore[arg-type]
+
+        probe = row if row is not None else QueuedRecipient(
+            0, message.id, address, RecipientStatus.SUBMITTED)
+        override = await self.hooks.call_first(
+            "categorize", message=message, recipient=probe, organization=self.org)
+        if isinstance(override, Reject):
+            return decide(FAIL, address, response=override.response, source="AGENT")
+        if isinstance(override, RouteTo):
+            return decide(ROUTE, address, next_hop=override.next_hop)
+        if isinstance(override, Redirect):
+            return await self._resolve(message, row, override.address, orcpt or _orcpt(address),
+                                       notify, result, seen, groups, address, "REDIRECT")
+        if isinstance(override, Expand):
+            decide(EXPANDED, address, event="EXPAND")
+            for member in override.addresses:
+                await self._resolve(message, None, member, None, _member_notify(notify),
+                                    result, seen, groups, address, "EXPAND")
+            return None
+
+        entry = self.directory.lookup(address)
+        if entry is not None:
+            return await self._resolve_entry(message, row, address, orcpt, notify, entry,
+                                             result, seen, groups, related, event)
+        if address.lower() in seen:
+            return decide(EXPANDED, address, event="DUPLICATE")
+        seen.add(address.lower())
+        foreign = self.directory.foreign(address)
+        if foreign is not None:
+            decision = await self._route(message, row or probe, foreign.type, foreign.address)
+        else:
+            domain = address.rpartition("@")[2]
+            accepted = self.org.accepted_domain_for(domain)
+            if accepted is not None and accepted.domain_type == "Authoritative":
+                return decide(FAIL, address, response=RECIPIENT_NOT_FOUND, source="RESOLVER")
+            decision = await self._route(message, row or probe, "SMTP", address)
+        if decision.failure is not None:
+            return decide(FAIL, address, response=decision.failure)
+        if decision.candidate is None:
+            return decide(UNREACHABLE, address)
+        return decide(ROUTE, address, next_hop=decision.candidate.next_hop)
+
+    async def _resolve_entry(self, message: QueuedMessage, row: QueuedRecipient | None,
+                             address: str, orcpt: str | None, notify: frozenset[Notify],
+                             entry: DirectoryEntry, result: Categorized, seen: set[str],
+                             groups: set[str], related: str, event: str) -> None:
+        rewritten = entry.primary.lower() != address.lower()
+        new_orcpt = orcpt or (_orcpt(address) if rewritten else None)
+        if entry.kind == "group":
+            key = entry.name.lower()
+            result.decisions.append(Decision(
+                EXPANDED, address, row,
+                None if row is not None else EnvelopeRecipient(address, notify, orcpt),
+                related=related, event=event or "EXPAND"))
+            if key in groups:  # a group nested in itself: expand it once
+                return
+            groups = groups | {key}
+            for member in entry.obj.members:  # type: ignore[union-attr]
+                target = self.directory.member(member)
+                member_address = target.primary if target is not None else member
+                await self._resolve(message, None, member_address, None,
+                                    _member_notify(notify), result, seen, groups,
+                                    entry.primary, "EXPAND")
+            return
+        if entry.kind == "contact":
+            external = entry.obj.external_email_address  # type: ignore[union-attr]
+            kind, _, value = external.partition(":") if ":" in external else ("SMTP", "", external)
+            kind = kind.upper()
+            target = value if kind == "SMTP" else self.directory.encapsulate(kind, value)
+            return await self._resolve(message, row, target, new_orcpt or _orcpt(address),
+                                       notify, result, seen, groups, address, "RESOLVE")
+        primary = entry.primary
+        if primary.lower() in seen:
+            result.decisions.append(Decision(
+                EXPANDED, address, row,
+                None if row is not None else EnvelopeRecipient(address, notify, orcpt),
+                related=related, event="DUPLICATE"))
+            return
+        seen.add(primary.lower())
+        box_server = getattr(entry.obj, "server", None) or self.server.name
+        if box_server.lower() == self.server.name.lower():
+            hop = mailbox_next_hop(self.server.name)
+        else:
+            hop = NextHop("SmtpRelayWithinAdSite", box_server, "")
+        result.decisions.append(Decision(
+            ROUTE, primary, row,
+            None if row is not None else EnvelopeRecipient(primary, notify, new_orcpt),
+            next_hop=hop, orcpt=new_orcpt,
+            related=address if rewritten else related,
+            event="RESOLVE" if rewritten else event))
+
+    async def _route(self, message: QueuedMessage, recipient: QueuedRecipient, addr_type: str,
+                     address: str) -> RouteDecision:
+        extra = await self.hooks.call_all(
+            "route", message=message, recipient=recipient, organization=self.org,
+            server=self.server.name)
+        candidates = [c for result in extra if result for c in result]
+        return self.routing.choose(addr_type, address, message.size, candidates)
+
+
+def _orcpt(address: str) -> str:
+    return f"rfc822;{address}"
+
+
+def _member_notify(notify: frozenset[Notify]) -> frozenset[Notify]:
+    """Members of an expanded group do not inherit SUCCESS (RFC 3461 §6.2.7.3)."""
+    return frozenset(n for n in notify if n is not Notify.SUCCESS)

@@ -1,0 +1,66 @@
+"""The contract between the core and connector types (Send, Foreign, Delivery Agent ...).
+
+A connector type is a class handed to the core through the `register_connector_types`
+hook. The core knows it only through this contract: the config section it reads, how it
+builds an instance from that section, the common routing fields every connector has, and an
+optional lifecycle (`start`/`stop`) the daemon drives for the instances scoped to a server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from core.address_space import AddressSpace
+
+if TYPE_CHECKING:
+    from core.config_fields import ConfigContext, FieldReader
+
+
+@dataclass
+class Connector:
+    """Fields every routable connector shares (EXCHANGE §3 connector selection)."""
+
+    name: str
+    address_spaces: tuple[AddressSpace, ...] = ()
+    source_transport_servers: tuple[str, ...] = ()
+    is_scoped_connector: bool = False
+    enabled: bool = True
+    max_message_size: int | None = None  # None = unlimited
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    #: the config section (TOML array of tables) this type reads, e.g. "foreign_connector"
+    section: ClassVar[str] = ""
+    #: the queue DeliveryType of its next hops, e.g. "NonSmtpGatewayDelivery"
+    delivery_type: ClassVar[str] = ""
+    #: the Exchange object class shown in messages, e.g. "ForeignConnector"
+    kind: ClassVar[str] = "Connector"
+
+    @classmethod
+    def read_common(cls, reader: FieldReader, ctx: ConfigContext) -> dict[str, Any]:
+        """Read the fields of this base class; a subclass adds its own."""
+        return {
+            "name": reader.name(),
+            "address_spaces": reader.address_spaces("AddressSpaces", required=True),
+            "source_transport_servers": reader.server_list(
+                "SourceTransportServers", default=ctx.default_source_servers()
+            ),
+            "is_scoped_connector": reader.bool("IsScopedConnector", default=False),
+            "enabled": reader.bool("Enabled", default=True),
+            "max_message_size": reader.size("MaxMessageSize", default=None),
+        }
+
+    def next_hop_domain(self, space: AddressSpace) -> str:
+        """NextHopDomain of the queue a recipient matched through `space` lands in."""
+        return space.space if space.type == "SMTP" else space.type
+
+
+class ConnectorType(Protocol):
+    """What `register_connector_types` registers: a class with these members."""
+
+    section: ClassVar[str]
+    delivery_type: ClassVar[str]
+    kind: ClassVar[str]
+
+    @classmethod
+    def from_config(cls, reader: FieldReader, ctx: ConfigContext) -> Connector: ...

@@ -1,0 +1,274 @@
+"""The hubport daemon: one transport server of the organization, run until told to stop.
+
+Start-up checks fail fast with a clear message and a non-zero exit: a bad config, a
+missing or unwritable folder, a state folder another daemon holds. SIGTERM/SIGINT drain
+gracefully (finish the batches in progress, commit, stop); SIGHUP and a change of the config
+file reload the organization live — a bad change is refused and the running config kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from core import queue as q
+from core.config import Organization, load_organization
+from core.config_fields import ConfigError
+from core.folders import PickupDirectory, ReplayDirectory
+from core.hooks import Hooks
+from core.pipeline import Pipeline
+from core.store import Store
+from core.tracking import TrackingLog, TrackingSettings
+
+log = structlog.get_logger("hubport.daemon")
+
+EXIT_CONFIG = 2
+EXIT_FOLDER = 3
+EXIT_LOCKED = 4
+
+
+class StartupError(Exception):
+    """The daemon cannot start; ``exit_code`` says why (config, folder, lock)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Paths:
+    state: Path
+    queue: Path
+    lock: Path
+
+
+def load(config: Path | None, hooks: Hooks) -> Organization:
+    try:
+        return load_organization(config, hooks.registry.connector_types)
+    except ConfigError as exc:
+        raise StartupError(f"configuration refused:\n{exc}", EXIT_CONFIG) from exc
+    except OSError as exc:
+        raise StartupError(f"cannot read configuration {config}: {exc.strerror}",
+                           EXIT_CONFIG) from exc
+
+
+def pick_server(org: Organization, name: str | None) -> str:
+    if name is None:
+        return org.servers[0].name
+    try:
+        return org.server(name).name
+    except KeyError:
+        known = ", ".join(s.name for s in org.servers)
+        raise StartupError(f"server {name!r} is not in the organization (known: {known})",
+                           EXIT_CONFIG) from None
+
+
+def prepare_state(state: Path) -> Paths:
+    """Create the state folder layout and make sure it is writable."""
+    try:
+        (state / "queue").mkdir(parents=True, exist_ok=True)
+        probe = state / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"state folder {state} is not usable: {exc.strerror}",
+                           EXIT_FOLDER) from exc
+    return Paths(state, state / "queue" / "mail.que", state / "hubport.lock")
+
+
+class Daemon:
+    def __init__(self, config: Path | None = None, server: str | None = None,
+                 *, extra_plugins: tuple[str, ...] = ()) -> None:
+        self.config_path = config.resolve() if config else None
+        self.server_arg = server
+        self.hooks = Hooks(extra_plugins)
+        self.org = load(self.config_path, self.hooks)
+        self.server_name = pick_server(self.org, server)
+        self.pipeline: Pipeline | None = None
+        self.folders: list[PickupDirectory] = []
+        self._stop = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self._lock_fd: int | None = None
+        self._observer: Any = None
+        self.ready = asyncio.Event()
+
+    @property
+    def server(self) -> Any:
+        return self.org.server(self.server_name)
+
+    async def run(self) -> int:
+        server = self.server
+        paths = prepare_state(server.state_directory)
+        self._lock(paths.lock)
+        store = Store(paths.queue)
+        await store.open(q.SCHEMA)
+        tracking = TrackingLog(_tracking_settings(server), server.fqdn)
+        flusher = asyncio.get_running_loop().create_task(tracking.run_flusher())
+        self.pipeline = Pipeline(self.org, self.server_name, self.hooks, store, tracking)
+        try:
+            recovery = await self.pipeline.start()
+            await self._start_folders()
+            self._install_signals()
+            self._watch_config()
+            log.info("hubport running", server=self.server_name,
+                     config=str(self.config_path or "<embedded default>"),
+                     state=str(server.state_directory),
+                     pickup=str(server.pickup_directory_path),
+                     replay=str(server.replay_directory_path),
+                     recovered=len(recovery.crashed), poisoned=len(recovery.poisoned))
+            self.ready.set()
+            await self._serve()
+        finally:
+            log.info("draining", server=self.server_name)
+            for folder in self.folders:
+                await folder.stop()
+            await self.pipeline.stop()
+            if self._observer is not None:
+                self._observer.stop()
+            flusher.cancel()
+            try:
+                await flusher
+            except asyncio.CancelledError:
+                pass
+            tracking.close()
+            await store.close()
+            self._unlock()
+            log.info("hubport stopped", server=self.server_name)
+        return 0
+
+    async def _serve(self) -> None:
+        while not self._stop.is_set():
+            stop = asyncio.ensure_future(self._stop.wait())
+            reload = asyncio.ensure_future(self._reload_requested.wait())
+            await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            reload.cancel()
+            if self._reload_requested.is_set() and not self._stop.is_set():
+                await asyncio.sleep(0.2)  # let an editor finish writing
+                self._reload_requested.clear()
+                await self.reload()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def reload(self) -> bool:
+        """Load the config again; apply it if valid, else keep the running one."""
+        try:
+            org = await asyncio.to_thread(load_organization, self.config_path,
+                                          self.hooks.registry.connector_types)
+            org.server(self.server_name)
+        except (ConfigError, OSError, KeyError) as exc:
+            log.error("configuration change refused; the running configuration stays",
+                      error=str(exc))
+            return False
+        old = self.server
+        self.org = org
+        assert self.pipeline is not None
+        moved = await self.pipeline.reload(org)
+        new = self.server
+        if (old.pickup_directory_path, old.replay_directory_path) != (
+                new.pickup_directory_path, new.replay_directory_path):
+            for folder in self.folders:
+                await folder.stop()
+            await self._start_folders()
+        log.info("configuration reloaded", resubmitted_unreachable=moved)
+        return True
+
+    async def _start_folders(self) -> None:
+        self.folders = []
+        server = self.server
+        for cls, path in ((PickupDirectory, server.pickup_directory_path),
+                          (ReplayDirectory, server.replay_directory_path)):
+            if path is None:
+                continue
+            folder = cls(path, self.pipeline)  # type: ignore[arg-type]
+            try:
+                await folder.start()
+            except OSError as exc:
+                raise StartupError(f"{cls.kind} directory {path} is not usable: {exc.strerror}",
+                                   EXIT_FOLDER) from exc
+            self.folders.append(folder)
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+
+    def _watch_config(self) -> None:
+        if self.config_path is None:
+            return
+        loop = asyncio.get_running_loop()
+        target = self.config_path
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event: FileSystemEvent) -> None:
+                paths = {getattr(event, "src_path", ""), getattr(event, "dest_path", "")}
+                if str(target) in {os.fsdecode(p) for p in paths if p} and \
+                        event.event_type in ("modified", "created", "moved", "closed"):
+                    loop.call_soon_threadsafe(daemon_reload.set)
+
+        daemon_reload = self._reload_requested
+        observer = Observer()
+        observer.schedule(Handler(), str(target.parent), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def _lock(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"another hubport daemon is using the state folder {path.parent}",
+                               EXIT_LOCKED) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _tracking_settings(server: Any) -> TrackingSettings:
+    return TrackingSettings(
+        enabled=server.message_tracking_log_enabled,
+        path=server.message_tracking_log_path,
+        max_age=server.message_tracking_log_max_age,
+        max_directory_size=server.message_tracking_log_max_directory_size,
+        max_file_size=server.message_tracking_log_max_file_size,
+        subject_logging_enabled=server.message_tracking_log_subject_logging_enabled,
+    )
+
+
+def run(config: Path | None, server: str | None) -> int:
+    """Entry point of ``hubport run``."""
+    try:
+        daemon = Daemon(config, server)
+    except StartupError as exc:
+        log.error(str(exc))
+        return exc.exit_code
+    try:
+        return asyncio.run(daemon.run())
+    except StartupError as exc:
+        log.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 0
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,639 @@
+"""The Pickup and Replay directories: watched folders that submit ``.eml`` files.
+
+Folder claim, exactly once (DESIGN §5): a ready file is renamed into ``.work/`` (same
+filesystem, atomic; the watcher ignores it), parsed, and committed together with its claim
+name; only after the commit is the claimed file deleted. On start, a claimed file whose
+name the queue knows is deleted, one it does not know is ingested again. No file is
+ingested twice; none is lost.
+
+watchdog events are only a hint to look now (events get lost, RELIABILITY §3.3): the folder
+is rescanned at start, every ``FolderRescanInterval`` and whenever the observer dies. A file
+is taken when a close-after-write or rename-in event announced it, or when no process holds
+it open for writing (a Linux read lease) and its mtime has been quiet for
+``FolderSettleTime``. Bad files are renamed ``<name>.bad`` with a ``<name>.bad.reason``
+file beside them; a file we cannot read is left in place and retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import itertools
+import os
+import stat
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from core.addresses import AddressError, normalize_address
+from core.folder_formats import ContentRejected, parse_pickup, parse_replay
+from core.headers import (
+    MessageFormatError,
+    canonicalize_line_endings,
+    extract_addresses,
+    message_id_of,
+    parse_header_section,
+    subject_of,
+)
+from core.model import Envelope, EnvelopeRecipient, MailFrom, SmtpResponse, Submission
+from core.store import StoreError
+
+if TYPE_CHECKING:
+    from core.pipeline import Pipeline
+
+log = structlog.get_logger("hubport.folders")
+
+WORK = b".work"
+EML = b".eml"
+MAX_FILE_SIZE = 2 * 1024 * 1024 * 1024  # Exchange's 2 GB ceiling; the org limit is checked too
+BATCH = 500
+BACKOFF_AFTER_STORE_ERROR = 5.0
+_claims = itertools.count()
+
+
+@dataclass(slots=True)
+class Claimed:
+    """A file renamed into ``.work``: its claim key, original name and content."""
+
+    key: str
+    work_name: bytes
+    original: bytes
+    data: bytes | None = None
+    envelope: Envelope | None = None
+    stored: bytes | None = None
+    error: MessageFormatError | None = None
+
+
+class PickupDirectory:
+    """One watched folder; ``kind`` is ``Pickup`` or ``Replay`` (their formats differ)."""
+
+    kind = "Pickup"
+    source = "PICKUP"
+    key_prefix = "P"
+
+    def __init__(self, path: Path, pipeline: Pipeline) -> None:
+        self.path = path
+        self.bpath = os.fsencode(path)
+        self.work = self.bpath + b"/" + WORK
+        self.pipeline = pipeline
+        self._wake = asyncio.Event()
+        self._announced: set[bytes] = set()
+        self._observer: Observer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._next_scan = 0.0
+        self._rate: deque[float] = deque()
+        self._warned: dict[bytes, float] = {}
+        self.ingested = 0
+        self.bad = 0
+
+    # -- settings from the running config (live reload applies at the next scan) ----------
+
+    @property
+    def server(self):  # type: ignore[no-untyped-def]
+        return self.pipeline.server
+
+    def _per_minute(self) -> int | None:
+        return self.server.pickup_directory_max_messages_per_minute
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._prepare)
+        await self._recover()
+        self._start_observer()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.kind}-folder")
+
+    def _prepare(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        os.makedirs(self.work, exist_ok=True)
+        probe = self.path / f".hubport-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._observer is not None:
+            observer, self._observer = self._observer, None
+            observer.stop()
+            await asyncio.to_thread(observer.join, 5)
+        if self._task is not None:
+            await self._task
+
+    def _start_observer(self) -> None:
+        loop = asyncio.get_running_loop()
+        handler = _Handler(self, loop)
+        observer = Observer()
+        observer.schedule(handler, str(self.path), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def _on_event(self, name: bytes, ready: bool) -> None:
+        if ready:
+            self._announced.add(name)
+        self._wake.set()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        self._next_scan = 0.0
+        while not self._stopping:
+            if self._observer is not None and not self._observer.is_alive():
+                log.error("folder observer died; restarting it and rescanning", folder=self.kind)
+                self._start_observer()
+                self._next_scan = 0.0
+            now = time.monotonic()
+            full = now >= self._next_scan
+            if full:
+                self._next_scan = now + self.server.folder_rescan_interval
+            try:
+                worked = await self._pass(full)
+            except StoreError as exc:
+                log.error("queue cannot commit; files stay in the folder", folder=self.kind,
+                          error=str(exc))
+                await self._sleep(BACKOFF_AFTER_STORE_ERROR)
+                continue
+            except Exception:
+                log.exception("folder pass failed", folder=self.kind)
+                await self._sleep(1.0)
+                continue
+            if worked:
+                continue
+            await self._sleep(max(0.0, min(self._next_scan - time.monotonic(),
+                                           self._throttle_wait())))
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    def _throttle_wait(self) -> float:
+        limit = self._per_minute()
+        if limit is None or len(self._rate) < limit:
+            return 3600.0
+        return max(0.05, self._rate[0] + 60.0 - time.monotonic())
+
+    def _allowance(self) -> int:
+        limit = self._per_minute()
+        if limit is None:
+            return BATCH
+        now = time.monotonic()
+        while self._rate and self._rate[0] <= now - 60.0:
+            self._rate.popleft()
+        return max(0, min(BATCH, limit - len(self._rate)))
+
+    async def _pass(self, full: bool) -> bool:
+        """One round: find ready files, claim, parse, submit. True when it did work."""
+        allowance = self._allowance()
+        if allowance == 0:
+            return False
+        announced, self._announced = self._announced, set()
+        settle = self.server.folder_settle_time
+        names, fresh = await asyncio.to_thread(self._ready_names, announced, full, settle,
+                                               allowance)
+        if fresh:  # look again once those files have settled
+            self._next_scan = min(self._next_scan, time.monotonic() + settle)
+        if not names:
+            return False
+        claimed = await asyncio.to_thread(self._claim_and_read, names)
+        if claimed:
+            await self._ingest(claimed)
+        return bool(claimed)
+
+    # -- finding and claiming (in a worker thread) ----------------------------------------
+
+    def _ready_names(self, announced: set[bytes], full: bool, settle: float,
+                     limit: int) -> tuple[list[bytes], bool]:
+        """Announced names, plus (on a full scan) every settled ``*.eml``; and whether
+        some file was still too fresh to take."""
+        ready = [n for n in announced if n.lower().endswith(EML)]
+        if not full or len(ready) >= limit:
+            return ready[:limit], False
+        chosen = set(ready)
+        fresh = False
+        now = time.time()
+        with os.scandir(self.bpath) as entries:
+            for entry in entries:
+                name = entry.name
+                if name in chosen or not name.lower().endswith(EML) or name.startswith(b"."):
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    continue  # a directory named *.eml is skipped (RELIABILITY §6, 71)
+                if stat.S_ISREG(st.st_mode) and now - max(st.st_mtime, st.st_ctime) < settle:
+                    fresh = True
+                    continue
+                ready.append(name)
+                chosen.add(name)
+                if len(ready) >= limit:
+                    break
+        return ready[:limit], fresh
+
+    def _claim_and_read(self, names: list[bytes]) -> list[Claimed]:
+        dirfd = os.open(self.bpath, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return [c for c in (self._claim_one(dirfd, n) for n in names) if c is not None]
+        finally:
+            os.close(dirfd)
+
+    def _claim_one(self, dirfd: int, name: bytes) -> Claimed | None:
+        key = f"{self.key_prefix}{time.time_ns():x}-{next(_claims)}"
+        work_name = _work_name(key, name)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=dirfd)
+        except FileNotFoundError:
+            return None  # taken by someone else, or removed
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                self._quarantine_in_place(dirfd, name, "symlink: never followed, target untouched")
+                return None
+            self._warn_unreadable(name, exc)
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                self._quarantine_in_place(dirfd, name, "not a regular file")
+                return None
+            if st.st_nlink > 1:
+                self._quarantine_in_place(
+                    dirfd, name, "hard link: refused (another name points at this file)")
+                return None
+            if st.st_size > MAX_FILE_SIZE:
+                self._quarantine_in_place(dirfd, name, f"size {st.st_size} exceeds {MAX_FILE_SIZE}")
+                return None
+            if not _no_writer(fd):
+                return None  # still open for writing: next pass
+            try:
+                os.rename(name, work_name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            except FileNotFoundError:
+                return None
+            data = _read_all(fd, st.st_size)
+        except OSError as exc:
+            self._warn_unreadable(name, exc)
+            return None
+        finally:
+            _release_lease(fd)
+            os.close(fd)
+        return Claimed(key, work_name, name, data)
+
+    def _warn_unreadable(self, name: bytes, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(name, -1e9) > 300:
+            self._warned[name] = now
+            log.warning("cannot read file; left in place and retried", folder=self.kind,
+                        file=ascii(name), error=exc.strerror)
+
+    def _quarantine_in_place(self, dirfd: int, name: bytes, reason: str) -> None:
+        """Rename the entry itself (never its target) to ``.bad`` with a reason file."""
+        bad = _bad_name(dirfd, name)
+        try:
+            _write_reason(dirfd, bad, reason)
+            os.rename(name, bad, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except OSError as exc:
+            self._warn_unreadable(name, exc)
+            return
+        self.bad += 1
+        log.warning("bad file moved aside", folder=self.kind, file=ascii(name),
+                    bad=ascii(bad), reason=reason)
+        self.pipeline.tracking.log("BADMAIL", self.source, custom_data={
+            "file": ascii(name), "reason": reason}, connector_id=self.kind)
+
+    # -- parsing and submitting --------------------------------------------------------
+
+    def _parse(self, data: bytes) -> tuple[Envelope, bytes]:
+        server = self.server
+        return parse_pickup(
+            data, default_domain=self.pipeline.org.default_domain.domain_name,
+            server_name=server.fqdn, max_header_size=server.pickup_directory_max_header_size,
+            max_recipients=server.pickup_directory_max_recipients_per_message)
+
+    def _parse_all(self, claimed: list[Claimed]) -> None:
+        for c in claimed:
+            try:
+                assert c.data is not None
+                c.envelope, c.stored = self._parse(c.data)
+            except ContentRejected as exc:
+                c.error = exc
+                c.envelope, c.stored = _rejected_envelope(c.data, exc.sender)
+            except MessageFormatError as exc:
+                c.error = exc
+            except Exception as exc:  # a parser bug must not lose the file
+                c.error = MessageFormatError(f"cannot parse: {type(exc).__name__}")
+            c.data = None
+
+    async def _ingest(self, claimed: list[Claimed]) -> None:
+        await asyncio.to_thread(self._parse_all, claimed)
+        now = time.monotonic()
+        self._rate.extend([now] * len(claimed))
+        results = await asyncio.gather(*(self._submit(c) for c in claimed),
+                                       return_exceptions=True)
+        done: list[Claimed] = []
+        back: list[Claimed] = []
+        bad: list[tuple[Claimed, str]] = []
+        store_error: BaseException | None = None
+        for c, outcome in zip(claimed, results):
+            if outcome is True:
+                done.append(c)
+            elif isinstance(outcome, str):
+                bad.append((c, outcome))
+            else:
+                back.append(c)
+                if isinstance(outcome, BaseException):
+                    store_error = outcome
+        await asyncio.to_thread(self._finish, done, back, bad)
+        if done:
+            self.ingested += len(done)
+            await self.pipeline.store.write(
+                lambda conn: conn.executemany("DELETE FROM claim WHERE name=?",
+                                              [(c.key,) for c in done]))
+        if store_error is not None:
+            if isinstance(store_error, StoreError):
+                raise store_error
+            log.error("submitting a folder file failed; it stays in the folder",
+                      folder=self.kind, error=repr(store_error))
+
+    async def _submit(self, c: Claimed) -> bool | str:
+        """True when committed (file may go); a string is the reason it is bad."""
+        from core.pipeline import Rejected  # the pipeline imports us at run time only
+
+        if c.error is not None:
+            if isinstance(c.error, ContentRejected) and c.envelope is not None and c.stored:
+                response = SmtpResponse(550, c.error.enhanced, c.error.reason)
+                await self.pipeline.bounce(self._submission(c, c.envelope, c.stored), response)
+                return True
+            return c.error.reason
+        assert c.envelope is not None and c.stored is not None
+        sub = self._submission(c, c.envelope, c.stored)
+        try:
+            await self.pipeline.submit(sub)
+        except Rejected as exc:
+            if exc.response.code >= 500 and sub.envelope.mail_from.address:
+                await self.pipeline.bounce(sub, exc.response)
+                return True
+            if exc.response.code >= 500:
+                return f"rejected by a receive agent: {exc.response}"
+            return False  # deferred by an agent: back to the folder, retried later
+        return True
+
+    def _submission(self, c: Claimed, envelope: Envelope, data: bytes) -> Submission:
+        try:
+            parsed = parse_header_section(data)
+            message_id, subject = message_id_of(parsed), subject_of(parsed)
+        except MessageFormatError:
+            message_id, subject = "", ""
+        return Submission(envelope=envelope, data=data, source=self.source,
+                          source_name=self.kind, message_id=message_id, subject=subject,
+                          client_ip="127.0.0.1", client_hostname="localhost", claim=c.key)
+
+    def _finish(self, done: list[Claimed], back: list[Claimed],
+                bad: list[tuple[Claimed, str]]) -> None:
+        dirfd = os.open(self.bpath, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for c in done:
+                try:
+                    os.unlink(c.work_name, dir_fd=dirfd)
+                except FileNotFoundError:
+                    pass
+            for c in back:  # not committed: the file returns under its own name
+                try:
+                    os.rename(c.work_name, _free_name(dirfd, c.original), src_dir_fd=dirfd,
+                              dst_dir_fd=dirfd)
+                except OSError as exc:
+                    log.error("cannot return a claimed file; it stays in .work and is retried"
+                              " at the next start", file=ascii(c.work_name), error=exc.strerror)
+            for c, reason in bad:
+                self._move_bad(dirfd, c, reason)
+        finally:
+            os.close(dirfd)
+
+    def _move_bad(self, dirfd: int, c: Claimed, reason: str) -> None:
+        bad = _bad_name(dirfd, c.original)
+        try:
+            _write_reason(dirfd, bad, reason)
+            os.rename(c.work_name, bad, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except OSError as exc:
+            log.error("cannot move a bad file aside", file=ascii(c.original), error=exc.strerror)
+            return
+        self.bad += 1
+        log.warning("bad file moved aside", folder=self.kind, file=ascii(c.original),
+                    bad=ascii(bad), reason=reason)
+        self.pipeline.tracking.log("BADMAIL", self.source, connector_id=self.kind,
+                                   custom_data={"file": ascii(c.original), "reason": reason})
+
+    # -- recovery ------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Finish what a previous run left in ``.work``: delete if committed, else ingest."""
+        entries = await asyncio.to_thread(_list_work, self.work)
+        mine = [(key, name) for key, name in entries if key.startswith(self.key_prefix)]
+        keys = [k for k, _ in mine]
+        store = self.pipeline.store
+        from core import queue as q
+
+        known = await store.read(lambda c: q.claims_known(c, keys))
+        committed = [name for key, name in mine if key in known]
+        again = [(key, name) for key, name in mine if key not in known]
+        await asyncio.to_thread(_unlink_all, self.work, committed)
+        prefix = self.key_prefix
+        await store.write(lambda c: q.forget_other_claims(c, prefix, keys))
+        if again:
+            log.info("ingesting files claimed before a stop", folder=self.kind, count=len(again))
+            claimed = await asyncio.to_thread(self._read_work, again)
+            for i in range(0, len(claimed), BATCH):
+                await self._ingest(claimed[i : i + BATCH])
+        if committed:
+            log.info("removed files committed before a stop", folder=self.kind,
+                     count=len(committed))
+
+    def _read_work(self, entries: list[tuple[str, bytes]]) -> list[Claimed]:
+        out = []
+        for key, name in entries:
+            path = self.work + b"/" + name
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except OSError as exc:
+                log.error("cannot read a claimed file", file=ascii(path), error=exc.strerror)
+                continue
+            original = name.split(b"~", 1)[1] if b"~" in name else name
+            out.append(Claimed(key, WORK + b"/" + name, original, data))
+        return out
+
+
+class ReplayDirectory(PickupDirectory):
+    """The Replay folder: explicit envelopes in ``X-Sender``/``X-Receiver`` lines."""
+
+    kind = "Replay"
+    source = "ADMIN"
+    key_prefix = "R"
+
+    def _per_minute(self) -> int | None:
+        return self.server.pickup_directory_max_messages_per_minute
+
+    def _parse(self, data: bytes) -> tuple[Envelope, bytes]:
+        return parse_replay(data, default_domain=self.pipeline.org.default_domain.domain_name,
+                            server_name=self.server.fqdn)
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns watchdog events into hints on the event loop; never raises in the thread."""
+
+    def __init__(self, folder: PickupDirectory, loop: asyncio.AbstractEventLoop) -> None:
+        self.folder = folder
+        self.loop = loop
+        self.root = folder.bpath
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            kind = event.event_type
+            path = event.dest_path if kind == "moved" else event.src_path
+            raw = os.fsencode(path)
+            parent, _, name = raw.rpartition(b"/")
+            if parent != self.root or not name.lower().endswith(EML):
+                return
+            ready = kind in ("moved", "closed")
+            self.loop.call_soon_threadsafe(self.folder._on_event, name, ready)
+        except Exception:  # a dead observer thread loses events: never let one escape
+            pass
+
+
+# -- small filesystem helpers ------------------------------------------------------------
+
+
+def _rejected_envelope(data: bytes, sender: str) -> tuple[Envelope | None, bytes | None]:
+    """The envelope an NDR for a refused Pickup file reports on (recipients best effort)."""
+    try:
+        data = canonicalize_line_endings(data)
+        parsed = parse_header_section(data)
+    except MessageFormatError:
+        return None, None
+    recipients = []
+    for raw in extract_addresses(f.text for f in parsed.fields if f.lname in ("to", "cc", "bcc")):
+        try:
+            recipients.append(EnvelopeRecipient(normalize_address(raw, smtputf8=True)))
+        except AddressError:
+            continue
+        if len(recipients) >= 100:
+            break
+    if not recipients:
+        recipients = [EnvelopeRecipient(sender)]
+    return Envelope(MailFrom(sender), recipients), data
+
+
+def _work_name(key: str, original: bytes) -> bytes:
+    prefix = WORK + b"/" + key.encode() + b"~"
+    return prefix + original[: 255 - len(key) - 1]
+
+
+def _list_work(work: bytes) -> list[tuple[str, bytes]]:
+    out = []
+    try:
+        names = os.listdir(work)
+    except FileNotFoundError:
+        return out
+    for name in names:
+        key, sep, _ = name.partition(b"~")
+        if sep:
+            out.append((key.decode("ascii", "replace"), name))
+    return out
+
+
+def _unlink_all(folder: bytes, names: list[bytes]) -> None:
+    for name in names:
+        try:
+            os.unlink(folder + b"/" + name)
+        except FileNotFoundError:
+            pass
+
+
+def _stem(name: bytes) -> bytes:
+    return name[:-4] if name.lower().endswith(EML) else name
+
+
+def _bad_name(dirfd: int, name: bytes) -> bytes:
+    """``x.eml`` → ``x.bad``; ``x<datetime>.bad`` when that exists (Exchange's rule)."""
+    candidate = _stem(name) + b".bad"
+    if not _exists(dirfd, candidate):
+        return candidate
+    stamp = time.strftime("%Y%m%d%H%M%S").encode()
+    for n in itertools.count():
+        candidate = _stem(name) + stamp + (b"-%d" % n if n else b"") + b".bad"
+        if not _exists(dirfd, candidate):
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def _free_name(dirfd: int, name: bytes) -> bytes:
+    if not _exists(dirfd, name):
+        return name
+    for n in itertools.count(1):
+        candidate = _stem(name) + b"-%d.eml" % n
+        if not _exists(dirfd, candidate):
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def _exists(dirfd: int, name: bytes) -> bool:
+    try:
+        os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _write_reason(dirfd: int, bad: bytes, reason: str) -> None:
+    text = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {reason}\n".encode(
+        "utf-8", "backslashreplace")
+    tmp = b"." + bad + b".reason.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=dirfd)
+    try:
+        os.write(fd, text)
+    finally:
+        os.close(fd)
+    os.rename(tmp, bad + b".reason", src_dir_fd=dirfd, dst_dir_fd=dirfd)
+
+
+def _no_writer(fd: int) -> bool:
+    """False while another process has the file open for writing (Linux read lease)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        return exc.errno not in (errno.EAGAIN, errno.EBUSY)  # EACCES etc.: settle time decides
+    return True
+
+
+def _release_lease(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    except OSError:
+        pass
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, max(size, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def folder_types() -> dict[str, Callable[..., PickupDirectory]]:
+    return {"Pickup": PickupDirectory, "Replay": ReplayDirectory}

@@ -1,0 +1,155 @@
+"""The plugin manager: discovery, registries and awaiting hook results.
+
+Discovery order (DESIGN §3): the built-in plugins, then the ``hubport`` entry-point group,
+then plugin modules named in the configuration. Built-ins are named by module path and
+imported by name, so ``core`` has no import-time dependency on ``plugins`` or ``agents``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+import structlog
+
+from core import PROJECT_NAME, hookspecs
+
+log = structlog.get_logger("hubport.hooks")
+
+#: entry-point name -> module; the same names stand in setup.cfg's ``hubport`` group
+BUILTIN_PLUGINS: dict[str, str] = {
+    "foreign": "plugins.foreign",
+    "mailbox": "plugins.mailbox",
+    "builtin-agents": "agents.builtin",
+}
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded or registered something invalid."""
+
+
+@dataclass
+class Registry:
+    """Connector types and delivery agents the plugins registered."""
+
+    connector_types: dict[str, type] = field(default_factory=dict)
+    delivery_agents: dict[str, type] = field(default_factory=dict)
+
+    def add_connector_type(self, cls: type) -> None:
+        section = getattr(cls, "section", "")
+        if not section or not hasattr(cls, "from_config"):
+            raise PluginError(f"{cls!r} is not a connector type (needs section and from_config)")
+        if section in self.connector_types and self.connector_types[section] is not cls:
+            raise PluginError(f"two connector types claim section [[{section}]]")
+        self.connector_types[section] = cls
+
+    def add_delivery_agent(self, protocol: str, cls: type) -> None:
+        key = protocol.upper()
+        if key in self.delivery_agents and self.delivery_agents[key] is not cls:
+            raise PluginError(f"two delivery agents claim DeliveryProtocol {protocol!r}")
+        self.delivery_agents[key] = cls
+
+
+class Hooks:
+    """The pluggy manager plus hubport's async call helpers and registries."""
+
+    def __init__(self, extra_modules: Iterable[str] = (), *, builtins: bool = True,
+                 entry_points: bool = True) -> None:
+        self.pm = pluggy.PluginManager(PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.trace = os.environ.get("HUBPORT_TRACE_HOOKS", "") not in ("", "0")
+        if builtins:
+            for name, module in BUILTIN_PLUGINS.items():
+                self.register_module(module, name=name)
+        if entry_points:
+            self.pm.load_setuptools_entrypoints(PROJECT_NAME)
+        for module in extra_modules:
+            self.register_module(module)
+        self.pm.check_pending()
+        self.registry = Registry()
+        self.pm.hook.register_connector_types(register=self.registry.add_connector_type)
+        self.pm.hook.register_delivery_agents(register=self.registry.add_delivery_agent)
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+    def register_module(self, module: str, name: str | None = None) -> None:
+        """Import ``module`` (a dotted path) and register it as a plugin."""
+        if self.pm.has_plugin(name or module):
+            return
+        try:
+            obj = importlib.import_module(module)
+        except Exception as exc:  # a broken plugin must say which one
+            raise PluginError(f"cannot import plugin module {module!r}: {exc}") from exc
+        self.pm.register(obj, name=name or module)
+
+    def register(self, plugin: object, name: str | None = None) -> None:
+        """Register a plugin object (tests and embedding applications)."""
+        self.pm.register(plugin, name=name)
+        self.pm.check_pending()
+
+    async def call_first(self, hook_name: str, **kwargs: Any) -> Any:
+        """Call a hook; the first implementation returning non-None decides."""
+        results = getattr(self.pm.hook, hook_name)(**kwargs)
+        chosen = None
+        for index, result in enumerate(results):
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                chosen = result
+                _close_rest(results[index + 1 :])
+                break
+        if self.trace:
+            log.info("hook", hook=hook_name, args=_short(kwargs), result=_short(chosen))
+        return chosen
+
+    async def call_all(self, hook_name: str, **kwargs: Any) -> list[Any]:
+        """Call a hook and await every implementation, in call order."""
+        out = []
+        for result in getattr(self.pm.hook, hook_name)(**kwargs):
+            if inspect.isawaitable(result):
+                result = await result
+            out.append(result)
+        if self.trace:
+            log.info("hook", hook=hook_name, args=_short(kwargs), result=_short(out))
+        return out
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Plugins, their versions and hooks, and each hook's call order (``hubport plugins``)."""
+        dists = {id(p): d for p, d in self.pm.list_plugin_distinfo()}
+        plugins = []
+        for name, plugin in self.pm.list_name_plugin():
+            dist = dists.get(id(plugin))
+            hooks = sorted(
+                h.name for h in self.pm.get_hookcallers(plugin) or () if h.name != "__init__"
+            )
+            plugins.append({
+                "name": name,
+                "module": getattr(plugin, "__name__", repr(plugin)),
+                "version": dist.version if dist else "built-in",
+                "hooks": hooks,
+            })
+        order = {}
+        for hook_name in sorted(self.pm.hook.__dict__):
+            caller = getattr(self.pm.hook, hook_name)
+            impls = caller.get_hookimpls()
+            if impls:
+                order[hook_name] = [i.plugin_name for i in reversed(impls)]
+        return [{"plugins": plugins, "call_order": order}]
+
+
+def _close_rest(results: list[Any]) -> None:
+    for result in results:
+        if inspect.iscoroutine(result):
+            result.close()
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 300 else text[:297] + "..."

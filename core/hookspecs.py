@@ -1,0 +1,125 @@
+"""The hook specifications: what a hubport plugin may implement.
+
+Every hook is documented in ``docs/hooks.md``; a test keeps the two in step.
+
+Async policy (one rule for every hook): an implementation may be a plain function or an
+``async def``; the core awaits whatever awaitable an implementation returns. An
+implementation must not block the event loop: file or CPU-heavy work belongs in a thread
+(``await asyncio.to_thread(...)``).
+
+Results are data, not exceptions. Hooks marked *first result* are called in pluggy's order
+(``tryfirst``/``trylast``, then last registered first) and the first implementation that
+returns something other than ``None`` decides; the others are not awaited. An exception
+in an implementation is contained by the core: for ``receive`` it answers a temporary
+failure (4.3.0), for ``categorize``/``route`` the message is deferred back to Submission,
+for ``deliver`` the item is deferred; repeated crashes send the message to Poison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from core import hookspec
+
+if TYPE_CHECKING:
+    from core.config import Organization
+    from core.model import NextHop, QueuedMessage, QueuedRecipient, SmtpResponse, Submission
+
+
+# -- registries (the tox pattern) ------------------------------------------------------
+
+
+@hookspec
+def register_connector_types(register: Callable[[type], None]) -> None:
+    """Register connector types: call ``register(cls)`` once per class.
+
+    ``cls`` follows ``core.connectors.ConnectorType``: its ``section`` names the TOML array
+    of tables it reads (``foreign_connector``), ``from_config`` builds an instance.
+    Built-in types register through this same hook.
+    """
+
+
+@hookspec
+def register_delivery_agents(register: Callable[[str, type], None]) -> None:
+    """Register delivery agents: call ``register(protocol, cls)``.
+
+    ``protocol`` is the ``DeliveryProtocol`` a Delivery Agent connector names; ``cls``
+    subclasses ``agents.api.DeliveryAgent``.
+    """
+
+
+# -- stage hooks (named by the design card) --------------------------------------------
+
+
+@hookspec
+def receive(submission: Submission) -> SmtpResponse | None:
+    """A message is about to be committed to the Submission queue (first result).
+
+    Called for every inbound message: SMTP, Pickup, Replay, agent submissions. Return
+    ``None`` for no opinion, a 5xx ``SmtpResponse`` to reject it or a 4xx one to defer it.
+    The submission's envelope may be inspected but not changed here.
+    """
+
+
+@hookspec
+def categorize(
+    message: QueuedMessage, recipient: QueuedRecipient, organization: Organization
+) -> Any:
+    """Resolve one recipient before the core's own resolution (first result).
+
+    Return ``None`` to let the core resolve it against the organization, or one of the
+    ``core.categorizer`` results: ``Redirect(address)`` to replace the recipient,
+    ``Expand([addresses])`` to replace it by several, ``Reject(SmtpResponse)`` to fail it
+    (an NDR follows), ``RouteTo(next_hop)`` to send it to a fixed next hop.
+    """
+
+
+@hookspec
+def route(
+    message: QueuedMessage,
+    recipient: QueuedRecipient,
+    organization: Organization,
+    server: str,
+) -> Any:
+    """Offer extra candidate next hops for a recipient that needs a connector.
+
+    Return a list of ``core.routing.RouteCandidate`` (or ``None``). The core adds them to
+    the candidates of the configured connectors and picks the most specific address space,
+    then the lowest cost, then proximity, then the connector name (EXCHANGE §3).
+    """
+
+
+@hookspec
+def deliver(next_hop: NextHop, connector: Any, items: list, context: Any) -> Any:
+    """Deliver mail items of one delivery queue (first result).
+
+    The plugin that owns the connector type (or the mailbox delivery) returns a list of
+    ``agents.api.ItemResult``, one per item in order, each with a result per recipient:
+    delivered, deferred (optionally with a retry time) or failed with an SMTP response.
+    Return ``None`` when ``connector`` is not yours. ``context`` is an
+    ``agents.api.DeliveryContext`` (intent journal for exactly-once writes, clock).
+    """
+
+
+# -- categorizer events (Exchange's RoutingAgent events) --------------------------------
+
+
+@hookspec
+def on_submitted(message: QueuedMessage) -> None:
+    """The message was committed to the Submission queue (OnSubmittedMessage)."""
+
+
+@hookspec
+def on_resolved(message: QueuedMessage, recipients: list) -> None:
+    """Recipients are resolved, next hops not chosen yet (OnResolvedMessage)."""
+
+
+@hookspec
+def on_routed(message: QueuedMessage, recipients: list) -> None:
+    """Groups are expanded and routes chosen (OnRoutedMessage)."""
+
+
+@hookspec
+def on_categorized(message: QueuedMessage, recipients: list) -> None:
+    """The categorizer finished, just before the delivery queues (OnCategorizedMessage)."""

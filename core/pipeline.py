@@ -1,0 +1,638 @@
+"""The pipeline: Submission → categorizer → delivery queues → deliver hook.
+
+It drives the stages as asyncio tasks around the durable queue:
+
+* ``submit`` runs the ``receive`` hooks and commits a message to the Submission queue
+  (group commit); the caller acknowledges only after it returns.
+* the categorizer task resolves and routes submitted messages in batches, forking one
+  queued item per (message, next hop), and commits each message's decisions atomically
+  with any NDR they cause;
+* one worker per delivery queue hands due items to the ``deliver`` hook and commits the
+  per-recipient results (retry ladder, expiry, NDRs);
+* a sweeper expires messages and sends delay DSNs.
+
+Before a batch is processed its messages are marked in flight (committed); a process that
+dies leaves the mark, and at start those messages count one crash (``core.queue.recover``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agents.api import (
+    DELIVERED,
+    FAILED,
+    LOCAL_ERROR,
+    DeferQueue,
+    DeliveryContext,
+    FailQueue,
+    ItemResult,
+    MailItem,
+    RecipientResult,
+)
+from core import queue as q
+from core.categorizer import EXPANDED, FAIL, ROUTE, UNREACHABLE, Categorized, Categorizer
+from core.directory import RecipientDirectory
+from core.dsn import DsnRecipient, build_dsn
+from core.model import (
+    Envelope,
+    EnvelopeRecipient,
+    MailFrom,
+    NextHop,
+    Notify,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientStatus,
+    SmtpResponse,
+    Submission,
+)
+from core.queue import RecipientUpdate
+from core.retry import EXPIRED, retry_delay
+from core.store import Store
+
+if TYPE_CHECKING:
+    from core.config import Organization, TransportServer
+    from core.hooks import Hooks
+    from core.tracking import TrackingLog
+
+S = RecipientStatus
+log = structlog.get_logger("hubport.pipeline")
+
+NO_DELIVERY_PLUGIN = SmtpResponse(451, "4.4.0", "No delivery plugin serves this next hop")
+SOURCE_OF_DELIVERY = {"MapiDelivery": "STOREDRIVER", "NonSmtpGatewayDelivery": "GATEWAY",
+                      "DeliveryAgent": "AGENT"}
+
+
+class Rejected(Exception):
+    """A ``receive`` hook refused the message; ``response`` says how (4xx or 5xx)."""
+
+    def __init__(self, response: SmtpResponse) -> None:
+        super().__init__(str(response))
+        self.response = response
+
+
+@dataclass(slots=True)
+class Event:
+    """A tracking event waiting for its commit."""
+
+    event_id: str
+    source: str
+    message: QueuedMessage
+    recipients: list[str]
+    statuses: list[str]
+    related: str = ""
+    connector: str = ""
+    reference: str = ""
+    context: str = ""
+
+
+class Pipeline:
+    CATEGORIZE_BATCH = 200
+    DELIVERY_BATCH = 100
+
+    def __init__(self, org: Organization, server_name: str, hooks: Hooks, store: Store,
+                 tracking: TrackingLog, *, clock: Callable[[], float] = time.time) -> None:
+        self.hooks = hooks
+        self.store = store
+        self.tracking = tracking
+        self.clock = clock
+        self.server_name = server_name
+        self.store_id = ""
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._workers: dict[int, asyncio.Task[None]] = {}
+        self._queue_wake: dict[int, asyncio.Event] = {}
+        self._hops: dict[int, NextHop] = {}
+        self._categorizer_wake = asyncio.Event()
+        self._dispatch_wake = asyncio.Event()
+        self._stopping = False
+        self._in_flight: set[int] = set()
+        self.apply_config(org)
+
+    # -- configuration -----------------------------------------------------------------
+
+    def apply_config(self, org: Organization) -> None:
+        """Adopt a new organization (live reload); Unreachable is re-evaluated by ``reload``."""
+        self.org = org
+        self.server: TransportServer = org.server(self.server_name)
+        self.directory = RecipientDirectory(org)
+        self.categorizer = Categorizer(org, self.server, self.directory, self.hooks)
+        self.connectors = {c.name.lower(): c for c in org.connectors}
+
+    async def reload(self, org: Organization) -> int:
+        """Apply a new config and resubmit the Unreachable queue unless it is suspended."""
+        self.apply_config(org)
+        moved = await self.store.write(self._resubmit_unreachable)
+        if moved:
+            self._categorizer_wake.set()
+        return moved
+
+    @staticmethod
+    def _resubmit_unreachable(conn: sqlite3.Connection) -> int:
+        if q.flag(conn, "Unreachable"):
+            return 0
+        return q.resubmit_recipients(conn, "r.status='Unreachable'", ())
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> q.Recovery:
+        poison = self.server.poison_threshold
+        enabled = self.server.poison_message_detection_enabled
+        recovery = await self.store.write(lambda c: q.recover(c, poison, enabled))
+        self.store_id = await self.store.write(_store_id)
+        self._hops = await self.store.read(q.queue_hops)
+        for msg_id in recovery.poisoned:
+            messages = await self.store.read(
+                lambda c, i=msg_id: q.load_messages(c, [i], with_data=False))
+            for m in messages:
+                self._track("POISONMESSAGE", "POISONMESSAGE", m, [r.address for r in m.recipients],
+                            ["Poison"] * len(m.recipients))
+                log.error("message moved to Poison", internal_message_id=m.id,
+                          message_id=m.message_id, crashes=m.crash_count)
+        if recovery.crashed:
+            log.warning("messages were in flight when the process stopped",
+                        count=len(recovery.crashed), poisoned=len(recovery.poisoned))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._categorizer_loop(), name="categorizer"),
+                       loop.create_task(self._dispatch_loop(), name="dispatcher"),
+                       loop.create_task(self._sweep_loop(), name="sweeper")]
+        self._categorizer_wake.set()
+        self._dispatch_wake.set()
+        return recovery
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batches in progress (up to ``timeout``), then stop every task."""
+        self._stopping = True
+        self._categorizer_wake.set()
+        self._dispatch_wake.set()
+        for event in self._queue_wake.values():
+            event.set()
+        tasks = [*self._tasks, *self._workers.values()]
+        _, pending = await asyncio.wait(tasks, timeout=timeout) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if self._in_flight:  # cancelled mid-batch by our own stop: that is not a crash
+            ids = list(self._in_flight)
+            await self.store.write(lambda c: q.set_in_flight(c, ids, False))
+            self._in_flight.clear()
+        self._tasks.clear()
+        self._workers.clear()
+
+    def wake(self) -> None:
+        self._categorizer_wake.set()
+        self._dispatch_wake.set()
+
+    # -- submission --------------------------------------------------------------------
+
+    async def submit(self, sub: Submission) -> int:
+        """Commit a message to the Submission queue; returns its internal id.
+
+        Raises ``Rejected`` when a receive hook refuses it and ``StoreError`` when the
+        queue cannot commit (the caller must not acknowledge in either case).
+        """
+        verdict = await self.hooks.call_first("receive", submission=sub)
+        if isinstance(verdict, SmtpResponse) and verdict.code >= 400:
+            raise Rejected(verdict)
+        now = self.clock()
+        expires = now + self.server.message_expiration_timeout
+        msg_id = await self.store.write(lambda c: q.insert_submission(c, sub, now, expires))
+        message = _message_of(msg_id, sub, now, expires)
+        self._track("RECEIVE", sub.source, message, [r.address for r in sub.envelope.recipients],
+                    [], connector=sub.source_name, reference=sub.reference or "")
+        self._categorizer_wake.set()
+        await self.hooks.call_all("on_submitted", message=message)
+        return msg_id
+
+    async def bounce(self, sub: Submission, response: SmtpResponse) -> None:
+        """Commit an NDR for a message refused before it was queued (Pickup limits, hooks).
+
+        The NDR carries the original; the folder claim is committed with it, so the file
+        can go once the NDR is durable.
+        """
+        now = self.clock()
+        message = _message_of(0, sub, now, now)
+        recipients = [QueuedRecipient(0, 0, r.address, S.FAILED, r.notify, r.orcpt)
+                      for r in sub.envelope.recipients]
+
+        def work(conn: sqlite3.Connection) -> list[Event]:
+            events = self._fail_in_conn(conn, message,
+                                        [(r, response, "PICKUP") for r in recipients])
+            if sub.claim is not None:
+                conn.execute("INSERT OR REPLACE INTO claim (name, message, at) VALUES (?,?,?)",
+                             (sub.claim, None, now))
+            return events
+
+        events = await self.store.write(work)
+        self._track("RECEIVE", sub.source, message, [r.address for r in recipients],
+                    [str(response)] * len(recipients), connector=sub.source_name)
+        self._emit(events)
+
+    # -- categorizer -------------------------------------------------------------------
+
+    async def _categorizer_loop(self) -> None:
+        while not self._stopping:
+            await self._categorizer_wake.wait()
+            self._categorizer_wake.clear()
+            while not self._stopping:
+                ids = await self.store.read(lambda c: q.submitted_message_ids(
+                    c, self.CATEGORIZE_BATCH, self.clock()))
+                if not ids:
+                    break
+                await self._categorize_batch(ids)
+
+    async def _categorize_batch(self, ids: list[int]) -> None:
+        await self._mark_in_flight(ids)
+        messages = await self.store.read(lambda c: q.load_messages(c, ids))
+        results: list[Categorized] = []
+        for message in messages:
+            try:
+                result = await self.categorizer.categorize(message)
+                for event in ("on_resolved", "on_routed"):
+                    await self.hooks.call_all(event, message=message, recipients=result.decisions)
+                results.append(result)
+            except Exception:
+                log.exception("categorizer failed; the message stays in Submission",
+                              internal_message_id=message.id)
+                await self._release([message.id], retry_in=self.server.message_retry_interval)
+        # one write per message (its decisions and NDRs are atomic), all in one group commit
+        committed = await asyncio.gather(*(
+            self.store.write(lambda c, r=r: self._commit_categorized(c, r)) for r in results),
+            return_exceptions=True)
+        touched: set[int] = set()
+        for result, outcome in zip(results, committed):
+            self._in_flight.discard(result.message.id)
+            if isinstance(outcome, BaseException):
+                log.error("committing categorizer results failed", error=str(outcome),
+                          internal_message_id=result.message.id)
+                continue
+            events, queue_ids = outcome
+            touched.update(queue_ids)
+            self._emit(events)
+            await self.hooks.call_all("on_categorized", message=result.message,
+                                      recipients=result.decisions)
+        leftover = [i for i in ids if i in self._in_flight]
+        if leftover:
+            await self._release(leftover)
+        for queue_id in touched:
+            self._wake_queue(queue_id)
+
+    def _commit_categorized(self, conn: sqlite3.Connection,
+                            result: Categorized) -> tuple[list[Event], set[int]]:
+        message = result.message
+        events: list[Event] = []
+        updates: list[RecipientUpdate] = []
+        failures: list[tuple[QueuedRecipient, SmtpResponse, str]] = []
+        hops: dict[tuple[str, str, str], int] = {}
+        for d in result.decisions:
+            row = d.recipient
+            if row is None:  # added by expansion or redirect: a new recipient row
+                assert d.envelope is not None
+                new_id = q.add_recipients(conn, message.id, [d.envelope])[0]
+                row = QueuedRecipient(new_id, message.id, d.address, S.SUBMITTED,
+                                      d.envelope.notify, d.envelope.orcpt)
+            address = d.address if d.address != row.address else None
+            orcpt = d.orcpt if d.orcpt != row.orcpt else None
+            if d.event in ("RESOLVE", "REDIRECT", "EXPAND") and d.related:
+                events.append(Event(d.event, "ROUTING" if d.event == "REDIRECT" else "RESOLVER",
+                                    message, [d.address], [], related=d.related))
+            if d.kind == ROUTE:
+                assert d.next_hop is not None
+                queue_id = hops.get(d.next_hop.key)
+                if queue_id is None:
+                    queue_id = hops[d.next_hop.key] = q.ensure_queue(conn, d.next_hop)
+                    self._hops[queue_id] = d.next_hop
+                updates.append(RecipientUpdate(row.id, S.READY, queue_id=queue_id,
+                                               address=address, orcpt=orcpt))
+            elif d.kind == UNREACHABLE:
+                updates.append(RecipientUpdate(row.id, S.UNREACHABLE, address=address, orcpt=orcpt,
+                                               last_response="Unreachable: no connector matches"))
+            elif d.kind == EXPANDED:
+                updates.append(RecipientUpdate(row.id, S.EXPANDED, address=address))
+            elif d.kind == FAIL:
+                assert d.response is not None
+                updates.append(RecipientUpdate(row.id, S.FAILED, address=address,
+                                               last_response=str(d.response)))
+                row.address = d.address
+                failures.append((row, d.response, d.source))
+        q.update_recipients(conn, updates)
+        if len(hops) > 1:  # bifurcation: one queued item per next hop
+            for key in list(hops)[1:]:
+                events.append(Event("TRANSFER", "ROUTING", message, [], [], connector=key[2],
+                                    context=f"{key[0]}:{key[1]}"))
+        events.extend(self._fail_in_conn(conn, message, failures))
+        q.set_message_state(conn, message.id, "active")
+        q.finish_if_done(conn, message.id)
+        return events, set(hops.values())
+
+    # -- delivery ----------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while not self._stopping:
+            await self._dispatch_wake.wait()
+            self._dispatch_wake.clear()
+            if self._stopping:
+                break
+            for queue_id in await self.store.read(q.queue_ids_with_work):
+                self._wake_queue(queue_id)
+
+    def _wake_queue(self, queue_id: int) -> None:
+        if self._stopping:
+            return
+        event = self._queue_wake.setdefault(queue_id, asyncio.Event())
+        event.set()
+        worker = self._workers.get(queue_id)
+        if worker is None or worker.done():
+            self._workers[queue_id] = asyncio.get_running_loop().create_task(
+                self._queue_worker(queue_id), name=f"queue-{queue_id}")
+
+    async def _queue_worker(self, queue_id: int) -> None:
+        wake = self._queue_wake[queue_id]
+        while not self._stopping:
+            wake.clear()
+            now = self.clock()
+            suspended = await self.store.read(lambda c: q.queue_suspended(c, queue_id))
+            ids: list[int] = []
+            later = None
+            if not suspended:
+                ids, later = await self.store.read(
+                    lambda c, now=now: q.due_for_delivery(c, queue_id, now, self.DELIVERY_BATCH))
+            if ids:
+                await self._deliver_batch(queue_id, ids, now)
+                continue
+            timeout = None if later is None else max(0.0, later - self.clock())
+            if timeout is None and not suspended:
+                # idle: the worker ends after QueueMaxIdleTime; a wake restarts it
+                timeout = self.server.queue_max_idle_time
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout)
+                except TimeoutError:
+                    return
+                continue
+            try:
+                await asyncio.wait_for(wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _deliver_batch(self, queue_id: int, ids: list[int], now: float) -> None:
+        hop = self._hops.get(queue_id)
+        if hop is None:
+            self._hops = await self.store.read(q.queue_hops)
+            hop = self._hops[queue_id]
+        await self._mark_in_flight(ids)
+        due = "r.queue=? AND r.status IN ('Ready','Retry') AND COALESCE(r.next_retry,0)<=?"
+        messages = await self.store.read(
+            lambda c: q.load_messages(c, ids, recipient_filter=due, params=(queue_id, now)))
+        items = [MailItem(m, m.recipients, hop, queue_id) for m in messages if m.recipients]
+        outcome = await self._call_deliver(hop, items)
+        if isinstance(outcome, (DeferQueue, FailQueue)):
+            results = [self._queue_outcome(item, outcome) for item in items]
+            error = str(outcome.response)
+        else:
+            results = outcome
+            error = None
+        queue_level = isinstance(outcome, DeferQueue)
+        writes = [self.store.write(lambda c: q.set_queue_error(c, queue_id, error))]
+        writes += [self.store.write(lambda c, i=item, r=result: self._commit_delivery(
+            c, i, r, queue_level=queue_level)) for item, result in zip(items, results)]
+        committed = await asyncio.gather(*writes, return_exceptions=True)
+        for item, events in zip(items, committed[1:]):
+            if isinstance(events, BaseException):
+                log.error("committing delivery results failed", error=str(events),
+                          internal_message_id=item.message.id)
+                continue
+            self._in_flight.discard(item.message.id)
+            self._emit(events)
+        leftover = [m.id for m in messages if not m.recipients]
+        if leftover:
+            await self._release(leftover)
+
+    async def _call_deliver(self, hop: NextHop, items: list[MailItem]) -> Any:
+        connector = self.connectors.get(hop.connector.lower()) if hop.connector else None
+        context = DeliveryContext(self.org, self.server, self.directory, self._record_intent,
+                                  self.clock, self.store_id, log)
+        try:
+            outcome = await self.hooks.call_first("deliver", next_hop=hop, connector=connector,
+                                                  items=items, context=context)
+        except Exception:
+            log.exception("deliver hook raised; the items are deferred", next_hop=hop.key)
+            return DeferQueue(LOCAL_ERROR)
+        if outcome is None:
+            return DeferQueue(NO_DELIVERY_PLUGIN)
+        if isinstance(outcome, (DeferQueue, FailQueue)):
+            return outcome
+        if len(outcome) != len(items):
+            log.error("deliver hook returned a wrong number of results", next_hop=hop.key)
+            return DeferQueue(LOCAL_ERROR)
+        return outcome
+
+    @staticmethod
+    def _queue_outcome(item: MailItem, outcome: DeferQueue | FailQueue) -> ItemResult:
+        if isinstance(outcome, FailQueue):
+            return ItemResult.fail(item, outcome.response)
+        return ItemResult.defer(item, outcome.response, outcome.retry_in)
+
+    async def _record_intent(self, intents: dict[int, str]) -> None:
+        await self.store.write(lambda c: q.record_intent(c, intents))
+
+    def _commit_delivery(self, conn: sqlite3.Connection, item: MailItem, result: ItemResult,
+                         queue_level: bool) -> list[Event]:
+        message = item.message
+        now = self.clock()
+        events: list[Event] = []
+        updates: list[RecipientUpdate] = []
+        failures: list[tuple[QueuedRecipient, SmtpResponse, str]] = []
+        source = SOURCE_OF_DELIVERY.get(item.next_hop.delivery_type, "SMTP")
+        delivered: list[QueuedRecipient] = []
+        for r in item.recipients:
+            outcome = result.recipients.get(r.id) or RecipientResult.deferred(LOCAL_ERROR)
+            attempts = r.attempts + 1
+            if outcome.kind == DELIVERED:
+                updates.append(RecipientUpdate(r.id, S.DELIVERED, attempts=attempts,
+                                               last_response=str(outcome.response)))
+                delivered.append(r)
+            elif outcome.kind == FAILED:
+                updates.append(RecipientUpdate(r.id, S.FAILED, attempts=attempts,
+                                               last_response=str(outcome.response)))
+                failures.append((r, outcome.response, "QUEUE"))
+            elif now >= message.expires_at:
+                updates.append(RecipientUpdate(r.id, S.FAILED, attempts=attempts,
+                                               last_response=str(EXPIRED)))
+                failures.append((r, EXPIRED, "QUEUE"))
+            else:
+                delay = outcome.retry_in if outcome.retry_in is not None else retry_delay(
+                    self.server, attempts, queue_level=queue_level)
+                updates.append(RecipientUpdate(
+                    r.id, S.RETRY, attempts=attempts, last_response=str(outcome.response),
+                    next_retry=now + delay, first_attempt=r.first_attempt or now,
+                    clear_intent=r.id in result.void_intents))
+                events.append(Event("DEFER", "QUEUE", message, [r.address],
+                                    [str(outcome.response)], connector=item.next_hop.connector))
+        q.update_recipients(conn, updates)
+        if delivered:
+            event_id = "DELIVER" if source in ("STOREDRIVER", "GATEWAY", "AGENT") else "SEND"
+            events.append(Event(event_id, source, message, [r.address for r in delivered],
+                                ["250 2.0.0 " + (result.detail or "OK")] * len(delivered),
+                                connector=item.next_hop.connector, context=result.detail))
+        events.extend(self._fail_in_conn(conn, message, failures))
+        conn.execute("UPDATE message SET in_flight=0, suspect=0 WHERE id=?", (message.id,))
+        q.finish_if_done(conn, message.id)
+        return events
+
+    # -- failures, NDRs and DSNs -------------------------------------------------------
+
+    def _fail_in_conn(self, conn: sqlite3.Connection, message: QueuedMessage,
+                      failures: Sequence[tuple[QueuedRecipient, SmtpResponse, str]]) -> list[Event]:
+        """Track failures and commit the NDR (in the same transaction) when one is due."""
+        if not failures:
+            return []
+        events = [Event("FAIL", source, message, [r.address], [str(resp)])
+                  for r, resp, source in failures]
+        notify = [(r, resp) for r, resp, _ in failures if r.wants(Notify.FAILURE)]
+        if message.mail_from.address and notify:
+            _, dsn_msgid = self._insert_dsn(conn, message, [
+                DsnRecipient(final_recipient=r.address, original_recipient=r.orcpt,
+                             action="failed", status=resp.enhanced, diagnostic=str(resp),
+                             last_attempt=self.clock()) for r, resp in notify])
+            events.append(Event("DSN", "DSN", message, [r.address for r, _ in notify],
+                                [str(resp) for _, resp in notify], reference=dsn_msgid))
+        return events
+
+    def _insert_dsn(self, conn: sqlite3.Connection, message: QueuedMessage,
+                    recipients: list[DsnRecipient]) -> tuple[int, str]:
+        data = message.data or conn.execute(
+            "SELECT data FROM message WHERE id=?", (message.id,)).fetchone()[0]
+        domain = self.org.default_domain.domain_name
+        dsn, dsn_msgid = build_dsn(
+            original=bytes(data), mail_from=message.mail_from, recipients=recipients,
+            reporting_mta=self.server.fqdn, postmaster=self.org.postmaster,
+            arrival_date=message.received_at, message_id_domain=domain, now=self.clock())
+        sub = Submission(
+            envelope=Envelope(MailFrom(""), [EnvelopeRecipient(message.mail_from.address,
+                                                               frozenset({Notify.NEVER}))]),
+            data=dsn, source="DSN", source_name="DSN", message_id=dsn_msgid,
+            subject="", reference=message.message_id)
+        now = self.clock()
+        dsn_id = q.insert_submission(conn, sub, now, now + self.server.message_expiration_timeout)
+        self._categorizer_wake.set()
+        return dsn_id, dsn_msgid
+
+    # -- expiry and delay notifications ------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        while not self._stopping:
+            interval = min(self.server.message_expiration_timeout / 20,
+                           self.server.delay_notification_timeout / 4)
+            interval = min(30.0, max(0.2, interval))
+            try:
+                events = await self.store.write(self._sweep)
+                self._emit(events)
+                self._categorizer_wake.set()  # picks up Submission items whose retry came due
+            except Exception:
+                log.exception("sweeper failed")
+            await asyncio.sleep(interval)
+
+    def _sweep(self, conn: sqlite3.Connection) -> list[Event]:
+        now = self.clock()
+        events: list[Event] = []
+        expired = [r[0] for r in conn.execute(
+            "SELECT DISTINCT m.id FROM message m JOIN recipient r ON r.message=m.id"
+            " WHERE m.state IN ('active','submitted') AND m.in_flight=0 AND m.expires_at<=?"
+            " AND r.status IN ('Ready','Retry','Unreachable','Submitted')", (now,))]
+        for message in q.load_messages(conn, expired, recipient_filter=(
+                "r.status IN ('Ready','Retry','Unreachable','Submitted')")):
+            q.update_recipients(conn, [RecipientUpdate(r.id, S.FAILED, last_response=str(EXPIRED))
+                                       for r in message.recipients])
+            events += self._fail_in_conn(conn, message, [(r, EXPIRED, "QUEUE")
+                                                         for r in message.recipients])
+            conn.execute("UPDATE message SET state='active' WHERE id=?", (message.id,))
+            q.finish_if_done(conn, message.id)
+        if self.server.delay_notification_timeout and self._delay_dsn_enabled():
+            due = [r[0] for r in conn.execute(
+                "SELECT DISTINCT m.id FROM message m JOIN recipient r ON r.message=m.id"
+                " WHERE m.state='active' AND m.sender<>'' AND m.received_at<=?"
+                " AND r.status IN ('Retry','Unreachable') AND r.delay_notified=0",
+                (now - self.server.delay_notification_timeout,))]
+            for message in q.load_messages(conn, due, recipient_filter=(
+                    "r.status IN ('Retry','Unreachable') AND r.delay_notified=0")):
+                wanted = [r for r in message.recipients if r.wants(Notify.DELAY)]
+                conn.executemany("UPDATE recipient SET delay_notified=1 WHERE id=?",
+                                 [(r.id,) for r in message.recipients])
+                if not wanted:
+                    continue
+                _, ref = self._insert_dsn(conn, message, [
+                    DsnRecipient(final_recipient=r.address, original_recipient=r.orcpt,
+                                 action="delayed", status=_delay_status(r),
+                                 diagnostic=r.last_response,
+                                 will_retry_until=message.expires_at) for r in wanted])
+                events.append(Event("DSN", "DSN", message, [r.address for r in wanted],
+                                    ["delayed"] * len(wanted), reference=ref))
+        return events
+
+    def _delay_dsn_enabled(self) -> bool:
+        tc = self.org.transport_config
+        return tc.external_delay_dsn_enabled or tc.internal_delay_dsn_enabled
+
+    # -- helpers -----------------------------------------------------------------------
+
+    async def _mark_in_flight(self, ids: list[int]) -> None:
+        self._in_flight.update(ids)
+        await self.store.write(lambda c: q.set_in_flight(c, ids, True))
+
+    async def _release(self, ids: list[int], retry_in: float | None = None) -> None:
+        """Clear the in-flight mark; ``retry_in`` keeps a Submission item back that long."""
+        not_before = None if retry_in is None else self.clock() + retry_in
+        await self.store.write(lambda c: q.release(c, ids, not_before))
+        self._in_flight.difference_update(ids)
+
+    def _track(self, event_id: str, source: str, message: QueuedMessage, recipients: list[str],
+               statuses: list[str], *, related: str = "", connector: str = "",
+               reference: str = "", context: str = "") -> None:
+        self.tracking.log(
+            event_id, source, internal_message_id=str(message.id),
+            message_id=message.message_id, recipients=recipients, recipient_status=statuses,
+            total_bytes=message.size, related_recipient_address=related, reference=reference,
+            subject=message.subject, sender=message.mail_from.address,
+            return_path=message.mail_from.address or "<>", connector_id=connector,
+            source_context=context, when=self.clock())
+
+    def _emit(self, events: Iterable[Event]) -> None:
+        for e in events:
+            self._track(e.event_id, e.source, e.message, e.recipients, e.statuses,
+                        related=e.related, connector=e.connector, reference=e.reference,
+                        context=e.context)
+
+
+def _store_id(conn: sqlite3.Connection) -> str:
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    row = conn.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()
+    if row:
+        return str(row[0])
+    value = uuid.uuid4().hex[:12]
+    conn.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (value,))
+    return value
+
+
+def _delay_status(r: QueuedRecipient) -> str:
+    if r.last_response:
+        try:
+            return SmtpResponse.parse(r.last_response).enhanced.replace("5.", "4.", 1)
+        except ValueError:
+            pass
+    return "4.4.7"
+
+
+def _message_of(msg_id: int, sub: Submission, now: float, expires: float) -> QueuedMessage:
+    return QueuedMessage(
+        id=msg_id, internal_id=str(msg_id), message_id=sub.message_id,
+        mail_from=sub.envelope.mail_from, data=sub.data, size=len(sub.data), source=sub.source,
+        source_name=sub.source_name, subject=sub.subject, received_at=now, expires_at=expires,
+        recipients=[QueuedRecipient(0, msg_id, r.address, S.SUBMITTED, r.notify, r.orcpt)
+                    for r in sub.envelope.recipients])

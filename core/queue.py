@@ -1,0 +1,469 @@
+"""The durable queue: Submission, one delivery queue per next hop, Unreachable and Poison.
+
+One SQLite database per server (``<StateDirectory>/queue/mail.que``). The message bytes are
+stored once; each recipient is a row with its own status, next hop queue, attempts, last
+response and next retry time. A message whose recipients are all final is removed in the
+same transaction that made the last one final.
+
+The functions taking a ``sqlite3.Connection`` run in the database thread, inside a
+group-committed transaction (``Store.write``) or a read (``Store.read``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from core.model import (
+    Envelope,
+    EnvelopeRecipient,
+    MailFrom,
+    NextHop,
+    Notify,
+    QueuedMessage,
+    QueuedRecipient,
+    RecipientStatus,
+    Submission,
+)
+
+S = RecipientStatus
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS message (
+    id INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL DEFAULT '',
+    sender TEXT NOT NULL,
+    body TEXT, ret TEXT, envid TEXT, auth TEXT, smtputf8 INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL,
+    source TEXT NOT NULL, source_name TEXT NOT NULL DEFAULT '',
+    subject TEXT NOT NULL DEFAULT '',
+    client_ip TEXT NOT NULL DEFAULT '', client_hostname TEXT NOT NULL DEFAULT '',
+    reference TEXT,
+    received_at REAL NOT NULL, expires_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'submitted',      -- submitted | active | poison
+    suspended INTEGER NOT NULL DEFAULT 0,
+    in_flight INTEGER NOT NULL DEFAULT 0,
+    crash_count INTEGER NOT NULL DEFAULT 0,
+    suspect INTEGER NOT NULL DEFAULT 0,
+    not_before REAL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS message_state ON message(state, suspended);
+CREATE TABLE IF NOT EXISTS recipient (
+    id INTEGER PRIMARY KEY,
+    message INTEGER NOT NULL REFERENCES message(id) ON DELETE CASCADE,
+    address TEXT NOT NULL,
+    notify TEXT NOT NULL DEFAULT '',
+    orcpt TEXT,
+    status TEXT NOT NULL,
+    queue INTEGER REFERENCES delivery_queue(id),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_response TEXT,
+    next_retry REAL,
+    first_attempt REAL,
+    delay_notified INTEGER NOT NULL DEFAULT 0,
+    drop_intent TEXT
+);
+CREATE INDEX IF NOT EXISTS recipient_work ON recipient(queue, status, next_retry);
+CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message);
+CREATE INDEX IF NOT EXISTS recipient_status ON recipient(status);
+CREATE TABLE IF NOT EXISTS delivery_queue (
+    id INTEGER PRIMARY KEY,
+    delivery_type TEXT NOT NULL, domain TEXT NOT NULL, connector TEXT NOT NULL,
+    suspended INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT, next_retry REAL,
+    UNIQUE (delivery_type, domain, connector)
+);
+CREATE TABLE IF NOT EXISTS queue_flag (name TEXT PRIMARY KEY, suspended INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS claim (
+    name TEXT PRIMARY KEY, message INTEGER, at REAL NOT NULL
+);
+"""
+
+MESSAGE_COLUMNS = (
+    "m.id, m.message_id, m.sender, m.body, m.ret, m.envid, m.auth, m.smtputf8, m.size, "
+    "m.source, m.source_name, m.subject, m.received_at, m.expires_at, m.crash_count"
+)
+RECIPIENT_COLUMNS = (
+    "r.id, r.message, r.address, r.notify, r.orcpt, r.status, r.queue, r.attempts, "
+    "r.last_response, r.next_retry, r.first_attempt, r.delay_notified, r.drop_intent"
+)
+
+
+# -- row conversion ----------------------------------------------------------------------
+
+
+def _notify_text(notify: Iterable[Notify]) -> str:
+    return ",".join(sorted(n.value for n in notify))
+
+
+def _notify_set(text: str) -> frozenset[Notify]:
+    return frozenset(Notify(v) for v in text.split(",") if v)
+
+
+def recipient_from_row(row: sqlite3.Row) -> QueuedRecipient:
+    return QueuedRecipient(
+        id=row["id"], message_id=row["message"], address=row["address"],
+        status=S(row["status"]), notify=_notify_set(row["notify"]), orcpt=row["orcpt"],
+        queue_id=row["queue"], attempts=row["attempts"], last_response=row["last_response"],
+        next_retry=row["next_retry"], first_attempt=row["first_attempt"],
+        delay_notified=bool(row["delay_notified"]), drop_intent=row["drop_intent"],
+    )
+
+
+def message_from_row(row: sqlite3.Row, data: bytes = b"") -> QueuedMessage:
+    return QueuedMessage(
+        id=row["id"], internal_id=str(row["id"]), message_id=row["message_id"],
+        mail_from=MailFrom(
+            address=row["sender"], body=row["body"], ret=row["ret"], envid=row["envid"],
+            auth=row["auth"], smtputf8=bool(row["smtputf8"]),
+        ),
+        data=data, size=row["size"], source=row["source"], source_name=row["source_name"],
+        subject=row["subject"], received_at=row["received_at"], expires_at=row["expires_at"],
+        crash_count=row["crash_count"],
+    )
+
+
+# -- submission --------------------------------------------------------------------------
+
+
+def insert_submission(
+    conn: sqlite3.Connection, sub: Submission, now: float, expires_at: float
+) -> int:
+    """Commit a new message to the Submission queue; returns its internal id."""
+    mf = sub.envelope.mail_from
+    cur = conn.execute(
+        "INSERT INTO message (message_id, sender, body, ret, envid, auth, smtputf8, size,"
+        " source, source_name, subject, client_ip, client_hostname, reference,"
+        " received_at, expires_at, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (sub.message_id, mf.address, mf.body, mf.ret, mf.envid, mf.auth, int(mf.smtputf8),
+         len(sub.data), sub.source, sub.source_name, sub.subject, sub.client_ip,
+         sub.client_hostname, sub.reference, now, expires_at, sub.data),
+    )
+    msg_id = cur.lastrowid
+    assert msg_id is not None
+    conn.executemany(
+        "INSERT INTO recipient (message, address, notify, orcpt, status) VALUES (?,?,?,?,?)",
+        [(msg_id, r.address, _notify_text(r.notify), r.orcpt, S.SUBMITTED.value)
+         for r in sub.envelope.recipients],
+    )
+    if sub.claim is not None:
+        conn.execute("INSERT OR REPLACE INTO claim (name, message, at) VALUES (?,?,?)",
+                     (sub.claim, msg_id, now))
+    return msg_id
+
+
+def claims_known(conn: sqlite3.Connection, names: Sequence[str]) -> set[str]:
+    known: set[str] = set()
+    for i in range(0, len(names), 500):
+        chunk = names[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        known.update(r[0] for r in conn.execute(
+            f"SELECT name FROM claim WHERE name IN ({marks})", chunk))
+    return known
+
+
+def forget_claims(conn: sqlite3.Connection, names: Sequence[str]) -> None:
+    conn.executemany("DELETE FROM claim WHERE name = ?", [(n,) for n in names])
+
+
+def forget_other_claims(conn: sqlite3.Connection, prefix: str, keep: Sequence[str]) -> None:
+    """Drop the claim rows of a folder whose files are gone (all but ``keep``)."""
+    kept = set(keep)
+    stale = [(r[0],) for r in conn.execute("SELECT name FROM claim WHERE name LIKE ?",
+                                           (prefix + "%",)) if r[0] not in kept]
+    conn.executemany("DELETE FROM claim WHERE name = ?", stale)
+
+
+# -- reading work ------------------------------------------------------------------------
+
+
+def load_messages(
+    conn: sqlite3.Connection, ids: Sequence[int], *, with_data: bool = True,
+    recipient_filter: str = "", params: Sequence[object] = (),
+) -> list[QueuedMessage]:
+    """Load messages by id with their recipients (optionally filtered by an SQL clause)."""
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    data_col = ", m.data" if with_data else ""
+    rows = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS}{data_col} FROM message m WHERE m.id IN ({marks})"
+        " ORDER BY m.id", list(ids)).fetchall()
+    messages = {r["id"]: message_from_row(r, bytes(r["data"]) if with_data else b"")
+                for r in rows}
+    clause = f" AND ({recipient_filter})" if recipient_filter else ""
+    for row in conn.execute(
+        f"SELECT {RECIPIENT_COLUMNS} FROM recipient r WHERE r.message IN ({marks}){clause}"
+        " ORDER BY r.id", [*ids, *params]):
+        messages[row["message"]].recipients.append(recipient_from_row(row))
+    return [messages[i] for i in ids if i in messages]
+
+
+def submitted_message_ids(conn: sqlite3.Connection, limit: int, now: float) -> list[int]:
+    """Messages waiting for the categorizer; a suspect (crashed before) goes alone."""
+    if _flag(conn, "Submission"):
+        return []
+    ready = ("state='submitted' AND suspended=0 AND in_flight=0"
+             " AND COALESCE(not_before,0)<=?")
+    suspect = conn.execute(
+        f"SELECT id FROM message WHERE {ready} AND suspect=1 ORDER BY id LIMIT 1",
+        (now,)).fetchall()
+    if suspect:
+        return [suspect[0][0]]
+    return [r[0] for r in conn.execute(
+        f"SELECT id FROM message WHERE {ready} ORDER BY id LIMIT ?", (now, limit))]
+
+
+def due_for_delivery(
+    conn: sqlite3.Connection, queue_id: int, now: float, limit: int,
+    exclude: Iterable[int] = (),
+) -> tuple[list[int], float | None]:
+    """Message ids with recipients due in a delivery queue, and the next due time after."""
+    excluded = set(exclude)
+    ids: list[int] = []
+    suspect_only = False
+    for row in conn.execute(
+        "SELECT DISTINCT r.message, m.suspect FROM recipient r JOIN message m ON m.id=r.message"
+        " WHERE r.queue=? AND r.status IN ('Ready','Retry') AND COALESCE(r.next_retry,0)<=?"
+        " AND m.state='active' AND m.suspended=0 AND m.in_flight=0"
+        " ORDER BY m.suspect DESC, r.message LIMIT ?",
+        (queue_id, now, limit + len(excluded))):
+        if row[0] in excluded:
+            continue
+        if row[1]:
+            if not ids:
+                ids.append(row[0])
+                suspect_only = True
+            break
+        if suspect_only:
+            break
+        ids.append(row[0])
+        if len(ids) >= limit:
+            break
+    later = conn.execute(
+        "SELECT MIN(r.next_retry) FROM recipient r JOIN message m ON m.id=r.message"
+        " WHERE r.queue=? AND r.status='Retry' AND r.next_retry>? AND m.state='active'"
+        " AND m.suspended=0", (queue_id, now)).fetchone()[0]
+    return ids, later
+
+
+def queue_ids_with_work(conn: sqlite3.Connection) -> list[int]:
+    return [r[0] for r in conn.execute(
+        "SELECT DISTINCT queue FROM recipient WHERE queue IS NOT NULL"
+        " AND status IN ('Ready','Retry')")]
+
+
+# -- delivery queues ---------------------------------------------------------------------
+
+
+def ensure_queue(conn: sqlite3.Connection, hop: NextHop) -> int:
+    row = conn.execute(
+        "SELECT id FROM delivery_queue WHERE delivery_type=? AND domain=? AND connector=?",
+        hop.key).fetchone()
+    if row:
+        return int(row[0])
+    cur = conn.execute(
+        "INSERT INTO delivery_queue (delivery_type, domain, connector) VALUES (?,?,?)", hop.key)
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def queue_hops(conn: sqlite3.Connection) -> dict[int, NextHop]:
+    return {r[0]: NextHop(r[1], r[2], r[3]) for r in conn.execute(
+        "SELECT id, delivery_type, domain, connector FROM delivery_queue")}
+
+
+def queue_suspended(conn: sqlite3.Connection, queue_id: int) -> bool:
+    row = conn.execute("SELECT suspended FROM delivery_queue WHERE id=?", (queue_id,)).fetchone()
+    return bool(row and row[0])
+
+
+def _flag(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute("SELECT suspended FROM queue_flag WHERE name=?", (name,)).fetchone()
+    return bool(row and row[0])
+
+
+def set_flag(conn: sqlite3.Connection, name: str, suspended: bool) -> None:
+    conn.execute("INSERT OR REPLACE INTO queue_flag (name, suspended) VALUES (?,?)",
+                 (name, int(suspended)))
+
+
+def flag(conn: sqlite3.Connection, name: str) -> bool:
+    return _flag(conn, name)
+
+
+# -- state changes -----------------------------------------------------------------------
+
+
+def set_in_flight(conn: sqlite3.Connection, ids: Sequence[int], value: bool) -> None:
+    conn.executemany("UPDATE message SET in_flight=? WHERE id=?", [(int(value), i) for i in ids])
+
+
+def release(conn: sqlite3.Connection, ids: Sequence[int], not_before: float | None) -> None:
+    """Clear the in-flight mark; ``not_before`` holds a Submission item back until then."""
+    conn.executemany("UPDATE message SET in_flight=0, not_before=? WHERE id=?",
+                     [(not_before, i) for i in ids])
+
+
+def record_intent(conn: sqlite3.Connection, intents: dict[int, str]) -> None:
+    conn.executemany("UPDATE recipient SET drop_intent=? WHERE id=?",
+                     [(name, rid) for rid, name in intents.items()])
+
+
+@dataclass(slots=True)
+class RecipientUpdate:
+    """A new state for one recipient row."""
+
+    id: int
+    status: RecipientStatus
+    queue_id: int | None = None
+    address: str | None = None
+    orcpt: str | None = None
+    attempts: int | None = None
+    last_response: str | None = None
+    next_retry: float | None = None
+    first_attempt: float | None = None
+    delay_notified: bool | None = None
+    clear_intent: bool = False
+
+
+def update_recipients(conn: sqlite3.Connection, updates: Iterable[RecipientUpdate]) -> None:
+    for u in updates:
+        sets = ["status=?"]
+        values: list[object] = [u.status.value]
+        for column, value in (("queue", u.queue_id), ("address", u.address), ("orcpt", u.orcpt),
+                              ("attempts", u.attempts), ("last_response", u.last_response),
+                              ("first_attempt", u.first_attempt),
+                              ("delay_notified", None if u.delay_notified is None
+                               else int(u.delay_notified))):
+            if value is not None:
+                sets.append(f"{column}=?")
+                values.append(value)
+        sets.append("next_retry=?")
+        values.append(u.next_retry)
+        if u.clear_intent:
+            sets.append("drop_intent=NULL")
+        values.append(u.id)
+        conn.execute(f"UPDATE recipient SET {', '.join(sets)} WHERE id=?", values)
+
+
+def add_recipients(
+    conn: sqlite3.Connection, message_id: int, recipients: Iterable[EnvelopeRecipient]
+) -> list[int]:
+    ids = []
+    for r in recipients:
+        cur = conn.execute(
+            "INSERT INTO recipient (message, address, notify, orcpt, status) VALUES (?,?,?,?,?)",
+            (message_id, r.address, _notify_text(r.notify), r.orcpt, S.SUBMITTED.value))
+        assert cur.lastrowid is not None
+        ids.append(cur.lastrowid)
+    return ids
+
+
+def set_message_state(conn: sqlite3.Connection, message_id: int, state: str) -> None:
+    conn.execute("UPDATE message SET state=?, in_flight=0, suspect=0 WHERE id=?",
+                 (state, message_id))
+
+
+def finish_if_done(conn: sqlite3.Connection, message_id: int) -> bool:
+    """Remove the message when no recipient is left to work on; True when removed."""
+    row = conn.execute(
+        "SELECT COUNT(*) FROM recipient WHERE message=? AND status NOT IN (?,?,?)",
+        (message_id, S.DELIVERED.value, S.FAILED.value, S.EXPANDED.value)).fetchone()
+    if row[0]:
+        return False
+    conn.execute("DELETE FROM recipient WHERE message=?", (message_id,))
+    conn.execute("DELETE FROM message WHERE id=?", (message_id,))
+    return True
+
+
+def resubmit_recipients(conn: sqlite3.Connection, where: str, params: Sequence[object]) -> int:
+    """Send matching recipients back to the categorizer (Retry-Queue -Resubmit, Unreachable)."""
+    ids = [r[0] for r in conn.execute(
+        f"SELECT DISTINCT r.message FROM recipient r JOIN message m ON m.id=r.message"
+        f" WHERE m.state IN ('active','submitted') AND ({where})", params)]
+    cur = conn.execute(
+        f"UPDATE recipient SET status='Submitted', queue=NULL, next_retry=NULL WHERE id IN"
+        f" (SELECT r.id FROM recipient r JOIN message m ON m.id=r.message"
+        f"  WHERE m.state IN ('active','submitted') AND ({where}))", params)
+    conn.executemany("UPDATE message SET state='submitted' WHERE id=?", [(i,) for i in ids])
+    return cur.rowcount
+
+
+# -- recovery ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Recovery:
+    crashed: list[int]
+    poisoned: list[int]
+
+
+def recover(conn: sqlite3.Connection, poison_threshold: int, poison_enabled: bool) -> Recovery:
+    """At start: messages that were being processed when the process died crashed once more.
+
+    A message that reaches the poison threshold goes to Poison; the others are marked
+    suspect and processed one at a time, so an innocent batch-mate is not blamed twice.
+    """
+    crashed = [r[0] for r in conn.execute("SELECT id FROM message WHERE in_flight=1")]
+    poisoned = []
+    for msg_id in crashed:
+        count = conn.execute(
+            "UPDATE message SET crash_count=crash_count+1, in_flight=0, suspect=1 WHERE id=?"
+            " RETURNING crash_count", (msg_id,)).fetchone()[0]
+        if poison_enabled and count >= poison_threshold:
+            conn.execute("UPDATE message SET state='poison', suspended=1 WHERE id=?", (msg_id,))
+            poisoned.append(msg_id)
+    return Recovery(crashed, poisoned)
+
+
+# -- queue views (Get-Queue) -------------------------------------------------------------
+
+
+def queue_summary(conn: sqlite3.Connection, now: float | None = None) -> list[dict[str, object]]:
+    """One row per queue: identity parts, status, message count, next retry, last error."""
+    now = time.time() if now is None else now
+    out: list[dict[str, object]] = []
+    submitted = conn.execute(
+        "SELECT COUNT(*) FROM message WHERE state='submitted'").fetchone()[0]
+    out.append({"queue": "Submission", "delivery_type": "Undefined", "next_hop": "Submission",
+                "status": "Suspended" if _flag(conn, "Submission") else "Ready",
+                "message_count": submitted, "next_retry": None, "last_error": None})
+    for row in conn.execute(
+        "SELECT q.id, q.delivery_type, q.domain, q.connector, q.suspended, q.last_error,"
+        " COUNT(DISTINCT r.message) AS n, MIN(r.next_retry) AS nr,"
+        " SUM(r.status='Retry') AS retrying FROM delivery_queue q LEFT JOIN recipient r"
+        " ON r.queue=q.id AND r.status IN ('Ready','Retry') GROUP BY q.id ORDER BY q.id"):
+        status = ("Suspended" if row["suspended"] else
+                  "Retry" if row["retrying"] and row["nr"] and row["nr"] > now else "Ready")
+        out.append({"queue": str(row["id"]), "delivery_type": row["delivery_type"],
+                    "next_hop": row["domain"], "connector": row["connector"], "status": status,
+                    "message_count": row["n"], "next_retry": row["nr"],
+                    "last_error": row["last_error"]})
+    unreachable = conn.execute(
+        "SELECT COUNT(DISTINCT message) FROM recipient WHERE status='Unreachable'").fetchone()[0]
+    out.append({"queue": "Unreachable", "delivery_type": "Unreachable", "next_hop": "Unreachable",
+                "status": "Suspended" if _flag(conn, "Unreachable") else "Ready",
+                "message_count": unreachable, "next_retry": None, "last_error": None})
+    poison = conn.execute("SELECT COUNT(*) FROM message WHERE state='poison'").fetchone()[0]
+    out.append({"queue": "Poison", "delivery_type": "Undefined", "next_hop": "Poison",
+                "status": "Suspended", "message_count": poison, "next_retry": None,
+                "last_error": None})
+    return out
+
+
+def set_queue_error(conn: sqlite3.Connection, queue_id: int, error: str | None) -> None:
+    conn.execute("UPDATE delivery_queue SET last_error=? WHERE id=?", (error, queue_id))
+
+
+def dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def envelope_of(message: QueuedMessage, recipients: Iterable[QueuedRecipient]) -> Envelope:
+    return Envelope(message.mail_from, [
+        EnvelopeRecipient(r.address, r.notify, r.orcpt) for r in recipients])

@@ -1,0 +1,31 @@
+"""The retry ladder and expiry (EXCHANGE §8).
+
+After a connection-level failure a queue retries ``QueueGlitchRetryCount`` times at
+``QueueGlitchRetryInterval``, then ``TransientFailureRetryCount`` times at
+``TransientFailureRetryInterval``, then every ``OutboundConnectionFailureRetryInterval``
+until the message expires. A message-level deferral (a 4xx for one message or recipient)
+waits ``MessageRetryInterval``. Every interval is configurable, so tests compress them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from core.model import SmtpResponse
+
+if TYPE_CHECKING:
+    from core.config import TransportServer
+
+EXPIRED = SmtpResponse(550, "4.4.7", "QUEUE.Expired; message expired")
+
+
+def retry_delay(server: TransportServer, attempts: int, *, queue_level: bool) -> float:
+    """Seconds to wait before the next try, ``attempts`` tries having failed so far."""
+    if not queue_level:
+        return server.message_retry_interval
+    glitch = server.queue_glitch_retry_count
+    if attempts <= glitch:
+        return server.queue_glitch_retry_interval
+    if attempts <= glitch + server.transient_failure_retry_count:
+        return server.transient_failure_retry_interval
+    return server.outbound_connection_failure_retry_interval

@@ -1,0 +1,136 @@
+"""The routing table: which connector a recipient leaves through (EXCHANGE §3).
+
+Elimination and selection, the same for Send, Foreign and Delivery Agent connectors:
+1. drop connectors whose MaxMessageSize is smaller than the message;
+2. keep those enabled, in scope, with an address space matching the recipient;
+3. most specific address space; 4. lowest aggregate cost (site-link cost to the source
+server's site + address-space cost); 5. proximity (source server local, same site, remote);
+6. connector name, lowest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from core.address_space import AddressSpace
+from core.model import NextHop, SmtpResponse
+
+if TYPE_CHECKING:
+    from core.config import Organization, TransportServer
+    from core.connectors import Connector
+
+NO_CONNECTOR_FOR_TYPE = SmtpResponse(
+    550, "5.4.4", "ROUTING.NoConnectorForAddressType; no connector for this address type")
+TOO_BIG_FOR_CONNECTORS = SmtpResponse(
+    550, "5.3.4", "ROUTING.SizeLimit; message too large for every matching connector")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteCandidate:
+    """A next hop that could serve a recipient, with what selection compares."""
+
+    next_hop: NextHop
+    address_space: AddressSpace
+    specificity: int
+    cost: int  # aggregate: site-link cost + address-space cost
+    proximity: int  # 0 local server, 1 same site, 2 remote site
+    name: str
+    connector: Any = None
+
+    def sort_key(self) -> tuple[int, int, int, str]:
+        return (-self.specificity, self.cost, self.proximity, self.name.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """The outcome for one recipient: a candidate, Unreachable, or a failure."""
+
+    candidate: RouteCandidate | None = None
+    failure: SmtpResponse | None = None
+
+    @property
+    def unreachable(self) -> bool:
+        return self.candidate is None and self.failure is None
+
+
+class RoutingTable:
+    """Connector selection for one server of one organization."""
+
+    def __init__(self, org: Organization, server: TransportServer) -> None:
+        self.org = org
+        self.server = server
+        self.connectors: list[Connector] = [
+            c for c in org.connectors if getattr(c, "address_spaces", None)]
+
+    def candidates(self, addr_type: str, address: str,
+                   size: int) -> tuple[list[RouteCandidate], bool]:
+        """Matching candidates and whether some match was dropped only for its size."""
+        out: list[RouteCandidate] = []
+        too_big = False
+        for connector in self.connectors:
+            if not connector.enabled or not self._in_scope(connector):
+                continue
+            best: tuple[int, AddressSpace] | None = None
+            for space in connector.address_spaces:
+                score = space.match(addr_type, address)
+                if score is None:
+                    continue
+                if best is None or (score, -space.cost) > (best[0], -best[1].cost):
+                    best = (score, space)
+            if best is None:
+                continue
+            if connector.max_message_size is not None and size > connector.max_message_size:
+                too_big = True
+                continue
+            score, space = best
+            site_cost, proximity, via = self._distance(connector)
+            if proximity == 0:
+                hop = NextHop(connector.delivery_type, connector.next_hop_domain(space),
+                              connector.name)
+            else:  # another hub hosts the connector: relay the message to it
+                relay = "SmtpRelayWithinAdSite" if proximity == 1 else "SmtpRelayToRemoteAdSite"
+                hop = NextHop(relay, via, connector.name)
+            out.append(RouteCandidate(hop, space, score, site_cost + space.cost, proximity,
+                                      connector.name, connector))
+        return out, too_big
+
+    def choose(self, addr_type: str, address: str, size: int,
+               extra: Iterable[RouteCandidate] = ()) -> RouteDecision:
+        candidates, too_big = self.candidates(addr_type, address, size)
+        candidates.extend(extra)
+        if candidates:
+            return RouteDecision(min(candidates, key=RouteCandidate.sort_key))
+        if too_big:
+            return RouteDecision(failure=TOO_BIG_FOR_CONNECTORS)
+        if addr_type != "SMTP":
+            return RouteDecision(failure=NO_CONNECTOR_FOR_TYPE)
+        return RouteDecision()
+
+    def _in_scope(self, connector: Connector) -> bool:
+        """A scoped connector serves only servers in its source servers' AD site."""
+        if not connector.is_scoped_connector:
+            return True
+        return any(self._site_of(s) == self.server.site for s in connector.source_transport_servers)
+
+    def _site_of(self, server_name: str) -> str | None:
+        try:
+            return self.org.server(server_name).site
+        except KeyError:
+            return None
+
+    def _distance(self, connector: Connector) -> tuple[int, int, str]:
+        """(site-link cost, proximity, server) of the nearest source server of a connector."""
+        best = (1 << 30, 3, "")
+        for name in connector.source_transport_servers or (self.server.name,):
+            if name.lower() == self.server.name.lower():
+                return (0, 0, self.server.name)
+            site = self._site_of(name)
+            if site is None:
+                continue
+            cost = self.org.site_cost(self.server.site, site)
+            if cost is None:
+                continue
+            best = min(best, (cost, 1 if site == self.server.site else 2, name))
+        return best

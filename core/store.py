@@ -1,0 +1,154 @@
+"""A SQLite database with one writer thread and group commit.
+
+Durability costs one fsync per commit, so the store never commits per message: callers
+put work on an asyncio queue, the writer task takes whatever is waiting, runs it as one
+transaction in the database thread (each piece in its own savepoint, so one failing piece
+does not undo the others), commits (WAL, ``synchronous=FULL``) and only then resolves every
+caller's future. Under load one fsync serves many messages; alone, a piece waits for no one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], Any]
+
+
+class StoreError(Exception):
+    """The database could not commit (disk full, I/O error): nothing of the batch is durable."""
+
+
+class Store:
+    """The queue database; all access goes through one thread."""
+
+    def __init__(self, path: Path, *, batch_limit: int = 1000) -> None:
+        self.path = path
+        self.batch_limit = batch_limit
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubport-db")
+        self._conn: sqlite3.Connection | None = None
+        self._pending: asyncio.Queue[tuple[Work, asyncio.Future[Any]]] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._thread_id: int | None = None
+        self.commits = 0
+        self.pieces = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self, schema: str) -> None:
+        self._pending = asyncio.Queue()
+        await self._run(self._open, schema)
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="db-writer")
+
+    def _open(self, schema: str) -> None:
+        self._thread_id = threading.get_ident()
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.row_factory = sqlite3.Row
+        conn.executescript(schema)
+        self._conn = conn
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._pending.join()  # type: ignore[union-attr]
+            self._writer.cancel()
+            try:
+                await self._writer
+            except asyncio.CancelledError:
+                pass
+            self._writer = None
+        if self._conn is not None:
+            await self._run(self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+    # -- access ------------------------------------------------------------------------
+
+    async def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` inside the next group-committed transaction; return after commit."""
+        assert self._pending is not None, "store not open"
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.put_nowait((work, future))
+        return await future
+
+    async def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in the database thread outside any write batch."""
+        return await self._run(work, self._conn)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- the writer --------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        assert self._pending is not None
+        pending = self._pending
+        while True:
+            batch = [await pending.get()]
+            while len(batch) < self.batch_limit and not pending.empty():
+                batch.append(pending.get_nowait())
+            try:
+                outcomes = await self._run(self._commit_batch, [w for w, _ in batch])
+            except Exception as exc:  # the commit itself failed: nothing is durable
+                error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+            else:
+                for (_, future), (ok, value) in zip(batch, outcomes):
+                    if future.done():
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+            finally:
+                for _ in batch:
+                    pending.task_done()
+
+    def _commit_batch(self, works: list[Work]) -> list[tuple[bool, Any]]:
+        conn = self._conn
+        assert conn is not None
+        outcomes: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for work in works:
+                conn.execute("SAVEPOINT piece")
+                try:
+                    outcomes.append((True, work(conn)))
+                    conn.execute("RELEASE piece")
+                except sqlite3.OperationalError as exc:
+                    if _is_fatal(exc):
+                        raise
+                    conn.execute("ROLLBACK TO piece")
+                    conn.execute("RELEASE piece")
+                    outcomes.append((False, exc))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO piece")
+                    conn.execute("RELEASE piece")
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise StoreError(f"queue database commit failed: {exc}") from exc
+        self.commits += 1
+        self.pieces += len(works)
+        return outcomes
+
+
+def _is_fatal(exc: sqlite3.OperationalError) -> bool:
+    """Disk full and I/O errors poison the whole transaction: fail the batch."""
+    text = str(exc).lower()
+    return "disk" in text or "i/o" in text or "full" in text or "readonly" in text

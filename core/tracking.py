@@ -1,0 +1,905 @@
+"""The message tracking log: Exchange's MSGTRK files, written as JSON lines, and their searcher.
+
+Tracking is best-effort: the durable queue is the record of truth. So `TrackingLog.log()` only
+appends to an in-memory buffer (it runs on the event loop for every message event), and
+`flush()` does all disk work from a worker thread. A disk error never propagates: the events stay
+buffered (bounded) and the error is reported through `last_error`.
+
+Every event is written to the file named after its own UTC date, so the searcher can skip
+files by name without missing events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import functools
+import json
+import logging
+import math
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from core import __version__
+
+__all__ = [
+    "EVENT_IDS",
+    "FIELDS",
+    "MAX_BUFFERED_EVENTS",
+    "SOURCES",
+    "TrackingLog",
+    "TrackingSettings",
+    "format_events",
+    "search",
+]
+
+logger = logging.getLogger(__name__)
+
+SOFTWARE = "hubport"
+VERSION = __version__
+LOG_TYPE = "Message Tracking Log"
+
+EVENT_IDS = frozenset(
+    {
+        # Core 2007/2010 events.
+        "RECEIVE", "SUBMIT", "SEND", "DELIVER", "DEFER", "FAIL", "DSN", "EXPAND", "RESOLVE",
+        "REDIRECT", "TRANSFER", "POISONMESSAGE", "BADMAIL",
+        # 2010-era extras.
+        "DUPLICATEDELIVER", "DUPLICATEEXPAND", "DUPLICATEREDIRECT", "AGENTINFO",
+        "INITMESSAGECREATED", "MODERATORAPPROVE", "MODERATORREJECT", "MODERATORSALLNDR",
+        "MODERATIONEXPIRE", "HAREDIRECT", "HARECEIVE", "HAREDIRECTFAIL", "HADISCARD",
+        # Documented for 2013+; hubport uses DROP, SUPPRESSED and RESUBMIT.
+        "DROP", "LOAD", "PROCESS", "THROTTLE", "SUPPRESSED", "RESUBMIT", "SUBMITDEFER",
+        "SUBMITFAIL", "NOTIFYMAPI", "NOTIFYSHADOW",
+    }
+)  # fmt: skip
+
+SOURCES = frozenset(
+    {
+        "SMTP", "STOREDRIVER", "PICKUP", "ADMIN", "AGENT", "DSN", "GATEWAY", "QUEUE", "ROUTING",
+        "RESOLVER", "DNS", "POISONMESSAGE", "REDUNDANCY", "BOOTLOADER", "APPROVAL",
+        "MAILBOXRULE", "ORAR", "PUBLICFOLDER",
+    }
+)  # fmt: skip
+
+# Exchange's field names, in Exchange's order (the 2010-era set minus tenant-id and the
+# original-client-ip/original-server-ip pair, which hubport has no use for).
+FIELDS: tuple[str, ...] = (
+    "date-time", "client-ip", "client-hostname", "server-ip", "server-hostname",
+    "source-context", "connector-id", "source", "event-id", "internal-message-id",
+    "message-id", "recipient-address", "recipient-status", "total-bytes", "recipient-count",
+    "related-recipient-address", "reference", "message-subject", "sender-address",
+    "return-path", "message-info", "directionality", "custom-data",
+)  # fmt: skip
+
+# Beyond this many unflushed events (disk failing for a long time) the oldest are dropped:
+# memory must stay bounded while the disk is down.
+MAX_BUFFERED_EVENTS = 100_000
+
+# The searcher never holds more than this of one line in memory (a corrupt file may lack newlines).
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+_FILE_RE = re.compile(r"^MSGTRK(\d{8})-(\d{1,9})\.log$")
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """Set-TransportServer's MessageTrackingLog* settings ([2010] defaults).
+
+    `path` comes first because it is the only setting without a default.
+    """
+
+    path: Path
+    enabled: bool = True
+    max_age: float = 30 * 86400  # seconds; 0 = never expire
+    max_directory_size: int = 1 << 30  # 1 GB [2010]
+    max_file_size: int = 10 * 1024 * 1024
+    subject_logging_enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, Path):  # accept a str from the config loader
+            object.__setattr__(self, "path", Path(self.path))
+
+
+# One buffered event: the raw arguments of log(), serialized later by flush() off the loop.
+_Event = tuple[Any, ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting helpers shared by writer and CLI
+
+
+def _iso_ms(ts: float) -> str:
+    """UTC ISO 8601 with milliseconds and 'Z', e.g. 2024-03-01T12:00:00.123Z.
+
+    Rounded to microseconds like datetime.fromtimestamp, then truncated to milliseconds, so
+    23:59:59.9996 stays on its day. The per-second prefix is cached: flush formats thousands
+    of stamps per second and this is its hottest step after JSON.
+    """
+    sec = math.floor(ts)
+    micros = round((ts - sec) * 1_000_000)
+    if micros >= 1_000_000:
+        sec, micros = sec + 1, micros - 1_000_000
+    return f"{_second_prefix(sec)}{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _second_prefix(sec: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+
+
+# Built once: json.dumps() with options builds a new encoder per call. The plain encoder is
+# measurably faster than one with a `default`, which is kept for odd custom-data values.
+_JSON_UTF8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_JSON_UTF8_ANY = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str)
+_JSON_ASCII_ANY = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)
+
+
+def _dumps(obj: Any) -> str:
+    """JSON text that is always valid UTF-8: readable normally, escaped if strings hold surrogates.
+
+    Header values and file names decoded with surrogateescape carry lone surrogates, which
+    cannot be encoded as UTF-8; ensure_ascii keeps them losslessly as \\udcXX escapes.
+    """
+    return _json_line(obj)[:-1].decode("utf-8")
+
+
+def _json_line(obj: Any) -> bytes:
+    """`obj` as one UTF-8 JSON line (see _dumps), newline included."""
+    try:
+        text = _JSON_UTF8.encode(obj)
+    except TypeError:  # a value JSON does not know (custom-data): use its str()
+        text = _JSON_UTF8_ANY.encode(obj)
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (_JSON_ASCII_ANY.encode(obj) + "\n").encode("ascii")
+
+
+def _header(ts: float) -> bytes:
+    lines = [
+        f"#Software: {SOFTWARE}",
+        f"#Version: {VERSION}",
+        f"#Log-Type: {LOG_TYPE}",
+        f"#Date: {_iso_ms(ts)}",
+        "#Fields: " + ",".join(FIELDS),
+    ]
+    return ("\n".join(lines) + "\n").encode("ascii")
+
+
+def _file_name(day: str, n: int) -> str:
+    return f"MSGTRK{day}-{n}.log"
+
+
+def _parse_file_name(name: str) -> tuple[date, int] | None:
+    """(UTC date, sequence number) of an MSGTRK file name, None for anything else."""
+    m = _FILE_RE.match(name)
+    if not m:
+        return None
+    try:
+        day = datetime.strptime(m.group(1), "%Y%m%d").date()
+    except ValueError:
+        return None
+    return day, int(m.group(2))
+
+
+@dataclass(frozen=True)
+class _LogFile:
+    path: Path
+    day: date
+    n: int
+    size: int
+    mtime: float
+
+
+def _list_files(directory: Path) -> list[_LogFile]:
+    """Regular MSGTRK files in `directory`, oldest first by (date, n); never follows symlinks."""
+    found: list[_LogFile] = []
+    try:
+        with os.scandir(directory) as it:
+            for entry in it:
+                parsed = _parse_file_name(entry.name)
+                if parsed is None:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.append(
+                        _LogFile(
+                            Path(entry.path),
+                            parsed[0],
+                            parsed[1],
+                            st.st_size,
+                            st.st_mtime,
+                        )
+                    )
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found.sort(key=lambda f: (f.day, f.n))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Writer
+
+
+class TrackingLog:
+    """Buffers tracking events on the event loop and writes them to rotating MSGTRK files."""
+
+    def __init__(
+        self,
+        settings: TrackingSettings,
+        server_hostname: str,
+        server_ip: str = "127.0.0.1",
+    ) -> None:
+        self.settings = settings
+        self.server_hostname = server_hostname
+        self.server_ip = server_ip
+        # The error of the latest flush (None = healthy), and the events lost for good
+        # (buffer overflow while the disk was failing, or unencodable).
+        self.last_error: Exception | None = None
+        self.dropped = 0
+        self._lock = threading.Lock()  # guards _buffer and dropped (log() vs flush())
+        self._flush_lock = threading.Lock()  # one flush at a time (periodic vs close)
+        self._buffer: collections.deque[_Event] = collections.deque()
+        self._closed = False
+        self._started = False  # first flush prunes, as Exchange does at service start
+        self._error: Exception | None = None  # first error of the flush in progress
+        # The file being appended to: its UTC day (yyyymmdd) and number (0 = none yet).
+        self._day = ""
+        self._n = 0
+
+    # -- event loop side -------------------------------------------------------------------
+
+    def log(
+        self,
+        event_id: str,
+        source: str,
+        *,
+        internal_message_id: str = "",
+        message_id: str = "",
+        recipients: Sequence[str] = (),
+        recipient_status: Sequence[str] = (),
+        total_bytes: int = 0,
+        related_recipient_address: str = "",
+        reference: str = "",
+        subject: str = "",
+        sender: str = "",
+        return_path: str = "",
+        connector_id: str = "",
+        source_context: str = "",
+        client_ip: str = "",
+        client_hostname: str = "",
+        message_info: str = "",
+        directionality: str = "",
+        custom_data: dict[str, Any] | None = None,
+        when: float | None = None,
+    ) -> None:
+        """Record one event in memory; no disk I/O, so it is safe on the event loop."""
+        if event_id not in EVENT_IDS:
+            raise ValueError(f"unknown tracking event id {event_id!r}")
+        if source not in SOURCES:
+            raise ValueError(f"unknown tracking source {source!r}")
+        if not self.settings.enabled or self._closed:
+            return
+        event = (
+            time.time() if when is None else when,
+            client_ip,
+            client_hostname,
+            source_context,
+            connector_id,
+            source,
+            event_id,
+            internal_message_id,
+            message_id,
+            tuple(recipients),  # copies: the caller may mutate its lists afterwards
+            tuple(recipient_status),
+            total_bytes,
+            related_recipient_address,
+            reference,
+            subject if self.settings.subject_logging_enabled else "",
+            sender,
+            return_path,
+            message_info,
+            directionality,
+            dict(custom_data) if custom_data else {},
+        )
+        with self._lock:
+            self._buffer.append(event)
+            if len(self._buffer) > MAX_BUFFERED_EVENTS:
+                self._buffer.popleft()
+                self.dropped += 1
+
+    @property
+    def buffered(self) -> int:
+        """Events waiting for the next flush (for health reporting)."""
+        return len(self._buffer)
+
+    async def run_flusher(self, interval: float = 0.5) -> None:
+        """Flush every `interval` seconds from a worker thread until cancelled, then once more."""
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                await self._flush_in_thread()
+        except asyncio.CancelledError:
+            await self._flush_in_thread()
+            raise
+
+    async def _flush_in_thread(self) -> None:
+        try:
+            await asyncio.to_thread(self.flush)
+        except Exception as exc:  # a bug in flush must not stop tracking for good
+            logger.exception("message tracking flush failed")
+            self.last_error = exc
+
+    # -- worker thread side ----------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write buffered events to disk; on failure keep them buffered and set last_error."""
+        with self._flush_lock:
+            with self._lock:
+                batch = list(self._buffer)
+                self._buffer.clear()
+            self._error = None
+            try:
+                if not self._started:
+                    self.settings.path.mkdir(parents=True, exist_ok=True)
+                    self._prune(current=None)
+                    self._started = True
+                lines = self._serialize(batch)
+                written = self._write(lines)
+                self._requeue([event for event, _, _ in lines[written:]])
+            except OSError as exc:
+                self._note(exc)
+                self._requeue(batch)
+            self._report()
+
+    def close(self) -> None:
+        """Flush what is buffered; later log() calls are ignored."""
+        self._closed = True
+        self.flush()
+
+    def _note(self, exc: Exception) -> None:
+        if self._error is None:
+            self._error = exc
+
+    def _report(self) -> None:
+        """Publish this flush's outcome; warn once when tracking starts failing."""
+        if self._error is not None and self.last_error is None:
+            logger.warning("message tracking log: %s", ascii(str(self._error)))
+        self.last_error = self._error
+
+    def _requeue(self, events: list[_Event]) -> None:
+        """Put unwritten events back in front of newer ones, dropping the oldest beyond the cap."""
+        if not events:
+            return
+        with self._lock:
+            self._buffer.extendleft(reversed(events))
+            excess = len(self._buffer) - MAX_BUFFERED_EVENTS
+            for _ in range(excess):
+                self._buffer.popleft()
+            self.dropped += max(0, excess)
+
+    def _serialize(self, batch: list[_Event]) -> list[tuple[_Event, str, bytes]]:
+        """(event, UTC day, JSON line) per event; an event that cannot be encoded is dropped.
+
+        Dropping (rather than requeueing) keeps one bad event from blocking the buffer forever.
+        """
+        out: list[tuple[_Event, str, bytes]] = []
+        for event in batch:
+            try:
+                out.append(self._encode(event))
+            except (TypeError, ValueError, OverflowError, OSError) as exc:
+                with self._lock:
+                    self.dropped += 1
+                self._note(ValueError(f"unencodable tracking event dropped: {exc}"))
+        return out
+
+    def _encode(self, event: _Event) -> tuple[_Event, str, bytes]:
+        (ts, client_ip, client_hostname, source_context, connector_id, source, event_id,
+         internal_message_id, message_id, recipients, recipient_status, total_bytes,
+         related, reference, subject, sender, return_path, message_info, directionality,
+         custom_data) = event  # fmt: skip
+        stamp = _iso_ms(ts)
+        record = {
+            "date-time": stamp,
+            "client-ip": client_ip,
+            "client-hostname": client_hostname,
+            "server-ip": self.server_ip,
+            "server-hostname": self.server_hostname,
+            "source-context": source_context,
+            "connector-id": connector_id,
+            "source": source,
+            "event-id": event_id,
+            "internal-message-id": internal_message_id,
+            "message-id": message_id,
+            "recipient-address": list(recipients),
+            "recipient-status": list(recipient_status),
+            "total-bytes": total_bytes,
+            "recipient-count": len(recipients),
+            "related-recipient-address": related,
+            "reference": reference,
+            "message-subject": subject,
+            "sender-address": sender,
+            "return-path": return_path,
+            "message-info": message_info,
+            "directionality": directionality,
+            "custom-data": custom_data,
+        }
+        line = _json_line(record)
+        day = stamp[0:4] + stamp[5:7] + stamp[8:10]
+        return event, day, line
+
+    def _write(self, lines: list[tuple[_Event, str, bytes]]) -> int:
+        """Append lines, rolling by day and size; returns how many were written.
+
+        A failure stops the batch (the caller requeues the rest) and is noted for last_error.
+        """
+        written = 0
+        out: _OpenFile | None = None
+        try:
+            for event, day, line in lines:
+                if out is None or day != self._day:
+                    if out is not None:
+                        written += out.commit()
+                        out.close()
+                        out = None
+                    out = self._open_day(day, event[0])
+                while out.full_for(len(line), self.settings.max_file_size):
+                    written += out.commit()
+                    out.close()
+                    out = None
+                    self._n += 1
+                    out = self._open_current(event[0])
+                out.add(line)
+            if out is not None:
+                written += out.commit()
+        except OSError as exc:
+            self._note(exc)
+        finally:
+            if out is not None:
+                out.close()
+        return written
+
+    def _open_day(self, day: str, ts: float) -> _OpenFile:
+        """Open the file for `day`: the current one, else that day's newest, else number 1."""
+        if day != self._day or self._n == 0:
+            numbers = [
+                f.n for f in _list_files(self.settings.path) if f.day.strftime("%Y%m%d") == day
+            ]
+            self._day, self._n = day, max(numbers, default=1)
+        return self._open_current(ts)
+
+    def _open_current(self, ts: float) -> _OpenFile:
+        """Open (creating it with a header, then pruning) the file for self._day/self._n.
+
+        A symlink, FIFO or directory squatting on the name is stepped over to the next
+        number: opening it could block or write elsewhere, and refusing would stop tracking.
+        """
+        while True:
+            path = self.settings.path / _file_name(self._day, self._n)
+            fd = _open_regular_for_append(path)
+            if fd is not None:
+                break
+            self._n += 1
+        st_size = os.fstat(fd).st_size
+        out = _OpenFile(fd, st_size)
+        if st_size == 0:
+            out.add_header(_header(ts))
+            self._prune(current=path)
+        return out
+
+    def _prune(self, current: Path | None) -> None:
+        """Delete the oldest files while over the size limit, and any file past max_age.
+
+        Never deletes `current`. Deletion failures are noted but do not stop logging.
+        """
+        files = _list_files(self.settings.path)
+        total = sum(f.size for f in files)
+        max_age = self.settings.max_age
+        cutoff = time.time() - max_age if max_age > 0 else None
+        for f in files:
+            if current is not None and f.path == current:
+                continue
+            too_big = total > self.settings.max_directory_size
+            too_old = cutoff is not None and f.mtime < cutoff
+            if not (too_big or too_old):
+                continue
+            try:
+                f.path.unlink(missing_ok=True)
+            except OSError as exc:
+                self._note(exc)
+                continue
+            total -= f.size
+
+
+def _open_regular_for_append(path: Path) -> int | None:
+    """An append descriptor for `path`, or None when the name is taken by a non-regular file."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            return None
+        raise
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
+class _OpenFile:
+    """An MSGTRK file open for appending, with the bytes not yet written to it."""
+
+    def __init__(self, fd: int, size_on_disk: int) -> None:
+        self.fd = fd
+        self.on_disk = size_on_disk
+        # > 0 only when we start the file ourselves: it then holds no events yet.
+        self.header_len = 0
+        self.pending = bytearray()
+        self.pending_events = 0
+
+    @property
+    def size(self) -> int:
+        return self.on_disk + len(self.pending)
+
+    def full_for(self, line_len: int, max_size: int) -> bool:
+        """Would `line_len` more bytes exceed max_size? A file with no events takes any line."""
+        return self.size + line_len > max_size and self.size > self.header_len
+
+    def add_header(self, header: bytes) -> None:
+        self.pending += header
+        self.header_len = len(header)
+
+    def add(self, line: bytes) -> None:
+        self.pending += line
+        self.pending_events += 1
+
+    def commit(self) -> int:
+        """Write the pending bytes; returns the events written.
+
+        On error the file is cut back to its previous size, so no half line is left behind.
+        """
+        data = bytes(self.pending)
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(self.fd, data[done:] if done else data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.on_disk)
+            raise
+        count = self.pending_events
+        self.on_disk += len(data)
+        self.pending = bytearray()
+        self.pending_events = 0
+        return count
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Searcher (Get-MessageTrackingLog)
+
+
+def search(
+    path: Path,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    event_id: str | None = None,
+    message_id: str | None = None,
+    internal_message_id: str | None = None,
+    message_subject: str | None = None,
+    recipients: Sequence[str] = (),
+    sender: str | None = None,
+    reference: str | None = None,
+    server: str | None = None,
+    source: str | None = None,
+    result_size: int | None = 1000,
+) -> list[dict[str, Any]]:
+    """Get-MessageTrackingLog: matching events in time order, at most `result_size` of them.
+
+    `end` is exclusive; naive datetimes are taken as UTC. Text filters are case-insensitive
+    except the Message-Ids, which compare exactly (angle brackets optional).
+    """
+    if result_size is not None and result_size <= 0:
+        return []
+    start_utc = _as_utc(start)
+    end_utc = _as_utc(end)
+    match = _Matcher(
+        event_id=event_id,
+        message_id=message_id,
+        internal_message_id=internal_message_id,
+        message_subject=message_subject,
+        recipients=recipients,
+        sender=sender,
+        reference=reference,
+        server=server,
+        source=source,
+    )
+    results: list[dict[str, Any]] = []
+    for day_files in _files_by_day(path, start_utc, end_utc):
+        found: list[tuple[datetime, dict[str, Any]]] = []
+        for f in day_files:
+            for when, event in _read_events(f.path):
+                if start_utc is not None and when < start_utc:
+                    continue
+                if end_utc is not None and when >= end_utc:
+                    continue
+                if match(event):
+                    found.append((when, event))
+        # Within a day the files and lines are in append order; sort (stably) in case a
+        # caller logged with an out-of-order `when`.
+        found.sort(key=lambda item: item[0])
+        results.extend(event for _, event in found)
+        if result_size is not None and len(results) >= result_size:
+            return results[:result_size]
+    return results
+
+
+def _as_utc(moment: datetime | None) -> datetime | None:
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def _files_by_day(
+    path: Path, start: datetime | None, end: datetime | None
+) -> Iterator[list[_LogFile]]:
+    """Files grouped per UTC day, oldest day first, skipping days outside [start, end)."""
+    by_day: dict[date, list[_LogFile]] = {}
+    for f in _list_files(path):
+        day_start = datetime(f.day.year, f.day.month, f.day.day, tzinfo=UTC)
+        if start is not None and day_start + timedelta(days=1) <= start:
+            continue
+        if end is not None and day_start >= end:
+            continue
+        by_day.setdefault(f.day, []).append(f)
+    for day in sorted(by_day):
+        yield by_day[day]
+
+
+def _read_events(path: Path) -> Iterator[tuple[datetime, dict[str, Any]]]:
+    """(time, event) for each well-formed line; headers and malformed lines are skipped."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    with open(fd, "rb") as fh:
+        try:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return  # a FIFO or device named like a log file: never block on it
+            for raw in _bounded_lines(fh):
+                if raw.startswith(b"#") or not raw.strip():
+                    continue
+                parsed = _parse_line(raw)
+                if parsed is not None:
+                    yield parsed
+        except OSError:
+            return  # an unreadable file is skipped like a malformed line
+
+
+def _bounded_lines(fh: Any) -> Iterator[bytes]:
+    """Lines of a binary file; over-long lines are skipped whole instead of filling memory."""
+    while True:
+        raw = fh.readline(MAX_LINE_BYTES)
+        if not raw:
+            return
+        if len(raw) == MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while True:  # discard the rest of the monster line
+                rest = fh.readline(MAX_LINE_BYTES)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            continue
+        yield raw
+
+
+def _parse_line(raw: bytes) -> tuple[datetime, dict[str, Any]] | None:
+    try:
+        event = json.loads(raw.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    stamp = event.get("date-time")
+    if not isinstance(stamp, str):
+        return None
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when, event
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _msgid(value: Any) -> str:
+    """A Message-Id without surrounding whitespace and angle brackets."""
+    text = _text(value).strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1].strip()
+    return text
+
+
+class _Matcher:
+    """The non-time filters of Get-MessageTrackingLog, prepared once per search."""
+
+    def __init__(
+        self,
+        *,
+        event_id: str | None,
+        message_id: str | None,
+        internal_message_id: str | None,
+        message_subject: str | None,
+        recipients: Sequence[str],
+        sender: str | None,
+        reference: str | None,
+        server: str | None,
+        source: str | None,
+    ) -> None:
+        self.event_id = event_id.casefold() if event_id else None
+        self.message_id = _msgid(message_id) if message_id else None
+        self.internal = str(internal_message_id) if internal_message_id else None
+        self.subject = message_subject.casefold() if message_subject else None
+        self.recipients = frozenset(r.casefold() for r in recipients)
+        self.sender = sender.casefold() if sender else None
+        self.reference = _msgid(reference) if reference else None
+        self.server = server.casefold() if server else None
+        self.source = source.casefold() if source else None
+
+    def __call__(self, ev: dict[str, Any]) -> bool:
+        return (
+            self._eq("event-id", self.event_id, ev)
+            and self._eq("source", self.source, ev)
+            and self._eq("sender-address", self.sender, ev)
+            and (self.message_id is None or _msgid(ev.get("message-id")) == self.message_id)
+            and (self.reference is None or _msgid(ev.get("reference")) == self.reference)
+            and (self.internal is None or _str_id(ev.get("internal-message-id")) == self.internal)
+            and self._subject_ok(ev)
+            and self._server_ok(ev)
+            and self._recipients_ok(ev)
+        )
+
+    def _subject_ok(self, ev: dict[str, Any]) -> bool:
+        if self.subject is None:
+            return True
+        return self.subject in _text(ev.get("message-subject")).casefold()
+
+    @staticmethod
+    def _eq(key: str, wanted: str | None, ev: dict[str, Any]) -> bool:
+        return wanted is None or _text(ev.get(key)).casefold() == wanted
+
+    def _server_ok(self, ev: dict[str, Any]) -> bool:
+        if self.server is None:
+            return True
+        names = (_text(ev.get("server-hostname")), _text(ev.get("server-ip")))
+        return any(n.casefold() == self.server for n in names)
+
+    def _recipients_ok(self, ev: dict[str, Any]) -> bool:
+        if not self.recipients:
+            return True
+        listed = ev.get("recipient-address")
+        if not isinstance(listed, list):
+            return False
+        return any(isinstance(r, str) and r.casefold() in self.recipients for r in listed)
+
+
+def _str_id(value: Any) -> str:
+    """Internal message ids are written as given (str or int); compare them as text."""
+    if isinstance(value, bool):
+        return ""
+    if isinstance(value, str | int):
+        return str(value)
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# CLI output (Format-Table / Format-List / JSON)
+
+# Exchange's property names for the fields, as Format-List shows them.
+_PROPERTY_NAMES: tuple[tuple[str, str], ...] = (
+    ("Timestamp", "date-time"), ("ClientIp", "client-ip"),
+    ("ClientHostname", "client-hostname"), ("ServerIp", "server-ip"),
+    ("ServerHostname", "server-hostname"), ("SourceContext", "source-context"),
+    ("ConnectorId", "connector-id"), ("Source", "source"), ("EventId", "event-id"),
+    ("InternalMessageId", "internal-message-id"), ("MessageId", "message-id"),
+    ("Recipients", "recipient-address"), ("RecipientStatus", "recipient-status"),
+    ("TotalBytes", "total-bytes"), ("RecipientCount", "recipient-count"),
+    ("RelatedRecipientAddress", "related-recipient-address"), ("Reference", "reference"),
+    ("MessageSubject", "message-subject"), ("Sender", "sender-address"),
+    ("ReturnPath", "return-path"), ("MessageInfo", "message-info"),
+    ("Directionality", "directionality"), ("CustomData", "custom-data"),
+)  # fmt: skip
+
+_TABLE_COLUMNS = (
+    "Timestamp",
+    "EventId",
+    "Source",
+    "Sender",
+    "Recipients",
+    "MessageSubject",
+)
+_TABLE_CELL_MAX = 40
+_FIELD_OF = dict(_PROPERTY_NAMES)
+
+
+def format_events(events: list[dict[str, Any]], fmt: str = "table") -> str:
+    """Render search() results for a terminal: 'table', 'list' or 'json' (one per line)."""
+    if fmt == "json":
+        return "".join(_dumps(ev) + "\n" for ev in events)
+    if fmt == "list":
+        return "\n".join(_format_list_entry(ev) for ev in events)
+    if fmt == "table":
+        return _format_table(events)
+    raise ValueError(f"unknown format {fmt!r}: use table, list or json")
+
+
+def _display(value: Any) -> str:
+    """One terminal-safe line: arrays as PowerShell's {a, b}, control characters escaped.
+
+    Subjects and addresses come from the network; raw ESC or newline bytes in them must not
+    drive the terminal or break the layout.
+    """
+    if isinstance(value, list):
+        text = "{" + ", ".join(_display(v) for v in value) + "}"
+    elif isinstance(value, dict):
+        text = _dumps(value) if value else ""
+    elif value is None:
+        text = ""
+    else:
+        text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _format_list_entry(ev: dict[str, Any]) -> str:
+    width = max(len(name) for name, _ in _PROPERTY_NAMES)
+    rows = [f"{name.ljust(width)} : {_display(ev.get(key))}" for name, key in _PROPERTY_NAMES]
+    return "\n".join(rows) + "\n"
+
+
+def _format_table(events: list[dict[str, Any]]) -> str:
+    rows = [[_cell(_display(ev.get(_FIELD_OF[col]))) for col in _TABLE_COLUMNS] for ev in events]
+    widths = [len(col) for col in _TABLE_COLUMNS]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [
+        _table_line(list(_TABLE_COLUMNS), widths),
+        _table_line(["-" * len(col) for col in _TABLE_COLUMNS], widths),
+    ]
+    lines.extend(_table_line(row, widths) for row in rows)
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    if len(text) <= _TABLE_CELL_MAX:
+        return text
+    return text[: _TABLE_CELL_MAX - 3] + "..."
+
+
+def _table_line(cells: list[str], widths: list[int]) -> str:
+    return " ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()

@@ -1,0 +1,1 @@
+"""Connector types, one module each, plugged into the core through hubport's hooks."""
