@@ -88,7 +88,8 @@ def prepare_state(state: Path) -> Paths:
 
 class Daemon:
     def __init__(self, config: Path | None = None, server: str | None = None,
-                 *, extra_plugins: tuple[str, ...] = ()) -> None:
+                 *, extra_plugins: tuple[str, ...] = (), signals: bool = True) -> None:
+        self.signals = signals
         self.config_path = config.resolve() if config else None
         self.server_arg = server
         self.hooks = Hooks(extra_plugins)
@@ -118,7 +119,8 @@ class Daemon:
         try:
             recovery = await self.pipeline.start()
             await self._start_folders()
-            self._install_signals()
+            if self.signals:
+                self._install_signals()
             self._watch_config()
             log.info("hubport running", server=self.server_name,
                      config=str(self.config_path or "<embedded default>"),
@@ -247,8 +249,8 @@ def _tracking_settings(server: Any) -> TrackingSettings:
     return TrackingSettings(
         enabled=server.message_tracking_log_enabled,
         path=server.message_tracking_log_path,
-        max_age=server.message_tracking_log_max_age,
-        max_directory_size=server.message_tracking_log_max_directory_size,
+        max_age=server.message_tracking_log_max_age or 0,
+        max_directory_size=server.message_tracking_log_max_directory_size or (1 << 62),
         max_file_size=server.message_tracking_log_max_file_size,
         subject_logging_enabled=server.message_tracking_log_subject_logging_enabled,
     )

@@ -113,6 +113,7 @@ class Pipeline:
         self._categorizer_wake = asyncio.Event()
         self._dispatch_wake = asyncio.Event()
         self._stopping = False
+        self._stopped = asyncio.Event()
         self._in_flight: set[int] = set()
         self.apply_config(org)
 
@@ -170,6 +171,7 @@ class Pipeline:
     async def stop(self, timeout: float = 10.0) -> None:
         """Finish the batches in progress (up to ``timeout``), then stop every task."""
         self._stopping = True
+        self._stopped.set()
         self._categorizer_wake.set()
         self._dispatch_wake.set()
         for event in self._queue_wake.values():
@@ -537,7 +539,10 @@ class Pipeline:
                 self._categorizer_wake.set()  # picks up Submission items whose retry came due
             except Exception:
                 log.exception("sweeper failed")
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(self._stopped.wait(), interval)
+            except TimeoutError:
+                pass
 
     def _sweep(self, conn: sqlite3.Connection) -> list[Event]:
         now = self.clock()
