@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.api import DeliveryContext
-from core.durable import fsync_dir, sync_many, write_new_file
+from core.durable import fsync_dir, rename_noreplace, sync_many, write_new_file
+from core.failpoints import failpoint
 from core.model import SmtpResponse
 
 
@@ -64,7 +65,9 @@ async def commit_files(plans: Sequence[FilePlan], context: DeliveryContext, what
         except Exception:
             await asyncio.to_thread(_remove_temps, [p for p in plans if p.data is not None])
             raise
+        failpoint("after_intent_before_rename")
     await asyncio.to_thread(_publish, plans, what)
+    failpoint("after_rename_before_delivered")
 
 
 def _write_and_sync(plans: Sequence[FilePlan], what: str) -> None:
@@ -74,8 +77,12 @@ def _write_and_sync(plans: Sequence[FilePlan], what: str) -> None:
             if plan.data is None:
                 continue
             try:
-                _unlink_quietly(plan.temp)
-                fds.append((plan, write_new_file(plan.temp, plan.data)))
+                try:
+                    fd = write_new_file(plan.temp, plan.data)
+                except FileExistsError:  # a stale temp from before a crash: never published
+                    _unlink_quietly(plan.temp)
+                    fd = write_new_file(plan.temp, plan.data)
+                fds.append((plan, fd))
             except OSError as exc:
                 plan.error = response_for(exc, what)
         try:
@@ -96,8 +103,12 @@ def _publish(plans: Sequence[FilePlan], what: str) -> None:
         if plan.error is not None:
             continue
         try:
-            os.rename(plan.temp, plan.final)
+            rename_noreplace(plan.temp, plan.final)
             folders.add(plan.final.parent)
+        except FileExistsError:
+            # never replace a file the consumer has not taken: a name collision is a bug
+            plan.error = SmtpResponse(451, "4.3.0", f"{what}: {plan.final.name} already exists")
+            plan.void_intent = True
         except FileNotFoundError:
             if plan.data is not None:  # we wrote it moments ago: someone removed our temp
                 plan.error = SmtpResponse(451, "4.3.0", f"{what}: temporary file vanished")

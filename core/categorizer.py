@@ -11,7 +11,7 @@ The categorizer computes decisions only; the pipeline commits them in one transa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from core.model import (
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 RECIPIENT_NOT_FOUND = SmtpResponse(550, "5.1.1", "RESOLVER.ADR.RecipNotFound; not found")
 RECIPIENT_LIMIT = SmtpResponse(550, "5.5.3", "RESOLVER.ADR.RecipLimit; too many recipients")
+REDIRECT_LOOP = SmtpResponse(550, "5.4.6", "RESOLVER.FWD.Loop; recipient redirection loop")
 
 
 # -- results a `categorize` hook implementation may return -------------------------------
@@ -121,7 +122,10 @@ class Categorizer:
         result = Categorized(message)
         pending = [r for r in message.recipients if r.status.value == "Submitted"]
         limit = self.org.transport_config.max_recipient_envelope_limit
-        if limit is not None and len(message.recipients) > limit:
+        # the limit is on the envelope: checked on the first pass only, when every row is an
+        # envelope recipient (a resubmission also holds rows that group expansion added)
+        first_pass = len(pending) == len(message.recipients)
+        if limit is not None and first_pass and len(pending) > limit:
             for r in pending:
                 result.decisions.append(Decision(FAIL, r.address, r, response=RECIPIENT_LIMIT,
                                                  source="RESOLVER"))
@@ -142,8 +146,12 @@ class Categorizer:
             kw.setdefault("event", event)
             result.decisions.append(Decision(kind, addr, row, envelope, orcpt=orcpt, **kw))  # type: ignore[arg-type]
 
-        probe = row if row is not None else QueuedRecipient(
-            0, message.id, address, RecipientStatus.SUBMITTED)
+        # the hook must see the address being resolved now (a redirect or contact target),
+        # else a hook redirecting by address is asked about the old one again, forever
+        if row is None:
+            probe = QueuedRecipient(0, message.id, address, RecipientStatus.SUBMITTED)
+        else:
+            probe = row if row.address == address else replace(row, address=address)
         override = await self.hooks.call_first(
             "categorize", message=message, recipient=probe, organization=self.org)
         if isinstance(override, Reject):
@@ -151,10 +159,17 @@ class Categorizer:
         if isinstance(override, RouteTo):
             return decide(ROUTE, address, next_hop=override.next_hop)
         if isinstance(override, Redirect):
+            chain = groups | {"redirect:" + address.lower()}
+            if "redirect:" + override.address.lower() in chain:  # hooks redirecting in a ring
+                return decide(FAIL, address, response=REDIRECT_LOOP, source="RESOLVER")
             return await self._resolve(message, row, override.address, orcpt or _orcpt(address),
-                                       notify, result, seen, groups, address, "REDIRECT")
+                                       notify, result, seen, chain, address, "REDIRECT")
         if isinstance(override, Expand):
             decide(EXPANDED, address, event="EXPAND")
+            key = "expand:" + address.lower()
+            if key in groups:  # an expansion that contains itself: expand it once
+                return None
+            groups = groups | {key}
             for member in override.addresses:
                 await self._resolve(message, None, member, None, _member_notify(notify),
                                     result, seen, groups, address, "EXPAND")
@@ -223,13 +238,21 @@ class Categorizer:
         if box_server.lower() == self.server.name.lower():
             hop = mailbox_next_hop(self.server.name)
         else:
-            hop = NextHop("SmtpRelayWithinAdSite", box_server, "")
+            hop = NextHop(self._relay_type(box_server), box_server, "")
         result.decisions.append(Decision(
             ROUTE, primary, row,
             None if row is not None else EnvelopeRecipient(primary, notify, new_orcpt),
             next_hop=hop, orcpt=new_orcpt,
             related=address if rewritten else related,
             event="RESOLVE" if rewritten else event))
+
+    def _relay_type(self, server_name: str) -> str:
+        """2010's queue to another hub: within the local AD site, or to a remote site."""
+        try:
+            site = self.org.server(server_name).site
+        except KeyError:
+            site = self.server.site
+        return "SmtpRelayWithinAdSite" if site == self.server.site else "SmtpRelayToRemoteAdSite"
 
     async def _route(self, message: QueuedMessage, recipient: QueuedRecipient, addr_type: str,
                      address: str) -> RouteDecision:

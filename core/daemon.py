@@ -258,6 +258,9 @@ def _tracking_settings(server: Any) -> TrackingSettings:
 
 def run(config: Path | None, server: str | None) -> int:
     """Entry point of ``hubport run``."""
+    import sys
+    if os.environ.get("HUBPORT_SWITCH"):
+        sys.setswitchinterval(float(os.environ["HUBPORT_SWITCH"]))
     try:
         daemon = Daemon(config, server)
     except StartupError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -48,6 +49,31 @@ def sync_many(fds: Iterable[int]) -> None:
         if _syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_renameat2 = getattr(_libc, "renameat2", None) if _libc is not None else None
+
+
+def rename_noreplace(src: Path | str, dst: Path | str) -> None:
+    """Rename ``src`` to ``dst`` atomically, failing with EEXIST if ``dst`` exists.
+
+    A published file must never replace another one a consumer has not taken yet. Linux's
+    ``renameat2(RENAME_NOREPLACE)`` does that atomically; where it is missing (or the
+    filesystem refuses it) the fallback checks first, which is safe while names are unique.
+    """
+    if _renameat2 is not None:
+        rc = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+                        _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), os.fspath(src), None, os.fspath(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(dst))
+    os.rename(src, dst)
 
 
 def write_new_file(path: Path, data: bytes, mode: int = 0o644) -> int:

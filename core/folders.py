@@ -22,6 +22,7 @@ import fcntl
 import itertools
 import os
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,7 +34,9 @@ import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from core import queue as q
 from core.addresses import AddressError, normalize_address
+from core.failpoints import failpoint
 from core.folder_formats import ContentRejected, parse_pickup, parse_replay
 from core.headers import (
     MessageFormatError,
@@ -56,6 +59,7 @@ EML = b".eml"
 MAX_FILE_SIZE = 2 * 1024 * 1024 * 1024  # Exchange's 2 GB ceiling; the org limit is checked too
 BATCH = 500
 BACKOFF_AFTER_STORE_ERROR = 5.0
+MAX_BAD_STEM = 200  # + datetime, counter, ".bad.reason.tmp" and a dot stays under 255 bytes
 _claims = itertools.count()
 
 
@@ -86,9 +90,13 @@ class PickupDirectory:
         self.pipeline = pipeline
         self._wake = asyncio.Event()
         self._announced: set[bytes] = set()
+        self._hints: list[tuple[bytes, bool]] = []
+        self._hints_lock = threading.Lock()
+        self._hint_pending = False
         self._observer: Observer | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._finishing: asyncio.Task[None] | None = None
         self._next_scan = 0.0
         self._rate: deque[float] = deque()
         self._warned: dict[bytes, float] = {}
@@ -128,6 +136,7 @@ class PickupDirectory:
             await asyncio.to_thread(observer.join, 5)
         if self._task is not None:
             await self._task
+        await self._finished()
 
     def _start_observer(self) -> None:
         loop = asyncio.get_running_loop()
@@ -138,10 +147,22 @@ class PickupDirectory:
         observer.start()
         self._observer = observer
 
-    def _on_event(self, name: bytes, ready: bool) -> None:
-        if ready:
-            self._announced.add(name)
+    def _on_events(self) -> None:
+        """Take the names the observer thread collected (one loop wake-up per burst)."""
+        with self._hints_lock:
+            hints, self._hints = self._hints, []
+            self._hint_pending = False
+        self._announced.update(name for name, ready in hints if ready)
         self._wake.set()
+
+    def _hint(self, loop: asyncio.AbstractEventLoop, name: bytes, ready: bool) -> None:
+        """Called in the observer thread for every event of an ``*.eml`` name."""
+        with self._hints_lock:
+            self._hints.append((name, ready))
+            if self._hint_pending:
+                return
+            self._hint_pending = True
+        loop.call_soon_threadsafe(self._on_events)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -161,11 +182,11 @@ class PickupDirectory:
             except StoreError as exc:
                 log.error("queue cannot commit; files stay in the folder", folder=self.kind,
                           error=str(exc))
-                await self._sleep(BACKOFF_AFTER_STORE_ERROR)
+                await self._backoff(BACKOFF_AFTER_STORE_ERROR)
                 continue
             except Exception:
                 log.exception("folder pass failed", folder=self.kind)
-                await self._sleep(1.0)
+                await self._backoff(1.0)
                 continue
             if worked:
                 continue
@@ -178,6 +199,13 @@ class PickupDirectory:
         except TimeoutError:
             pass
         self._wake.clear()
+
+    async def _backoff(self, seconds: float) -> None:
+        """Wait out a failure; only ``stop`` cuts it short. A returned file announces
+        itself at once, and waking on that would retry a full disk in a hot loop."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping and (left := deadline - time.monotonic()) > 0:
+            await self._sleep(left)
 
     def _throttle_wait(self) -> float:
         limit = self._per_minute()
@@ -263,6 +291,9 @@ class PickupDirectory:
             if exc.errno == errno.ELOOP:
                 self._quarantine_in_place(dirfd, name, "symlink: never followed, target untouched")
                 return None
+            if not _is_regular(dirfd, name):  # a socket cannot be opened (ENXIO)
+                self._quarantine_in_place(dirfd, name, "not a regular file")
+                return None
             self._warn_unreadable(name, exc)
             return None
         try:
@@ -341,6 +372,7 @@ class PickupDirectory:
         await asyncio.to_thread(self._parse_all, claimed)
         now = time.monotonic()
         self._rate.extend([now] * len(claimed))
+        failpoint("after_claim_before_commit")
         results = await asyncio.gather(*(self._submit(c) for c in claimed),
                                        return_exceptions=True)
         done: list[Claimed] = []
@@ -356,17 +388,17 @@ class PickupDirectory:
                 back.append(c)
                 if isinstance(outcome, BaseException):
                     store_error = outcome
-        await asyncio.to_thread(self._finish, done, back, bad)
         if done:
-            self.ingested += len(done)
-            await self.pipeline.store.write(
-                lambda conn: conn.executemany("DELETE FROM claim WHERE name=?",
-                                              [(c.key,) for c in done]))
-        if store_error is not None:
-            if isinstance(store_error, StoreError):
-                raise store_error
-            log.error("submitting a folder file failed; it stays in the folder",
-                      folder=self.kind, error=repr(store_error))
+            failpoint("after_commit_before_unlink")
+        # the unlinks (slow in a churned folder) overlap the next batch's claim and commit;
+        # at most one batch is finishing at a time
+        await self._finished()
+        self._finishing = asyncio.get_running_loop().create_task(
+            self._finish_batch(done, back, bad))
+        if back:
+            await self._finished()
+        if store_error is not None:  # the caller backs off before the next try
+            raise store_error
 
     async def _submit(self, c: Claimed) -> bool | str:
         """True when committed (file may go); a string is the reason it is bad."""
@@ -400,6 +432,20 @@ class PickupDirectory:
         return Submission(envelope=envelope, data=data, source=self.source,
                           source_name=self.kind, message_id=message_id, subject=subject,
                           client_ip="127.0.0.1", client_hostname="localhost", claim=c.key)
+
+    async def _finish_batch(self, done: list[Claimed], back: list[Claimed],
+                            bad: list[tuple[Claimed, str]]) -> None:
+        await asyncio.to_thread(self._finish, done, back, bad)
+        if done:
+            self.ingested += len(done)
+            keys = [c.key for c in done]
+            await self.pipeline.store.write(lambda conn: q.forget_claims(conn, keys))
+
+    async def _finished(self) -> None:
+        """Wait for the batch still being finished (its files removed or returned)."""
+        task, self._finishing = self._finishing, None
+        if task is not None:
+            await task
 
     def _finish(self, done: list[Claimed], back: list[Claimed],
                 bad: list[tuple[Claimed, str]]) -> None:
@@ -444,8 +490,6 @@ class PickupDirectory:
         mine = [(key, name) for key, name in entries if key.startswith(self.key_prefix)]
         keys = [k for k, _ in mine]
         store = self.pipeline.store
-        from core import queue as q
-
         known = await store.read(lambda c: q.claims_known(c, keys))
         committed = [name for key, name in mine if key in known]
         again = [(key, name) for key, name in mine if key not in known]
@@ -507,8 +551,7 @@ class _Handler(FileSystemEventHandler):
             parent, _, name = raw.rpartition(b"/")
             if parent != self.root or not name.lower().endswith(EML):
                 return
-            ready = kind in ("moved", "closed")
-            self.loop.call_soon_threadsafe(self.folder._on_event, name, ready)
+            self.folder._hint(self.loop, name, kind in ("moved", "closed"))
         except Exception:  # a dead observer thread loses events: never let one escape
             pass
 
@@ -567,13 +610,17 @@ def _stem(name: bytes) -> bytes:
 
 
 def _bad_name(dirfd: int, name: bytes) -> bytes:
-    """``x.eml`` → ``x.bad``; ``x<datetime>.bad`` when that exists (Exchange's rule)."""
-    candidate = _stem(name) + b".bad"
+    """``x.eml`` → ``x.bad``; ``x<datetime>.bad`` when that exists (Exchange's rule).
+
+    A long stem is cut so that the reason file and its temp (``.<bad>.reason.tmp``) still
+    fit in 255 bytes; else a long-named bad file could never be moved aside."""
+    stem = _stem(name)[:MAX_BAD_STEM]
+    candidate = stem + b".bad"
     if not _exists(dirfd, candidate):
         return candidate
     stamp = time.strftime("%Y%m%d%H%M%S").encode()
     for n in itertools.count():
-        candidate = _stem(name) + stamp + (b"-%d" % n if n else b"") + b".bad"
+        candidate = stem + stamp + (b"-%d" % n if n else b"") + b".bad"
         if not _exists(dirfd, candidate):
             return candidate
     raise AssertionError("unreachable")
@@ -587,6 +634,14 @@ def _free_name(dirfd: int, name: bytes) -> bytes:
         if not _exists(dirfd, candidate):
             return candidate
     raise AssertionError("unreachable")
+
+
+def _is_regular(dirfd: int, name: bytes) -> bool:
+    """True unless the entry exists and is not a regular file (links are not followed)."""
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return True
 
 
 def _exists(dirfd: int, name: bytes) -> bool:

@@ -9,6 +9,7 @@ folding, 8-bit bytes) reaches the output unchanged. Parsing the whole message wi
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -270,7 +271,13 @@ def make_field(name: str, value: str) -> bytes:
 def format_date(when: float | None = None) -> str:
     """An RFC 5322 date in local time (what MTAs write in Received and Date)."""
     moment = time.time() if when is None else when
-    return format_datetime(datetime.fromtimestamp(moment).astimezone())
+    return _format_second(int(moment))
+
+
+@functools.lru_cache(maxsize=4)
+def _format_second(second: int) -> str:
+    """Dates have one-second resolution: a burst of messages formats each second once."""
+    return format_datetime(datetime.fromtimestamp(second).astimezone())
 
 
 def make_received(

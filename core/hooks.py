@@ -90,21 +90,33 @@ class Hooks:
         self.pm.register(obj, name=name or module)
 
     def register(self, plugin: object, name: str | None = None) -> None:
-        """Register a plugin object (tests and embedding applications)."""
+        """Register a plugin object (tests and embedding applications).
+
+        Its connector types and delivery agents join the registries at once; a connector
+        section it adds is read at the next configuration load.
+        """
         self.pm.register(plugin, name=name)
         self.pm.check_pending()
+        caller = self.pm.subset_hook_caller
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        caller("register_connector_types", others)(register=self.registry.add_connector_type)
+        caller("register_delivery_agents", others)(register=self.registry.add_delivery_agent)
 
     async def call_first(self, hook_name: str, **kwargs: Any) -> Any:
         """Call a hook; the first implementation returning non-None decides."""
         results = getattr(self.pm.hook, hook_name)(**kwargs)
         chosen = None
-        for index, result in enumerate(results):
-            if inspect.isawaitable(result):
-                result = await result
-            if result is not None:
-                chosen = result
-                _close_rest(results[index + 1 :])
-                break
+        called = 0
+        try:
+            for result in results:
+                called += 1
+                if inspect.isawaitable(result):
+                    result = await result
+                if result is not None:
+                    chosen = result
+                    break
+        finally:  # the implementations after the deciding (or raising) one never run
+            _close_rest(results[called:])
         if self.trace:
             log.info("hook", hook=hook_name, args=_short(kwargs), result=_short(chosen))
         return chosen
@@ -119,6 +131,13 @@ class Hooks:
         if self.trace:
             log.info("hook", hook=hook_name, args=_short(kwargs), result=_short(out))
         return out
+
+    async def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call an event hook; an exception is logged, never raised (the work is committed)."""
+        try:
+            await self.call_all(hook_name, **kwargs)
+        except Exception:
+            log.exception("event hook raised; ignored", hook=hook_name)
 
     def describe(self) -> list[dict[str, Any]]:
         """Plugins, their versions and hooks, and each hook's call order (``hubport plugins``)."""

@@ -96,7 +96,7 @@ class Event:
 
 class Pipeline:
     CATEGORIZE_BATCH = 200
-    DELIVERY_BATCH = 100
+    DELIVERY_BATCH = 250
 
     def __init__(self, org: Organization, server_name: str, hooks: Hooks, store: Store,
                  tracking: TrackingLog, *, clock: Callable[[], float] = time.time) -> None:
@@ -210,7 +210,7 @@ class Pipeline:
         self._track("RECEIVE", sub.source, message, [r.address for r in sub.envelope.recipients],
                     [], connector=sub.source_name, reference=sub.reference or "")
         self._categorizer_wake.set()
-        await self.hooks.call_all("on_submitted", message=message)
+        await self.hooks.notify("on_submitted", message=message)
         return msg_id
 
     async def bounce(self, sub: Submission, response: SmtpResponse) -> None:
@@ -258,7 +258,7 @@ class Pipeline:
             try:
                 result = await self.categorizer.categorize(message)
                 for event in ("on_resolved", "on_routed"):
-                    await self.hooks.call_all(event, message=message, recipients=result.decisions)
+                    await self.hooks.notify(event, message=message, recipients=result.decisions)
                 results.append(result)
             except Exception:
                 log.exception("categorizer failed; the message stays in Submission",
@@ -278,8 +278,8 @@ class Pipeline:
             events, queue_ids = outcome
             touched.update(queue_ids)
             self._emit(events)
-            await self.hooks.call_all("on_categorized", message=result.message,
-                                      recipients=result.decisions)
+            await self.hooks.notify("on_categorized", message=result.message,
+                                    recipients=result.decisions)
         leftover = [i for i in ids if i in self._in_flight]
         if leftover:
             await self._release(leftover)

@@ -33,7 +33,10 @@ S = RecipientStatus
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS message (
-    id INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: an id is never reused after its message is removed, because drop
+    -- and Maildir file names are made from these ids (a reused id would overwrite a file
+    -- the gateway or the mail reader has not taken yet)
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id TEXT NOT NULL DEFAULT '',
     sender TEXT NOT NULL,
     body TEXT, ret TEXT, envid TEXT, auth TEXT, smtputf8 INTEGER NOT NULL DEFAULT 0,
@@ -53,7 +56,7 @@ CREATE TABLE IF NOT EXISTS message (
 );
 CREATE INDEX IF NOT EXISTS message_state ON message(state, suspended);
 CREATE TABLE IF NOT EXISTS recipient (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     message INTEGER NOT NULL REFERENCES message(id) ON DELETE CASCADE,
     address TEXT NOT NULL,
     notify TEXT NOT NULL DEFAULT '',
@@ -71,7 +74,7 @@ CREATE INDEX IF NOT EXISTS recipient_work ON recipient(queue, status, next_retry
 CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message);
 CREATE INDEX IF NOT EXISTS recipient_status ON recipient(status);
 CREATE TABLE IF NOT EXISTS delivery_queue (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     delivery_type TEXT NOT NULL, domain TEXT NOT NULL, connector TEXT NOT NULL,
     suspended INTEGER NOT NULL DEFAULT 0,
     last_error TEXT, next_retry REAL,
@@ -437,7 +440,10 @@ def queue_summary(conn: sqlite3.Connection, now: float | None = None) -> list[di
         "SELECT q.id, q.delivery_type, q.domain, q.connector, q.suspended, q.last_error,"
         " COUNT(DISTINCT r.message) AS n, MIN(r.next_retry) AS nr,"
         " SUM(r.status='Retry') AS retrying FROM delivery_queue q LEFT JOIN recipient r"
-        " ON r.queue=q.id AND r.status IN ('Ready','Retry') GROUP BY q.id ORDER BY q.id"):
+        " ON r.queue=q.id AND r.status IN ('Ready','Retry')"
+        # a poisoned message shows in Poison only, not also in the queue it was taken from
+        " AND r.message NOT IN (SELECT id FROM message WHERE state='poison')"
+        " GROUP BY q.id ORDER BY q.id"):
         status = ("Suspended" if row["suspended"] else
                   "Retry" if row["retrying"] and row["nr"] and row["nr"] > now else "Ready")
         out.append({"queue": str(row["id"]), "delivery_type": row["delivery_type"],
@@ -445,7 +451,8 @@ def queue_summary(conn: sqlite3.Connection, now: float | None = None) -> list[di
                     "message_count": row["n"], "next_retry": row["nr"],
                     "last_error": row["last_error"]})
     unreachable = conn.execute(
-        "SELECT COUNT(DISTINCT message) FROM recipient WHERE status='Unreachable'").fetchone()[0]
+        "SELECT COUNT(DISTINCT message) FROM recipient WHERE status='Unreachable'"
+        " AND message NOT IN (SELECT id FROM message WHERE state='poison')").fetchone()[0]
     out.append({"queue": "Unreachable", "delivery_type": "Unreachable", "next_hop": "Unreachable",
                 "status": "Suspended" if _flag(conn, "Unreachable") else "Ready",
                 "message_count": unreachable, "next_retry": None, "last_error": None})

@@ -86,6 +86,8 @@ class RoutingTable:
                 continue
             score, space = best
             site_cost, proximity, via = self._distance(connector)
+            if not via:  # no site link reaches any source server: it cannot serve us
+                continue
             if proximity == 0:
                 hop = NextHop(connector.delivery_type, connector.next_hop_domain(space),
                               connector.name)

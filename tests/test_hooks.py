@@ -1,0 +1,377 @@
+"""The plugin system: discovery, ``hubport plugins``, validation, async hooks and tracing."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import types
+import warnings
+from collections.abc import Callable
+from email import message_from_bytes
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pluggy
+import pytest
+
+from core import hookimpl
+from core.config_fields import ConfigContext, FieldReader
+from core.connectors import Connector
+from core.hooks import Hooks, PluginError
+from core.model import (
+    Envelope,
+    EnvelopeRecipient,
+    MailFrom,
+    NextHop,
+    SmtpResponse,
+    Submission,
+)
+from tests.support import drop_in, event_ids, maildir, message, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILTINS = ["foreign", "mailbox", "builtin-agents"]
+
+
+def hubport(*args: str, cwd: Path, env: dict[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def plugin_module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: Any) -> str:
+    """A plugin module that exists only in ``sys.modules`` for this test."""
+    module = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    monkeypatch.setitem(sys.modules, name, module)
+    return name
+
+
+# -- hubport plugins --------------------------------------------------------------------------
+
+
+def test_plugins_command_lists_builtins_hooks_and_call_order(tmp_path: Path) -> None:
+    done = hubport("-m", "core.cli", "plugins", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    listed = [line.split()[0] for line in lines[1:] if line.startswith("  ")
+              and not line.strip().startswith("hooks:")]
+    assert listed[:3] == BUILTINS  # discovery order
+    text = done.stdout
+    assert "plugins.foreign" in text and "plugins.mailbox" in text and "agents.builtin" in text
+    assert "hooks: deliver, register_connector_types" in text
+    assert "hooks: register_delivery_agents" in text
+    order = {line.split()[0]: line.split(None, 1)[1] for line in
+             text.split("Hook call order")[1].splitlines()[1:] if line.startswith("  ")}
+    assert order["deliver"] == "mailbox -> foreign"  # last registered is called first
+    assert order["register_connector_types"] == "foreign"
+    assert "Connector types: foreign_connector" in text
+    assert "Delivery agents: DROP, MAILDIR" in text
+    assert not list(tmp_path.iterdir())  # listing plugins touches no folders
+
+
+def test_plugins_command_json(tmp_path: Path) -> None:
+    done = hubport("-m", "core.cli", "plugins", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    plugins = {p["name"]: p for p in data["plugins"]}
+    assert [p["name"] for p in data["plugins"]][:3] == BUILTINS
+    assert plugins["foreign"] == {"name": "foreign", "module": "plugins.foreign",
+                                  "version": "built-in",
+                                  "hooks": ["deliver", "register_connector_types"]}
+    assert plugins["mailbox"]["hooks"] == ["deliver"]
+    assert plugins["builtin-agents"]["hooks"] == ["register_delivery_agents"]
+    assert data["call_order"]["deliver"] == ["mailbox", "foreign"]
+    assert data["call_order"]["register_delivery_agents"] == ["builtin-agents"]
+
+
+def test_call_order_follows_registration_and_tryfirst_trylast(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    @hookimpl
+    def deliver(next_hop: Any, connector: Any, items: Any, context: Any) -> None:
+        return None
+
+    @hookimpl(trylast=True)
+    def on_submitted(message: Any) -> None:
+        return None
+
+    late = plugin_module(monkeypatch, "hubport_test_late", deliver=deliver)
+    last = plugin_module(monkeypatch, "hubport_test_last", on_submitted=on_submitted)
+    early = plugin_module(monkeypatch, "hubport_test_early", on_submitted=hookimpl(
+        tryfirst=True)(lambda message: None))
+    hooks = Hooks([late, last, early], entry_points=False)
+    [description] = hooks.describe()
+    assert [p["name"] for p in description["plugins"]] == [*BUILTINS, late, last, early]
+    assert description["call_order"]["deliver"] == [late, "mailbox", "foreign"]
+    assert description["call_order"]["on_submitted"] == [early, last]
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def test_misspelt_plugin_module_is_a_clear_plugin_error() -> None:
+    with pytest.raises(PluginError, match=r"cannot import plugin module 'a\.misspelt\.module'"):
+        Hooks(extra_modules=["a.misspelt.module"], entry_points=False)
+
+
+def test_plugin_module_that_fails_to_import_names_itself(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    (tmp_path / "hubport_test_broken.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match=r"hubport_test_broken.*boom at import"):
+        Hooks(extra_modules=["hubport_test_broken"], entry_points=False)
+    sys.modules.pop("hubport_test_broken", None)
+
+
+def test_misspelt_hook_name_fails_at_check_pending(monkeypatch: pytest.MonkeyPatch) -> None:
+    @hookimpl
+    def recieve(submission: Any) -> None:
+        return None
+
+    name = plugin_module(monkeypatch, "hubport_test_typo", recieve=recieve)
+    with pytest.raises(pluggy.PluginValidationError, match="recieve"):
+        Hooks(extra_modules=[name], entry_points=False)
+
+    class Typo:
+        @hookimpl
+        def on_categorised(self, message: Any, recipients: Any) -> None:
+            return None
+
+    hooks = Hooks(entry_points=False)
+    with pytest.raises(pluggy.PluginValidationError, match="on_categorised"):
+        hooks.register(Typo())
+
+
+def test_hook_with_wrong_argument_names_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Wrong:
+        @hookimpl
+        def receive(self, submission: Any, extra_argument: Any) -> None:
+            return None
+
+    with pytest.raises(pluggy.PluginValidationError, match="extra_argument"):
+        Hooks(entry_points=False).register(Wrong())
+
+
+def connector_type(section: str, label: str) -> type:
+    class _Type(Connector):
+        delivery_type: ClassVar[str] = "DeliveryAgent"
+
+        @classmethod
+        def from_config(cls, reader: FieldReader, ctx: ConfigContext) -> Connector:
+            return cls(**cls.read_common(reader, ctx))
+
+    _Type.section = section  # type: ignore[misc]
+    _Type.__name__ = label
+    return _Type
+
+
+def registering(cls: type) -> Callable[..., None]:
+    @hookimpl
+    def register_connector_types(register: Callable[[type], None]) -> None:
+        register(cls)
+
+    return register_connector_types
+
+
+def test_two_connector_types_claiming_one_section_is_a_plugin_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    one = plugin_module(monkeypatch, "hubport_test_one", register_connector_types=registering(
+        connector_type("lab_connector", "One")))
+    two = plugin_module(monkeypatch, "hubport_test_two", register_connector_types=registering(
+        connector_type("lab_connector", "Two")))
+    assert "lab_connector" in Hooks([one], entry_points=False).registry.connector_types
+    with pytest.raises(PluginError, match=r"two connector types claim section \[\[lab_connector\]\]"):
+        Hooks([one, two], entry_points=False)
+    # a built-in section cannot be taken over either
+    thief = plugin_module(monkeypatch, "hubport_test_thief", register_connector_types=registering(
+        connector_type("foreign_connector", "Thief")))
+    with pytest.raises(PluginError, match="foreign_connector"):
+        Hooks([thief], entry_points=False)
+
+
+def test_registering_something_that_is_not_a_connector_type_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    name = plugin_module(monkeypatch, "hubport_test_notype",
+                         register_connector_types=registering(dict))
+    with pytest.raises(PluginError, match="not a connector type"):
+        Hooks([name], entry_points=False)
+
+
+def test_two_delivery_agents_claiming_one_protocol_is_a_plugin_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    @hookimpl
+    def register_delivery_agents(register: Callable[[str, type], None]) -> None:
+        register("maildir", object)
+
+    name = plugin_module(monkeypatch, "hubport_test_agent",
+                         register_delivery_agents=register_delivery_agents)
+    with pytest.raises(PluginError, match=r"MAILDIR|maildir"):
+        Hooks([name], entry_points=False)
+
+
+# -- async hooks --------------------------------------------------------------------------
+
+
+def submission(subject: str = "s") -> Submission:
+    return Submission(Envelope(MailFrom("alice@contoso.test"),
+                               [EnvelopeRecipient("bob@contoso.test")]),
+                      message(subject=subject), "PICKUP", subject=subject)
+
+
+class Answers:
+    """``receive`` plugins: one plain, one async, each answering as told."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.calls = 0
+
+
+class SyncReceive(Answers):
+    @hookimpl
+    def receive(self, submission: Submission) -> Any:
+        self.calls += 1
+        return self.answer
+
+
+class AsyncReceive(Answers):
+    @hookimpl
+    async def receive(self, submission: Submission) -> Any:
+        self.calls += 1
+        return self.answer
+
+
+REJECT = SmtpResponse(550, "5.7.1", "Refused by a test agent")
+
+
+async def test_call_first_awaits_async_results_and_first_non_none_wins() -> None:
+    hooks = Hooks(entry_points=False)
+    quiet, loud = AsyncReceive(None), AsyncReceive(REJECT)
+    hooks.register(loud, name="loud")
+    hooks.register(quiet, name="quiet")  # registered last: called first, says nothing
+    assert await hooks.call_first("receive", submission=submission()) == REJECT
+    assert (quiet.calls, loud.calls) == (1, 1)
+    # a plain implementation called before an async one decides; the coroutine is closed
+    hooks.register(SyncReceive(SmtpResponse(451, "4.7.0", "later")), name="sync")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        answer = await hooks.call_first("receive", submission=submission())
+        gc.collect()
+    assert answer == SmtpResponse(451, "4.7.0", "later")
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+    assert await hooks.call_all("on_submitted", message=None) == []
+
+
+async def test_a_raising_async_implementation_leaves_no_coroutine_unawaited() -> None:
+    class Raises:
+        @hookimpl
+        async def deliver(self, next_hop: Any, connector: Any, items: Any, context: Any) -> Any:
+            raise RuntimeError("agent bug")
+
+    hooks = Hooks(entry_points=False)  # mailbox and foreign implement deliver with async def
+    hooks.register(Raises())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="agent bug"):
+            await hooks.call_first("deliver", next_hop=NextHop("X", "y", ""), connector=None,
+                                   items=[], context=None)
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+class Gatekeeper:
+    """An async ``receive`` agent: rejects 'reject me', defers 'hold me' twice."""
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    @hookimpl
+    async def receive(self, submission: Submission) -> SmtpResponse | None:
+        if submission.subject == "reject me":
+            return REJECT
+        if submission.subject == "hold me" and self.held < 2:
+            self.held += 1
+            return SmtpResponse(451, "4.7.0", "Try again later")
+        return None
+
+
+async def test_async_receive_hook_rejects_and_defers_pickup_files(hub_factory) -> None:
+    async with hub_factory() as hub:
+        gate = Gatekeeper()
+        hub.daemon.hooks.register(gate, name="gatekeeper")
+        drop_in(hub.pickup, "r.eml", message(subject="reject me"))
+        drop_in(hub.pickup, "h.eml", message(subject="hold me"))
+        ndr = await wait_for(lambda: maildir(hub.root, "Alice"))
+        held = await wait_for(lambda: maildir(hub.root, "Bob"))
+        await wait_for(lambda: {"FAIL", "DSN"} <= set(event_ids(hub.root)))
+        assert not [p for p in hub.pickup.iterdir() if p.name != ".work"]  # nothing left, no .bad
+    assert gate.held == 2  # deferred twice, back in the folder, then taken again
+    [got] = held
+    assert message_from_bytes(got.read_bytes())["Subject"] == "hold me"
+    report = message_from_bytes(ndr[0].read_bytes())
+    assert report.get_content_type() == "multipart/report"
+    status = report.get_payload()[1].get_payload()
+    fields = {k.lower(): v for block in status[1:] for k, v in block.items()}
+    assert fields["final-recipient"] == "rfc822;bob@contoso.test"
+    assert fields["action"] == "failed" and fields["status"] == "5.7.1"
+    assert "Refused by a test agent" in fields["diagnostic-code"]
+
+
+# -- tracing ------------------------------------------------------------------------------
+
+TRACED_RUN = """
+import asyncio, sys, time
+from pathlib import Path
+from core.logsetup import configure
+configure("INFO", json=True)
+from core.daemon import Daemon
+from tests.support import drop_in, maildir, message, write_org
+
+async def main(root: Path) -> None:
+    daemon = Daemon(write_org(root), signals=False)
+    task = asyncio.get_running_loop().create_task(daemon.run())
+    await daemon.ready.wait()
+    drop_in(root / "pickup", "a.eml", message(to="bob@contoso.test, someone@fabrikam.test"))
+    deadline = time.monotonic() + 30
+    while not maildir(root, "Bob") and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    daemon.stop()
+    await task
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+def test_trace_env_var_logs_every_hook_call(tmp_path: Path) -> None:
+    done = hubport("-c", TRACED_RUN, str(tmp_path), cwd=tmp_path,
+                   env={"HUBPORT_TRACE_HOOKS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "Bob" in str(list((tmp_path / "var" / "mailboxes").iterdir()))
+    records = []
+    for line in done.stderr.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    traced = [r for r in records if r.get("event") == "hook"]
+    called = {r["hook"] for r in traced}
+    assert {"receive", "on_submitted", "categorize", "route", "on_resolved", "on_routed",
+            "on_categorized", "deliver"} <= called, called
+    # one record per recipient resolved: bob and the fabrikam recipient
+    assert sum(1 for r in traced if r["hook"] == "categorize") >= 2
+    assert all("args" in r and "result" in r for r in traced)
+    deliver = next(r for r in traced if r["hook"] == "deliver")
+    assert "MapiDelivery" in deliver["args"]
+
+
+def test_tracing_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HUBPORT_TRACE_HOOKS", raising=False)
+    assert not Hooks(entry_points=False).trace
+    monkeypatch.setenv("HUBPORT_TRACE_HOOKS", "0")
+    assert not Hooks(entry_points=False).trace
+    monkeypatch.setenv("HUBPORT_TRACE_HOOKS", "1")
+    assert Hooks(entry_points=False).trace

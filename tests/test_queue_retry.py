@@ -1,0 +1,499 @@
+"""Delivery queues against a scripted next hop: per-recipient results, the retry ladder,
+expiry, delay DSNs, contained hook crashes, Poison and suspended queues (EXCHANGE §8).
+
+The next hop is a test plugin: it registers a ``[[test_connector]]`` type (a Delivery Agent
+connector for ``example.net``) and answers ``deliver`` with whatever the test scripts. It is
+registered before the daemon loads its configuration, as an installed plugin would be.
+Timings come from the tracking log and are only checked with wide margins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, closing
+from dataclasses import dataclass
+from datetime import datetime
+from email import message_from_bytes
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+import core.daemon
+from agents.api import (
+    DELIVERED,
+    DeferQueue,
+    ItemResult,
+    MailItem,
+    RecipientResult,
+)
+from core import hookimpl
+from core import queue as q
+from core.config_fields import ConfigContext, FieldReader
+from core.connectors import Connector
+from core.daemon import Daemon
+from core.hooks import Hooks
+from core.model import (
+    Envelope,
+    EnvelopeRecipient,
+    MailFrom,
+    NextHop,
+    SmtpResponse,
+    Submission,
+)
+from tests.support import BASE_ORG, drop_in, events, maildir, message, wait_for
+
+TEMP = SmtpResponse(451, "4.4.1", "Connection timed out (scripted next hop)")
+BUSY = SmtpResponse(452, "4.2.2", "Mailbox busy, try later (scripted)")
+NO_SUCH_USER = SmtpResponse(550, "5.1.1", "Remote says: no such user here")
+
+SCRIPTED = """
+[[test_connector]]
+Name = "Scripted"
+AddressSpaces = ["example.net"]
+"""
+
+
+class ScriptConnector(Connector):
+    """A Delivery Agent connector whose deliveries the test scripts."""
+
+    section: ClassVar[str] = "test_connector"
+    delivery_type: ClassVar[str] = "DeliveryAgent"
+    kind: ClassVar[str] = "DeliveryAgentConnector"
+
+    @classmethod
+    def from_config(cls, reader: FieldReader, ctx: ConfigContext) -> ScriptConnector:
+        return cls(**cls.read_common(reader, ctx))
+
+
+@dataclass
+class Call:
+    at: float
+    items: list[tuple[str, list[str]]]  # (subject, recipient addresses) per mail item
+
+
+def deliver_all(items: list[MailItem]) -> list[ItemResult]:
+    return [ItemResult.success(item) for item in items]
+
+
+class ScriptedHop:
+    """The plugin: ``respond(items)`` returns what the hook returns, or raises."""
+
+    def __init__(self) -> None:
+        self.respond: Callable[[list[MailItem]], Any] = deliver_all
+        self.calls: list[Call] = []
+        self.delivered: list[str] = []
+
+    @hookimpl
+    def register_connector_types(self, register: Callable[[type], None]) -> None:
+        register(ScriptConnector)
+
+    @hookimpl
+    def deliver(self, next_hop: NextHop, connector: Any, items: list[MailItem],
+                context: Any) -> Any:
+        if not isinstance(connector, ScriptConnector):
+            return None
+        self.calls.append(Call(time.time(), [(i.message.subject, [r.address for r in
+                                                                    i.recipients])
+                                             for i in items]))
+        outcome = self.respond(items)
+        if isinstance(outcome, list):
+            for item, result in zip(items, outcome):
+                self.delivered += [r.address for r in item.recipients
+                                   if (rr := result.recipients.get(r.id)) and rr.kind == DELIVERED]
+        return outcome
+
+    def attempts_of(self, address: str) -> list[float]:
+        return [c.at for c in self.calls if any(address in rcpts for _, rcpts in c.items)]
+
+
+@pytest.fixture
+def hop(monkeypatch: pytest.MonkeyPatch) -> ScriptedHop:
+    """The scripted plugin, registered in every Hooks the daemon builds from now on."""
+    plugin = ScriptedHop()
+
+    def hooks_with_plugin(extra_modules: Any = (), **kwargs: Any) -> Hooks:
+        hooks = Hooks(extra_modules, **kwargs)
+        hooks.register(plugin, name="scripted-hop")
+        hooks.pm.hook.register_connector_types(register=hooks.registry.add_connector_type)
+        return hooks
+
+    monkeypatch.setattr(core.daemon, "Hooks", hooks_with_plugin)
+    return plugin
+
+
+def org_text(server: dict[str, str] | None = None, extra: str = "") -> str:
+    """The shared test organization plus the scripted connector; ``server`` overrides keys."""
+    text = BASE_ORG.format(server_extra="", foreign_extra="", extra=SCRIPTED + extra)
+    for key, value in (server or {}).items():
+        line = f"{key} = {value}"
+        text, found = re.subn(rf"(?m)^{key} = .*$", line, text, count=1)
+        if not found:
+            text = text.replace("[[transport_server]]\n", f"[[transport_server]]\n{line}\n", 1)
+    return text
+
+
+@asynccontextmanager
+async def running(root: Path, server: dict[str, str] | None = None) -> AsyncIterator[Daemon]:
+    (root / "org.toml").write_text(org_text(server))
+    daemon = Daemon(root / "org.toml", signals=False)
+    task = asyncio.get_running_loop().create_task(daemon.run())
+    ready = asyncio.ensure_future(daemon.ready.wait())
+    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        ready.cancel()
+        task.result()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 30)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def replay(root: Path, name: str, sender: str, receivers: list[str], subject: str) -> None:
+    """A Replay file; ``receivers`` are X-Receiver values with their NOTIFY/ORCPT params."""
+    head = f"X-Sender: <{sender}>\n" + "".join(f"X-Receiver: {r}\n" for r in receivers)
+    drop_in(root / "replay", name, head.encode() + message(subject=subject, to="list@x.test"))
+
+
+def stamps(root: Path, event_id: str, address: str) -> list[float]:
+    return [datetime.fromisoformat(e["date-time"]).timestamp()
+            for e in events(root, event_id=event_id, recipients=[address])]
+
+
+def statuses(root: Path, event_id: str, address: str) -> list[str]:
+    return [s for e in events(root, event_id=event_id, recipients=[address])
+            for s in e["recipient-status"]]
+
+
+
+def database(root: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(root / "var" / "queue" / "mail.que", timeout=10)
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def queues(root: Path) -> dict[str, dict[str, Any]]:
+    """Get-Queue, read beside the running daemon: rows keyed by connector or queue name."""
+    with closing(database(root)) as conn:
+        rows = q.queue_summary(conn)
+    return {str(r.get("connector") or r["queue"]): r for r in rows}
+
+
+def sql(root: Path, statement: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    with closing(database(root)) as conn, conn:
+        return conn.execute(statement, params).fetchall()
+
+
+def reports(root: Path, alias: str = "Alice") -> list[dict[str, str]]:
+    """The per-recipient blocks of every DSN in a mailbox, lower-case field names."""
+    blocks: list[dict[str, str]] = []
+    for path in maildir(root, alias):
+        report = message_from_bytes(path.read_bytes())
+        assert report.get_content_type() == "multipart/report"
+        status = report.get_payload()[1].get_payload()
+        for block in status[1:]:  # the first block is per message
+            fields = {k.lower(): v for k, v in block.items()}
+            fields["_text"] = path.read_bytes().decode("ascii", "replace")
+            blocks.append(fields)
+    return blocks
+
+
+def by_recipient(blocks: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+    return {b["final-recipient"].partition(";")[2]: b for b in blocks}
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def within(value: float, expected: float, below: float = 0.6, above: float = 1.2) -> bool:
+    """Wide timing margins: never early by more than ``below``, late by at most ``above``."""
+    return expected - below <= value <= expected + above
+
+
+# -- per-recipient results -----------------------------------------------------------------
+
+
+async def test_one_item_delivered_deferred_and_failed_per_recipient(tmp_path: Path,
+                                                                    hop: ScriptedHop) -> None:
+    tries: Counter[str] = Counter()
+
+    def respond(items: list[MailItem]) -> list[ItemResult]:
+        out = []
+        for item in items:
+            result = ItemResult()
+            for r in item.recipients:
+                tries[r.address] += 1
+                if r.address == "bad@example.net":
+                    result.ack(r, RecipientResult.failed(NO_SUCH_USER))
+                elif r.address == "later@example.net" and tries[r.address] == 1:
+                    result.ack(r, RecipientResult.deferred(BUSY))
+                else:
+                    result.ack(r, RecipientResult.delivered())
+            out.append(result)
+        return out
+
+    hop.respond = respond
+    async with running(tmp_path):
+        replay(tmp_path, "mix.eml", "alice@contoso.test",
+               ["<ok@example.net>", "<later@example.net>",
+                "<bad@example.net> ORCPT=rfc822;Bad.Person@example.net"], "mixed")
+        await wait_for(lambda: "later@example.net" in hop.delivered)
+        ndr = await wait_for(lambda: reports(tmp_path))
+        await wait_for(lambda: len(events(tmp_path, event_id="DELIVER")) >= 2
+                       and events(tmp_path, event_id="DSN"))
+    assert sorted(hop.delivered) == ["later@example.net", "ok@example.net"]
+    # the first attempt carried all three; the retry only the deferred one, ~1 s later
+    assert hop.calls[0].items == [("mixed", ["ok@example.net", "later@example.net",
+                                             "bad@example.net"])]
+    assert hop.calls[1].items == [("mixed", ["later@example.net"])]
+    assert within(hop.calls[1].at - hop.calls[0].at, 1.0)  # MessageRetryInterval
+    assert events(tmp_path, event_id="DELIVER", recipients=["ok@example.net"])[0]["source"] \
+        == "AGENT"
+    assert statuses(tmp_path, "DEFER", "later@example.net") == [str(BUSY)]
+    assert len(stamps(tmp_path, "DELIVER", "later@example.net")) == 1
+    assert statuses(tmp_path, "FAIL", "bad@example.net") == [str(NO_SUCH_USER)]
+    assert not events(tmp_path, event_id="FAIL", recipients=["later@example.net"])
+    # the NDR to the sender: only the failed recipient, the remote reply, ORCPT echoed
+    [block] = ndr
+    assert block["final-recipient"] == "rfc822;bad@example.net"
+    assert block["original-recipient"] == "rfc822;Bad.Person@example.net"
+    assert block["action"] == "failed"
+    assert re.fullmatch(r"5\.\d+\.\d+", block["status"])
+    assert "no such user here" in block["diagnostic-code"]
+    assert "later@example.net" not in block["_text"].split("Content-Type: message/")[0]
+
+
+# -- the retry ladder ----------------------------------------------------------------------
+
+LADDER = {"QueueGlitchRetryCount": "2", "QueueGlitchRetryInterval": '"1s"',
+          "TransientFailureRetryCount": "1", "TransientFailureRetryInterval": '"2s"',
+          "OutboundConnectionFailureRetryInterval": '"3s"'}
+
+
+async def test_queue_level_deferrals_climb_the_retry_ladder(tmp_path: Path,
+                                                            hop: ScriptedHop) -> None:
+    hop.respond = lambda items: DeferQueue(TEMP)
+    async with running(tmp_path, LADDER):
+        replay(tmp_path, "l.eml", "alice@contoso.test", ["<far@example.net>"], "ladder")
+        deferred = await wait_for(lambda: stamps(tmp_path, "DEFER", "far@example.net"))
+        # Get-Queue while the queue waits: Retry, with the next retry time and last error
+        row = await wait_for(lambda: (r := queues(tmp_path).get("Scripted")) and
+                             r["status"] == "Retry" and r)
+        assert row["last_error"] == str(TEMP)
+        assert row["next_retry"] is not None and row["next_retry"] > deferred[0]
+        assert row["message_count"] == 1 and row["delivery_type"] == "DeliveryAgent"
+        times = await wait_for(lambda: (t := stamps(tmp_path, "DEFER", "far@example.net"))
+                               and len(t) >= 5 and t, timeout=20)
+    # glitch x2 at 1 s, transient x1 at 2 s, then the outbound interval of 3 s
+    spacing = gaps(times[:5])
+    for got, expected in zip(spacing, [1.0, 1.0, 2.0, 3.0]):
+        assert within(got, expected), spacing
+    assert statuses(tmp_path, "DEFER", "far@example.net")[0] == str(TEMP)
+    [recipient] = sql(tmp_path, "SELECT attempts, status FROM recipient WHERE address=?",
+                      ("far@example.net",))
+    assert recipient["status"] == "Retry" and recipient["attempts"] >= 5
+
+
+@pytest.mark.parametrize("level", ["queue", "recipient"])
+async def test_retry_in_from_the_agent_overrides_the_ladder(tmp_path: Path, hop: ScriptedHop,
+                                                            level: str) -> None:
+    def respond(items: list[MailItem]) -> Any:
+        if len(hop.calls) > 1:
+            return deliver_all(items)
+        if level == "queue":
+            return DeferQueue(TEMP, retry_in=2.0)
+        return [ItemResult.defer(item, BUSY, retry_in=2.0) for item in items]
+
+    hop.respond = respond
+    async with running(tmp_path):  # the ladder and MessageRetryInterval say 1 s
+        replay(tmp_path, "r.eml", "alice@contoso.test", ["<slow@example.net>"], "retry-in")
+        await wait_for(lambda: hop.delivered)
+    first, second = hop.attempts_of("slow@example.net")
+    assert within(second - first, 2.0), second - first
+
+
+# -- expiry and DSNs -----------------------------------------------------------------------
+
+
+async def test_expired_messages_fail_4_4_7_with_an_ndr(tmp_path: Path, hop: ScriptedHop) -> None:
+    hop.respond = lambda items: DeferQueue(TEMP)
+    server = {"MessageExpirationTimeout": '"5s"', "DelayNotificationTimeout": '"1h"'}
+    async with running(tmp_path, server):
+        replay(tmp_path, "d.eml", "alice@contoso.test",
+               ["<d@example.net> ORCPT=rfc822;D.Person@example.net"], "deferred")
+        replay(tmp_path, "u.eml", "alice@contoso.test", ["<u@nowhere.test>"], "unreachable")
+        replay(tmp_path, "n.eml", "alice@contoso.test", ["<n@example.net> NOTIFY=NEVER"], "never")
+        replay(tmp_path, "z.eml", "", ["<z@example.net>"], "null sender")
+        everyone = ["d@example.net", "u@nowhere.test", "n@example.net", "z@example.net"]
+        await wait_for(lambda: queues(tmp_path)["Unreachable"]["message_count"] == 1)
+        await wait_for(lambda: all(stamps(tmp_path, "FAIL", a) for a in everyone), timeout=20)
+        blocks = await wait_for(lambda: len(b := reports(tmp_path)) >= 2 and b)
+        assert queues(tmp_path)["Unreachable"]["message_count"] == 0
+    for address in everyone:
+        assert statuses(tmp_path, "FAIL", address) == ["550 4.4.7 QUEUE.Expired; message expired"]
+        [received] = stamps(tmp_path, "RECEIVE", address)
+        [failed] = stamps(tmp_path, "FAIL", address)
+        assert failed - received >= 5.0 - 0.6, (address, failed - received)  # never early
+    assert len(hop.attempts_of("d@example.net")) >= 2  # it was retried until it expired
+    # NDRs only where NOTIFY allows and never to the null sender
+    dsn = {r for e in events(tmp_path, event_id="DSN") for r in e["recipient-address"]}
+    assert dsn == {"d@example.net", "u@nowhere.test"}
+    found = by_recipient(blocks)
+    assert set(found) == {"d@example.net", "u@nowhere.test"}
+    for block in found.values():
+        assert block["action"] == "failed"
+        assert block["status"] == "4.4.7"
+        assert "QUEUE.Expired" in block["diagnostic-code"]
+    assert found["d@example.net"]["original-recipient"] == "rfc822;D.Person@example.net"
+
+
+async def test_one_delay_dsn_only_for_recipients_that_want_it(tmp_path: Path,
+                                                              hop: ScriptedHop) -> None:
+    hop.respond = lambda items: DeferQueue(TEMP)
+    async with running(tmp_path, {"DelayNotificationTimeout": '"2s"'}):
+        replay(tmp_path, "d.eml", "alice@contoso.test", ["<d@example.net>"], "default")
+        replay(tmp_path, "u.eml", "alice@contoso.test", ["<u@nowhere.test>"], "unreachable")
+        replay(tmp_path, "n.eml", "alice@contoso.test", ["<n@example.net> NOTIFY=NEVER"], "never")
+        replay(tmp_path, "s.eml", "alice@contoso.test",
+               ["<sf@example.net> NOTIFY=SUCCESS,FAILURE"], "no delay")
+        replay(tmp_path, "z.eml", "", ["<z@example.net>"], "null sender")
+        await wait_for(lambda: len(events(tmp_path, event_id="DSN")) >= 2, timeout=15)
+        first = max(datetime.fromisoformat(e["date-time"]).timestamp()
+                    for e in events(tmp_path, event_id="DSN"))
+        # keep going: two more attempts (and several sweeps) must not send another one
+        await wait_for(lambda: len([t for t in stamps(tmp_path, "DEFER", "d@example.net")
+                                    if t > first]) >= 2, timeout=15)
+        blocks = await wait_for(lambda: len(b := reports(tmp_path)) >= 2 and b)
+    dsn = Counter(r for e in events(tmp_path, event_id="DSN") for r in e["recipient-address"])
+    assert dsn == {"d@example.net": 1, "u@nowhere.test": 1}
+    assert not events(tmp_path, event_id="FAIL")
+    found = by_recipient(blocks)
+    assert set(found) == {"d@example.net", "u@nowhere.test"}
+    for block in found.values():
+        assert block["action"] == "delayed"
+        assert block["status"].startswith("4.")
+        assert block["will-retry-until"]
+    assert found["d@example.net"]["status"] == "4.4.1"  # from the last response
+    assert len(maildir(tmp_path, "Alice")) == 2
+
+
+# -- crashes, Poison, suspension ------------------------------------------------------------
+
+
+async def test_a_raising_deliver_hook_defers_and_the_daemon_keeps_running(
+        tmp_path: Path, hop: ScriptedHop) -> None:
+    def respond(items: list[MailItem]) -> Any:
+        if len(hop.calls) <= 2:
+            raise RuntimeError("the agent fell over")
+        return deliver_all(items)
+
+    hop.respond = respond
+    async with running(tmp_path) as daemon:
+        replay(tmp_path, "x.eml", "alice@contoso.test", ["<x@example.net>"], "crashy")
+        await wait_for(lambda: (r := queues(tmp_path).get("Scripted")) and
+                       r["last_error"] == "451 4.3.0 Local error in processing")
+        await wait_for(lambda: hop.delivered == ["x@example.net"])
+        assert daemon.pipeline is not None
+        assert not any(t.done() for t in daemon.pipeline._tasks)
+        # and the rest of the hub is unaffected
+        replay(tmp_path, "b.eml", "alice@contoso.test", ["<bob@contoso.test>"], "for bob")
+        await wait_for(lambda: maildir(tmp_path, "Bob"))
+        await wait_for(lambda: stamps(tmp_path, "DELIVER", "x@example.net"))
+    assert statuses(tmp_path, "DEFER", "x@example.net") == ["451 4.3.0 Local error in processing"] * 2
+    first, second, third = hop.attempts_of("x@example.net")
+    assert within(second - first, 1.0) and within(third - second, 1.0)  # glitch retry
+
+
+async def test_message_in_flight_across_two_crashes_goes_to_poison(tmp_path: Path,
+                                                                   hop: ScriptedHop) -> None:
+    hop.respond = lambda items: DeferQueue(TEMP, retry_in=3600)
+    async with running(tmp_path):
+        for name in ("a", "b", "c"):
+            replay(tmp_path, f"{name}.eml", "alice@contoso.test", [f"<{name}@example.net>"],
+                   f"message {name}")
+        await wait_for(lambda: all(stamps(tmp_path, "DEFER", f"{n}@example.net") for n in "abc"))
+    ids = {r["subject"]: r["id"] for r in sql(tmp_path, "SELECT id, subject FROM message")}
+    a, b = ids["message a"], ids["message b"]
+
+    # crash 1: a was in flight
+    sql(tmp_path, "UPDATE message SET in_flight=1 WHERE id=?", (a,))
+    async with running(tmp_path):
+        pass
+    [row] = sql(tmp_path, "SELECT crash_count, suspect, state FROM message WHERE id=?", (a,))
+    assert (row["crash_count"], row["suspect"], row["state"]) == (1, 1, "active")
+    assert not events(tmp_path, event_id="POISONMESSAGE")
+
+    # crash 2: a again (its second: Poison), b for the first time (suspect only)
+    sql(tmp_path, "UPDATE message SET in_flight=1 WHERE id IN (?,?)", (a, b))
+    sql(tmp_path, "UPDATE recipient SET next_retry=NULL")  # everything is due now
+    hop.respond = deliver_all
+    hop.calls.clear()
+    async with running(tmp_path):
+        await wait_for(lambda: sorted(hop.delivered) == ["b@example.net", "c@example.net"])
+        poison = await wait_for(lambda: events(tmp_path, event_id="POISONMESSAGE"))
+        summary = queues(tmp_path)
+        assert summary["Poison"]["message_count"] == 1
+        assert summary["Scripted"]["message_count"] == 0  # not counted twice
+    assert poison[0]["source"] == "POISONMESSAGE"
+    assert poison[0]["recipient-address"] == ["a@example.net"]
+    assert poison[0]["internal-message-id"] == str(a)
+    assert "a@example.net" not in hop.delivered
+    # the suspect is delivered in a batch of its own, before the innocent message
+    assert hop.calls[0].items == [("message b", ["b@example.net"])]
+    assert [row["state"] for row in sql(tmp_path, "SELECT state FROM message")] == ["poison"]
+
+
+def test_recover_counts_crashes_and_poisons_at_the_threshold() -> None:
+    with closing(sqlite3.connect(":memory:")) as conn:
+        conn.row_factory = sqlite3.Row
+        conn.executescript(q.SCHEMA)
+        sub = Submission(Envelope(MailFrom("alice@contoso.test"),
+                                  [EnvelopeRecipient("x@example.net")]), b"Subject: s\n\nx\n",
+                         "PICKUP")
+        one, two, three = (q.insert_submission(conn, sub, 0.0, 1e12) for _ in range(3))
+        q.set_in_flight(conn, [one, two], True)
+        first = q.recover(conn, poison_threshold=2, poison_enabled=True)
+        assert (sorted(first.crashed), first.poisoned) == ([one, two], [])
+        # a suspect is categorized alone, ahead of the others
+        assert q.submitted_message_ids(conn, 100, 1.0) == [one]
+        q.set_in_flight(conn, [one], True)
+        second = q.recover(conn, poison_threshold=2, poison_enabled=True)
+        assert (second.crashed, second.poisoned) == ([one], [one])
+        state = conn.execute("SELECT state, suspended FROM message WHERE id=?", (one,)).fetchone()
+        assert tuple(state) == ("poison", 1)
+        assert one not in q.submitted_message_ids(conn, 100, 1.0)
+        assert q.submitted_message_ids(conn, 100, 1.0) == [two]  # still suspect: alone
+        # detection off: crashes are counted, nothing is poisoned
+        q.set_in_flight(conn, [two, three], True)
+        third = q.recover(conn, poison_threshold=2, poison_enabled=False)
+        assert third.poisoned == []
+        counts = dict(conn.execute("SELECT id, crash_count FROM message").fetchall())
+        assert counts == {one: 2, two: 2, three: 1}
+
+
+async def test_suspended_queue_holds_mail_until_resumed(tmp_path: Path, hop: ScriptedHop) -> None:
+    async with running(tmp_path) as daemon:
+        assert daemon.pipeline is not None
+        replay(tmp_path, "1.eml", "alice@contoso.test", ["<one@example.net>"], "first")
+        await wait_for(lambda: hop.delivered == ["one@example.net"])
+        sql(tmp_path, "UPDATE delivery_queue SET suspended=1 WHERE connector='Scripted'")
+        replay(tmp_path, "2.eml", "alice@contoso.test", ["<two@example.net>"], "second")
+        await wait_for(lambda: (r := queues(tmp_path)["Scripted"])["status"] == "Suspended"
+                       and r["message_count"] == 1)
+        await asyncio.sleep(0.8)  # a working queue would have delivered by now
+        assert hop.delivered == ["one@example.net"] and len(hop.calls) == 1
+        sql(tmp_path, "UPDATE delivery_queue SET suspended=0 WHERE connector='Scripted'")
+        daemon.pipeline.wake()
+        await wait_for(lambda: hop.delivered == ["one@example.net", "two@example.net"])
+        await wait_for(lambda: queues(tmp_path)["Scripted"]["message_count"] == 0)
