@@ -103,11 +103,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from core.daemon import StartupError, load, pick_server
-    from core.hooks import Hooks
+    from core.daemon import StartupError, load, make_hooks, pick_server
 
-    hooks = Hooks()
     try:
+        hooks = make_hooks(args.config)
         org = load(args.config, hooks)
         server = org.server(pick_server(org, args.server))
     except StartupError as exc:
@@ -117,9 +116,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from core.hooks import Hooks
-
-    hooks = Hooks()
+    hooks, _, _ = _load(args)
     description = hooks.describe()[0]
     if args.json:
         print(json.dumps(description, indent=2))

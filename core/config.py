@@ -65,6 +65,7 @@ DOMAIN_TYPES = ("Authoritative", "InternalRelay", "ExternalRelay")
 DEFAULT_DSN_COPY_CODES = ("5.4.8", "5.4.6", "5.4.4", "5.2.4", "5.2.0", "5.1.4")
 #: the sections this module reads itself (connector sections come from the plugins)
 SECTIONS = (
+    "hubport",
     "transport_config",
     "site",
     "site_link",
@@ -278,6 +279,8 @@ class Organization:
     site_links: tuple[SiteLink, ...]
     servers: tuple[TransportServer, ...]
     connectors: tuple[Connector, ...]
+    #: plugin modules the `[hubport]` table names (loaded at start, after the entry points)
+    plugins: tuple[str, ...] = ()
 
     @cached_property
     def default_domain(self) -> AcceptedDomain:
@@ -465,6 +468,7 @@ class _Loader:
         self._check_unique_recipients(everyone)
         resolved = self._resolve_members(everyone, groups)
         connectors = self._connectors()
+        plugins = self._plugins()
         self.ctx.raise_if_errors()
         return Organization(
             source=self.ctx.file,
@@ -478,6 +482,7 @@ class _Loader:
             site_links=links,
             servers=servers,
             connectors=connectors,
+            plugins=plugins,
         )
 
     # -- sections
@@ -749,6 +754,22 @@ class _Loader:
 
     # -- transport config
 
+    def _plugins(self) -> tuple[str, ...]:
+        """`[hubport] Plugins`: dotted module names (a module beside the file is found)."""
+        value = self.data.get("hubport")
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            self.ctx.error("hubport", None, "must be one table, written [hubport]")
+            return ()
+        r = self.ctx.reader(value, "hubport")
+        modules = r.string_list("Plugins", ())
+        for module in modules:
+            if not all(part.isidentifier() for part in module.split(".")):
+                r.error("Plugins", f"{module!r} is not a dotted Python module name")
+        r.finish()
+        return modules
+
     def _transport_config(self) -> TransportConfig:
         value = self.data.get("transport_config")
         if value is None:
@@ -1018,3 +1039,25 @@ def _member_key(member: str) -> str:
         except AddressError:
             return text.lower()
     return text.lower()
+
+
+def plugin_modules(path: Path | None) -> tuple[str, ...]:
+    """The `[hubport] Plugins` of a file, read before the full load.
+
+    Plugins may add connector sections, so they must be registered before the organization
+    is validated; errors in the file are left to the full load to report.
+    """
+    if path is None:
+        return ()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError):
+        return ()
+    table = data.get("hubport")
+    if not isinstance(table, dict):
+        return ()
+    for key, value in table.items():
+        if key.lower() == "plugins" and isinstance(value, list):
+            return tuple(v for v in value if isinstance(v, str))
+    return ()

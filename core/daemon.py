@@ -12,20 +12,21 @@ import asyncio
 import fcntl
 import os
 import signal
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pluggy
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from core import queue as q
-from core.config import Organization, load_organization
+from core.config import Organization, load_organization, plugin_modules
 from core.config_fields import ConfigError
 from core.folders import PickupDirectory, ReplayDirectory
-from core.hooks import Hooks
+from core.hooks import Hooks, PluginError
 from core.pipeline import Pipeline
 from core.store import Store
 from core.tracking import TrackingLog, TrackingSettings
@@ -50,6 +51,20 @@ class Paths:
     state: Path
     queue: Path
     lock: Path
+
+
+def make_hooks(config: Path | None, extra: tuple[str, ...] = ()) -> Hooks:
+    """Built-ins, entry points, then the plugin modules the organization file names.
+
+    A module beside the configuration file is importable, for a quick local agent.
+    """
+    modules = plugin_modules(config)
+    if modules and config is not None and str(config.parent) not in sys.path:
+        sys.path.insert(0, str(config.parent))
+    try:
+        return Hooks((*extra, *modules))
+    except (PluginError, pluggy.PluginValidationError) as exc:
+        raise StartupError(f"plugin refused: {exc}", EXIT_CONFIG) from exc
 
 
 def load(config: Path | None, hooks: Hooks) -> Organization:
@@ -92,7 +107,7 @@ class Daemon:
         self.signals = signals
         self.config_path = config.resolve() if config else None
         self.server_arg = server
-        self.hooks = Hooks(extra_plugins)
+        self.hooks = make_hooks(self.config_path, extra_plugins)
         self.org = load(self.config_path, self.hooks)
         self.server_name = pick_server(self.org, server)
         self.pipeline: Pipeline | None = None
@@ -258,9 +273,6 @@ def _tracking_settings(server: Any) -> TrackingSettings:
 
 def run(config: Path | None, server: str | None) -> int:
     """Entry point of ``hubport run``."""
-    import sys
-    if os.environ.get("HUBPORT_SWITCH"):
-        sys.setswitchinterval(float(os.environ["HUBPORT_SWITCH"]))
     try:
         daemon = Daemon(config, server)
     except StartupError as exc:
@@ -274,6 +286,3 @@ def run(config: Path | None, server: str | None) -> int:
     except KeyboardInterrupt:
         return 0
 
-
-def now() -> float:
-    return time.time()

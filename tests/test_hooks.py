@@ -375,3 +375,31 @@ def test_tracing_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not Hooks(entry_points=False).trace
     monkeypatch.setenv("HUBPORT_TRACE_HOOKS", "1")
     assert Hooks(entry_points=False).trace
+
+
+async def test_plugin_module_named_in_the_config_is_loaded(hub_factory, tmp_path) -> None:
+    """``[hubport] Plugins`` names a module beside the organization file: a quick local agent."""
+    (tmp_path / "local_policy_plugin.py").write_text(
+        "from core import hookimpl\n"
+        "from core.model import SmtpResponse\n\n"
+        "@hookimpl\n"
+        "def receive(submission):\n"
+        "    if submission.subject == 'blocked':\n"
+        "        return SmtpResponse(550, '5.7.1', 'Blocked by local policy')\n")
+    async with hub_factory(extra='[hubport]\nPlugins = ["local_policy_plugin"]\n') as hub:
+        assert "local_policy_plugin" in {name for name, _ in hub.daemon.hooks.pm.list_name_plugin()}
+        drop_in(hub.pickup, "b.eml", message(subject="blocked"))
+        drop_in(hub.pickup, "ok.eml", message(subject="fine"))
+        ndr = await wait_for(lambda: maildir(hub.root, "Alice"))
+        assert b"Blocked by local policy" in ndr[0].read_bytes()
+        await wait_for(lambda: maildir(hub.root, "Bob"))
+        assert len(maildir(hub.root, "Bob")) == 1
+
+
+def test_a_misspelt_plugin_module_in_the_config_stops_the_start(tmp_path) -> None:
+    from core.daemon import Daemon, StartupError
+    from tests.support import write_org
+
+    config = write_org(tmp_path, extra='[hubport]\nPlugins = ["no_such_plugin_module"]\n')
+    with pytest.raises(StartupError, match="no_such_plugin_module"):
+        Daemon(config, signals=False)
