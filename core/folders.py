@@ -233,6 +233,10 @@ class PickupDirectory:
                                                allowance)
         if fresh:  # look again once those files have settled
             self._next_scan = min(self._next_scan, time.monotonic() + settle)
+        taken = set(names)
+        self._announced.update(n for n in announced if n not in taken)  # for the next pass
+        if full and len(names) >= allowance:
+            self._next_scan = 0.0  # the scan stopped at the batch size: more files wait
         if not names:
             return False
         claimed = await asyncio.to_thread(self._claim_and_read, names)
