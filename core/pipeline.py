@@ -42,6 +42,7 @@ from core import queue as q
 from core.categorizer import EXPANDED, FAIL, ROUTE, UNREACHABLE, Categorized, Categorizer
 from core.directory import RecipientDirectory
 from core.dsn import DsnRecipient, build_dsn
+from core.headers import parse_header_section, subject_of
 from core.model import (
     Envelope,
     EnvelopeRecipient,
@@ -405,16 +406,22 @@ class Pipeline:
         writes += [self.store.write(lambda c, i=item, r=result: self._commit_delivery(
             c, i, r, queue_level=queue_level)) for item, result in zip(items, results)]
         committed = await asyncio.gather(*writes, return_exceptions=True)
+        leftover = [m.id for m in messages if not m.recipients]
         for item, events in zip(items, committed[1:]):
             if isinstance(events, BaseException):
                 log.error("committing delivery results failed", error=str(events),
                           internal_message_id=item.message.id)
+                leftover.append(item.message.id)  # not held in flight until a restart
                 continue
             self._in_flight.discard(item.message.id)
             self._emit(events)
-        leftover = [m.id for m in messages if not m.recipients]
         if leftover:
             await self._release(leftover)
+        # other queues skipped these messages while they were in flight here: wake them
+        others = await self.store.read(
+            lambda c: q.other_queues_of(c, [m.id for m in messages], queue_id))
+        for other in others:
+            self._wake_queue(other)
 
     async def _call_deliver(self, hop: NextHop, items: list[MailItem]) -> Any:
         connector = self.connectors.get(hop.connector.lower()) if hop.connector else None
@@ -520,7 +527,7 @@ class Pipeline:
             envelope=Envelope(MailFrom(""), [EnvelopeRecipient(message.mail_from.address,
                                                                frozenset({Notify.NEVER}))]),
             data=dsn, source="DSN", source_name="DSN", message_id=dsn_msgid,
-            subject="", reference=message.message_id)
+            subject=subject_of(parse_header_section(dsn)), reference=message.message_id)
         now = self.clock()
         dsn_id = q.insert_submission(conn, sub, now, now + self.server.message_expiration_timeout)
         self._categorizer_wake.set()

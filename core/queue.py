@@ -260,6 +260,25 @@ def queue_ids_with_work(conn: sqlite3.Connection) -> list[int]:
         " AND status IN ('Ready','Retry')")]
 
 
+def other_queues_of(conn: sqlite3.Connection, message_ids: Sequence[int],
+                    queue_id: int) -> set[int]:
+    """The other delivery queues with work for these messages.
+
+    While one queue holds a bifurcated message in flight, the others skip it and may go
+    idle; they must be woken when it is released.
+    """
+    found: set[int] = set()
+    ids = list(message_ids)
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        found.update(r[0] for r in conn.execute(
+            f"SELECT DISTINCT queue FROM recipient WHERE message IN ({marks})"
+            " AND queue IS NOT NULL AND queue<>? AND status IN ('Ready','Retry')",
+            [*chunk, queue_id]))
+    return found
+
+
 # -- delivery queues ---------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
@@ -126,26 +126,33 @@ def event_ids(root: Path, **filters: Any) -> list[str]:
     return [e["event-id"] for e in events(root, **filters)]
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
-                   interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+def _poll(predicate: Callable[[], Any], timeout: float) -> Iterator[Any]:
+    """Yield None until ``predicate`` is truthy, then its value; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
-            return value
+            yield value
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
+        yield None
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
+                   interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    for value in _poll(predicate, timeout):
+        if value:
+            return value
         await asyncio.sleep(interval)
+    raise AssertionError("unreachable")
 
 
 def wait_for_sync(predicate: Callable[[], Any], timeout: float = 10.0,
                   interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
+    for value in _poll(predicate, timeout):
         if value:
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+    raise AssertionError("unreachable")
