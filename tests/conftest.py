@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from core.daemon import Daemon
-from tests.support import write_org
+from tests.support import CORPUS_DIR, write_org
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "eml"
+CORPUS = CORPUS_DIR
 
 
 class Hub:

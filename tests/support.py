@@ -13,6 +13,20 @@ from typing import Any
 
 from core.tracking import search
 
+
+def _find_corpus() -> Path:
+    """The shared real-world corpus: ``../shared`` beside the checkout (as CI lays it out)."""
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (os.environ.get("HUBPORT_CORPUS"), here.parent / "shared" / "corpus" / "eml",
+                      Path("/work/shared/corpus/eml")):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    raise RuntimeError(f"the test corpus is missing: expected {here.parent / 'shared'}/corpus/eml"
+                       " (or set HUBPORT_CORPUS)")
+
+
+CORPUS_DIR = _find_corpus()
+
 BASE_ORG = """
 [transport_config]
 MaxRecipientEnvelopeLimit = 5000

@@ -8,7 +8,6 @@ import re
 import uuid
 from email.message import EmailMessage, Message
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -17,8 +16,9 @@ from hypothesis import strategies as st
 from core import dsn as dsn_module
 from core.dsn import DsnRecipient, build_dsn
 from core.model import MailFrom
+from tests.support import CORPUS_DIR
 
-CORPUS = Path("/work/shared/corpus/eml")
+CORPUS = CORPUS_DIR
 ARRIVAL = 1_700_000_000.0
 NOW = ARRIVAL + 3600
 

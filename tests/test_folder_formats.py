@@ -25,8 +25,9 @@ from core.headers import (
     parse_header_section,
 )
 from core.model import Envelope, EnvelopeRecipient, MailFrom, Notify
+from tests.support import CORPUS_DIR as SHARED_CORPUS
 
-CORPUS_DIR = Path("/work/shared/corpus/eml")
+CORPUS_DIR = SHARED_CORPUS
 CORPUS = sorted(CORPUS_DIR.glob("*.eml"))
 NOW = 1_700_000_000.0
 DOMAIN = "contoso.example"

@@ -23,8 +23,9 @@ from core.headers import (
     rebuild,
     subject_of,
 )
+from tests.support import CORPUS_DIR
 
-CORPUS = sorted(Path("/work/shared/corpus/eml").glob("*.eml"))
+CORPUS = sorted(CORPUS_DIR.glob("*.eml"))
 
 
 def corpus_id(path: Path) -> str:
