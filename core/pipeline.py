@@ -490,6 +490,7 @@ class Pipeline:
             events.append(Event(event_id, source, message, [r.address for r in delivered],
                                 ["250 2.0.0 " + (result.detail or "OK")] * len(delivered),
                                 connector=item.next_hop.connector, context=result.detail))
+            events.extend(self._success_dsn(conn, message, item, delivered))
         events.extend(self._fail_in_conn(conn, message, failures))
         conn.execute("UPDATE message SET in_flight=0, suspect=0 WHERE id=?", (message.id,))
         q.finish_if_done(conn, message.id)
@@ -513,6 +514,29 @@ class Pipeline:
             events.append(Event("DSN", "DSN", message, [r.address for r, _ in notify],
                                 [str(resp) for _, resp in notify], reference=dsn_msgid))
         return events
+
+    def _success_dsn(self, conn: sqlite3.Connection, message: QueuedMessage, item: MailItem,
+                     delivered: list[QueuedRecipient]) -> list[Event]:
+        """NOTIFY=SUCCESS: 'delivered' for final delivery (a mailbox, an agent), 'relayed'
+        for a hand-off to a system that sends no DSNs itself: a Foreign connector's drop
+        folder, only when that connector has RelayDsnRequired (EXCHANGE §2)."""
+        wanted = [r for r in delivered if r.wants(Notify.SUCCESS)]
+        if not wanted or not message.mail_from.address:
+            return []
+        if item.next_hop.delivery_type == "NonSmtpGatewayDelivery":
+            connector = self.connectors.get(item.next_hop.connector.lower())
+            if not getattr(connector, "relay_dsn_required", False):
+                return []
+            action = "relayed"
+        elif item.next_hop.delivery_type in ("MapiDelivery", "DeliveryAgent"):
+            action = "delivered"
+        else:
+            return []  # an SMTP next hop that takes the message owns the DSN from now on
+        _, ref = self._insert_dsn(conn, message, [
+            DsnRecipient(final_recipient=r.address, original_recipient=r.orcpt, action=action,
+                         status="2.0.0", last_attempt=self.clock()) for r in wanted])
+        return [Event("DSN", "DSN", message, [r.address for r in wanted],
+                      [action] * len(wanted), reference=ref)]
 
     def _insert_dsn(self, conn: sqlite3.Connection, message: QueuedMessage,
                     recipients: list[DsnRecipient]) -> tuple[int, str]:

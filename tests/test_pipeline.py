@@ -134,3 +134,38 @@ async def test_bcc_only_pickup_gets_undisclosed_to_and_no_bcc_header(hub_factory
         got = box[0].read_bytes()
         assert b"\nBcc:" not in got
         assert b"To: Undisclosed recipients:;" in got
+
+
+async def test_notify_success_gives_delivered_dsn_for_mailbox_delivery(hub_factory) -> None:
+    async with hub_factory() as hub:
+        data = (b"X-Sender: <alice@contoso.test> ENVID=abc123\n"
+                b"X-Receiver: <bob@contoso.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@contoso.test\n"
+                + message())
+        drop_in(hub.replay, "s.eml", data)
+        dsn = await wait_for(lambda: maildir(hub.root, "Alice"))
+        report = message_from_bytes(dsn[0].read_bytes())
+        fields = {k.lower(): v for block in report.get_payload()[1].get_payload()
+                  for k, v in block.items()}
+        assert fields["action"] == "delivered"
+        assert fields["original-envelope-id"] == "abc123"
+        assert len(maildir(hub.root, "Bob")) == 1
+
+
+async def test_relay_dsn_only_when_the_foreign_connector_requires_it(hub_factory) -> None:
+    data = (b"X-Sender: <alice@contoso.test>\n"
+            b"X-Receiver: <IMCEAFAX-+2B15551234@contoso.test> NOTIFY=SUCCESS\n" + message())
+    async with hub_factory(foreign_extra="RelayDsnRequired = true") as hub:
+        drop_in(hub.replay, "s.eml", data)
+        dsn = await wait_for(lambda: maildir(hub.root, "Alice"))
+        assert b"Action: relayed" in dsn[0].read_bytes()
+
+
+async def test_no_relay_dsn_without_relay_dsn_required(hub_factory) -> None:
+    data = (b"X-Sender: <alice@contoso.test>\n"
+            b"X-Receiver: <IMCEAFAX-+2B15551234@contoso.test> NOTIFY=SUCCESS\n" + message())
+    async with hub_factory() as hub:
+        drop_in(hub.replay, "s.eml", data)
+        await wait_for(lambda: drop_files(hub.drop))
+        await wait_for(lambda: "DELIVER" in event_ids(hub.root))
+        assert not maildir(hub.root, "Alice")
+        assert "DSN" not in event_ids(hub.root)
