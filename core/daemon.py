@@ -92,7 +92,7 @@ def prepare_state(state: Path) -> Paths:
     """Create the state folder layout and make sure it is writable."""
     try:
         (state / "queue").mkdir(parents=True, exist_ok=True)
-        probe = state / f".probe-{os.getpid()}"
+        probe = state / ".hubport-write-test"  # one fixed name: a crash leaves no litter
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

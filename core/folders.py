@@ -123,7 +123,7 @@ class PickupDirectory:
     def _prepare(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         os.makedirs(self.work, exist_ok=True)
-        probe = self.path / f".hubport-probe-{os.getpid()}"
+        probe = self.path / ".hubport-write-test"  # one fixed name: a crash leaves no litter
         probe.write_bytes(b"")
         probe.unlink()
 

@@ -33,3 +33,9 @@ def configure(level: str = "INFO", *, json: bool | None = None) -> None:
     )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("watchdog.observers.inotify").addFilter(_benign_watchdog_stop)
+
+
+def _benign_watchdog_stop(record: logging.LogRecord) -> bool:
+    """watchdog logs an ERROR when an event arrives while its observer stops: noise."""
+    return "called when the thread is inactive" not in record.getMessage()

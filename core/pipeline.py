@@ -98,6 +98,7 @@ class Event:
 class Pipeline:
     CATEGORIZE_BATCH = 200
     DELIVERY_BATCH = 250
+    BATCHES_IN_FLIGHT = 2
 
     def __init__(self, org: Organization, server_name: str, hooks: Hooks, store: Store,
                  tracking: TrackingLog, *, clock: Callable[[], float] = time.time) -> None:
@@ -357,32 +358,70 @@ class Pipeline:
                 self._queue_worker(queue_id), name=f"queue-{queue_id}")
 
     async def _queue_worker(self, queue_id: int) -> None:
+        """Feed a delivery queue's batches to the deliver hook.
+
+        Up to ``BATCHES_IN_FLIGHT`` batches overlap, so one batch's file and network waits
+        do not hold up the next; a message is reserved before it is read as due, so two
+        batches never hold the same message.
+        """
         wake = self._queue_wake[queue_id]
-        while not self._stopping:
-            wake.clear()
-            now = self.clock()
-            suspended = await self.store.read(lambda c: q.queue_suspended(c, queue_id))
-            ids: list[int] = []
-            later = None
-            if not suspended:
-                ids, later = await self.store.read(
-                    lambda c, now=now: q.due_for_delivery(c, queue_id, now, self.DELIVERY_BATCH))
-            if ids:
-                await self._deliver_batch(queue_id, ids, now)
-                continue
-            timeout = None if later is None else max(0.0, later - self.clock())
-            if timeout is None and not suspended:
-                # idle: the worker ends after QueueMaxIdleTime; a wake restarts it
-                timeout = self.server.queue_max_idle_time
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not self._stopping:
+                wake.clear()
+                if len(running) >= self.BATCHES_IN_FLIGHT:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                now = self.clock()
+                suspended = await self.store.read(lambda c: q.queue_suspended(c, queue_id))
+                ids: list[int] = []
+                later = None
+                if not suspended:
+                    busy = set(self._in_flight)
+                    ids, later = await self.store.read(
+                        lambda c, now=now, busy=busy: q.due_for_delivery(
+                            c, queue_id, now, self.DELIVERY_BATCH, exclude=busy))
+                    ids = [i for i in ids if i not in self._in_flight]
+                if ids:
+                    self._in_flight.update(ids)
+                    task = asyncio.get_running_loop().create_task(
+                        self._guarded_batch(queue_id, ids, now))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                    continue
+                timeout = None if later is None else max(0.0, later - self.clock())
+                if running:  # a batch in progress may free messages or make some due
+                    waiter = asyncio.ensure_future(wake.wait())
+                    await asyncio.wait({*running, waiter}, timeout=timeout,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    continue
+                if timeout is None and not suspended:
+                    # idle: the worker ends after QueueMaxIdleTime; a wake restarts it
+                    try:
+                        await asyncio.wait_for(wake.wait(), self.server.queue_max_idle_time)
+                    except TimeoutError:
+                        return
+                    continue
                 try:
                     await asyncio.wait_for(wake.wait(), timeout)
                 except TimeoutError:
-                    return
-                continue
+                    pass
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _guarded_batch(self, queue_id: int, ids: list[int], now: float) -> None:
+        """A batch that fails outside the deliver hook (the queue could not commit) gives
+        its messages back; the retry comes with the next wake or sweep."""
+        try:
+            await self._deliver_batch(queue_id, ids, now)
+        except Exception:
+            log.exception("delivery batch failed; its messages stay queued", queue=queue_id)
             try:
-                await asyncio.wait_for(wake.wait(), timeout)
-            except TimeoutError:
-                pass
+                await self._release(ids)
+            except Exception:
+                self._in_flight.difference_update(ids)  # still marked in the database
 
     async def _deliver_batch(self, queue_id: int, ids: list[int], now: float) -> None:
         hop = self._hops.get(queue_id)
