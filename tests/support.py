@@ -9,9 +9,23 @@ from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from core.config_fields import ConfigContext, FieldReader
+from core.connectors import Connector
 from core.tracking import search
+
+
+class PlainConnector(Connector):
+    """A connector type with nothing but the common routing fields (section test_connector)."""
+
+    section: ClassVar[str] = "test_connector"
+    delivery_type: ClassVar[str] = "DeliveryAgent"
+    kind: ClassVar[str] = "DeliveryAgentConnector"
+
+    @classmethod
+    def from_config(cls, reader: FieldReader, ctx: ConfigContext) -> PlainConnector:
+        return cls(**cls.read_common(reader, ctx))
 
 
 def _find_corpus() -> Path:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from email import message_from_bytes
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -35,8 +35,6 @@ from agents.api import (
 )
 from core import hookimpl
 from core import queue as q
-from core.config_fields import ConfigContext, FieldReader
-from core.connectors import Connector
 from core.daemon import Daemon
 from core.hooks import Hooks
 from core.model import (
@@ -47,7 +45,7 @@ from core.model import (
     SmtpResponse,
     Submission,
 )
-from tests.support import BASE_ORG, drop_in, events, maildir, message, wait_for
+from tests.support import BASE_ORG, PlainConnector, drop_in, events, maildir, message, wait_for
 
 TEMP = SmtpResponse(451, "4.4.1", "Connection timed out (scripted next hop)")
 BUSY = SmtpResponse(452, "4.2.2", "Mailbox busy, try later (scripted)")
@@ -60,16 +58,7 @@ AddressSpaces = ["example.net"]
 """
 
 
-class ScriptConnector(Connector):
-    """A Delivery Agent connector whose deliveries the test scripts."""
-
-    section: ClassVar[str] = "test_connector"
-    delivery_type: ClassVar[str] = "DeliveryAgent"
-    kind: ClassVar[str] = "DeliveryAgentConnector"
-
-    @classmethod
-    def from_config(cls, reader: FieldReader, ctx: ConfigContext) -> ScriptConnector:
-        return cls(**cls.read_common(reader, ctx))
+ScriptConnector = PlainConnector  # A Delivery Agent connector whose deliveries the test scripts.
 
 
 @dataclass

@@ -9,7 +9,7 @@ HUB01 and HUB02 share Site-A, HUB03 is in Site-B (link cost 10), HUB04 in Site-C
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -30,8 +30,6 @@ from core.categorizer import (
     mailbox_next_hop,
 )
 from core.config import Organization, parse_organization
-from core.config_fields import ConfigContext, FieldReader
-from core.connectors import Connector
 from core.directory import RecipientDirectory
 from core.hooks import Hooks
 from core.model import (
@@ -44,18 +42,9 @@ from core.model import (
     SmtpResponse,
 )
 from core.routing import RouteCandidate, RouteDecision, RoutingTable
+from tests.support import PlainConnector
 
-
-class LabConnector(Connector):
-    """The test connector type: nothing but the common routing fields."""
-
-    section: ClassVar[str] = "test_connector"
-    delivery_type: ClassVar[str] = "DeliveryAgent"
-    kind: ClassVar[str] = "DeliveryAgentConnector"
-
-    @classmethod
-    def from_config(cls, reader: FieldReader, ctx: ConfigContext) -> LabConnector:
-        return cls(**cls.read_common(reader, ctx))
+LabConnector = PlainConnector  # The test connector type: nothing but the common routing fields.
 
 
 TOPOLOGY = """
