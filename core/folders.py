@@ -89,8 +89,10 @@ class PickupDirectory:
         self.work = self.bpath + b"/" + WORK
         self.pipeline = pipeline
         self._wake = asyncio.Event()
-        self._announced: set[bytes] = set()
-        self._hints: list[tuple[bytes, bool]] = []
+        #: names events announced: True when complete (closed after writing, renamed in),
+        #: False when only seen created (taken only if a lease proves no writer has it open)
+        self._announced: dict[bytes, bool] = {}
+        self._hints: list[tuple[bytes, str]] = []
         self._hints_lock = threading.Lock()
         self._hint_pending = False
         self._observer: Observer | None = None
@@ -152,13 +154,17 @@ class PickupDirectory:
         with self._hints_lock:
             hints, self._hints = self._hints, []
             self._hint_pending = False
-        self._announced.update(name for name, ready in hints if ready)
+        for name, kind in hints:
+            if kind in ("moved", "closed"):
+                self._announced[name] = True
+            elif kind == "created":  # also how a rename from outside the folder shows up
+                self._announced.setdefault(name, False)
         self._wake.set()
 
-    def _hint(self, loop: asyncio.AbstractEventLoop, name: bytes, ready: bool) -> None:
+    def _hint(self, loop: asyncio.AbstractEventLoop, name: bytes, kind: str) -> None:
         """Called in the observer thread for every event of an ``*.eml`` name."""
         with self._hints_lock:
-            self._hints.append((name, ready))
+            self._hints.append((name, kind))
             if self._hint_pending:
                 return
             self._hint_pending = True
@@ -227,19 +233,22 @@ class PickupDirectory:
         allowance = self._allowance()
         if allowance == 0:
             return False
-        announced, self._announced = self._announced, set()
+        announced, self._announced = self._announced, {}
         settle = self.server.folder_settle_time
-        names, fresh = await asyncio.to_thread(self._ready_names, announced, full, settle,
+        names, fresh = await asyncio.to_thread(self._ready_names, set(announced), full, settle,
                                                allowance)
         if fresh:  # look again once those files have settled
             self._next_scan = min(self._next_scan, time.monotonic() + settle)
         taken = set(names)
-        self._announced.update(n for n in announced if n not in taken)  # for the next pass
+        for name, sure in announced.items():  # the rest wait for the next pass
+            if name not in taken:
+                self._announced[name] = sure or self._announced.get(name, False)
         if full and len(names) >= allowance:
             self._next_scan = 0.0  # the scan stopped at the batch size: more files wait
         if not names:
             return False
-        claimed = await asyncio.to_thread(self._claim_and_read, names)
+        unsure = {n for n in names if announced.get(n) is False}
+        claimed = await asyncio.to_thread(self._claim_and_read, names, unsure)
         if claimed:
             await self._ingest(claimed)
         return bool(claimed)
@@ -276,14 +285,17 @@ class PickupDirectory:
                     break
         return ready[:limit], fresh
 
-    def _claim_and_read(self, names: list[bytes]) -> list[Claimed]:
+    def _claim_and_read(self, names: list[bytes], unsure: set[bytes]) -> list[Claimed]:
         dirfd = os.open(self.bpath, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            return [c for c in (self._claim_one(dirfd, n) for n in names) if c is not None]
+            claimed = (self._claim_one(dirfd, n, n in unsure) for n in names)
+            return [c for c in claimed if c is not None]
         finally:
             os.close(dirfd)
 
-    def _claim_one(self, dirfd: int, name: bytes) -> Claimed | None:
+    def _claim_one(self, dirfd: int, name: bytes, need_proof: bool = False) -> Claimed | None:
+        """Claim one file; ``need_proof``: only seen created, so a lease must show that no
+        writer still has it open (else the settle-time rescan decides)."""
         key = f"{self.key_prefix}{time.time_ns():x}-{next(_claims)}"
         work_name = _work_name(key, name)
         try:
@@ -302,6 +314,8 @@ class PickupDirectory:
             return None
         try:
             st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                return None  # a directory named *.eml is skipped (RELIABILITY §6, 71)
             if not stat.S_ISREG(st.st_mode):
                 self._quarantine_in_place(dirfd, name, "not a regular file")
                 return None
@@ -312,8 +326,9 @@ class PickupDirectory:
             if st.st_size > MAX_FILE_SIZE:
                 self._quarantine_in_place(dirfd, name, f"size {st.st_size} exceeds {MAX_FILE_SIZE}")
                 return None
-            if not _no_writer(fd):
-                return None  # still open for writing: next pass
+            writer = _writer_gone(fd)
+            if writer is False or (writer is None and need_proof):
+                return None  # still open for writing (or cannot tell yet): a later pass
             try:
                 os.rename(name, work_name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
             except FileNotFoundError:
@@ -550,12 +565,14 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
             kind = event.event_type
+            if event.is_directory:
+                return
             path = event.dest_path if kind == "moved" else event.src_path
             raw = os.fsencode(path)
             parent, _, name = raw.rpartition(b"/")
             if parent != self.root or not name.lower().endswith(EML):
                 return
-            self.folder._hint(self.loop, name, kind in ("moved", "closed"))
+            self.folder._hint(self.loop, name, kind)
         except Exception:  # a dead observer thread loses events: never let one escape
             pass
 
@@ -668,12 +685,13 @@ def _write_reason(dirfd: int, bad: bytes, reason: str) -> None:
     os.rename(tmp, bad + b".reason", src_dir_fd=dirfd, dst_dir_fd=dirfd)
 
 
-def _no_writer(fd: int) -> bool:
-    """False while another process has the file open for writing (Linux read lease)."""
+def _writer_gone(fd: int) -> bool | None:
+    """True when no process has the file open for writing (a Linux read lease was granted),
+    False while one has, None when the lease cannot tell (not our file, no lease support)."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
     except OSError as exc:
-        return exc.errno not in (errno.EAGAIN, errno.EBUSY)  # EACCES etc.: settle time decides
+        return False if exc.errno in (errno.EAGAIN, errno.EBUSY) else None
     return True
 
 

@@ -351,12 +351,12 @@ async def test_file_removed_between_scan_and_claim(
         original = folder._claim_and_read
         raced: list[bytes] = []
 
-        def remove_then_claim(names: list[bytes]) -> Any:
+        def remove_then_claim(names: list[bytes], unsure: set[bytes]) -> Any:
             for name in names:
                 if name.startswith(b"gone"):
                     os.unlink(folder.bpath + b"/" + name)  # another process took it
                     raced.append(name)
-            return original(names)
+            return original(names, unsure)
 
         monkeypatch.setattr(folder, "_claim_and_read", remove_then_claim)
         drop_in(hub.pickup, "gone.eml", message(subject="gone"))
@@ -374,17 +374,17 @@ async def test_file_removed_between_scan_and_claim(
 async def test_file_removed_while_being_opened(
         hub_factory: HubFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Unlinked after our open, before the claim rename: skipped quietly, never .bad."""
-    real_no_writer = folders_module._no_writer
+    real_no_writer = folders_module._writer_gone
     removed: list[str] = []
 
-    def remove_then_check(fd: int) -> bool:
+    def remove_then_check(fd: int) -> bool | None:
         path = os.readlink(f"/proc/self/fd/{fd}")
         if os.path.basename(path).startswith("gone"):
             os.unlink(path)
             removed.append(path)
         return real_no_writer(fd)
 
-    monkeypatch.setattr(folders_module, "_no_writer", remove_then_check)
+    monkeypatch.setattr(folders_module, "_writer_gone", remove_then_check)
     async with hub_factory() as hub:
         drop_in(hub.pickup, "gone.eml", message(subject="gone"))
         await wait_for(lambda: removed)
@@ -517,3 +517,20 @@ async def test_messages_per_minute_throttle(
         assert work_entries(hub.pickup) == []
         received = await wait_for(lambda: len(events(hub.root, event_id="RECEIVE")) == 5)
         assert received
+
+
+async def test_file_renamed_in_from_another_folder_is_taken_before_the_rescan(
+        hub_factory: HubFactory, tmp_path: Path) -> None:
+    """A rename from outside the watched folder reaches watchdog as a created event, not a
+    move: it must still be taken at once (the lease proves no writer holds it), not only at
+    the next rescan."""
+    async with hub_factory(server_extra="") as hub:
+        hub.pipeline.server  # noqa: B018 - the hub is up
+        outside = tmp_path / "outside.eml"
+        outside.write_bytes(message(subject="from outside"))
+        folders = hub.daemon.folders
+        for folder in folders:  # push the next full rescan far away
+            folder._next_scan = float("inf")
+        os.rename(outside, hub.pickup / "moved-in.eml")
+        got = await wait_for(lambda: maildir(hub.root, "Bob"), timeout=3)
+        assert read_mail(got[0])["Subject"] == "from outside"
