@@ -21,6 +21,7 @@ import errno
 import fcntl
 import itertools
 import os
+import re
 import stat
 import threading
 import time
@@ -86,7 +87,7 @@ class PickupDirectory:
 
     kind = "Pickup"
     source = "PICKUP"
-    key_prefix = "P"
+    letter = "P"
 
     def __init__(self, path: Path, pipeline: Pipeline) -> None:
         self.path = path
@@ -109,6 +110,13 @@ class PickupDirectory:
         self._warned: dict[bytes, float] = {}
         self.ingested = 0
         self.bad = 0
+
+    @property
+    def key_prefix(self) -> str:
+        """Claim keys name the folder and the server: several hubs may share one folder
+        (each file still goes to exactly one of them: the claim is an atomic rename), and
+        each recovers only its own claims at start."""
+        return f"{self.letter}{re.sub(r'[^A-Za-z0-9]', '_', self.pipeline.server_name)}."
 
     # -- settings from the running config (live reload applies at the next scan) ----------
 
@@ -558,7 +566,7 @@ class ReplayDirectory(PickupDirectory):
 
     kind = "Replay"
     source = "ADMIN"
-    key_prefix = "R"
+    letter = "R"
 
     def _per_minute(self) -> int | None:
         return self.server.pickup_directory_max_messages_per_minute
@@ -584,6 +592,7 @@ class _InotifyWatch:
     def __init__(self, folder: PickupDirectory, loop: asyncio.AbstractEventLoop) -> None:
         self.folder = folder
         self.loop = loop
+        self.stopping = False
         self.reader = InotifyFD()
         self.reader.start()
         self.wd = self.reader.add_callback(folder.bpath, self.MASK, self, id(self))
@@ -591,7 +600,7 @@ class _InotifyWatch:
     def on_event(self, event: Any) -> None:
         try:
             if event.is_delete_self or event.is_move_self:
-                self.loop.call_soon_threadsafe(self.folder._overflowed)
+                self._rescan()
                 return
             name = event.name
             if event.is_directory or not name or not name.lower().endswith(EML):
@@ -603,15 +612,20 @@ class _InotifyWatch:
             pass
 
     def on_watch_deleted(self, wd: Any) -> None:
-        self.loop.call_soon_threadsafe(self.folder._overflowed)
+        self._rescan()
 
     def on_queue_overflow(self) -> None:
-        self.loop.call_soon_threadsafe(self.folder._overflowed)
+        self._rescan()
+
+    def _rescan(self) -> None:
+        if not self.stopping:  # our own stop removes the watch too
+            self.loop.call_soon_threadsafe(self.folder._overflowed)
 
     def is_alive(self) -> bool:
         return self.reader.is_alive()
 
     def stop(self) -> None:
+        self.stopping = True
         self.reader.stop()
 
     def join(self, timeout: float | None = None) -> None:

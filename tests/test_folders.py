@@ -477,11 +477,11 @@ async def test_claimed_files_left_by_a_crash(hub_factory: HubFactory, tmp_path: 
     conn = sqlite3.connect(db)
     with conn:
         conn.execute("INSERT INTO claim (name, message, at) VALUES (?,?,?)",
-                     ("P17f0c0ffee-1", 1, time.time()))
+                     ("PHUB01.17f0c0ffee-1", 1, time.time()))
     conn.close()
     work = tmp_path / "pickup" / ".work"
-    (work / "P17f0c0ffee-1~committed.eml").write_bytes(message(subject="already committed"))
-    (work / "P17f0c0ffee-2~unknown.eml").write_bytes(message(subject="claimed, not committed"))
+    (work / "PHUB01.17f0c0ffee-1~committed.eml").write_bytes(message(subject="already committed"))
+    (work / "PHUB01.17f0c0ffee-2~unknown.eml").write_bytes(message(subject="claimed, not committed"))
     async with hub_factory() as hub:
         got = await wait_for(lambda: maildir(hub.root, "Bob"))
         await settle_passes()
@@ -494,7 +494,7 @@ async def test_claimed_files_left_by_a_crash(hub_factory: HubFactory, tmp_path: 
         assert len(got) == 1
         stale = await hub.store.read(
             lambda c: c.execute("SELECT name FROM claim WHERE name LIKE 'P%'").fetchall())
-        assert [r[0] for r in stale] in ([], ["P17f0c0ffee-1"])  # the ingested one forgotten
+        assert [r[0] for r in stale] in ([], ["PHUB01.17f0c0ffee-1"])  # the ingested one forgotten
 
 
 # -- throttle ----------------------------------------------------------------------------------
@@ -534,3 +534,57 @@ async def test_file_renamed_in_from_another_folder_is_taken_before_the_rescan(
         os.rename(outside, hub.pickup / "moved-in.eml")
         got = await wait_for(lambda: maildir(hub.root, "Bob"), timeout=3)
         assert read_mail(got[0])["Subject"] == "from outside"
+
+
+# -- two hubs sharing one folder ---------------------------------------------------------------
+
+
+async def test_two_hubs_sharing_a_pickup_folder_take_each_file_once(tmp_path: Path) -> None:
+    """HUB01 and HUB02 watch the same Pickup and Replay folders (each with its own queue):
+    every file is ingested by exactly one of them, and a restart of one never re-ingests the
+    other's claims (RELIABILITY §6, 72)."""
+    import asyncio
+
+    from core.daemon import Daemon
+
+    config = support.write_org(tmp_path, foreign_extra='SourceTransportServers = ["HUB01", "HUB02"]',
+                               extra="""
+[[transport_server]]
+Name = "HUB02"
+StateDirectory = "var2"
+PickupDirectoryMaxMessagesPerMinute = "unlimited"
+FolderRescanInterval = "0.3s"
+FolderSettleTime = "0.2s"
+""")
+    hubs = [Daemon(config, name, signals=False) for name in ("HUB01", "HUB02")]
+    tasks = [asyncio.get_running_loop().create_task(h.run()) for h in hubs]
+    try:
+        await wait_for(lambda: all(h.ready.is_set() for h in hubs))
+        for i in range(150):
+            target = tmp_path / ("pickup" if i % 2 else "replay")
+            data = message(to="IMCEAFAX-+2B15551234@contoso.test", subject=f"shared {i}",
+                           message_id=f"<shared-{i}@contoso.test>")
+            if target.name == "replay":
+                data = support.replay_file("alice@contoso.test",
+                                           ["IMCEAFAX-+2B15551234@contoso.test"], data)
+            drop_in(target, f"m{i:03d}.eml", data)
+        drop = tmp_path / "drop" / "Fax Gateway"
+        await wait_for(lambda: len(support.drop_files(drop)) >= 150, timeout=30)
+        await settle_passes()
+        ids = [read_mail_id(p) for p in support.drop_files(drop)]
+        assert len(ids) == 150 and len(set(ids)) == 150
+        taken = [sum(f.ingested for f in h.folders) for h in hubs]
+        assert sum(taken) == 150
+    finally:
+        for h in hubs:
+            h.stop()
+        await asyncio.gather(*tasks)
+    # restart HUB02 only: it must not touch what HUB01 might have left in .work
+    assert not [p for p in (tmp_path / "pickup" / ".work").iterdir()]
+
+
+def read_mail_id(path: Path) -> str:
+    for line in path.read_bytes().split(b"\r\n"):
+        if line.lower().startswith(b"message-id:"):
+            return line.split(b":", 1)[1].strip().decode()
+    raise AssertionError(f"no Message-ID in {path}")
