@@ -54,19 +54,22 @@ class MaildirAgent(DeliveryAgent):
         roots: set[Path] = set()
         for index, item in enumerate(items):
             for r in item.recipients:
+                if r.drop_intent:  # recovery: the intent names the mailbox it was written for
+                    alias, _, name = r.drop_intent.rpartition("/")
+                    root = maildir_root(server.state_directory, alias)
+                    roots.add(root)
+                    plans.append(FilePlan(index, [r.id], r.drop_intent, root / "tmp" / name,
+                                          root / "new" / name, None))
+                    continue
                 box = directory.mailbox(r.address)
                 if box is None:
                     results[index].recipients[r.id] = RecipientResult.failed(MAILBOX_UNKNOWN)
                     continue
                 root = maildir_root(server.state_directory, box.alias)
                 roots.add(root)
-                if r.drop_intent:
-                    name = r.drop_intent.rsplit("/", 1)[-1]
-                    data = None
-                else:
-                    name = (f"{int(item.message.received_at)}.H{self.context.store_id}"
-                            f"M{item.message.id}R{r.id}.{server.name}")
-                    data = local_copy(item, r.address)
+                name = (f"{int(item.message.received_at)}.H{self.context.store_id}"
+                        f"M{item.message.id}R{r.id}.{server.name}")
+                data = local_copy(item, r.address)
                 plans.append(FilePlan(index, [r.id], f"{box.alias}/{name}", root / "tmp" / name,
                                       root / "new" / name, data))
         await asyncio.to_thread(_ensure_all, roots)

@@ -188,17 +188,31 @@ class Daemon:
             log.error("configuration change refused; the running configuration stays",
                       error=str(exc))
             return False
-        old = self.server
+        old, new = self.server, org.server(self.server_name)
+        folders_changed = (old.pickup_directory_path, old.replay_directory_path) != (
+            new.pickup_directory_path, new.replay_directory_path)
+        if folders_changed:
+            try:
+                await asyncio.to_thread(_check_folders, new)
+            except OSError as exc:
+                log.error("configuration change refused; the running configuration stays",
+                          error=f"folder {exc.filename} is not usable: {exc.strerror}")
+                return False
+        if new.state_directory != old.state_directory:
+            log.warning("StateDirectory changes take effect at the next start",
+                        running=str(old.state_directory), configured=str(new.state_directory))
         self.org = org
         assert self.pipeline is not None
-        moved = await self.pipeline.reload(org)
-        new = self.server
-        if (old.pickup_directory_path, old.replay_directory_path) != (
-                new.pickup_directory_path, new.replay_directory_path):
+        try:
+            moved = await self.pipeline.reload(org)
+        except Exception:  # the new config is in force; the resubmission is retried later
+            log.exception("re-evaluating queues after the reload failed")
+            moved = 0
+        if folders_changed:
             for folder in self.folders:
                 await folder.stop()
             await self._start_folders()
-        log.info("configuration reloaded", resubmitted_unreachable=moved)
+        log.info("configuration reloaded", resubmitted=moved)
         return True
 
     async def _start_folders(self) -> None:
@@ -258,6 +272,17 @@ class Daemon:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _check_folders(server: Any) -> None:
+    """Raise OSError when a Pickup or Replay folder cannot be created and written."""
+    for path in (server.pickup_directory_path, server.replay_directory_path):
+        if path is None:
+            continue
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".hubport-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
 
 
 def _tracking_settings(server: Any) -> TrackingSettings:

@@ -476,11 +476,16 @@ class PickupDirectory:
 
     async def _finish_batch(self, done: list[Claimed], back: list[Claimed],
                             bad: list[tuple[Claimed, str]]) -> None:
-        await asyncio.to_thread(self._finish, done, back, bad)
-        if done:
-            self.ingested += len(done)
-            keys = [c.key for c in done]
-            await self.pipeline.store.write(lambda conn: q.forget_claims(conn, keys))
+        """Remove committed files, return the others; never raises (a claim row left
+        behind is harmless: recovery at the next start finds no file for it)."""
+        try:
+            await asyncio.to_thread(self._finish, done, back, bad)
+            if done:
+                self.ingested += len(done)
+                keys = [c.key for c in done]
+                await self.pipeline.store.write(lambda conn: q.forget_claims(conn, keys))
+        except Exception:
+            log.exception("finishing a folder batch failed", folder=self.kind)
 
     async def _finished(self) -> None:
         """Wait for the batch still being finished (its files removed or returned)."""

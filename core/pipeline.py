@@ -117,6 +117,12 @@ class Pipeline:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._in_flight: set[int] = set()
+        #: released in memory but still marked in flight in the database (a failed write)
+        self._stranded: set[int] = set()
+        #: queue id -> monotonic time before which its worker takes no new batch
+        self._queue_backoff: dict[int, float] = {}
+        #: bumped by every reload: decisions computed under an older config are not final
+        self.generation = 0
         self.apply_config(org)
 
     # -- configuration -----------------------------------------------------------------
@@ -130,9 +136,18 @@ class Pipeline:
         self.connectors = {c.name.lower(): c for c in org.connectors}
 
     async def reload(self, org: Organization) -> int:
-        """Apply a new config and resubmit the Unreachable queue unless it is suspended."""
+        """Apply a new config; resubmit the Unreachable queue (unless it is suspended) and
+        the queues of connectors that are gone or disabled now."""
+        old = {c.name.lower() for c in self.org.connectors if c.enabled}
         self.apply_config(org)
+        self.generation += 1
+        gone = sorted(old - {c.name.lower() for c in org.connectors if c.enabled})
         moved = await self.store.write(self._resubmit_unreachable)
+        if gone:
+            marks = ",".join("?" * len(gone))
+            moved += await self.store.write(lambda c: q.resubmit_recipients(
+                c, "r.status IN ('Ready','Retry') AND r.queue IN (SELECT id FROM delivery_queue"
+                   f" WHERE lower(connector) IN ({marks}))", gone))
         if moved:
             self._categorizer_wake.set()
         return moved
@@ -148,6 +163,7 @@ class Pipeline:
     async def start(self) -> q.Recovery:
         poison = self.server.poison_threshold
         enabled = self.server.poison_message_detection_enabled
+        self._loop = asyncio.get_running_loop()
         recovery = await self.store.write(lambda c: q.recover(c, poison, enabled))
         self.store_id = await self.store.write(_store_id)
         self._hops = await self.store.read(q.queue_hops)
@@ -246,15 +262,29 @@ class Pipeline:
             await self._categorizer_wake.wait()
             self._categorizer_wake.clear()
             while not self._stopping:
-                ids = await self.store.read(lambda c: q.submitted_message_ids(
-                    c, self.CATEGORIZE_BATCH, self.clock()))
-                if not ids:
+                try:
+                    ids = await self.store.read(lambda c: q.submitted_message_ids(
+                        c, self.CATEGORIZE_BATCH, self.clock()))
+                    if not ids:
+                        break
+                    await self._categorize_batch(ids)
+                except Exception:  # the stage must outlive a failing disk or a bug
+                    log.exception("categorizer pass failed; retrying")
+                    await self._pause(1.0)
+                    self._categorizer_wake.set()
                     break
-                await self._categorize_batch(ids)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the pipeline stops."""
+        try:
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def _categorize_batch(self, ids: list[int]) -> None:
         await self._mark_in_flight(ids)
         messages = await self.store.read(lambda c: q.load_messages(c, ids))
+        generation = self.generation
         results: list[Categorized] = []
         for message in messages:
             try:
@@ -267,9 +297,12 @@ class Pipeline:
                               internal_message_id=message.id)
                 await self._release([message.id], retry_in=self.server.message_retry_interval)
         # one write per message (its decisions and NDRs are atomic), all in one group commit
+        # a reload during this batch: Unreachable decisions are not final (the new config
+        # may route them; its resubmission of Unreachable has already run)
+        stale = generation != self.generation
         committed = await asyncio.gather(*(
-            self.store.write(lambda c, r=r: self._commit_categorized(c, r)) for r in results),
-            return_exceptions=True)
+            self.store.write(lambda c, r=r: self._commit_categorized(c, r, stale))
+            for r in results), return_exceptions=True)
         touched: set[int] = set()
         for result, outcome in zip(results, committed):
             self._in_flight.discard(result.message.id)
@@ -288,13 +321,14 @@ class Pipeline:
         for queue_id in touched:
             self._wake_queue(queue_id)
 
-    def _commit_categorized(self, conn: sqlite3.Connection,
-                            result: Categorized) -> tuple[list[Event], set[int]]:
+    def _commit_categorized(self, conn: sqlite3.Connection, result: Categorized,
+                            stale: bool = False) -> tuple[list[Event], set[int]]:
         message = result.message
         events: list[Event] = []
         updates: list[RecipientUpdate] = []
         failures: list[tuple[QueuedRecipient, SmtpResponse, str]] = []
         hops: dict[tuple[str, str, str], int] = {}
+        resubmit = False
         for d in result.decisions:
             row = d.recipient
             if row is None:  # added by expansion or redirect: a new recipient row
@@ -315,6 +349,9 @@ class Pipeline:
                     self._hops[queue_id] = d.next_hop
                 updates.append(RecipientUpdate(row.id, S.READY, queue_id=queue_id,
                                                address=address, orcpt=orcpt))
+            elif d.kind == UNREACHABLE and stale:
+                updates.append(RecipientUpdate(row.id, S.SUBMITTED, address=address, orcpt=orcpt))
+                resubmit = True
             elif d.kind == UNREACHABLE:
                 updates.append(RecipientUpdate(row.id, S.UNREACHABLE, address=address, orcpt=orcpt,
                                                last_response="Unreachable: no connector matches"))
@@ -332,7 +369,9 @@ class Pipeline:
                 events.append(Event("TRANSFER", "ROUTING", message, [], [], connector=key[2],
                                     context=f"{key[0]}:{key[1]}"))
         events.extend(self._fail_in_conn(conn, message, failures))
-        q.set_message_state(conn, message.id, "active")
+        q.set_message_state(conn, message.id, "submitted" if resubmit else "active")
+        if resubmit:
+            self._loop.call_soon_threadsafe(self._categorizer_wake.set)
         q.finish_if_done(conn, message.id)
         return events, set(hops.values())
 
@@ -372,20 +411,20 @@ class Pipeline:
                 if len(running) >= self.BATCHES_IN_FLIGHT:
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                now = self.clock()
-                suspended = await self.store.read(lambda c: q.queue_suspended(c, queue_id))
-                ids: list[int] = []
-                later = None
-                if not suspended:
-                    busy = set(self._in_flight)
-                    ids, later = await self.store.read(
-                        lambda c, now=now, busy=busy: q.due_for_delivery(
-                            c, queue_id, now, self.DELIVERY_BATCH, exclude=busy))
-                    ids = [i for i in ids if i not in self._in_flight]
+                backoff = self._queue_backoff.get(queue_id, 0.0) - time.monotonic()
+                if backoff > 0:  # a batch failed outside the deliver hook: no hot loop
+                    await self._pause(backoff)
+                    continue
+                try:
+                    ids, later, suspended = await self._due(queue_id)
+                except Exception:
+                    log.exception("reading delivery queue failed; retrying", queue=queue_id)
+                    self._queue_backoff[queue_id] = time.monotonic() + 1.0
+                    continue
                 if ids:
                     self._in_flight.update(ids)
                     task = asyncio.get_running_loop().create_task(
-                        self._guarded_batch(queue_id, ids, now))
+                        self._guarded_batch(queue_id, ids, self.clock()))
                     running.add(task)
                     task.add_done_callback(running.discard)
                     continue
@@ -401,6 +440,8 @@ class Pipeline:
                     try:
                         await asyncio.wait_for(wake.wait(), self.server.queue_max_idle_time)
                     except TimeoutError:
+                        if wake.is_set():  # woken while the wait was being cancelled
+                            continue
                         return
                     continue
                 try:
@@ -411,6 +452,17 @@ class Pipeline:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
 
+    async def _due(self, queue_id: int) -> tuple[list[int], float | None, bool]:
+        """The next batch of due messages not held by another batch, the next retry time
+        after that, and whether the queue is suspended."""
+        now = self.clock()
+        if await self.store.read(lambda c: q.queue_suspended(c, queue_id)):
+            return [], None, True
+        busy = set(self._in_flight)
+        ids, later = await self.store.read(lambda c: q.due_for_delivery(
+            c, queue_id, now, self.DELIVERY_BATCH, exclude=busy))
+        return [i for i in ids if i not in self._in_flight], later, False
+
     async def _guarded_batch(self, queue_id: int, ids: list[int], now: float) -> None:
         """A batch that fails outside the deliver hook (the queue could not commit) gives
         its messages back; the retry comes with the next wake or sweep."""
@@ -418,10 +470,12 @@ class Pipeline:
             await self._deliver_batch(queue_id, ids, now)
         except Exception:
             log.exception("delivery batch failed; its messages stay queued", queue=queue_id)
+            self._queue_backoff[queue_id] = time.monotonic() + self.server.message_retry_interval
             try:
                 await self._release(ids)
             except Exception:
-                self._in_flight.difference_update(ids)  # still marked in the database
+                self._in_flight.difference_update(ids)
+                self._stranded.update(ids)  # the sweeper clears the database marks later
 
     async def _deliver_batch(self, queue_id: int, ids: list[int], now: float) -> None:
         hop = self._hops.get(queue_id)
@@ -593,7 +647,7 @@ class Pipeline:
             subject=subject_of(parse_header_section(dsn)), reference=message.message_id)
         now = self.clock()
         dsn_id = q.insert_submission(conn, sub, now, now + self.server.message_expiration_timeout)
-        self._categorizer_wake.set()
+        self._loop.call_soon_threadsafe(self._categorizer_wake.set)  # we are in the db thread
         return dsn_id, dsn_msgid
 
     # -- expiry and delay notifications ------------------------------------------------
@@ -607,6 +661,11 @@ class Pipeline:
                 events = await self.store.write(self._sweep)
                 self._emit(events)
                 self._categorizer_wake.set()  # picks up Submission items whose retry came due
+                self._dispatch_wake.set()  # revives a queue worker that died or went idle
+                if self._stranded:  # in-flight marks a failed release left in the database
+                    ids = list(self._stranded)
+                    await self.store.write(lambda c, ids=ids: q.release(c, ids, None))
+                    self._stranded.difference_update(ids)
             except Exception:
                 log.exception("sweeper failed")
             try:
@@ -658,8 +717,8 @@ class Pipeline:
     # -- helpers -----------------------------------------------------------------------
 
     async def _mark_in_flight(self, ids: list[int]) -> None:
-        self._in_flight.update(ids)
         await self.store.write(lambda c: q.set_in_flight(c, ids, True))
+        self._in_flight.update(ids)
 
     async def _release(self, ids: list[int], retry_in: float | None = None) -> None:
         """Clear the in-flight mark; ``retry_in`` keeps a Submission item back that long."""

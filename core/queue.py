@@ -55,6 +55,8 @@ CREATE TABLE IF NOT EXISTS message (
     data BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS message_state ON message(state, suspended);
+CREATE INDEX IF NOT EXISTS message_suspect ON message(id) WHERE suspect=1;
+CREATE INDEX IF NOT EXISTS message_expiry ON message(expires_at);
 CREATE TABLE IF NOT EXISTS recipient (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     message INTEGER NOT NULL REFERENCES message(id) ON DELETE CASCADE,
@@ -213,8 +215,8 @@ def submitted_message_ids(conn: sqlite3.Connection, limit: int, now: float) -> l
     ready = ("state='submitted' AND suspended=0 AND in_flight=0"
              " AND COALESCE(not_before,0)<=?")
     suspect = conn.execute(
-        f"SELECT id FROM message WHERE {ready} AND suspect=1 ORDER BY id LIMIT 1",
-        (now,)).fetchall()
+        f"SELECT id FROM message INDEXED BY message_suspect WHERE suspect=1 AND {ready}"
+        " ORDER BY id LIMIT 1", (now,)).fetchall()
     if suspect:
         return [suspect[0][0]]
     return [r[0] for r in conn.execute(
@@ -227,23 +229,22 @@ def due_for_delivery(
 ) -> tuple[list[int], float | None]:
     """Message ids with recipients due in a delivery queue, and the next due time after."""
     excluded = set(exclude)
-    ids: list[int] = []
-    suspect_only = False
+    due = ("r.queue=? AND r.status IN ('Ready','Retry') AND COALESCE(r.next_retry,0)<=?"
+           " AND m.state='active' AND m.suspended=0 AND m.in_flight=0")
+    # a message that crashed the process before is delivered alone (only it is blamed
+    # if it crashes again); suspects are rare, so look for one through their own index
     for row in conn.execute(
-        "SELECT DISTINCT r.message, m.suspect FROM recipient r JOIN message m ON m.id=r.message"
-        " WHERE r.queue=? AND r.status IN ('Ready','Retry') AND COALESCE(r.next_retry,0)<=?"
-        " AND m.state='active' AND m.suspended=0 AND m.in_flight=0"
-        " ORDER BY m.suspect DESC, r.message LIMIT ?",
+        f"SELECT DISTINCT r.message FROM message m JOIN recipient r ON r.message=m.id"
+        f" WHERE m.suspect=1 AND {due} LIMIT ?", (queue_id, now, len(excluded) + 1)):
+        if row[0] not in excluded:
+            return [row[0]], None
+    ids: list[int] = []
+    for row in conn.execute(
+        f"SELECT DISTINCT r.message FROM recipient r JOIN message m ON m.id=r.message"
+        f" WHERE {due} AND m.suspect=0 LIMIT ?",  # index order: no sort of a long queue
         (queue_id, now, limit + len(excluded))):
         if row[0] in excluded:
             continue
-        if row[1]:
-            if not ids:
-                ids.append(row[0])
-                suspect_only = True
-            break
-        if suspect_only:
-            break
         ids.append(row[0])
         if len(ids) >= limit:
             break
