@@ -35,7 +35,7 @@ class FilePlan:
     intent: str
     temp: Path
     final: Path
-    data: bytes | None  # None: a recovery plan, the temp was written before a crash
+    data: bytes | tuple[bytes, ...] | None  # chunks; None: recovery, written before a crash
     error: SmtpResponse | None = None
     recovered: bool = field(default=False)
     #: the recorded intent names a file that never became visible: forget it on retry

@@ -32,10 +32,11 @@ def ensure_maildir(root: Path) -> None:
         mailbox.Maildir(root, create=True)
 
 
-def local_copy(item: MailItem, address: str) -> bytes:
+def local_header(item: MailItem, address: str) -> bytes:
+    """The fields final delivery adds, in the Maildir's LF line endings."""
     head = make_field("Return-Path", f"<{item.message.mail_from.address}>")
     head += make_field("Delivered-To", address)
-    return (head + item.data).replace(b"\r\n", b"\n")
+    return head.replace(b"\r\n", b"\n")
 
 
 class MaildirAgent(DeliveryAgent):
@@ -53,6 +54,7 @@ class MaildirAgent(DeliveryAgent):
         plans: list[FilePlan] = []
         roots: set[Path] = set()
         for index, item in enumerate(items):
+            body: bytes | None = None
             for r in item.recipients:
                 if r.drop_intent:  # recovery: the intent names the mailbox it was written for
                     alias, _, name = r.drop_intent.rpartition("/")
@@ -69,7 +71,9 @@ class MaildirAgent(DeliveryAgent):
                 roots.add(root)
                 name = (f"{int(item.message.received_at)}.H{self.context.store_id}"
                         f"M{item.message.id}R{r.id}.{server.name}")
-                data = local_copy(item, r.address)
+                if body is None:  # one LF copy of the message serves every mailbox
+                    body = item.data.replace(b"\r\n", b"\n")
+                data = (local_header(item, r.address), body)
                 plans.append(FilePlan(index, [r.id], f"{box.alias}/{name}", root / "tmp" / name,
                                       root / "new" / name, data))
         await asyncio.to_thread(_ensure_all, roots)

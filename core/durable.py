@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 _libc = None
@@ -76,17 +76,18 @@ def rename_noreplace(src: Path | str, dst: Path | str) -> None:
     os.rename(src, dst)
 
 
-def write_new_file(path: Path, data: bytes, mode: int = 0o644) -> int:
-    """Create ``path`` exclusively (never following a link) and write ``data``; returns the fd.
-
-    The caller syncs and closes the descriptor.
+def write_new_file(path: Path, data: bytes | Sequence[bytes], mode: int = 0o644) -> int:
+    """Create ``path`` exclusively (never following a link) and write ``data`` (bytes, or
+    chunks written one after the other, so a body shared by many files is not copied for
+    each); returns the fd. The caller syncs and closes the descriptor.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        for chunk in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
+            view = memoryview(chunk)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
     except BaseException:
         os.close(fd)
         try:
