@@ -115,6 +115,7 @@ class Pipeline:
         self._categorizer_wake = asyncio.Event()
         self._dispatch_wake = asyncio.Event()
         self._stopping = False
+        self._recovering = False
         self._stopped = asyncio.Event()
         self._in_flight: set[int] = set()
         #: released in memory but still marked in flight in the database (a failed write)
@@ -178,6 +179,12 @@ class Pipeline:
         if recovery.crashed:
             log.warning("messages were in flight when the process stopped",
                         count=len(recovery.crashed), poisoned=len(recovery.poisoned))
+        self._recovering = True
+        try:
+            for msg_id in sorted(set(recovery.crashed) - set(recovery.poisoned)):
+                await self._process_alone(msg_id)
+        finally:
+            self._recovering = False
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._categorizer_loop(), name="categorizer"),
                        loop.create_task(self._dispatch_loop(), name="dispatcher"),
@@ -185,6 +192,29 @@ class Pipeline:
         self._categorizer_wake.set()
         self._dispatch_wake.set()
         return recovery
+
+    async def _process_alone(self, msg_id: int) -> None:
+        """Take a message that was in flight at a crash through categorization and one
+        delivery attempt with nothing else in flight, before normal work starts.
+
+        A crash in a batch blames every message of the batch once; if the process dies
+        again now, only this message was being processed, so only it is blamed a second
+        time (and goes to Poison). If it survives, its crash count starts again from zero.
+        """
+        state = await self.store.read(lambda c: c.execute(
+            "SELECT state FROM message WHERE id=?", (msg_id,)).fetchone())
+        if state is None or state[0] == "poison":
+            return
+        if state[0] == "submitted":
+            await self._categorize_batch([msg_id])
+        queues = await self.store.read(lambda c: [r[0] for r in c.execute(
+            "SELECT DISTINCT queue FROM recipient WHERE message=? AND queue IS NOT NULL"
+            " AND status IN ('Ready','Retry')", (msg_id,))])
+        for queue_id in queues:  # due or not: this is its one isolated attempt
+            self._in_flight.add(msg_id)
+            await self._deliver_batch(queue_id, [msg_id], float("inf"))
+        await self.store.write(lambda c: c.execute(
+            "UPDATE message SET crash_count=0, suspect=0 WHERE id=?", (msg_id,)))
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Finish the batches in progress (up to ``timeout``), then stop every task."""
@@ -387,7 +417,7 @@ class Pipeline:
                 self._wake_queue(queue_id)
 
     def _wake_queue(self, queue_id: int) -> None:
-        if self._stopping:
+        if self._stopping or self._recovering:  # start() dispatches every queue afterwards
             return
         event = self._queue_wake.setdefault(queue_id, asyncio.Event())
         event.set()

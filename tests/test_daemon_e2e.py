@@ -8,6 +8,7 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from email import message_from_bytes
 from pathlib import Path
@@ -348,3 +349,43 @@ async def test_bifurcated_message_held_by_one_queue_is_not_forgotten_by_the_othe
             message_id="<second@test>"))
         await wait_for(lambda: maildir(hub.root, "Bob"), timeout=10)
         await wait_for(lambda: len(drop_files(hub.drop)) == 2, timeout=5)
+
+
+# -- poison messages --------------------------------------------------------------------------
+
+
+def test_message_that_kills_the_process_twice_goes_to_poison_and_the_rest_flows(
+        tmp_path: Path, pool: DaemonPool) -> None:
+    """A categorize agent that SIGKILLs the daemon on one message: after two crashes
+    (PoisonThreshold 2) it sits in Poison, never delivered; its batch-mates, in flight
+    during the same crashes, are delivered (EXCHANGE §8)."""
+    (tmp_path / "killer_agent.py").write_text(
+        "import os, signal\n"
+        "from core import hookimpl\n\n"
+        "@hookimpl\n"
+        "def categorize(message, recipient, organization):\n"
+        "    if message.subject == 'poison':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n")
+    config = write_org(tmp_path, extra='[hubport]\nPlugins = ["killer_agent"]\n')
+    for i in range(5):
+        subject = "poison" if i == 2 else f"innocent {i}"
+        drop_in(tmp_path / "pickup", f"m{i}.eml",
+                message(subject=subject, message_id=f"<m{i}@contoso.test>"))
+    crashes = 0
+    for _ in range(4):
+        daemon = pool.start(config=config)
+        deadline = time.monotonic() + 15
+        while (daemon.alive() and time.monotonic() < deadline
+               and len(maildir(tmp_path, "Bob")) < 4):
+            time.sleep(0.05)
+        if daemon.alive():
+            break
+        assert daemon.proc.wait(5) == -signal.SIGKILL
+        crashes += 1
+    assert crashes == 2, f"expected two crashes before Poison, saw {crashes}"
+    wait_for_sync(lambda: len(maildir(tmp_path, "Bob")) == 4, timeout=15)
+    subjects = sorted(read_mail(p)["Subject"] for p in maildir(tmp_path, "Bob"))
+    assert subjects == [f"innocent {i}" for i in (0, 1, 3, 4)]
+    assert queues(tmp_path)["HUB01\\Poison"]["message_count"] == 1
+    wait_for_sync(lambda: tracking(tmp_path, "-EventId", "POISONMESSAGE"))
+    assert tracking(tmp_path, "-EventId", "POISONMESSAGE")[0]["message-id"] == "<m2@contoso.test>"
