@@ -94,6 +94,9 @@ class Decision:
 class Categorized:
     message: QueuedMessage
     decisions: list[Decision] = field(default_factory=list)
+    #: mailbox primary address -> the envelope row naming it directly: that row, with its
+    #: own NOTIFY and ORCPT, is the one delivered, even when a group reaches it first
+    owners: dict[str, int] = field(default_factory=dict)
 
     @property
     def next_hops(self) -> list[NextHop]:
@@ -132,6 +135,10 @@ class Categorizer:
             return result
         # addresses already settled for this message: never deliver twice to one of them
         seen = {r.address.lower() for r in message.recipients if r.status.value != "Submitted"}
+        for r in pending:
+            entry = self.directory.lookup(r.address)
+            if entry is not None and entry.kind == "mailbox":
+                result.owners.setdefault(entry.primary.lower(), r.id)
         for r in pending:
             await self._resolve(message, r, r.address, r.orcpt, r.notify, result, seen, set())
         return result
@@ -227,7 +234,8 @@ class Categorizer:
             return await self._resolve(message, row, target, new_orcpt or _orcpt(address),
                                        notify, result, seen, groups, address, "RESOLVE")
         primary = entry.primary
-        if primary.lower() in seen:
+        owner = result.owners.get(primary.lower())
+        if primary.lower() in seen or (owner is not None and owner != getattr(row, "id", None)):
             result.decisions.append(Decision(
                 EXPANDED, address, row,
                 None if row is not None else EnvelopeRecipient(address, notify, orcpt),

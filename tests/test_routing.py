@@ -435,6 +435,20 @@ async def test_group_expansion_survives_nesting_loops_and_duplicates() -> None:
     assert alice.event == "EXPAND" and alice.related == "staff@contoso.test"
 
 
+async def test_envelope_recipient_reached_first_through_a_group_keeps_its_own_row() -> None:
+    """staff@ comes first and expands to bob, but bob is also named in the envelope: his
+    own row (its NOTIFY and ORCPT) is the one routed, the group's copy is the duplicate."""
+    message = queued("staff@contoso.test", "bob@contoso.test")
+    bob_row = message.recipients[1]
+    bob_row.notify = frozenset({Notify.NEVER})
+    bob_row.orcpt = "rfc822;bob@contoso.test"
+    result = await categorize(org(), message)
+    bob = by_address(result)["bob@contoso.test"]
+    routed_bob = [d for d in bob if d.kind == ROUTE]
+    assert len(routed_bob) == 1 and routed_bob[0].recipient is bob_row
+    assert [d.event for d in bob if d.recipient is None] == ["DUPLICATE"]
+
+
 async def test_group_members_do_not_inherit_notify_success() -> None:
     notify = frozenset({Notify.SUCCESS, Notify.FAILURE})
     result = await categorize(org(), queued("staff@contoso.test", notify=notify))
