@@ -411,8 +411,6 @@ class PickupDirectory:
 
     async def _ingest(self, claimed: list[Claimed]) -> None:
         await asyncio.to_thread(self._parse_all, claimed)
-        now = time.monotonic()
-        self._rate.extend([now] * len(claimed))
         failpoint("after_claim_before_commit")
         results = await asyncio.gather(*(self._submit(c) for c in claimed),
                                        return_exceptions=True)
@@ -429,6 +427,8 @@ class PickupDirectory:
                 back.append(c)
                 if isinstance(outcome, BaseException):
                     store_error = outcome
+        # the rate limit counts files taken (submitted or moved aside), not ones given back
+        self._rate.extend([time.monotonic()] * (len(done) + len(bad)))
         if done:
             failpoint("after_commit_before_unlink")
         # the unlinks (slow in a churned folder) overlap the next batch's claim and commit;
