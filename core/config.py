@@ -248,6 +248,15 @@ class TransportServer:
     external_dns_servers: tuple[tuple[str, int], ...] = ()  # (ip, port); () = system resolver
     max_outbound_connections: int | None = 1000
     max_per_domain_outbound_connections: int | None = 20
+    #: hubport back pressure: below this much free space on the queue volume, new mail is
+    #: refused with 452 4.3.1 while queued mail keeps flowing (None = no check)
+    queue_database_minimum_free_space: int | None = 100 * MB
+    #: protocol logs (EXCHANGE §9); None = off. The limits apply to each of the two folders.
+    receive_protocol_log_path: Path | None = Path("var/logs/ProtocolLog/SmtpReceive")
+    send_protocol_log_path: Path | None = Path("var/logs/ProtocolLog/SmtpSend")
+    protocol_log_max_age: float | None = 30 * DAY
+    protocol_log_max_directory_size: int | None = 250 * MB
+    protocol_log_max_file_size: int = 10 * MB
 
 
 @dataclass(frozen=True)
@@ -686,7 +695,26 @@ class _Loader:
                 "MaxOutboundConnections", 1000, min=1, max=2147483647, unlimited=True),
             max_per_domain_outbound_connections=r.int(
                 "MaxPerDomainOutboundConnections", 20, min=1, max=2147483647, unlimited=True),
+            queue_database_minimum_free_space=_zero_is_none(r.size(
+                "QueueDatabaseMinimumFreeSpace", 100 * MB, min=0)),
+            **self._protocol_log_settings(r, state),
         )
+
+    def _protocol_log_settings(self, r: FieldReader, state: Path) -> dict[str, Any]:
+        """EXCHANGE §9: where the SMTP protocol logs go and how long they are kept."""
+        logs = state / "logs" / "ProtocolLog"
+        max_age = r.duration("ProtocolLogMaxAge", "30d", "0s", "24855d")
+        return {
+            "receive_protocol_log_path": r.path(
+                "ReceiveProtocolLogPath", logs / "SmtpReceive", nullable=True),
+            "send_protocol_log_path": r.path("SendProtocolLogPath", logs / "SmtpSend",
+                                             nullable=True),
+            "protocol_log_max_age": max_age or None,
+            "protocol_log_max_directory_size": r.size("ProtocolLogMaxDirectorySize", 250 * MB,
+                                                      min=1),
+            "protocol_log_max_file_size": r.size("ProtocolLogMaxFileSize", 10 * MB, min=1,
+                                                 max=4 * GB, unlimited=False),
+        }
 
     def _fqdn(self, reader: FieldReader, name: str) -> str:
         raw = reader.string("Fqdn")

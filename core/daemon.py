@@ -28,6 +28,7 @@ from core.config_fields import ConfigError
 from core.folders import PickupDirectory, ReplayDirectory
 from core.hooks import Hooks, PluginError
 from core.pipeline import Pipeline
+from core.services import ConnectorService, ServiceError, ServiceRuntime
 from core.store import Store
 from core.tracking import TrackingLog, TrackingSettings
 
@@ -36,6 +37,7 @@ log = structlog.get_logger("hubport.daemon")
 EXIT_CONFIG = 2
 EXIT_FOLDER = 3
 EXIT_LOCKED = 4
+EXIT_SERVICE = 5  # a connector service could not start (a binding in use, a bad certificate)
 
 
 class StartupError(Exception):
@@ -112,6 +114,8 @@ class Daemon:
         self.server_name = pick_server(self.org, server)
         self.pipeline: Pipeline | None = None
         self.folders: list[PickupDirectory] = []
+        #: section -> the running service of a connector type that has one
+        self.services: dict[str, ConnectorService] = {}
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._lock_fd: int | None = None
@@ -134,6 +138,7 @@ class Daemon:
         try:
             recovery = await self.pipeline.start()
             await self._start_folders()
+            await self._start_services(tracking)
             if self.signals:
                 self._install_signals()
             self._watch_config()
@@ -147,6 +152,11 @@ class Daemon:
             await self._serve()
         finally:
             log.info("draining", server=self.server_name)
+            for service in self.services.values():
+                try:
+                    await service.stop()
+                except Exception:
+                    log.exception("a connector service failed to stop")
             for folder in self.folders:
                 await folder.stop()
             await self.pipeline.stop()
@@ -212,8 +222,30 @@ class Daemon:
             for folder in self.folders:
                 await folder.stop()
             await self._start_folders()
+        for section, service in self.services.items():
+            try:
+                await service.apply(org.connectors_of(section))
+            except ServiceError as exc:
+                log.error("a connector change could not be applied; its service keeps what it"
+                          " had", section=section, error=str(exc))
         log.info("configuration reloaded", resubmitted=moved)
         return True
+
+    async def _start_services(self, tracking: TrackingLog) -> None:
+        """One service per connector type that has one (receive listeners, send pools)."""
+        assert self.pipeline is not None
+        runtime = ServiceRuntime(self.server_name, self.hooks, self.pipeline, tracking,
+                                 lambda: self.org)
+        for section, cls in self.hooks.registry.connector_types.items():
+            create = getattr(cls, "create_service", None)
+            if create is None:
+                continue
+            service = create(runtime)
+            self.services[section] = service
+            try:
+                await service.apply(self.org.connectors_of(section))
+            except ServiceError as exc:
+                raise StartupError(str(exc), EXIT_SERVICE) from exc
 
     async def _start_folders(self) -> None:
         self.folders = []

@@ -38,6 +38,9 @@ class Store:
         self._thread_id: int | None = None
         self.commits = 0
         self.pieces = 0
+        #: False after a commit failed (disk full, I/O error) until one succeeds again;
+        #: receive paths refuse new mail meanwhile (back pressure, 452 4.3.1)
+        self.healthy = True
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -100,10 +103,12 @@ class Store:
                 outcomes = await self._run(self._commit_batch, [w for w, _ in batch])
             except Exception as exc:  # the commit itself failed: nothing is durable
                 error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+                self.healthy = False
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
             else:
+                self.healthy = True
                 for (_, future), (ok, value) in zip(batch, outcomes):
                     if future.done():
                         continue
