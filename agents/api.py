@@ -30,6 +30,7 @@ from core.model import (
 
 if TYPE_CHECKING:
     from core.config import Organization, TransportServer
+    from core.config_fields import FieldReader
     from core.directory import RecipientDirectory
 
 DELIVERED = "delivered"
@@ -61,6 +62,8 @@ class MailItem:
 
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
+    """The acknowledgement of one recipient: delivered, deferred or failed."""
+
     kind: str  # DELIVERED, DEFERRED or FAILED
     response: SmtpResponse
     retry_in: float | None = None  # seconds; for DEFERRED only; None = the retry ladder
@@ -93,7 +96,21 @@ class ItemResult:
     void_intents: set[int] = field(default_factory=set)
 
     def ack(self, recipient: QueuedRecipient, result: RecipientResult) -> None:
+        """Acknowledge one recipient (the generic form of the three below)."""
         self.recipients[recipient.id] = result
+
+    def ack_success(self, recipient: QueuedRecipient, response: SmtpResponse = OK) -> None:
+        """AckRecipientSuccess: this recipient is delivered."""
+        self.ack(recipient, RecipientResult.delivered(response))
+
+    def ack_defer(self, recipient: QueuedRecipient, response: SmtpResponse,
+                  retry_in: float | None = None) -> None:
+        """AckRecipientDefer: try this recipient again (after ``retry_in`` seconds if given)."""
+        self.ack(recipient, RecipientResult.deferred(response, retry_in))
+
+    def ack_fail(self, recipient: QueuedRecipient, response: SmtpResponse) -> None:
+        """AckRecipientFail: this recipient fails permanently; an NDR follows."""
+        self.ack(recipient, RecipientResult.failed(response))
 
     @classmethod
     def for_all(cls, item: MailItem, result: RecipientResult, detail: str = "") -> ItemResult:
@@ -147,7 +164,8 @@ class DeliveryAgent:
     """Base class of delivery agents; subclass it and override ``deliver``.
 
     One instance serves one connection to a next hop; the transport creates it per
-    connection with the connector it serves and the delivery context.
+    connection with the connector it serves and the delivery context. Any method may be a
+    coroutine doing I/O, but none may block the event loop (use ``asyncio.to_thread``).
     """
 
     #: the DeliveryProtocol this agent serves (informational; registration names it)
@@ -156,6 +174,23 @@ class DeliveryAgent:
     def __init__(self, connector: Any, context: DeliveryContext) -> None:
         self.connector = connector
         self.context = context
+
+    @classmethod
+    def read_settings(cls, reader: FieldReader) -> Any:
+        """Read this agent's own fields from its connector's table (at config load).
+
+        A Delivery Agent connector hands its table to the agent class serving its
+        DeliveryProtocol; the agent reads what it needs with ``reader`` (``string``,
+        ``duration``, ``string_list`` ... record errors that name file, object and field)
+        and returns an object the agent later finds as ``self.settings``. A field nobody
+        reads is an "unknown field" error. Default: the agent has no fields.
+        """
+        return None
+
+    @property
+    def settings(self) -> Any:
+        """What ``read_settings`` returned for this connector (None without one)."""
+        return getattr(self.connector, "settings", None)
 
     async def open(self, next_hop: NextHop) -> DeferQueue | FailQueue | None:
         """Open the connection (OnOpenConnection). Default: nothing to open."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from agents.command import CommandAgent
 from agents.drop import DropDirectoryAgent
+from agents.http import HttpAgent
 from agents.maildir import MaildirAgent
 from core import hookimpl
 
@@ -13,3 +15,5 @@ from core import hookimpl
 def register_delivery_agents(register: Callable[[str, type], None]) -> None:
     register("DROP", DropDirectoryAgent)
     register("MAILDIR", MaildirAgent)
+    register("HTTP", HttpAgent)
+    register("COMMAND", CommandAgent)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -57,9 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     track.add_argument("--format", "-format", dest="format", default="table",
                        choices=["table", "list", "json"])
 
-    queue = sub.add_parser("get-queue", help="list the queues of this server (Get-Queue)")
-    _common(queue)
-    queue.add_argument("--json", action="store_true")
+    _add_queue_commands(sub)
+
+    passwd = sub.add_parser("set-password",
+                            help="set a mailbox's password for SMTP authentication")
+    _common(passwd)
+    passwd.add_argument("mailbox", metavar="MAILBOX", help="alias, name or SMTP address")
+    passwd.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of standard input")
     return parser
 
 
@@ -89,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": _run, "plugins": _plugins, "test-config": _test_config,
         "get-messagetrackinglog": _tracking, "get-queue": _queue,
+        "set-password": _set_password,
     }
+    commands.update(dict.fromkeys(_QUEUE_ARGS, _queue))
     if args.command is None:
         _parser().print_help()
         return 2
@@ -157,30 +163,187 @@ def _tracking(args: argparse.Namespace) -> int:
 
 
 def _queue(args: argparse.Namespace) -> int:
-    from core.queue import queue_summary
+    """Get-Queue and the other queue cmdlets: a request to the running daemon."""
+    from core.control import ControlError, call
+    from core.queue_admin import write_export
 
     _, _, server = _load(args)
-    db = server.state_directory / "queue" / "mail.que"
-    if not db.exists():
-        print(f"hubport: no queue database at {db} (has the daemon run?)", file=sys.stderr)
-        return 1
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
+    op = args.command
+    request = {name: value for name, value in vars(args).items()
+               if name in _QUEUE_ARGS.get(op, ()) and value not in (None, False)}
+    if op == "export-message":
+        request.pop("path", None)
     try:
-        rows = queue_summary(conn)
-    finally:
-        conn.close()
-    for row in rows:
-        row["identity"] = f"{server.name}\\{row['queue']}"
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-        return 0
-    print(f"{'Identity':<28} {'DeliveryType':<26} {'Status':<10} {'MessageCount':>12}"
-          "  NextHopDomain")
-    for row in rows:
-        print(f"{row['identity']:<28} {row['delivery_type']:<26} {row['status']:<10} "
-              f"{row['message_count']:>12}  {row['next_hop']}")
+        result = call(server.state_directory, op, request)
+    except ControlError as exc:
+        print(f"hubport: {exc}", file=sys.stderr)
+        return 1
+    if op == "export-message":
+        import base64
+
+        path = Path(args.path)
+        try:
+            write_export(path, base64.b64decode(result["data"]))
+        except OSError as exc:
+            print(f"hubport: cannot export to {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        result = {"identity": result["identity"], "path": str(path), "size": result["size"]}
+    fmt = "json" if getattr(args, "json", False) else args.format
+    if fmt == "json":
+        print(json.dumps(result, indent=2, default=str))
+    elif op == "remove-message":
+        ndr = "an NDR was sent to the sender" if result["ndr_sent"] else "no NDR"
+        print(f"Removed {result['identity']}: {len(result['removed'])} recipient(s), {ndr}.")
+    elif op == "export-message":
+        print(f"Exported {result['identity']} to {result['path']} ({result['size']} bytes).")
+    else:
+        rows = result if isinstance(result, list) else [result]
+        kind = "message" if op.endswith("-message") else "queue"
+        print(_queue_list(rows, kind) if fmt == "list" else _queue_table(rows, kind))
     return 0
+
+
+#: the arguments each queue command sends to the daemon (core.queue_admin.QueueAdmin)
+_QUEUE_ARGS: dict[str, tuple[str, ...]] = {
+    "get-queue": ("identity", "filter"),
+    "retry-queue": ("identity", "resubmit"),
+    "suspend-queue": ("identity",),
+    "resume-queue": ("identity",),
+    "get-message": ("identity", "queue", "filter", "result_size"),
+    "suspend-message": ("identity",),
+    "resume-message": ("identity",),
+    "remove-message": ("identity", "with_ndr"),
+    "export-message": ("identity", "path"),
+}
+
+
+def _add_queue_commands(sub: Any) -> None:
+    """Get-Queue, Retry-/Suspend-/Resume-Queue, Get-/Suspend-/Resume-/Remove-/Export-Message."""
+    helps = {
+        "get-queue": "list the queues of the running daemon (Get-Queue)",
+        "retry-queue": "make a queue in Retry try now; --resubmit re-categorizes it",
+        "suspend-queue": "stop a queue's transmissions (Submission: the categorizer)",
+        "resume-queue": "resume a suspended queue",
+        "get-message": "list queued messages (Get-Message)",
+        "suspend-message": "hold a queued message",
+        "resume-message": "release a held message (from Poison: back to the categorizer)",
+        "remove-message": "remove a queued message; --with-ndr tells the sender",
+        "export-message": "write a suspended message as a Replay file (Export-Message)",
+    }
+    for op, names in _QUEUE_ARGS.items():
+        cmd = sub.add_parser(op, help=helps[op])
+        _common(cmd)
+        needs_identity = op not in ("get-queue", "get-message")
+        cmd.add_argument("--identity", "-identity", required=needs_identity,
+                         help="Server\\Queue, or Server\\Queue\\MessageId for messages")
+        if "filter" in names:
+            cmd.add_argument("--filter", "-filter",
+                             help="e.g. \"Status -eq 'Retry' -and MessageCount -gt 5\"")
+        if "queue" in names:
+            cmd.add_argument("--queue", "-queue", help="the queue whose messages to list")
+        if "result_size" in names:
+            cmd.add_argument("--resultsize", "-resultsize", dest="result_size", type=int)
+        if "resubmit" in names:
+            cmd.add_argument("--resubmit", "-resubmit", action="store_true")
+        if "with_ndr" in names:
+            cmd.add_argument("--with-ndr", "-withndr", dest="with_ndr", action="store_true")
+        if "path" in names:
+            cmd.add_argument("--path", "-path", required=True, type=Path)
+        cmd.add_argument("--format", "-format", default="table",
+                         choices=["table", "list", "json"])
+        if op == "get-queue":
+            cmd.add_argument("--json", action="store_true", help="same as --format json")
+
+
+def _clock(value: object) -> str:
+    if not isinstance(value, (int, float)):
+        return ""
+    return datetime.fromtimestamp(value).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _queue_table(rows: list[dict[str, Any]], kind: str) -> str:
+    if kind == "queue":
+        lines = [f"{'Identity':<24} {'DeliveryType':<26} {'Status':<10} {'MessageCount':>12}"
+                 f"  {'NextRetryTime':<19}  NextHopDomain"]
+        lines += [f"{r['identity']:<24} {r['delivery_type']:<26} {r['status']:<10} "
+                  f"{r['message_count']:>12}  {_clock(r.get('next_retry')):<19}  {r['next_hop']}"
+                  for r in rows]
+    else:
+        lines = [f"{'Identity':<28} {'FromAddress':<30} {'Status':<10} {'Size':>8}  Subject"]
+        lines += [f"{r['identity']:<28} {(r['from'] or '<>'):<30} {r['status']:<10} "
+                  f"{r['size']:>8}  {r['subject']}" for r in rows]
+    return "\n".join(lines)
+
+
+def _queue_list(rows: list[dict[str, Any]], kind: str) -> str:
+    """Format-List: every property, recipients one per line with their status."""
+    blocks = []
+    for r in rows:
+        if kind == "queue":
+            fields = [("Identity", r["identity"]), ("DeliveryType", r["delivery_type"]),
+                      ("NextHopDomain", r["next_hop"]), ("Status", r["status"]),
+                      ("MessageCount", r["message_count"]),
+                      ("NextRetryTime", _clock(r.get("next_retry"))),
+                      ("LastError", r.get("last_error") or "")]
+        else:
+            fields = [("Identity", r["identity"]), ("FromAddress", r["from"] or "<>"),
+                      ("Subject", r["subject"]), ("Status", r["status"]), ("Size", r["size"]),
+                      ("Queue", r["queue_identity"]), ("InternetMessageId", r["message_id"]),
+                      ("DateReceived", _clock(r.get("received"))),
+                      ("ExpirationTime", _clock(r.get("expires"))),
+                      ("NextRetryTime", _clock(r.get("next_retry"))),
+                      ("LastError", r.get("last_error") or "")]
+            fields += [("Recipient", f"{p['address']} {p['status']}"
+                        + (" Suspended" if p.get("suspended") else "")
+                        + (f" ({p['last_error']})" if p.get("last_error") else ""))
+                       for p in r["recipients"]]
+        blocks.append("\n".join(f"{name:<18}: {value}" for name, value in fields))
+    return "\n\n".join(blocks)
+
+
+def _set_password(args: argparse.Namespace) -> int:
+    """Store a mailbox password hash in the server's PasswordFilePath (never echoed or logged)."""
+    from core.credentials import PasswordStore, mailbox_for_login
+
+    _, org, server = _load(args)
+    mailbox = mailbox_for_login(org, args.mailbox)
+    if mailbox is None:
+        print(f"hubport: no mailbox {args.mailbox!r} (give an alias, name or SMTP address)",
+              file=sys.stderr)
+        return 1
+    password = _read_password(args.password_stdin)
+    if password is None:
+        return 1
+    try:
+        PasswordStore(server.password_file_path).set_password(mailbox, password)
+    except OSError as exc:
+        print(f"hubport: cannot write {server.password_file_path}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    print(f"Password set for mailbox {mailbox.name} in {server.password_file_path}.")
+    return 0
+
+
+def _read_password(from_stdin: bool) -> str | None:
+    """One line of stdin, or asked twice without echo; None (reason printed) when refused."""
+    import getpass
+
+    if from_stdin:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    else:
+        try:
+            password = getpass.getpass("New password: ")
+            again = getpass.getpass("Repeat the password: ")
+        except (EOFError, KeyboardInterrupt):
+            print("\nhubport: no password given", file=sys.stderr)
+            return None
+        if password != again:
+            print("hubport: the passwords do not match", file=sys.stderr)
+            return None
+    if not password:
+        print("hubport: the password must not be empty", file=sys.stderr)
+        return None
+    return password
 
 
 if __name__ == "__main__":

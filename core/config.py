@@ -257,6 +257,8 @@ class TransportServer:
     protocol_log_max_age: float | None = 30 * DAY
     protocol_log_max_directory_size: int | None = 250 * MB
     protocol_log_max_file_size: int = 10 * MB
+    #: hubport: the password file for SMTP Basic authentication (core/credentials.py)
+    password_file_path: Path = Path("var/auth/passwords")
 
 
 @dataclass(frozen=True)
@@ -392,7 +394,8 @@ def _cheapest_path(links: Sequence[SiteLink], start: str, goal: str) -> int | No
 
 
 def load_organization(
-    path: Path | None, connector_types: Mapping[str, type]
+    path: Path | None, connector_types: Mapping[str, type],
+    delivery_agents: Mapping[str, type] | None = None,
 ) -> Organization:
     """Load and validate the organization file (None: the embedded default).
 
@@ -402,7 +405,8 @@ def load_organization(
     if path is None:
         text = resources.files("core").joinpath(DEFAULT_RESOURCE).read_text(encoding="utf-8")
         return parse_organization(
-            text, source=EMBEDDED_SOURCE, base_dir=Path.cwd(), connector_types=connector_types
+            text, source=EMBEDDED_SOURCE, base_dir=Path.cwd(), connector_types=connector_types,
+            delivery_agents=delivery_agents,
         )
     path = Path(path)
     source = str(path)
@@ -420,12 +424,14 @@ def load_organization(
             [ConfigError(source, f"line {line}", None, "not UTF-8 text", line=line)]
         ) from None
     return parse_organization(
-        text, source=source, base_dir=path.parent, connector_types=connector_types
+        text, source=source, base_dir=path.parent, connector_types=connector_types,
+        delivery_agents=delivery_agents,
     )
 
 
 def parse_organization(
-    text: str, *, source: str, base_dir: Path, connector_types: Mapping[str, type]
+    text: str, *, source: str, base_dir: Path, connector_types: Mapping[str, type],
+    delivery_agents: Mapping[str, type] | None = None,
 ) -> Organization:
     """Validate TOML text as an organization (management commands check edits with this)."""
     try:
@@ -433,6 +439,7 @@ def parse_organization(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigErrors([_syntax_error(source, str(exc))]) from None
     ctx = ConfigContext(source, base_dir)
+    ctx.delivery_agents = dict(delivery_agents or {})  # Delivery Agent connectors check theirs
     return _Loader(data, ctx, connector_types).load()
 
 
@@ -698,6 +705,7 @@ class _Loader:
             queue_database_minimum_free_space=_zero_is_none(r.size(
                 "QueueDatabaseMinimumFreeSpace", 100 * MB, min=0)),
             **self._protocol_log_settings(r, state),
+            password_file_path=r.path("PasswordFilePath", state / "auth" / "passwords"),
         )
 
     def _protocol_log_settings(self, r: FieldReader, state: Path) -> dict[str, Any]:
@@ -1020,6 +1028,10 @@ class _Loader:
                 reader.finish()
                 if self._unique(seen, connector.name, reader, index):
                     connectors.append(connector)
+        for cls in self.types.values():
+            check_all = getattr(cls, "check_all", None)
+            if check_all is not None:  # rules across the objects of one type
+                check_all([c for c in connectors if type(c) is cls], self.ctx)
         return tuple(connectors)
 
 

@@ -130,6 +130,8 @@ class ConfigContext:
         #: transport server name -> its site, in declaration order
         self.servers: dict[str, str] = dict(servers or {})
         self.errors: list[ConfigError] = []
+        #: DeliveryProtocol (upper case) -> agent class, for Delivery Agent connectors
+        self.delivery_agents: dict[str, type] = {}
 
     # -- errors
 

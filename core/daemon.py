@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import secrets
 import signal
 import sys
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from watchdog.observers import Observer
 from core import queue as q
 from core.config import Organization, load_organization, plugin_modules
 from core.config_fields import ConfigError
+from core.control import start_control
 from core.folders import PickupDirectory, ReplayDirectory
 from core.hooks import Hooks, PluginError
 from core.pipeline import Pipeline
+from core.queue_admin import QueueAdmin
 from core.services import ConnectorService, ServiceError, ServiceRuntime
 from core.store import Store
 from core.tracking import TrackingLog, TrackingSettings
@@ -71,7 +74,8 @@ def make_hooks(config: Path | None, extra: tuple[str, ...] = ()) -> Hooks:
 
 def load(config: Path | None, hooks: Hooks) -> Organization:
     try:
-        return load_organization(config, hooks.registry.connector_types)
+        return load_organization(config, hooks.registry.connector_types,
+                                 hooks.registry.delivery_agents)
     except ConfigError as exc:
         raise StartupError(f"configuration refused:\n{exc}", EXIT_CONFIG) from exc
     except OSError as exc:
@@ -135,10 +139,13 @@ class Daemon:
         tracking = TrackingLog(_tracking_settings(server), server.fqdn)
         flusher = asyncio.get_running_loop().create_task(tracking.run_flusher())
         self.pipeline = Pipeline(self.org, self.server_name, self.hooks, store, tracking)
+        control = None
         try:
             recovery = await self.pipeline.start()
             await self._start_folders()
             await self._start_services(tracking)
+            control = await start_control(server.state_directory,
+                                          QueueAdmin(self.pipeline).handle)
             if self.signals:
                 self._install_signals()
             self._watch_config()
@@ -152,6 +159,8 @@ class Daemon:
             await self._serve()
         finally:
             log.info("draining", server=self.server_name)
+            if control is not None:  # queue commands stop before the pipeline does
+                await control.stop()
             for service in self.services.values():
                 try:
                     await service.stop()
@@ -192,7 +201,8 @@ class Daemon:
         """Load the config again; apply it if valid, else keep the running one."""
         try:
             org = await asyncio.to_thread(load_organization, self.config_path,
-                                          self.hooks.registry.connector_types)
+                                          self.hooks.registry.connector_types,
+                                          self.hooks.registry.delivery_agents)
             org.server(self.server_name)
         except (ConfigError, OSError, KeyError) as exc:
             log.error("configuration change refused; the running configuration stays",
@@ -312,7 +322,8 @@ def _check_folders(server: Any) -> None:
         if path is None:
             continue
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".hubport-write-test"
+        # unique: hubs sharing the folder (even in one process) probe at the same time
+        probe = path / f".hubport-write-test-{os.getpid()}-{secrets.token_hex(4)}"
         probe.write_bytes(b"")
         probe.unlink()
 

@@ -24,8 +24,11 @@ log = structlog.get_logger("hubport.hooks")
 #: entry-point name -> module; the same names stand in setup.cfg's ``hubport`` group
 BUILTIN_PLUGINS: dict[str, str] = {
     "foreign": "plugins.foreign",
+    "send": "plugins.smtp_send",
+    "receive": "plugins.smtp_receive",
     "mailbox": "plugins.mailbox",
     "builtin-agents": "agents.builtin",
+    "delivery-agent": "plugins.delivery_agent",
 }
 
 

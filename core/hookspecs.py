@@ -24,7 +24,17 @@ from core import hookspec
 
 if TYPE_CHECKING:
     from core.config import Organization
-    from core.model import NextHop, QueuedMessage, QueuedRecipient, SmtpResponse, Submission
+    from core.headers import ParsedMessage
+    from core.model import (
+        EnvelopeRecipient,
+        MailFrom,
+        NextHop,
+        QueuedMessage,
+        QueuedRecipient,
+        ReceiveSession,
+        SmtpResponse,
+        Submission,
+    )
 
 
 # -- registries (the tox pattern) ------------------------------------------------------
@@ -123,3 +133,71 @@ def on_routed(message: QueuedMessage, recipients: list) -> None:
 @hookspec
 def on_categorized(message: QueuedMessage, recipients: list) -> None:
     """The categorizer finished, just before the delivery queues (OnCategorizedMessage)."""
+
+
+# -- SMTP receive events (Exchange's SmtpReceiveAgent events) ----------------------------
+#
+# Called by receive connectors during an inbound SMTP session, in protocol order. Each is
+# *first result*: return ``None`` to let the session go on, or an ``SmtpResponse`` to answer
+# with it instead (4xx defers, 5xx refuses; at ``on_connect`` a 4xx/5xx closes the session).
+# ``session`` is a ``core.model.ReceiveSession``. A raising implementation is answered with
+# ``451 4.3.0`` and the session goes on; nothing a plugin does yields a 5xx by accident.
+
+
+@hookspec
+def on_connect(session: ReceiveSession) -> SmtpResponse | None:
+    """A client connected and a connector was chosen, before the banner (OnConnectEvent)."""
+
+
+@hookspec
+def on_helo(session: ReceiveSession, hostname: str) -> SmtpResponse | None:
+    """HELO or EHLO arrived; ``hostname`` is the validated argument (OnHeloCommand)."""
+
+
+@hookspec
+def on_starttls(session: ReceiveSession) -> SmtpResponse | None:
+    """The TLS handshake after STARTTLS completed; ``session.tls`` says how (OnStartTlsCommand).
+
+    A reply here refuses every later command except QUIT (the client must not go on).
+    """
+
+
+@hookspec
+def on_auth(session: ReceiveSession, mechanism: str, login: str) -> SmtpResponse | None:
+    """The client proved its credentials for mailbox ``login`` (OnAuthCommand).
+
+    Return a ``535 5.7.8`` (or any 4xx/5xx) reply to refuse the login all the same.
+    """
+
+
+@hookspec
+def on_mail_from(session: ReceiveSession, mail_from: MailFrom) -> SmtpResponse | None:
+    """MAIL FROM passed syntax and permission checks (OnMailCommand)."""
+
+
+@hookspec
+def on_rcpt_to(session: ReceiveSession, recipient: EnvelopeRecipient) -> SmtpResponse | None:
+    """RCPT TO passed syntax, relay and recipient checks (OnRcptCommand)."""
+
+
+@hookspec
+def on_data(session: ReceiveSession) -> SmtpResponse | None:
+    """DATA arrived with at least one accepted recipient, before the 354 (OnDataCommand)."""
+
+
+@hookspec
+def on_end_of_headers(session: ReceiveSession, headers: ParsedMessage) -> SmtpResponse | None:
+    """The message's header section as received, before the Received field is added
+    (OnEndOfHeaders). ``headers.get(name)`` / ``headers.get_all(name)`` read fields."""
+
+
+@hookspec
+def on_end_of_data(session: ReceiveSession, submission: Submission) -> SmtpResponse | None:
+    """The whole message passed every check, just before its durable commit
+    (OnEndOfData). A ``None`` from every plugin lets it be queued; the client gets 250 only
+    after the commit."""
+
+
+@hookspec
+def on_disconnect(session: ReceiveSession) -> None:
+    """The session ended, however it ended (OnDisconnectEvent). The result is ignored."""

@@ -180,3 +180,35 @@ class QueuedMessage:
     expires_at: float
     crash_count: int = 0
     recipients: list[QueuedRecipient] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ReceiveSession:
+    """What receive-side agents see of one inbound SMTP session (read it, do not change it).
+
+    Filled in by the receive connector as the session goes on: the HELO name after HELO/EHLO,
+    ``tls`` ("TLSv1.3 TLS_AES_256_GCM_SHA384") after STARTTLS, ``authenticated_as`` (the
+    mailbox alias) after AUTH, the envelope after MAIL and RCPT.
+    """
+
+    session_id: str
+    connector: str
+    server: str
+    remote_ip: str
+    remote_port: int
+    local_ip: str
+    local_port: int
+    helo: str = ""
+    esmtp: bool = False
+    tls: str | None = None
+    #: the subject of a verified client certificate (mutual TLS)
+    peer_certificate: str | None = None
+    authenticated_as: str | None = None
+    #: the security principal, e.g. "NT AUTHORITY\\ANONYMOUS LOGON"
+    principal: str = ""
+    #: the transport extended rights it holds here, e.g. "ms-Exch-SMTP-Submit"
+    rights: frozenset[str] = frozenset()
+    mail_from: MailFrom | None = None
+    recipients: list[EnvelopeRecipient] = field(default_factory=list)
+    #: messages accepted in this session so far
+    messages: int = 0

@@ -21,6 +21,7 @@ import asyncio
 import sqlite3
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -122,6 +123,8 @@ class Pipeline:
         self._stranded: set[int] = set()
         #: queue id -> monotonic time before which its worker takes no new batch
         self._queue_backoff: dict[int, float] = {}
+        #: queue name ('Submission' or a delivery queue id) -> batches in progress (Active)
+        self.active: Counter[str] = Counter()
         #: bumped by every reload: decisions computed under an older config are not final
         self.generation = 0
         self.apply_config(org)
@@ -157,7 +160,7 @@ class Pipeline:
     def _resubmit_unreachable(conn: sqlite3.Connection) -> int:
         if q.flag(conn, "Unreachable"):
             return 0
-        return q.resubmit_recipients(conn, "r.status='Unreachable'", ())
+        return q.resubmit_recipients(conn, "r.status='Unreachable'", ())  # not suspended ones
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -165,6 +168,9 @@ class Pipeline:
         poison = self.server.poison_threshold
         enabled = self.server.poison_message_detection_enabled
         self._loop = asyncio.get_running_loop()
+        added = await self.store.write(q.upgrade)
+        if added:
+            log.info("queue database upgraded", added=added)
         recovery = await self.store.write(lambda c: q.recover(c, poison, enabled))
         self.store_id = await self.store.write(_store_id)
         self._hops = await self.store.read(q.queue_hops)
@@ -240,6 +246,29 @@ class Pipeline:
         self._categorizer_wake.set()
         self._dispatch_wake.set()
 
+    def wake_categorizer(self) -> None:
+        self._categorizer_wake.set()
+
+    def wake_queue(self, queue_id: int, *, retry_now: bool = False) -> None:
+        """Wake a delivery queue's worker (Resume-/Retry-Queue); ``retry_now`` also ends
+        the pause after a failed batch."""
+        if retry_now:
+            self._queue_backoff.pop(queue_id, None)
+        self._wake_queue(queue_id)
+
+    def is_in_flight(self, message_id: int) -> bool:
+        return message_id in self._in_flight
+
+    def fail_in_conn(self, conn: sqlite3.Connection, message: QueuedMessage,
+                     failures: Sequence[tuple[QueuedRecipient, SmtpResponse, str]]
+                     ) -> list[Event]:
+        """Track failures and commit the NDR when one is due (Remove-Message -WithNDR)."""
+        return self._fail_in_conn(conn, message, failures)
+
+    def emit(self, events: Iterable[Event]) -> None:
+        """Write committed events to the tracking log."""
+        self._emit(events)
+
     # -- submission --------------------------------------------------------------------
 
     async def submit(self, sub: Submission) -> int:
@@ -312,6 +341,13 @@ class Pipeline:
             pass
 
     async def _categorize_batch(self, ids: list[int]) -> None:
+        self.active["Submission"] += 1
+        try:
+            await self._categorize_ids(ids)
+        finally:
+            self.active["Submission"] -= 1
+
+    async def _categorize_ids(self, ids: list[int]) -> None:
         await self._mark_in_flight(ids)
         messages = await self.store.read(lambda c: q.load_messages(c, ids))
         generation = self.generation
@@ -496,6 +532,7 @@ class Pipeline:
     async def _guarded_batch(self, queue_id: int, ids: list[int], now: float) -> None:
         """A batch that fails outside the deliver hook (the queue could not commit) gives
         its messages back; the retry comes with the next wake or sweep."""
+        self.active[str(queue_id)] += 1
         try:
             await self._deliver_batch(queue_id, ids, now)
         except Exception:
@@ -506,6 +543,8 @@ class Pipeline:
             except Exception:
                 self._in_flight.difference_update(ids)
                 self._stranded.update(ids)  # the sweeper clears the database marks later
+        finally:
+            self.active[str(queue_id)] -= 1
 
     async def _deliver_batch(self, queue_id: int, ids: list[int], now: float) -> None:
         hop = self._hops.get(queue_id)
@@ -513,9 +552,12 @@ class Pipeline:
             self._hops = await self.store.read(q.queue_hops)
             hop = self._hops[queue_id]
         await self._mark_in_flight(ids)
-        due = "r.queue=? AND r.status IN ('Ready','Retry') AND COALESCE(r.next_retry,0)<=?"
+        due = ("r.queue=? AND r.status IN ('Ready','Retry') AND COALESCE(r.next_retry,0)<=?"
+               " AND r.suspended=0")
         messages = await self.store.read(
             lambda c: q.load_messages(c, ids, recipient_filter=due, params=(queue_id, now)))
+        # removed (Remove-Message) between the reservation and the load: nothing to hold
+        self._in_flight.difference_update(set(ids) - {m.id for m in messages})
         items = [MailItem(m, m.recipients, hop, queue_id) for m in messages if m.recipients]
         outcome = await self._call_deliver(hop, items)
         if isinstance(outcome, (DeferQueue, FailQueue)):

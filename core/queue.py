@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS recipient (
     next_retry REAL,
     first_attempt REAL,
     delay_notified INTEGER NOT NULL DEFAULT 0,
-    drop_intent TEXT
+    drop_intent TEXT,
+    suspended INTEGER NOT NULL DEFAULT 0  -- Suspend-Message on a delivery/Unreachable item
 );
 CREATE INDEX IF NOT EXISTS recipient_work ON recipient(queue, status, next_retry);
 CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message);
@@ -88,6 +89,12 @@ CREATE TABLE IF NOT EXISTS claim (
 );
 """
 
+#: columns added after the first schema: ``upgrade`` adds the ones an older database lacks
+#: (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it was)
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("recipient", "suspended", "INTEGER NOT NULL DEFAULT 0"),
+)
+
 MESSAGE_COLUMNS = (
     "m.id, m.message_id, m.sender, m.body, m.ret, m.envid, m.auth, m.smtputf8, m.size, "
     "m.source, m.source_name, m.subject, m.received_at, m.expires_at, m.crash_count"
@@ -96,6 +103,17 @@ RECIPIENT_COLUMNS = (
     "r.id, r.message, r.address, r.notify, r.orcpt, r.status, r.queue, r.attempts, "
     "r.last_response, r.next_retry, r.first_attempt, r.delay_notified, r.drop_intent"
 )
+
+
+def upgrade(conn: sqlite3.Connection) -> list[str]:
+    """Add the columns a queue database from an older hubport lacks; returns what was added."""
+    added: list[str] = []
+    for table, column, declaration in ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            added.append(f"{table}.{column}")
+    return added
 
 
 # -- row conversion ----------------------------------------------------------------------
@@ -230,7 +248,7 @@ def due_for_delivery(
     """Message ids with recipients due in a delivery queue, and the next due time after."""
     excluded = set(exclude)
     due = ("r.queue=? AND r.status IN ('Ready','Retry') AND COALESCE(r.next_retry,0)<=?"
-           " AND m.state='active' AND m.suspended=0 AND m.in_flight=0")
+           " AND r.suspended=0 AND m.state='active' AND m.suspended=0 AND m.in_flight=0")
     # a message that crashed the process before is delivered alone (only it is blamed
     # if it crashes again); suspects are rare, so look for one through their own index
     for row in conn.execute(
@@ -251,7 +269,7 @@ def due_for_delivery(
     later = conn.execute(
         "SELECT MIN(r.next_retry) FROM recipient r JOIN message m ON m.id=r.message"
         " WHERE r.queue=? AND r.status='Retry' AND r.next_retry>? AND m.state='active'"
-        " AND m.suspended=0", (queue_id, now)).fetchone()[0]
+        " AND m.suspended=0 AND r.suspended=0", (queue_id, now)).fetchone()[0]
     return ids, later
 
 
@@ -405,14 +423,16 @@ def finish_if_done(conn: sqlite3.Connection, message_id: int) -> bool:
 
 
 def resubmit_recipients(conn: sqlite3.Connection, where: str, params: Sequence[object]) -> int:
-    """Send matching recipients back to the categorizer (Retry-Queue -Resubmit, Unreachable)."""
+    """Send matching recipients back to the categorizer (Retry-Queue -Resubmit, Unreachable);
+    suspended items stay where they are until resumed."""
+    where = f"m.state IN ('active','submitted') AND r.suspended=0 AND ({where})"
     ids = [r[0] for r in conn.execute(
         f"SELECT DISTINCT r.message FROM recipient r JOIN message m ON m.id=r.message"
-        f" WHERE m.state IN ('active','submitted') AND ({where})", params)]
+        f" WHERE {where}", params)]
     cur = conn.execute(
         f"UPDATE recipient SET status='Submitted', queue=NULL, next_retry=NULL WHERE id IN"
-        f" (SELECT r.id FROM recipient r JOIN message m ON m.id=r.message"
-        f"  WHERE m.state IN ('active','submitted') AND ({where}))", params)
+        f" (SELECT r.id FROM recipient r JOIN message m ON m.id=r.message WHERE {where})",
+        params)
     conn.executemany("UPDATE message SET state='submitted' WHERE id=?", [(i,) for i in ids])
     return cur.rowcount
 
@@ -444,29 +464,68 @@ def recover(conn: sqlite3.Connection, poison_threshold: int, poison_enabled: boo
     return Recovery(crashed, poisoned)
 
 
-# -- queue views (Get-Queue) -------------------------------------------------------------
+# -- queue views (Get-Queue, Get-Message) -------------------------------------------------
+
+FINAL = ("Delivered", "Failed", "Expanded")
+NAMED_QUEUES = ("Submission", "Unreachable", "Poison")
 
 
-def queue_summary(conn: sqlite3.Connection, now: float | None = None) -> list[dict[str, object]]:
-    """One row per queue: identity parts, status, message count, next retry, last error."""
+def item_clause(queue: str) -> tuple[str, list[object]]:
+    """The SQL condition (on ``m`` and ``r``) for the recipients a queue holds.
+
+    A message is one item in each queue that holds some of its recipients (a bifurcated
+    message is an item in several delivery queues); a poisoned message is in Poison only.
+    """
+    if queue == "Submission":
+        return "m.state='submitted' AND r.status='Submitted'", []
+    if queue == "Unreachable":
+        return "m.state<>'poison' AND r.status='Unreachable'", []
+    if queue == "Poison":
+        return "m.state='poison' AND r.status NOT IN ('Delivered','Failed','Expanded')", []
+    return "m.state<>'poison' AND r.queue=? AND r.status IN ('Ready','Retry')", [int(queue)]
+
+
+def queue_exists(conn: sqlite3.Connection, queue: str) -> bool:
+    if queue in NAMED_QUEUES:
+        return True
+    return queue.isdigit() and conn.execute(
+        "SELECT 1 FROM delivery_queue WHERE id=?", (int(queue),)).fetchone() is not None
+
+
+def queue_summary(conn: sqlite3.Connection, now: float | None = None,
+                  active: Iterable[str] = ()) -> list[dict[str, object]]:
+    """One row per queue: identity parts, status, message count, next retry, last error.
+
+    ``active`` names the queues with a batch in progress (only the running pipeline knows).
+    A queue is Suspended, else Active, else Ready when something in it is due, else Retry
+    when it waits for a retry time.
+    """
     now = time.time() if now is None else now
+    busy = set(active)
     out: list[dict[str, object]] = []
     submitted = conn.execute(
         "SELECT COUNT(*) FROM message WHERE state='submitted'").fetchone()[0]
     out.append({"queue": "Submission", "delivery_type": "Undefined", "next_hop": "Submission",
-                "status": "Suspended" if _flag(conn, "Submission") else "Ready",
+                "status": "Suspended" if _flag(conn, "Submission") else
+                "Active" if "Submission" in busy else "Ready",
                 "message_count": submitted, "next_retry": None, "last_error": None})
     for row in conn.execute(
         "SELECT q.id, q.delivery_type, q.domain, q.connector, q.suspended, q.last_error,"
-        " COUNT(DISTINCT r.message) AS n, MIN(r.next_retry) AS nr,"
-        " SUM(r.status='Retry') AS retrying FROM delivery_queue q LEFT JOIN recipient r"
+        " COUNT(DISTINCT r.message) AS n,"
+        " MIN(CASE WHEN r.status='Retry' AND r.suspended=0 AND m.suspended=0"
+        "     THEN r.next_retry END) AS nr,"
+        " SUM(r.suspended=0 AND m.suspended=0 AND (r.status='Ready'"
+        "     OR COALESCE(r.next_retry,0)<=?)) AS due"
+        " FROM delivery_queue q LEFT JOIN recipient r"
         " ON r.queue=q.id AND r.status IN ('Ready','Retry')"
         # a poisoned message shows in Poison only, not also in the queue it was taken from
         " AND r.message NOT IN (SELECT id FROM message WHERE state='poison')"
-        " GROUP BY q.id ORDER BY q.id"):
-        status = ("Suspended" if row["suspended"] else
-                  "Retry" if row["retrying"] and row["nr"] and row["nr"] > now else "Ready")
-        out.append({"queue": str(row["id"]), "delivery_type": row["delivery_type"],
+        " LEFT JOIN message m ON m.id=r.message"
+        " GROUP BY q.id ORDER BY q.id", (now,)):
+        name = str(row["id"])
+        status = ("Suspended" if row["suspended"] else "Active" if name in busy else
+                  "Retry" if not row["due"] and row["nr"] is not None else "Ready")
+        out.append({"queue": name, "delivery_type": row["delivery_type"],
                     "next_hop": row["domain"], "connector": row["connector"], "status": status,
                     "message_count": row["n"], "next_retry": row["nr"],
                     "last_error": row["last_error"]})
@@ -481,6 +540,160 @@ def queue_summary(conn: sqlite3.Connection, now: float | None = None) -> list[di
                 "status": "Suspended", "message_count": poison, "next_retry": None,
                 "last_error": None})
     return out
+
+
+def queue_items(conn: sqlite3.Connection, queue: str, now: float,
+                message_id: int | None = None, limit: int = 1000) -> list[dict[str, object]]:
+    """Get-Message: one row per message the queue holds, with the recipients it holds."""
+    clause, params = item_clause(queue)
+    if message_id is not None:
+        clause += " AND m.id=?"
+        params = [*params, message_id]
+    ids = [r[0] for r in conn.execute(
+        f"SELECT DISTINCT m.id FROM message m JOIN recipient r ON r.message=m.id"
+        f" WHERE {clause} ORDER BY m.id LIMIT ?", [*params, limit])]
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(
+        f"SELECT m.id, m.message_id, m.sender, m.subject, m.size, m.source, m.received_at,"
+        f" m.expires_at, m.suspended AS m_suspended, m.in_flight, m.not_before,"
+        f" r.address, r.status, r.last_response, r.next_retry, r.suspended AS r_suspended,"
+        f" r.attempts FROM message m JOIN recipient r ON r.message=m.id"
+        f" WHERE m.id IN ({marks}) AND {clause} ORDER BY m.id, r.id", [*ids, *params])
+    items: dict[int, dict[str, object]] = {}
+    for row in rows:
+        item = items.get(row["id"])
+        if item is None:
+            item = items[row["id"]] = {
+                "queue": queue, "message": row["id"], "message_id": row["message_id"],
+                "from": row["sender"], "subject": row["subject"], "size": row["size"],
+                "source": row["source"], "received": row["received_at"],
+                "expires": row["expires_at"], "_m": row, "recipients": []}
+        item["recipients"].append({  # type: ignore[union-attr]
+            "address": row["address"], "status": row["status"],
+            "suspended": bool(row["r_suspended"]), "attempts": row["attempts"],
+            "last_error": row["last_response"], "next_retry": row["next_retry"]})
+    return [_finish_item(item, queue, now) for item in items.values()]
+
+
+def _finish_item(item: dict[str, object], queue: str, now: float) -> dict[str, object]:
+    """Status, last error and next retry of one queued item from its recipients."""
+    m = item.pop("_m")
+    recipients: list[dict[str, object]] = item["recipients"]  # type: ignore[assignment]
+    waiting = [r for r in recipients if not r["suspended"]]
+    retries = [float(r["next_retry"]) for r in waiting  # type: ignore[arg-type]
+               if r["status"] == "Retry" and r["next_retry"] is not None]
+    due = any(r["status"] != "Retry" or r["next_retry"] is None
+              or float(r["next_retry"]) <= now for r in waiting)  # type: ignore[arg-type]
+    if queue == "Poison" or m["m_suspended"] or not waiting:  # type: ignore[index]
+        status = "Suspended"
+    elif m["in_flight"]:  # type: ignore[index]
+        status = "Active"
+    elif queue == "Submission":
+        not_before = m["not_before"]  # type: ignore[index]
+        status = "Retry" if not_before and not_before > now else "Ready"
+    elif queue == "Unreachable" or due:
+        status = "Ready"
+    else:
+        status = "Retry"
+    errors = [r["last_error"] for r in recipients if r["last_error"]]
+    item["status"] = status
+    item["last_error"] = errors[-1] if errors else None
+    item["next_retry"] = min(retries) if retries and status == "Retry" else None
+    return item
+
+
+def message_exists(conn: sqlite3.Connection, queue: str, message_id: int) -> bool:
+    clause, params = item_clause(queue)
+    return conn.execute(
+        f"SELECT 1 FROM message m JOIN recipient r ON r.message=m.id WHERE {clause}"
+        " AND m.id=? LIMIT 1", [*params, message_id]).fetchone() is not None
+
+
+def item_in_flight(conn: sqlite3.Connection, message_id: int) -> bool:
+    row = conn.execute("SELECT in_flight FROM message WHERE id=?", (message_id,)).fetchone()
+    return bool(row and row[0])
+
+
+def item_recipients(conn: sqlite3.Connection, queue: str, message_id: int,
+                    with_data: bool = False) -> QueuedMessage | None:
+    """The message with only the recipients this queue holds (None when it holds none)."""
+    clause, params = item_clause(queue)
+    ids = [r[0] for r in conn.execute(
+        f"SELECT r.id FROM message m JOIN recipient r ON r.message=m.id WHERE {clause}"
+        " AND m.id=?", [*params, message_id])]
+    if not ids:
+        return None
+    marks = ",".join("?" * len(ids))
+    found = load_messages(conn, [message_id], with_data=with_data,
+                          recipient_filter=f"r.id IN ({marks})", params=ids)
+    return found[0] if found else None
+
+
+def item_suspended(conn: sqlite3.Connection, queue: str, message_id: int) -> bool:
+    """True when the item is held: Poison, a suspended message, or all its recipients."""
+    if queue == "Poison":
+        return True
+    clause, params = item_clause(queue)
+    row = conn.execute(
+        f"SELECT MAX(m.suspended), MIN(r.suspended) FROM message m JOIN recipient r"
+        f" ON r.message=m.id WHERE {clause} AND m.id=?", [*params, message_id]).fetchone()
+    return bool(row and (row[0] or row[1]))
+
+
+def set_item_suspended(conn: sqlite3.Connection, queue: str, message_id: int,
+                       suspended: bool) -> int:
+    """Suspend-/Resume-Message. A Submission item is the whole message (the categorizer
+    takes messages); a delivery or Unreachable item is the recipients that queue holds, so a
+    bifurcated message's other queues go on delivering."""
+    if queue == "Submission":
+        return conn.execute("UPDATE message SET suspended=? WHERE id=? AND state='submitted'",
+                            (int(suspended), message_id)).rowcount
+    clause, params = item_clause(queue)
+    changed = conn.execute(
+        f"UPDATE recipient SET suspended=? WHERE id IN (SELECT r.id FROM message m JOIN"
+        f" recipient r ON r.message=m.id WHERE {clause} AND m.id=?)",
+        [int(suspended), *params, message_id]).rowcount
+    if not suspended:  # a message suspended as a whole (before a resubmission) is freed too
+        conn.execute("UPDATE message SET suspended=0 WHERE id=? AND state<>'poison'",
+                     (message_id,))
+    return changed
+
+
+def release_poison(conn: sqlite3.Connection, message_id: int) -> int:
+    """Resume-Message on Poison: the message goes back to the categorizer, still suspect
+    (processed alone; one more crash sends it back to Poison)."""
+    changed = conn.execute(
+        "UPDATE recipient SET status='Submitted', queue=NULL, next_retry=NULL, suspended=0"
+        " WHERE message=? AND status NOT IN ('Delivered','Failed','Expanded')",
+        (message_id,)).rowcount
+    conn.execute("UPDATE message SET state='submitted', suspended=0, suspect=1, not_before=NULL"
+                 " WHERE id=? AND state='poison'", (message_id,))
+    return changed
+
+
+def set_queue_suspended(conn: sqlite3.Connection, queue: str, suspended: bool) -> None:
+    if queue in ("Submission", "Unreachable"):
+        set_flag(conn, queue, suspended)
+    else:
+        conn.execute("UPDATE delivery_queue SET suspended=? WHERE id=?",
+                     (int(suspended), int(queue)))
+
+
+def retry_now(conn: sqlite3.Connection, queue_id: int, now: float) -> int:
+    """Retry-Queue: every waiting item of the queue is due now."""
+    return conn.execute(
+        "UPDATE recipient SET next_retry=? WHERE queue=? AND status='Retry' AND suspended=0"
+        " AND next_retry>?", (now, queue_id, now)).rowcount
+
+
+def settle_submitted(conn: sqlite3.Connection, message_id: int) -> None:
+    """A message left in Submission with none of its recipients there is active again."""
+    conn.execute(
+        "UPDATE message SET state='active' WHERE id=? AND state='submitted' AND NOT EXISTS"
+        " (SELECT 1 FROM recipient WHERE message=? AND status='Submitted')",
+        (message_id, message_id))
 
 
 def set_queue_error(conn: sqlite3.Connection, queue_id: int, error: str | None) -> None:

@@ -11,18 +11,9 @@ files by name without missing events.
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
-import errno
-import functools
 import json
-import logging
-import math
 import os
-import re
 import stat
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +21,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from core import __version__
+from core.rotating_log import LogFile, RotatingLog, day_of, list_files
+from core.rotating_log import iso_ms as _iso_ms
 
 __all__ = [
     "EVENT_IDS",
@@ -43,10 +35,8 @@ __all__ = [
     "search",
 ]
 
-logger = logging.getLogger(__name__)
 
-SOFTWARE = "hubport"
-VERSION = __version__
+PREFIX = "MSGTRK"
 LOG_TYPE = "Message Tracking Log"
 
 EVENT_IDS = frozenset(
@@ -89,8 +79,6 @@ MAX_BUFFERED_EVENTS = 100_000
 # The searcher never holds more than this of one line in memory (a corrupt file may lack newlines).
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
-_FILE_RE = re.compile(r"^MSGTRK(\d{8})-(\d{1,9})\.log$")
-
 
 @dataclass(frozen=True)
 class TrackingSettings:
@@ -117,25 +105,6 @@ _Event = tuple[Any, ...]
 
 # --------------------------------------------------------------------------------------------
 # Formatting helpers shared by writer and CLI
-
-
-def _iso_ms(ts: float) -> str:
-    """UTC ISO 8601 with milliseconds and 'Z', e.g. 2024-03-01T12:00:00.123Z.
-
-    Rounded to microseconds like datetime.fromtimestamp, then truncated to milliseconds, so
-    23:59:59.9996 stays on its day. The per-second prefix is cached: flush formats thousands
-    of stamps per second and this is its hottest step after JSON.
-    """
-    sec = math.floor(ts)
-    micros = round((ts - sec) * 1_000_000)
-    if micros >= 1_000_000:
-        sec, micros = sec + 1, micros - 1_000_000
-    return f"{_second_prefix(sec)}{micros // 1000:03d}Z"
-
-
-@functools.lru_cache(maxsize=8)
-def _second_prefix(sec: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
 
 
 # Built once: json.dumps() with options builds a new encoder per call. The plain encoder is
@@ -166,76 +135,11 @@ def _json_line(obj: Any) -> bytes:
         return (_JSON_ASCII_ANY.encode(obj) + "\n").encode("ascii")
 
 
-def _header(ts: float) -> bytes:
-    lines = [
-        f"#Software: {SOFTWARE}",
-        f"#Version: {VERSION}",
-        f"#Log-Type: {LOG_TYPE}",
-        f"#Date: {_iso_ms(ts)}",
-        "#Fields: " + ",".join(FIELDS),
-    ]
-    return ("\n".join(lines) + "\n").encode("ascii")
-
-
-def _file_name(day: str, n: int) -> str:
-    return f"MSGTRK{day}-{n}.log"
-
-
-def _parse_file_name(name: str) -> tuple[date, int] | None:
-    """(UTC date, sequence number) of an MSGTRK file name, None for anything else."""
-    m = _FILE_RE.match(name)
-    if not m:
-        return None
-    try:
-        day = datetime.strptime(m.group(1), "%Y%m%d").date()
-    except ValueError:
-        return None
-    return day, int(m.group(2))
-
-
-@dataclass(frozen=True)
-class _LogFile:
-    path: Path
-    day: date
-    n: int
-    size: int
-    mtime: float
-
-
-def _list_files(directory: Path) -> list[_LogFile]:
-    """Regular MSGTRK files in `directory`, oldest first by (date, n); never follows symlinks."""
-    found: list[_LogFile] = []
-    try:
-        with os.scandir(directory) as it:
-            for entry in it:
-                parsed = _parse_file_name(entry.name)
-                if parsed is None:
-                    continue
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    found.append(
-                        _LogFile(
-                            Path(entry.path),
-                            parsed[0],
-                            parsed[1],
-                            st.st_size,
-                            st.st_mtime,
-                        )
-                    )
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    found.sort(key=lambda f: (f.day, f.n))
-    return found
-
-
 # --------------------------------------------------------------------------------------------
 # Writer
 
 
-class TrackingLog:
+class TrackingLog(RotatingLog):
     """Buffers tracking events on the event loop and writes them to rotating MSGTRK files."""
 
     def __init__(
@@ -244,22 +148,23 @@ class TrackingLog:
         server_hostname: str,
         server_ip: str = "127.0.0.1",
     ) -> None:
+        super().__init__(
+            settings.path,
+            prefix=PREFIX,
+            log_type=LOG_TYPE,
+            fields=FIELDS,
+            max_age=settings.max_age,
+            max_directory_size=settings.max_directory_size,
+            max_file_size=settings.max_file_size,
+            label="message tracking log",
+        )
         self.settings = settings
         self.server_hostname = server_hostname
         self.server_ip = server_ip
-        # The error of the latest flush (None = healthy), and the events lost for good
-        # (buffer overflow while the disk was failing, or unencodable).
-        self.last_error: Exception | None = None
-        self.dropped = 0
-        self._lock = threading.Lock()  # guards _buffer and dropped (log() vs flush())
-        self._flush_lock = threading.Lock()  # one flush at a time (periodic vs close)
-        self._buffer: collections.deque[_Event] = collections.deque()
-        self._closed = False
-        self._started = False  # first flush prunes, as Exchange does at service start
-        self._error: Exception | None = None  # first error of the flush in progress
-        # The file being appended to: its UTC day (yyyymmdd) and number (0 = none yet).
-        self._day = ""
-        self._n = 0
+
+    @property
+    def max_buffered(self) -> int:
+        return MAX_BUFFERED_EVENTS  # looked up at each use, so tests can shrink it
 
     # -- event loop side -------------------------------------------------------------------
 
@@ -316,98 +221,11 @@ class TrackingLog:
             directionality,
             dict(custom_data) if custom_data else {},
         )
-        with self._lock:
-            self._buffer.append(event)
-            if len(self._buffer) > MAX_BUFFERED_EVENTS:
-                self._buffer.popleft()
-                self.dropped += 1
+        self._append(event)
 
-    @property
-    def buffered(self) -> int:
-        """Events waiting for the next flush (for health reporting)."""
-        return len(self._buffer)
+    # -- worker thread side (called by RotatingLog.flush) -----------------------------------
 
-    async def run_flusher(self, interval: float = 0.5) -> None:
-        """Flush every `interval` seconds from a worker thread until cancelled, then once more."""
-        try:
-            while True:
-                await asyncio.sleep(interval)
-                await self._flush_in_thread()
-        except asyncio.CancelledError:
-            await self._flush_in_thread()
-            raise
-
-    async def _flush_in_thread(self) -> None:
-        try:
-            await asyncio.to_thread(self.flush)
-        except Exception as exc:  # a bug in flush must not stop tracking for good
-            logger.exception("message tracking flush failed")
-            self.last_error = exc
-
-    # -- worker thread side ----------------------------------------------------------------
-
-    def flush(self) -> None:
-        """Write buffered events to disk; on failure keep them buffered and set last_error."""
-        with self._flush_lock:
-            with self._lock:
-                batch = list(self._buffer)
-                self._buffer.clear()
-            self._error = None
-            try:
-                if not self._started:
-                    self.settings.path.mkdir(parents=True, exist_ok=True)
-                    self._prune(current=None)
-                    self._started = True
-                lines = self._serialize(batch)
-                written = self._write(lines)
-                self._requeue([event for event, _, _ in lines[written:]])
-            except OSError as exc:
-                self._note(exc)
-                self._requeue(batch)
-            self._report()
-
-    def close(self) -> None:
-        """Flush what is buffered; later log() calls are ignored."""
-        self._closed = True
-        self.flush()
-
-    def _note(self, exc: Exception) -> None:
-        if self._error is None:
-            self._error = exc
-
-    def _report(self) -> None:
-        """Publish this flush's outcome; warn once when tracking starts failing."""
-        if self._error is not None and self.last_error is None:
-            logger.warning("message tracking log: %s", ascii(str(self._error)))
-        self.last_error = self._error
-
-    def _requeue(self, events: list[_Event]) -> None:
-        """Put unwritten events back in front of newer ones, dropping the oldest beyond the cap."""
-        if not events:
-            return
-        with self._lock:
-            self._buffer.extendleft(reversed(events))
-            excess = len(self._buffer) - MAX_BUFFERED_EVENTS
-            for _ in range(excess):
-                self._buffer.popleft()
-            self.dropped += max(0, excess)
-
-    def _serialize(self, batch: list[_Event]) -> list[tuple[_Event, str, bytes]]:
-        """(event, UTC day, JSON line) per event; an event that cannot be encoded is dropped.
-
-        Dropping (rather than requeueing) keeps one bad event from blocking the buffer forever.
-        """
-        out: list[tuple[_Event, str, bytes]] = []
-        for event in batch:
-            try:
-                out.append(self._encode(event))
-            except (TypeError, ValueError, OverflowError, OSError) as exc:
-                with self._lock:
-                    self.dropped += 1
-                self._note(ValueError(f"unencodable tracking event dropped: {exc}"))
-        return out
-
-    def _encode(self, event: _Event) -> tuple[_Event, str, bytes]:
+    def _encode(self, event: _Event) -> tuple[str, bytes]:
         (ts, client_ip, client_hostname, source_context, connector_id, source, event_id,
          internal_message_id, message_id, recipients, recipient_status, total_bytes,
          related, reference, subject, sender, return_path, message_info, directionality,
@@ -438,162 +256,7 @@ class TrackingLog:
             "directionality": directionality,
             "custom-data": custom_data,
         }
-        line = _json_line(record)
-        day = stamp[0:4] + stamp[5:7] + stamp[8:10]
-        return event, day, line
-
-    def _write(self, lines: list[tuple[_Event, str, bytes]]) -> int:
-        """Append lines, rolling by day and size; returns how many were written.
-
-        A failure stops the batch (the caller requeues the rest) and is noted for last_error.
-        """
-        written = 0
-        out: _OpenFile | None = None
-        try:
-            for event, day, line in lines:
-                if out is None or day != self._day:
-                    if out is not None:
-                        written += out.commit()
-                        out.close()
-                        out = None
-                    out = self._open_day(day, event[0])
-                while out.full_for(len(line), self.settings.max_file_size):
-                    written += out.commit()
-                    out.close()
-                    out = None
-                    self._n += 1
-                    out = self._open_current(event[0])
-                out.add(line)
-            if out is not None:
-                written += out.commit()
-        except OSError as exc:
-            self._note(exc)
-        finally:
-            if out is not None:
-                out.close()
-        return written
-
-    def _open_day(self, day: str, ts: float) -> _OpenFile:
-        """Open the file for `day`: the current one, else that day's newest, else number 1."""
-        if day != self._day or self._n == 0:
-            numbers = [
-                f.n for f in _list_files(self.settings.path) if f.day.strftime("%Y%m%d") == day
-            ]
-            self._day, self._n = day, max(numbers, default=1)
-        return self._open_current(ts)
-
-    def _open_current(self, ts: float) -> _OpenFile:
-        """Open (creating it with a header, then pruning) the file for self._day/self._n.
-
-        A symlink, FIFO or directory squatting on the name is stepped over to the next
-        number: opening it could block or write elsewhere, and refusing would stop tracking.
-        """
-        while True:
-            path = self.settings.path / _file_name(self._day, self._n)
-            fd = _open_regular_for_append(path)
-            if fd is not None:
-                break
-            self._n += 1
-        st_size = os.fstat(fd).st_size
-        out = _OpenFile(fd, st_size)
-        if st_size == 0:
-            out.add_header(_header(ts))
-            self._prune(current=path)
-        return out
-
-    def _prune(self, current: Path | None) -> None:
-        """Delete the oldest files while over the size limit, and any file past max_age.
-
-        Never deletes `current`. Deletion failures are noted but do not stop logging.
-        """
-        files = _list_files(self.settings.path)
-        total = sum(f.size for f in files)
-        max_age = self.settings.max_age
-        cutoff = time.time() - max_age if max_age > 0 else None
-        for f in files:
-            if current is not None and f.path == current:
-                continue
-            too_big = total > self.settings.max_directory_size
-            too_old = cutoff is not None and f.mtime < cutoff
-            if not (too_big or too_old):
-                continue
-            try:
-                f.path.unlink(missing_ok=True)
-            except OSError as exc:
-                self._note(exc)
-                continue
-            total -= f.size
-
-
-def _open_regular_for_append(path: Path) -> int | None:
-    """An append descriptor for `path`, or None when the name is taken by a non-regular file."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
-            return None
-        raise
-    try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            return fd
-    except BaseException:
-        os.close(fd)
-        raise
-    os.close(fd)
-    return None
-
-
-class _OpenFile:
-    """An MSGTRK file open for appending, with the bytes not yet written to it."""
-
-    def __init__(self, fd: int, size_on_disk: int) -> None:
-        self.fd = fd
-        self.on_disk = size_on_disk
-        # > 0 only when we start the file ourselves: it then holds no events yet.
-        self.header_len = 0
-        self.pending = bytearray()
-        self.pending_events = 0
-
-    @property
-    def size(self) -> int:
-        return self.on_disk + len(self.pending)
-
-    def full_for(self, line_len: int, max_size: int) -> bool:
-        """Would `line_len` more bytes exceed max_size? A file with no events takes any line."""
-        return self.size + line_len > max_size and self.size > self.header_len
-
-    def add_header(self, header: bytes) -> None:
-        self.pending += header
-        self.header_len = len(header)
-
-    def add(self, line: bytes) -> None:
-        self.pending += line
-        self.pending_events += 1
-
-    def commit(self) -> int:
-        """Write the pending bytes; returns the events written.
-
-        On error the file is cut back to its previous size, so no half line is left behind.
-        """
-        data = bytes(self.pending)
-        done = 0
-        try:
-            while done < len(data):
-                done += os.write(self.fd, data[done:] if done else data)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, self.on_disk)
-            raise
-        count = self.pending_events
-        self.on_disk += len(data)
-        self.pending = bytearray()
-        self.pending_events = 0
-        return count
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        return day_of(stamp), _json_line(record)
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,10 +327,10 @@ def _as_utc(moment: datetime | None) -> datetime | None:
 
 def _files_by_day(
     path: Path, start: datetime | None, end: datetime | None
-) -> Iterator[list[_LogFile]]:
+) -> Iterator[list[LogFile]]:
     """Files grouped per UTC day, oldest day first, skipping days outside [start, end)."""
-    by_day: dict[date, list[_LogFile]] = {}
-    for f in _list_files(path):
+    by_day: dict[date, list[LogFile]] = {}
+    for f in list_files(path, PREFIX):
         day_start = datetime(f.day.year, f.day.month, f.day.day, tzinfo=UTC)
         if start is not None and day_start + timedelta(days=1) <= start:
             continue

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import core.folders as folders_module
+from plugins import pytest_plugin
 from tests import support
 from tests.support import (
     drop_in,
@@ -502,7 +503,7 @@ async def test_claimed_files_left_by_a_crash(hub_factory: HubFactory, tmp_path: 
 
 async def test_messages_per_minute_throttle(
         hub_factory: HubFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(support, "BASE_ORG", support.BASE_ORG.replace(
+    monkeypatch.setattr(pytest_plugin, "BASE_ORG", pytest_plugin.BASE_ORG.replace(
         'PickupDirectoryMaxMessagesPerMinute = "unlimited"',
         "PickupDirectoryMaxMessagesPerMinute = 5"))
     async with hub_factory() as hub:

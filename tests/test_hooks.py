@@ -32,7 +32,8 @@ from core.model import (
 from tests.support import drop_in, event_ids, maildir, message, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTINS = ["foreign", "mailbox", "builtin-agents"]
+BUILTINS = ["foreign", "send", "receive", "mailbox", "builtin-agents", "delivery-agent"]
+DELIVER_ORDER = ["delivery-agent", "mailbox", "send", "foreign"]
 
 
 def hubport(*args: str, cwd: Path, env: dict[str, str] | None = None,
@@ -60,17 +61,18 @@ def test_plugins_command_lists_builtins_hooks_and_call_order(tmp_path: Path) -> 
     lines = done.stdout.splitlines()
     listed = [line.split()[0] for line in lines[1:] if line.startswith("  ")
               and not line.strip().startswith("hooks:")]
-    assert listed[:3] == BUILTINS  # discovery order
+    assert listed[:len(BUILTINS)] == BUILTINS  # discovery order
     text = done.stdout
     assert "plugins.foreign" in text and "plugins.mailbox" in text and "agents.builtin" in text
     assert "hooks: deliver, register_connector_types" in text
     assert "hooks: register_delivery_agents" in text
     order = {line.split()[0]: line.split(None, 1)[1] for line in
              text.split("Hook call order")[1].splitlines()[1:] if line.startswith("  ")}
-    assert order["deliver"] == "mailbox -> foreign"  # last registered is called first
-    assert order["register_connector_types"] == "foreign"
-    assert "Connector types: foreign_connector" in text
-    assert "Delivery agents: DROP, MAILDIR" in text
+    assert order["deliver"] == " -> ".join(DELIVER_ORDER)  # last registered is called first
+    assert order["register_connector_types"] == "delivery-agent -> receive -> send -> foreign"
+    assert ("Connector types: delivery_agent_connector, foreign_connector, receive_connector,"
+            " send_connector") in text
+    assert "Delivery agents: COMMAND, DROP, HTTP, MAILDIR" in text
     assert not list(tmp_path.iterdir())  # listing plugins touches no folders
 
 
@@ -79,14 +81,14 @@ def test_plugins_command_json(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     plugins = {p["name"]: p for p in data["plugins"]}
-    assert [p["name"] for p in data["plugins"]][:3] == BUILTINS
+    assert [p["name"] for p in data["plugins"]][:len(BUILTINS)] == BUILTINS
     assert plugins["foreign"] == {"name": "foreign", "module": "plugins.foreign",
                                   "version": "built-in",
                                   "hooks": ["deliver", "register_connector_types"]}
     assert plugins["mailbox"]["hooks"] == ["deliver"]
     assert plugins["builtin-agents"]["hooks"] == ["register_delivery_agents"]
-    assert data["call_order"]["deliver"] == ["mailbox", "foreign"]
-    assert data["call_order"]["register_delivery_agents"] == ["builtin-agents"]
+    assert data["call_order"]["deliver"] == DELIVER_ORDER
+    assert data["call_order"]["register_delivery_agents"][-1] == "builtin-agents"
 
 
 def test_call_order_follows_registration_and_tryfirst_trylast(
@@ -106,7 +108,7 @@ def test_call_order_follows_registration_and_tryfirst_trylast(
     hooks = Hooks([late, last, early], entry_points=False)
     [description] = hooks.describe()
     assert [p["name"] for p in description["plugins"]] == [*BUILTINS, late, last, early]
-    assert description["call_order"]["deliver"] == [late, "mailbox", "foreign"]
+    assert description["call_order"]["deliver"] == [late, *DELIVER_ORDER]
     assert description["call_order"]["on_submitted"] == [early, last]
 
 

@@ -1,0 +1,108 @@
+"""The command delivery agent (DeliveryProtocol ``COMMAND``): pipe each item into a program.
+
+Connector fields: ``Command`` (a list: program and arguments, run directly, never through
+a shell), ``Timeout`` (per item, 60s). The message goes to standard input; the envelope
+goes into the environment: ``HUBPORT_SENDER``, ``HUBPORT_RECIPIENTS`` (one address per
+line), ``HUBPORT_MESSAGE_ID``, ``HUBPORT_INTERNAL_ID``, ``HUBPORT_NEXT_HOP``. Exit status 0
+delivers, 75 (EX_TEMPFAIL) defers, death by a signal or a timeout defers, anything else
+fails with 550 5.3.0 and the program's first line of standard error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from agents.api import DeliveryAgent, ItemResult, MailItem
+from core.model import SmtpResponse
+
+if TYPE_CHECKING:
+    from core.config_fields import FieldReader
+
+EX_TEMPFAIL = 75
+BAD_ENVELOPE = SmtpResponse(550, "5.1.3", "Envelope address not safe to pass to a command")
+#: the environment a command inherits from the daemon; nothing else leaks in
+INHERITED = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "TMPDIR")
+
+
+@dataclass(frozen=True)
+class CommandSettings:
+    argv: tuple[str, ...]
+    timeout: float
+
+
+def envelope_environment(item: MailItem) -> dict[str, str] | None:
+    """HUBPORT_* variables, or None when an address holds a control character."""
+    values = {
+        "HUBPORT_SENDER": item.message.mail_from.address,
+        "HUBPORT_RECIPIENTS": "\n".join(r.address for r in item.recipients),
+        "HUBPORT_MESSAGE_ID": item.message.message_id,
+        "HUBPORT_INTERNAL_ID": str(item.message.id),
+        "HUBPORT_NEXT_HOP": item.next_hop.domain,
+    }
+    addresses = [item.message.mail_from.address, *(r.address for r in item.recipients)]
+    if any(ord(ch) < 32 or ord(ch) == 127 for a in addresses for ch in a):
+        return None
+    if any("\x00" in v for v in values.values()):
+        return None
+    base = {k: os.environ[k] for k in INHERITED if k in os.environ}
+    return {**base, **values}
+
+
+class CommandAgent(DeliveryAgent):
+    """Runs the connector's ``Command`` once per item."""
+
+    protocol = "COMMAND"
+
+    @classmethod
+    def read_settings(cls, reader: FieldReader) -> CommandSettings | None:
+        argv = reader.string_list("Command")
+        timeout = reader.duration("Timeout", "60s", "1s", "1d") or 60.0
+        if not argv or not argv[0].strip():
+            reader.error("Command", "required: a list, the program then its arguments")
+            return None
+        if any("\x00" in a for a in argv):
+            reader.error("Command", "contains a NUL character")
+            return None
+        return CommandSettings(tuple(argv), timeout)
+
+    async def deliver(self, item: MailItem) -> ItemResult:
+        settings: CommandSettings = self.settings
+        env = envelope_environment(item)
+        if env is None:
+            return ItemResult.fail(item, BAD_ENVELOPE)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *settings.argv, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
+        except OSError as exc:
+            return ItemResult.defer(item, SmtpResponse(
+                451, "4.3.0", f"cannot run {settings.argv[0]}: {exc.strerror or exc}"))
+        try:
+            async with asyncio.timeout(settings.timeout):
+                _, err = await proc.communicate(item.data)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return ItemResult.defer(item, SmtpResponse(
+                451, "4.4.1", f"{settings.argv[0]} did not finish within {settings.timeout:g}s"))
+        except BaseException:
+            if proc.returncode is None:  # cancelled (a connection timeout): leave no orphan
+                proc.kill()
+                await proc.wait()
+            raise
+        return result_for(item, settings.argv[0], proc.returncode or 0, err)
+
+
+def result_for(item: MailItem, program: str, status: int, stderr: bytes) -> ItemResult:
+    first = next((line.strip() for line in stderr.decode("utf-8", "replace").splitlines()
+                  if line.strip()), "")
+    why = f"{program} exited with status {status}" + (f": {first[:200]}" if first else "")
+    if status == 0:
+        return ItemResult.success(item, SmtpResponse(250, "2.0.0", f"Accepted by {program}"),
+                                  detail=program)
+    if status == EX_TEMPFAIL or status < 0:
+        return ItemResult.defer(item, SmtpResponse(451, "4.3.0", why))
+    return ItemResult.fail(item, SmtpResponse(550, "5.3.0", why))

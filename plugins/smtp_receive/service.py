@@ -1,0 +1,352 @@
+"""The receive connectors of one server at run time: listeners, connector choice, limits.
+
+One listening socket serves every connector bound to the same IP and port (a wildcard
+address serves the specific ones of its family too); which connector a client gets is
+decided per connection: the connector whose binding names the local address exactly wins
+over a wildcard binding, then the one whose RemoteIPRanges hold the client most
+specifically (EXCHANGE §5). A configuration change re-binds only what changed; sessions
+already running keep the connector they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from core.credentials import PasswordStore, hash_password, mailbox_for_login
+from core.model import SmtpResponse
+from core.protocol_log import ProtocolLog
+from core.services import ServiceError, ServiceRuntime
+from core.tls import CertificatePair, TlsConfigError, describe, ensure_self_signed, server_context
+from plugins.smtp_receive.connector import ReceiveConnector
+from plugins.smtp_receive.protocol import LOCAL_ERROR, ReceiveProtocol
+
+if TYPE_CHECKING:
+    from core.config import Mailbox
+
+log = structlog.get_logger("hubport.smtp.receive")
+logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-connection chatter
+
+TOO_MANY_CONNECTIONS = SmtpResponse(
+    421, "4.3.2", "The maximum number of concurrent server connections has exceeded a limit,"
+    " closing transmission channel")
+TOO_MANY_FROM_SOURCE = SmtpResponse(
+    421, "4.3.2", "The maximum number of concurrent connections has exceeded a limit, closing"
+    " transmission channel")
+DRAIN_TIMEOUT = 10.0
+SMTP_EVENTS = ("on_connect", "on_helo", "on_starttls", "on_auth", "on_mail_from", "on_rcpt_to",
+               "on_data", "on_end_of_headers", "on_end_of_data", "on_disconnect")
+
+
+class ReceiveService:
+    """Implements ``core.services.ConnectorService`` for ``[[receive_connector]]``."""
+
+    def __init__(self, runtime: ServiceRuntime) -> None:
+        self.runtime = runtime
+        self.connectors: list[ReceiveConnector] = []
+        self.listeners: dict[tuple[str, int, bool], asyncio.AbstractServer] = {}
+        self.sessions: set[ReceiveProtocol] = set()
+        self._per_connector: dict[str, int] = {}
+        self._per_source: dict[tuple[str, str], int] = {}
+        self._rates: dict[str, deque[float]] = {}
+        self._tls: dict[str, ssl.SSLContext] = {}
+        self._passwords: PasswordStore | None = None
+        self._protocol_log: ProtocolLog | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._events = self._implemented_events()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def apply(self, connectors: Sequence[Any]) -> None:
+        server = self.runtime.server
+        mine = [dataclasses.replace(c, fqdn=c.fqdn or server.fqdn) for c in connectors
+                if isinstance(c, ReceiveConnector) and c.enabled
+                and c.server.lower() == server.name.lower()]
+        contexts = await asyncio.to_thread(self._tls_contexts, mine, server.state_directory)
+        wanted = _sockets(mine)
+        self._tls = {**self._tls, **contexts}  # implicit-TLS listeners need them now
+        opened: dict[tuple[str, int, bool], asyncio.AbstractServer] = {}
+        try:
+            for key in wanted:
+                if key not in self.listeners:
+                    opened[key] = await self._listen(*key, mine)
+        except OSError as exc:
+            for listener in opened.values():
+                listener.close()
+            raise ServiceError(f"receive connector binding {_show(key)} cannot be opened:"
+                               f" {exc.strerror or exc}") from exc
+        for key in [k for k in self.listeners if k not in wanted]:
+            self.listeners.pop(key).close()
+        self.listeners.update(opened)
+        self.connectors, self._tls = mine, contexts
+        self._passwords = PasswordStore(server.password_file_path)
+        self._start_protocol_log()
+        for key in opened:
+            log.info("receive connector listening", binding=_show(key),
+                     connectors=[c.name for c in mine if _serves(key, c)])
+
+    async def _listen(self, ip: str, port: int, implicit_tls: bool,
+                      connectors: list[ReceiveConnector]) -> asyncio.AbstractServer:
+        loop = asyncio.get_running_loop()
+        context = None
+        handshake = None
+        if implicit_tls:
+            tls_connector = next(c for c in connectors if c.implicit_tls and _serves(
+                (ip, port, True), c))
+            context = self._tls[tls_connector.name]
+            handshake = tls_connector.tls_handshake_timeout
+        return await loop.create_server(
+            lambda: ReceiveProtocol(self, implicit_tls=implicit_tls), host=ip, port=port,
+            reuse_address=True, backlog=512, ssl=context, ssl_handshake_timeout=handshake)
+
+    def _tls_contexts(self, connectors: list[ReceiveConnector],
+                      state: Path) -> dict[str, ssl.SSLContext]:
+        """One server context per TLS connector (a self-signed certificate when none given)."""
+        contexts = {}
+        for c in connectors:
+            if not c.offers_tls:
+                continue
+            try:
+                if c.tls_certificate_file is not None and c.tls_certificate_key_file is not None:
+                    pair = CertificatePair(c.tls_certificate_file, c.tls_certificate_key_file)
+                else:
+                    pair = ensure_self_signed(state / "tls", c.fqdn)
+                mutual = "ExchangeServer" in c.auth_mechanism or \
+                    c.tls_client_certificate_authority_file is not None
+                contexts[c.name] = server_context(
+                    pair, client_ca=c.tls_client_certificate_authority_file,
+                    request_client_certificate=mutual)
+            except (TlsConfigError, OSError, ValueError, ssl.SSLError) as exc:
+                raise ServiceError(f"{c.label}: TLS certificate: {exc}") from exc
+        return contexts
+
+    def _start_protocol_log(self) -> None:
+        if self._protocol_log is not None:
+            return
+        server = self.runtime.server
+        self._protocol_log = ProtocolLog(
+            server.receive_protocol_log_path, "RECV", max_age=server.protocol_log_max_age,
+            max_directory_size=server.protocol_log_max_directory_size,
+            max_file_size=server.protocol_log_max_file_size)
+        self._flusher = asyncio.get_running_loop().create_task(
+            self._protocol_log.run_flusher(), name="protocol-log-recv")
+
+    async def stop(self) -> None:
+        """Close the listeners, let messages in DATA finish, then close the sessions."""
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while any(s.in_data for s in self.sessions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            await session.shutdown()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+        if self._protocol_log is not None:
+            await asyncio.to_thread(self._protocol_log.close)
+
+    # -- per connection ------------------------------------------------------------------
+
+    def choose(self, local_ip: str, local_port: int, remote_ip: str) -> ReceiveConnector | None:
+        """Local binding first (exact address over wildcard), then the narrowest range."""
+        try:
+            client = ipaddress.ip_address(remote_ip.split("%")[0])
+        except ValueError:
+            return None
+        if getattr(client, "ipv4_mapped", None):
+            client = client.ipv4_mapped  # type: ignore[union-attr]
+        local = _canonical(local_ip)
+        exact = [c for c in self.connectors if (local, local_port) in c.bindings]
+        wildcard = [c for c in self.connectors
+                    if (_wildcard_of(local), local_port) in c.bindings]
+        for candidates in (exact, wildcard):
+            ranked = [(r.size, c.name, c) for c in candidates
+                      if (r := c.matches_remote(client)) is not None]
+            if ranked:
+                return min(ranked, key=lambda t: (t[0], t[1]))[2]
+        return None
+
+    def opened(self, session: ReceiveProtocol) -> tuple[str, SmtpResponse | None]:
+        """Count a new session; the refusal when a connection limit is reached."""
+        connector, info = session.connector, session.info
+        assert connector is not None and info is not None
+        self.sessions.add(session)
+        source = _source_key(info.remote_ip)
+        total = self._per_connector.get(connector.name, 0)
+        mine = self._per_source.get((connector.name, source), 0)
+        self._per_connector[connector.name] = total + 1
+        self._per_source[(connector.name, source)] = mine + 1
+        limit = connector.max_inbound_connection
+        if limit is not None and total >= limit:
+            return source, TOO_MANY_CONNECTIONS
+        per_source = connector.max_inbound_connection_per_source
+        if per_source is not None and mine >= per_source:
+            return source, TOO_MANY_FROM_SOURCE
+        if limit is not None:
+            share = (limit - total) * connector.max_inbound_connection_percentage_per_source
+            if mine >= max(1, share // 100):
+                return source, TOO_MANY_FROM_SOURCE
+        return source, None
+
+    def closed(self, session: ReceiveProtocol) -> None:
+        self.sessions.discard(session)
+        connector = session.connector
+        if connector is None:
+            return
+        key = (connector.name, session.source_key)
+        self._per_connector[connector.name] = self._per_connector.get(connector.name, 1) - 1
+        left = self._per_source.get(key, 1) - 1
+        if left > 0:
+            self._per_source[key] = left
+        else:
+            self._per_source.pop(key, None)
+        if "on_disconnect" in self._events and session.info is not None:
+            asyncio.get_running_loop().create_task(
+                self.runtime.hooks.notify("on_disconnect", session=session.info))
+
+    def within_rate(self, session: ReceiveProtocol) -> bool:
+        """MessageRateLimit: messages per minute per client IP, user, or both."""
+        connector, info = session.connector, session.info
+        assert connector is not None and info is not None
+        if connector.message_rate_limit is None or connector.message_rate_source == "None":
+            return True
+        keys = []
+        if connector.message_rate_source in ("IPAddress", "All"):
+            keys.append(f"ip:{session.source_key}")
+        if connector.message_rate_source in ("User", "All") and info.authenticated_as:
+            keys.append(f"user:{info.authenticated_as}")
+        now = time.monotonic()
+        for key in keys:
+            window = self._rates.setdefault(key, deque())
+            while window and now - window[0] >= 60:
+                window.popleft()
+            if len(window) >= connector.message_rate_limit:
+                return False
+        for key in keys:
+            self._rates[key].append(now)
+        return True
+
+    def tls_context(self, connector: ReceiveConnector) -> ssl.SSLContext | None:
+        return self._tls.get(connector.name)
+
+    def protocol_session(self, connector: ReceiveConnector, local: Any, remote: Any) -> Any:
+        if connector.protocol_logging_level != "Verbose" or self._protocol_log is None \
+                or not self._protocol_log.enabled:
+            return None
+        return self._protocol_log.session(connector.name, tuple(local[:2]), tuple(remote[:2]))
+
+    @staticmethod
+    def describe_tls(transport: Any) -> str | None:
+        return describe(transport.get_extra_info("ssl_object")) if transport else None
+
+    @staticmethod
+    def peer_name(transport: Any, connector: ReceiveConnector) -> str | None:
+        """The host name a verified client certificate proves, else None."""
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        certificate = ssl_object.getpeercert() if ssl_object is not None else None
+        if not certificate:
+            return None
+        names = [v for k, v in certificate.get("subjectAltName", ()) if k == "DNS"]
+        for rdn in certificate.get("subject", ()):
+            names += [v for k, v in rdn if k == "commonName"]
+        return names[0].lower() if names else None
+
+    def is_exchange_server(self, name: str) -> bool:
+        return name.lower().rstrip(".") in self.local_names(every_server=True)
+
+    def local_names(self, *, every_server: bool = False) -> frozenset[str]:
+        """FQDNs that mean "us": this server's (or every server's of the organization)."""
+        org = self.runtime.organization
+        servers = org.servers if every_server else (self.runtime.server,)
+        names = {s.fqdn.lower() for s in servers}
+        if not every_server:
+            names |= {c.fqdn.lower() for c in self.connectors}
+        return frozenset(names)
+
+    async def authenticate(self, login: str, password: str) -> Mailbox | None:
+        """The mailbox whose password this is, else None (same cost either way)."""
+        mailbox = mailbox_for_login(self.runtime.organization, login) if login else None
+        if mailbox is None or self._passwords is None:
+            await asyncio.to_thread(hash_password, password)  # no timing oracle
+            return None
+        return mailbox if await self._passwords.verify(mailbox, password) else None
+
+    # -- agent events ---------------------------------------------------------------------
+
+    def _implemented_events(self) -> frozenset[str]:
+        hook = self.runtime.hooks.pm.hook
+        return frozenset(name for name in SMTP_EVENTS
+                         if getattr(hook, name).get_hookimpls())
+
+    async def event(self, name: str, **kwargs: Any) -> SmtpResponse | None:
+        """Run an SMTP agent event; a raising plugin answers 451 4.3.0, never a 5xx."""
+        if name not in self._events:
+            return None
+        try:
+            verdict = await self.runtime.hooks.call_first(name, **kwargs)
+        except Exception:
+            log.exception("an SMTP receive agent raised", hook=name)
+            return LOCAL_ERROR
+        if isinstance(verdict, SmtpResponse) and verdict.code >= 400:
+            return verdict
+        return None
+
+
+# -- sockets --------------------------------------------------------------------------------
+
+
+def _canonical(ip: str) -> str:
+    try:
+        address = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return ip
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).compressed
+
+
+def _wildcard_of(ip: str) -> str:
+    return "::" if ":" in ip else "0.0.0.0"
+
+
+def _sockets(connectors: list[ReceiveConnector]) -> set[tuple[str, int, bool]]:
+    """The listening sockets: a wildcard address covers the specific ones of its family."""
+    wanted = {(ip, port, c.implicit_tls) for c in connectors for ip, port in c.bindings}
+    return {(ip, port, tls) for ip, port, tls in wanted
+            if ip in ("0.0.0.0", "::") or (_wildcard_of(ip), port, tls) not in wanted}
+
+
+def _serves(key: tuple[str, int, bool], connector: ReceiveConnector) -> bool:
+    ip, port, _tls = key
+    return any(p == port and (i == ip or ip == _wildcard_of(i)) for i, p in connector.bindings)
+
+
+def _show(key: tuple[str, int, bool]) -> str:
+    ip, port, tls = key
+    text = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    return text + (" (implicit TLS)" if tls else "")
+
+
+def _source_key(ip: str) -> str:
+    """Per-source limits count IPv6 clients by their /64."""
+    try:
+        address = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return ip
+    if address.version == 6 and not getattr(address, "ipv4_mapped", None):
+        return ipaddress.ip_network(f"{address}/64", strict=False).compressed
+    return _canonical(ip)

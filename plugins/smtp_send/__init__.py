@@ -1,0 +1,48 @@
+"""Send connectors: SMTP delivery by MX or through smart hosts, and the hub-to-hub relay.
+
+``[[send_connector]]`` (New-SendConnector, EXCHANGE §4): Usage, AddressSpaces,
+SourceTransportServers, IsScopedConnector, Enabled, MaxMessageSize, DNSRoutingEnabled,
+UseExternalDNSServersEnabled, SmartHosts, Port, SmartHostAuthMechanism,
+AuthenticationCredential, RequireTLS, IgnoreSTARTTLS, TlsAuthLevel, TlsDomain, Fqdn,
+ForceHELO, SmtpMaxMessagesPerConnection, ConnectionInactivityTimeOut, ErrorPolicies,
+ProtocolLoggingLevel; hubport extensions TlsCertificateAuthorityFile, TlsClientCertificateFile
+and TlsClientKeyFile.
+
+ErrorPolicies supported: ``Default`` (a 5xx greeting/EHLO or a refused AUTH fails the
+messages with the remote reply; NXDOMAIN bounces with 5.4.4), ``DowngradeAuthFailures`` (a
+refused AUTH defers with 4.7.3 instead), ``DowngradeDnsFailures`` (NXDOMAIN and "no address
+for any MX host" defer with 4.4.x instead; a null MX still bounces: the domain says so).
+TLS failures always defer (4.7.x) and never fall back to plaintext when TLS is required.
+
+Modules: ``connector`` (config), ``resolver`` (MX / smart hosts / hub relay),
+``policy`` (TLS and AUTH), ``session`` (one SMTP client connection), ``content`` (header
+firewall, 8-bit downgrade, DSN parameters), ``protolog`` (protocol log adapter) and
+``delivery`` (the deliver hook body).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from agents.api import DeliveryContext, MailItem
+from core import hookimpl
+from core.model import NextHop
+from plugins.smtp_send.connector import SendConnector
+from plugins.smtp_send.delivery import RELAY_TYPES, deliver_items
+
+__all__ = ["RELAY_TYPES", "SendConnector", "deliver", "register_connector_types"]
+
+
+@hookimpl
+def register_connector_types(register: Callable[[type], None]) -> None:
+    register(SendConnector)
+
+
+@hookimpl
+async def deliver(next_hop: NextHop, connector: Any, items: list[MailItem],
+                  context: DeliveryContext) -> Any:
+    """Send connectors hosted here, and every relay queue to another hub."""
+    if next_hop.delivery_type in RELAY_TYPES or isinstance(connector, SendConnector):
+        return await deliver_items(next_hop, connector, items, context)
+    return None

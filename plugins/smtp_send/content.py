@@ -1,0 +1,197 @@
+"""What leaves through a connection: header firewall, 8-bit downgrade, envelope parameters.
+
+Pure functions on bytes and envelope values, so they are tested without a network.
+"""
+
+from __future__ import annotations
+
+import email
+import email.encoders
+import email.policy
+import re
+from collections.abc import Callable
+from email.generator import BytesGenerator
+from email.message import Message
+from io import BytesIO
+
+from core.headers import HeaderField, MessageFormatError, parse_header_section, rebuild
+from core.model import MailFrom, Notify
+
+_ORG_PREFIXES = ("x-ms-exchange-organization-", "x-ms-exchange-forest-")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_POLICY = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)
+
+
+# -- header firewall (EXCHANGE §4 Usage) -------------------------------------------------
+
+
+def firewall_predicate(usage: str | None) -> Callable[[HeaderField], bool] | None:
+    """Which fields a connector of this Usage strips; None = keep everything.
+
+    Routing headers (Received, Resent-*) are kept for every usage except Custom;
+    organization and forest X-headers only for Internal and Partner. ``None`` is the
+    intra-organization relay to another hub, which keeps everything.
+    """
+    strip_routing = usage == "Custom"
+    strip_org = usage in ("Custom", "Internet")
+    if not (strip_routing or strip_org):
+        return None
+
+    def remove(field: HeaderField) -> bool:
+        name = field.lname
+        if strip_org and name.startswith(_ORG_PREFIXES):
+            return True
+        return strip_routing and (name == "received" or name.startswith("resent-"))
+
+    return remove
+
+
+def apply_firewall(data: bytes, usage: str | None) -> bytes:
+    remove = firewall_predicate(usage)
+    if remove is None:
+        return data
+    try:
+        parsed = parse_header_section(data)
+    except MessageFormatError:
+        return data
+    if not any(remove(f) for f in parsed.fields):
+        return data
+    return rebuild(parsed, remove=remove)
+
+
+# -- 8-bit and SMTPUTF8 (RELIABILITY §2.8) -----------------------------------------------
+
+
+def is_8bit(data: bytes, mail_from: MailFrom) -> bool:
+    return (mail_from.body or "").upper() in ("8BITMIME", "BINARYMIME") or not data.isascii()
+
+
+def needs_smtputf8(mail_from: MailFrom, recipients: list[str]) -> bool:
+    return mail_from.smtputf8 or not mail_from.address.isascii() or not all(
+        r.isascii() for r in recipients)
+
+
+def downgrade_to_7bit(data: bytes) -> bytes | None:
+    """The message with every 8-bit leaf re-encoded (QP for text, base64 otherwise).
+
+    None when that cannot be done faithfully: 8-bit bytes in a header (only SMTPUTF8 could
+    carry them) or anything the email package cannot round-trip.
+    """
+    if data.isascii():
+        return data
+    try:
+        head_end = data.find(b"\r\n\r\n")
+        if head_end < 0 or not data[:head_end].isascii():
+            return None
+        msg = email.message_from_bytes(data, policy=_POLICY)
+        if not _downgrade_part(msg):
+            return None
+        out = BytesIO()
+        BytesGenerator(out, mangle_from_=False, policy=_POLICY).flatten(msg)
+        result = out.getvalue()
+    except Exception:  # the email package on hostile input: refuse rather than guess
+        return None
+    return result if result.isascii() else None
+
+
+def _downgrade_part(part: Message) -> bool:
+    for name, value in part.items():
+        if not str(value).isascii() or not name.isascii():
+            return False
+    if part.is_multipart():
+        ok = all(_downgrade_part(p) for p in part.get_payload())  # type: ignore[union-attr]
+        _set_7bit_container(part)
+        return ok
+    if part.get_content_maintype() == "message":  # message/rfc822 parsed as a container
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            ok = all(_downgrade_part(p) for p in payload)
+            _set_7bit_container(part)
+            return ok
+    cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    if cte in ("base64", "quoted-printable"):
+        raw = part.get_payload()
+        return isinstance(raw, str) and raw.encode("ascii", "surrogateescape").isascii()
+    body = part.get_payload(decode=True)
+    if not isinstance(body, bytes):
+        return False
+    if body.isascii():
+        if cte not in ("7bit", ""):
+            del part["Content-Transfer-Encoding"]
+            part["Content-Transfer-Encoding"] = "7bit"
+        return True
+    del part["Content-Transfer-Encoding"]
+    if part.get_content_maintype() == "text":
+        part.set_payload(body.replace(b"\r\n", b"\n"))
+        email.encoders.encode_quopri(part)
+    else:
+        part.set_payload(body)
+        email.encoders.encode_base64(part)
+    return True
+
+
+def _set_7bit_container(part: Message) -> None:
+    if "Content-Transfer-Encoding" in part:
+        del part["Content-Transfer-Encoding"]
+        part["Content-Transfer-Encoding"] = "7bit"
+
+
+# -- envelope values ---------------------------------------------------------------------
+
+
+def has_control(value: str) -> bool:
+    """A CR, LF or other control character: it must never reach the wire."""
+    return bool(_CONTROL.search(value))
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext, applied to a decoded value (idempotent through ``unxtext``)."""
+    out = []
+    for ch in value:
+        if 33 <= ord(ch) <= 126 and ch not in "+=":
+            out.append(ch)
+        else:
+            out.extend(f"+{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)
+
+
+def unxtext(value: str) -> str:
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def mail_options(mail_from: MailFrom, size: int, *, body: str | None, smtputf8: bool,
+                 dsn: bool, size_ext: bool) -> list[str]:
+    """MAIL FROM parameters the peer understands."""
+    options = []
+    if size_ext:
+        options.append(f"SIZE={size}")
+    if body:
+        options.append(f"BODY={body}")
+    if smtputf8:
+        options.append("SMTPUTF8")
+    if dsn:
+        if mail_from.ret and mail_from.ret.upper() in ("FULL", "HDRS"):
+            options.append(f"RET={mail_from.ret.upper()}")
+        if mail_from.envid and not has_control(mail_from.envid):
+            options.append(f"ENVID={xtext(unxtext(mail_from.envid))}")
+    return options
+
+
+def rcpt_options(notify: frozenset[Notify], orcpt: str | None, *, dsn: bool) -> list[str]:
+    if not dsn:
+        return []
+    options = []
+    if notify:
+        if Notify.NEVER in notify:
+            options.append("NOTIFY=NEVER")
+        else:
+            order = (Notify.SUCCESS, Notify.FAILURE, Notify.DELAY)
+            options.append("NOTIFY=" + ",".join(n.value for n in order if n in notify))
+    if orcpt and not has_control(orcpt):
+        kind, sep, address = orcpt.partition(";")
+        if not sep:
+            kind, address = "rfc822", orcpt
+        decoded = unxtext(address.strip())
+        if kind.strip().isascii() and decoded.isascii() and decoded:
+            options.append(f"ORCPT={kind.strip()};{xtext(decoded)}")
+    return options

@@ -1,0 +1,332 @@
+"""The deliver hook of Send connectors and of the relay to other hubs.
+
+One call gets up to 250 items of one next-hop queue. They are split into routes (one per
+recipient domain for DNS routing, one for smart hosts or a hub relay), each route is
+resolved to targets, and its messages are spread over up to MaxPerDomainOutboundConnections
+connections per route and MaxOutboundConnections overall (process-wide semaphores). A
+connection carries up to SmtpMaxMessagesPerConnection messages.
+
+Results: per recipient from the remote replies; a route that cannot be reached at all is a
+connection-level failure. When every item failed that way, the call returns ``DeferQueue``
+and the pipeline applies the queue retry ladder; otherwise those items are deferred with
+the ladder's delay computed here, so mixed batches keep the same timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import weakref
+from collections import deque
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agents.api import (
+    DEFERRED,
+    LOCAL_ERROR,
+    DeferQueue,
+    DeliveryContext,
+    ItemResult,
+    MailItem,
+    RecipientResult,
+)
+from core.model import NextHop, QueuedRecipient, SmtpResponse
+from core.retry import retry_delay
+from plugins.smtp_send import content, resolver
+from plugins.smtp_send.connector import SendConnector
+from plugins.smtp_send.policy import AuthPolicy, TlsPolicy, auth_policy, intra_org_tls, tls_policy
+from plugins.smtp_send.protolog import open_session
+from plugins.smtp_send.resolver import Resolution, Target
+from plugins.smtp_send.session import SessionFailure, SmtpSession
+
+if TYPE_CHECKING:
+    from core.config import TransportServer
+
+log = structlog.get_logger("hubport.send")
+
+RELAY_TYPES = frozenset({"SmtpRelayWithinAdSite", "SmtpRelayToRemoteAdSite",
+                         "SmtpRelayWithinAdSiteToEdge"})
+INTRA_ORG_MESSAGES_PER_CONNECTION = 20
+INTRA_ORG_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How to talk to the next hops of one queue (a Send connector or the intra-org one)."""
+
+    name: str
+    usage: str | None  # None: intra-organization (no header firewall)
+    ehlo: str
+    force_helo: bool
+    per_connection: int
+    timeout: float
+    auth: AuthPolicy | None
+    verbose: bool
+    downgrade_auth: bool = False
+    downgrade_dns: bool = False
+
+
+@dataclass
+class Unit:
+    """One message's recipients for one route: what one transaction sends."""
+
+    index: int  # of the item in the call
+    item: MailItem
+    recipients: list[QueuedRecipient]
+    data: bytes
+
+
+@dataclass
+class Route:
+    key: str
+    tls: TlsPolicy
+    units: list[Unit] = field(default_factory=list)
+    resolution: Resolution | None = None
+
+
+class _Unlimited:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class Limits:
+    """Process-wide connection counts (one set per event loop)."""
+
+    def __init__(self) -> None:
+        self._global: tuple[int | None, Any] = (None, _Unlimited())
+        self._per_hop: dict[str, tuple[int | None, Any]] = {}
+
+    def overall(self, size: int | None) -> Any:
+        if self._global[0] != size:
+            self._global = (size, _Unlimited() if size is None else asyncio.Semaphore(size))
+        return self._global[1]
+
+    def per_hop(self, key: str, size: int | None) -> Any:
+        held = self._per_hop.get(key)
+        if held is None or held[0] != size:
+            held = self._per_hop[key] = (
+                size, _Unlimited() if size is None else asyncio.Semaphore(size))
+        return held[1]
+
+
+_LIMITS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Limits] = (
+    weakref.WeakKeyDictionary())
+
+
+def limits() -> Limits:
+    loop = asyncio.get_running_loop()
+    found = _LIMITS.get(loop)
+    if found is None:
+        found = _LIMITS[loop] = Limits()
+    return found
+
+
+# -- the hook body -----------------------------------------------------------------------
+
+
+async def deliver_items(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
+                        context: DeliveryContext) -> list[ItemResult] | DeferQueue:
+    server = context.server
+    relay = next_hop.delivery_type in RELAY_TYPES
+    profile = _intra_org_profile(server) if relay else _profile(connector, server)
+    routes = await _routes(next_hop, connector, items, context, relay, profile)
+    per_item: list[dict[int, RecipientResult]] = [{} for _ in items]
+    details: list[str] = ["" for _ in items]
+    connection_level: dict[int, SmtpResponse] = {}  # recipient id -> why
+    for route, outcome in zip(routes, await asyncio.gather(
+            *(_run_route(r, profile, server, next_hop) for r in routes),
+            return_exceptions=True)):
+        if isinstance(outcome, BaseException):
+            log.error("send route failed; its messages are deferred", route=route.key,
+                      error=repr(outcome))
+            outcome = _RouteOutcome(failure=LOCAL_ERROR)
+        for unit in route.units:
+            done = outcome.results.get(id(unit))
+            if done is None:
+                failure = outcome.failure or LOCAL_ERROR
+                for r in unit.recipients:
+                    if failure.is_permanent:
+                        per_item[unit.index][r.id] = RecipientResult.failed(failure)
+                    else:
+                        connection_level[r.id] = failure
+                continue
+            per_item[unit.index].update(done.results)
+            if done.detail and not details[unit.index]:
+                details[unit.index] = done.detail
+    everyone = [r.id for item in items for r in item.recipients]
+    if everyone and all(rid in connection_level for rid in everyone):
+        first = connection_level[everyone[0]]
+        return DeferQueue(first)
+    results: list[ItemResult] = []
+    for index, item in enumerate(items):
+        got = per_item[index]
+        for r in item.recipients:
+            if r.id in connection_level:
+                delay = retry_delay(server, r.attempts + 1, queue_level=True)
+                got[r.id] = RecipientResult.deferred(connection_level[r.id], delay)
+            got.setdefault(r.id, RecipientResult(DEFERRED, LOCAL_ERROR))
+        results.append(ItemResult(got, details[index]))
+    return results
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
+                  context: DeliveryContext, relay: bool, profile: Profile) -> list[Route]:
+    server = context.server
+    datas = [content.apply_firewall(item.data, profile.usage) for item in items]
+    external = bool(isinstance(connector, SendConnector)
+                    and connector.use_external_dns_servers_enabled
+                    and server.external_dns_servers)
+    dns = resolver.make_resolver(server.external_dns_servers if external else ())
+    lookup = resolver.dns_address_lookup(dns) if external else resolver.system_address_lookup
+    if relay or connector.smart_hosts:
+        tls = intra_org_tls() if relay else tls_policy(connector, server, None)
+        route = Route(next_hop.domain, tls, [
+            Unit(i, item, list(item.recipients), datas[i]) for i, item in enumerate(items)])
+        if relay:
+            route.resolution = await resolver.resolve_hub(context.organization,
+                                                          next_hop.domain, lookup)
+        else:
+            route.resolution = await resolver.resolve_smart_hosts(connector, lookup)
+        return [route]
+    by_domain: dict[str, Route] = {}
+    for i, item in enumerate(items):
+        groups: dict[str, list[QueuedRecipient]] = {}
+        for r in item.recipients:
+            groups.setdefault(r.address.rpartition("@")[2].lower(), []).append(r)
+        for domain, recipients in groups.items():
+            route = by_domain.get(domain)
+            if route is None:
+                route = by_domain[domain] = Route(domain, tls_policy(connector, server, domain))
+            route.units.append(Unit(i, item, recipients, datas[i]))
+    me = resolver.local_identity(context.organization, server, profile.ehlo)
+    resolutions = await asyncio.gather(*(
+        resolver.resolve_mx(domain, dns, connector.port, me, downgrade=profile.downgrade_dns)
+        for domain in by_domain))
+    for route, resolution in zip(by_domain.values(), resolutions):
+        route.resolution = resolution
+    return list(by_domain.values())
+
+
+def _profile(connector: SendConnector, server: TransportServer) -> Profile:
+    return Profile(
+        name=connector.name, usage=connector.usage,
+        ehlo=connector.fqdn or server.fqdn, force_helo=connector.force_helo,
+        per_connection=connector.smtp_max_messages_per_connection,
+        timeout=connector.connection_inactivity_timeout,
+        auth=auth_policy(connector) if connector.smart_hosts else None,
+        verbose=connector.protocol_logging_level == "Verbose",
+        downgrade_auth="DowngradeAuthFailures" in connector.error_policies,
+        downgrade_dns="DowngradeDnsFailures" in connector.error_policies)
+
+
+def _intra_org_profile(server: TransportServer) -> Profile:
+    level = getattr(server, "intra_org_connector_protocol_logging_level", "None")
+    per_connection = getattr(server, "intra_org_connector_smtp_max_messages_per_connection",
+                             INTRA_ORG_MESSAGES_PER_CONNECTION)
+    return Profile(name="Intra-Organization SMTP Send Connector", usage=None,
+                   ehlo=server.fqdn, force_helo=False,
+                   per_connection=per_connection or INTRA_ORG_MESSAGES_PER_CONNECTION,
+                   timeout=INTRA_ORG_TIMEOUT, auth=None, verbose=level == "Verbose")
+
+
+# -- running one route -------------------------------------------------------------------
+
+
+@dataclass
+class _RouteOutcome:
+    results: dict[int, Any] = field(default_factory=dict)  # id(unit) -> SendOutcome
+    failure: SmtpResponse | None = None  # for the units without a result
+
+
+async def _run_route(route: Route, profile: Profile, server: TransportServer,
+                     next_hop: NextHop) -> _RouteOutcome:
+    outcome = _RouteOutcome()
+    assert route.resolution is not None
+    if route.resolution.failure is not None:
+        outcome.failure = route.resolution.failure
+        log.info("next hop not resolved", route=route.key, response=str(outcome.failure))
+        return outcome
+    pending = deque(route.units)
+    lim = limits()
+    hop_key = f"{profile.name}|{route.key}".lower()
+    wanted = math.ceil(len(pending) / profile.per_connection)
+    per_domain = server.max_per_domain_outbound_connections
+    workers = min(wanted, per_domain) if per_domain else wanted
+
+    async def worker() -> None:
+        while pending and outcome.failure is None:
+            async with AsyncExitStack() as stack:
+                await stack.enter_async_context(
+                    lim.per_hop(hop_key, server.max_per_domain_outbound_connections))
+                await stack.enter_async_context(lim.overall(server.max_outbound_connections))
+                if not pending or outcome.failure is not None:
+                    return
+                try:
+                    session = await _open_any(route, profile, server)
+                except SessionFailure as exc:
+                    outcome.failure = _failure_response(exc, profile)
+                    log.warning("no connection to the next hop", route=route.key,
+                                connector=next_hop.connector, response=str(exc.response))
+                    return
+                try:
+                    sent = 0
+                    while pending and sent < profile.per_connection and session.alive:
+                        unit = pending.popleft()
+                        outcome.results[id(unit)] = await session.send(
+                            unit.item.message.mail_from, unit.recipients, unit.data)
+                        sent += 1
+                finally:
+                    await session.quit()
+
+    await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+    return outcome
+
+
+async def _open_any(route: Route, profile: Profile, server: TransportServer) -> SmtpSession:
+    """The first target (and address) that gets to MAIL-ready; failover in order."""
+    assert route.resolution is not None
+    last: SessionFailure | None = None
+    for target in route.resolution.targets:
+        for address in target.addresses:
+            session = _session(target, address, route, profile, server)
+            try:
+                await session.open()
+                return session
+            except SessionFailure as exc:
+                log.info("next hop host failed", host=target.host, address=address,
+                         stage=exc.stage, response=str(exc.response))
+                last = exc
+    raise last or SessionFailure(LOCAL_ERROR, "connect")
+
+
+def _session(target: Target, address: str, route: Route, profile: Profile,
+             server: TransportServer) -> SmtpSession:
+    tls = route.tls
+    if target.tls_name and tls.expected_name is None and tls.verify:
+        tls = replace(tls, expected_name=target.tls_name)
+    plog = open_session(server, profile.name, profile.verbose, "",
+                        f"{address}:{target.port}")
+    return SmtpSession(target, address, ehlo_name=profile.ehlo, force_helo=profile.force_helo,
+                       tls=tls, auth=profile.auth, timeout=profile.timeout, plog=plog)
+
+
+def _failure_response(exc: SessionFailure, profile: Profile) -> SmtpResponse:
+    """What a route that could not be opened means for its messages (ErrorPolicies)."""
+    response = exc.response
+    if not response.is_permanent:
+        return response
+    if exc.stage == "auth" and profile.downgrade_auth:
+        return SmtpResponse(451, "4.7.3", f"{response.text} (DowngradeAuthFailures)")
+    if exc.stage in ("auth", "greeting", "hello"):
+        return response
+    return SmtpResponse(451, "4.4.0", response.text)

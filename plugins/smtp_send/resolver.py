@@ -1,0 +1,307 @@
+"""Next-hop resolution: which hosts a queue's mail goes to, in the order to try them.
+
+MX routing (RFC 5321 §5.1, RFC 7505), smart hosts (names or ``[IP]`` literals, in the
+order configured) and the SMTP relay to another hub's receive connector. Every outcome is
+data: a list of targets, or an SMTP response saying why there is none (5xx = permanent,
+4xx = try later). DNS timeouts, SERVFAIL and unreachable servers are always temporary
+(RELIABILITY §3.4): a DNS outage must never bounce mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.resolver
+import structlog
+
+from core.model import SmtpResponse
+
+if TYPE_CHECKING:
+    from core.config import Organization, TransportServer
+    from plugins.smtp_send.connector import SendConnector
+
+log = structlog.get_logger("hubport.send.dns")
+
+NXDOMAIN = SmtpResponse(550, "5.4.4", "SMTPSEND.DNS.NonExistentDomain; nonexistent domain")
+NULL_MX = SmtpResponse(556, "5.1.10", "SMTPSEND.DNS.NullMx; the domain accepts no mail"
+                                      " (RFC 7505 null MX)")
+MX_LOOP = SmtpResponse(554, "5.4.6", "SMTPSEND.DNS.MxLoopback; the MX record points back to"
+                                     " this server (routing loop)")
+NO_ADDRESS = SmtpResponse(550, "5.4.4", "SMTPSEND.DNS.NoAddress; no mail host of the domain"
+                                        " has an address")
+DNS_TEMPORARY = SmtpResponse(451, "4.4.3", "SMTPSEND.DNS.Temporary; DNS query failed, will"
+                                           " retry")
+DNS_DOWNGRADED = SmtpResponse(451, "4.4.4", "SMTPSEND.DNS.NonExistentDomain; treated as"
+                                            " temporary (DowngradeDnsFailures)")
+SMART_HOST_UNRESOLVED = SmtpResponse(451, "4.4.0", "SMTPSEND.DNS.SmartHost; no smart host"
+                                                   " could be resolved")
+NO_TARGET_HUB = SmtpResponse(451, "4.4.0", "SMTPSEND.Relay; the target hub is unknown")
+
+DNS_TIMEOUT = 3.0  # per query to one server
+DNS_LIFETIME = 10.0  # the whole lookup; an asyncio backstop sits above it (dnspython #1152)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One host to try: its name (for TLS and logs), its addresses, and the port."""
+
+    host: str
+    addresses: tuple[str, ...]
+    port: int
+    #: the name a DomainValidation certificate must carry, when not the host itself
+    tls_name: str | None = None
+
+
+@dataclass
+class Resolution:
+    targets: list[Target] = field(default_factory=list)
+    failure: SmtpResponse | None = None
+
+
+class _Temporary(Exception):
+    """A lookup failed in a way that may work later (timeout, SERVFAIL, no server)."""
+
+
+# -- resolvers ---------------------------------------------------------------------------
+
+
+AddressLookup = Callable[[str], Awaitable[list[str] | None]]
+
+
+def make_resolver(servers: Sequence[tuple[str, int]]) -> dns.asyncresolver.Resolver:
+    """A dnspython resolver: the listed servers (ExternalDnsServers) or the system's."""
+    if servers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in servers]
+    else:
+        try:
+            resolver = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.timeout = DNS_TIMEOUT
+    resolver.lifetime = DNS_LIFETIME
+    return resolver
+
+
+async def _query(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> Any:
+    """An answer, None for NoAnswer; raises NXDOMAIN, or _Temporary for the rest."""
+    try:
+        return await asyncio.wait_for(
+            resolver.resolve(name, rdtype, search=False), DNS_LIFETIME + 2.0)
+    except dns.resolver.NoAnswer:
+        return None
+    except dns.resolver.NXDOMAIN:
+        raise
+    except (dns.resolver.NoNameservers, dns.exception.Timeout, TimeoutError,
+            dns.resolver.YXDOMAIN, dns.resolver.NoResolverConfiguration, OSError) as exc:
+        raise _Temporary(f"{rdtype} {name}: {type(exc).__name__}") from exc
+    except dns.exception.DNSException as exc:
+        raise _Temporary(f"{rdtype} {name}: {type(exc).__name__}") from exc
+
+
+def dns_address_lookup(resolver: dns.asyncresolver.Resolver) -> AddressLookup:
+    """A and AAAA through dnspython: None when the name does not exist or has none."""
+
+    async def lookup(name: str) -> list[str] | None:
+        found: list[str] = []
+        temporary: _Temporary | None = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = await _query(resolver, name, rdtype)
+            except dns.resolver.NXDOMAIN:
+                return None
+            except _Temporary as exc:
+                temporary = exc
+                continue
+            if answer is not None:
+                found.extend(r.address for r in answer)
+        if not found and temporary is not None:
+            raise temporary
+        return found or None
+
+    return lookup
+
+
+async def system_address_lookup(name: str) -> list[str] | None:
+    """getaddrinfo: the system's view (hosts file included), for hosts not routed by MX."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            name, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)):
+            return None
+        raise _Temporary(f"{name}: {exc}") from exc
+    out: list[str] = []
+    for info in infos:
+        address = str(info[4][0])
+        if address not in out:
+            out.append(address)
+    return out or None
+
+
+# -- MX routing --------------------------------------------------------------------------
+
+
+def order_mx(records: Iterable[tuple[int, str]], rng: random.Random | None = None
+             ) -> list[tuple[int, str]]:
+    """By preference, shuffled among equal preferences (RFC 5321 §5.1)."""
+    rng = rng or random.Random()
+    by_pref: dict[int, list[str]] = {}
+    for pref, host in records:
+        by_pref.setdefault(pref, []).append(host)
+    out: list[tuple[int, str]] = []
+    for pref in sorted(by_pref):
+        hosts = by_pref[pref]
+        rng.shuffle(hosts)
+        out.extend((pref, h) for h in hosts)
+    return out
+
+
+@dataclass(frozen=True)
+class LocalIdentity:
+    """What counts as "this server" for loop detection: its names and listening endpoints."""
+
+    names: frozenset[str]
+    endpoints: frozenset[tuple[str, int]]  # (ip, port); ip "0.0.0.0"/"::" = any local address
+    local_addresses: frozenset[str] = frozenset()
+
+    def is_self(self, host: str, addresses: Iterable[str], port: int) -> bool:
+        if host.lower().rstrip(".") in self.names:
+            return True
+        for address in addresses:
+            if (address, port) in self.endpoints:
+                return True
+            wildcard = ("::", port) in self.endpoints or ("0.0.0.0", port) in self.endpoints
+            if wildcard and (address in self.local_addresses
+                             or ipaddress.ip_address(address).is_loopback):
+                return True
+        return False
+
+
+def local_identity(org: Organization, server: TransportServer, ehlo: str | None
+                   ) -> LocalIdentity:
+    names = {server.fqdn.lower(), *([ehlo.lower()] if ehlo else [])}
+    endpoints: set[tuple[str, int]] = set()
+    for rc in receive_connectors_of(org, server.name):
+        for ip, port in getattr(rc, "bindings", ()):
+            endpoints.add((str(ip), int(port)))
+    local: set[str] = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            local.add(str(info[4][0]))
+    except OSError:
+        pass
+    return LocalIdentity(frozenset(names), frozenset(endpoints), frozenset(local))
+
+
+async def resolve_mx(domain: str, resolver: dns.asyncresolver.Resolver, port: int,
+                     me: LocalIdentity, *, downgrade: bool = False,
+                     rng: random.Random | None = None) -> Resolution:
+    """Targets for a recipient domain by its MX records (or its own address)."""
+    try:
+        answer = await _query(resolver, domain, "MX")
+    except dns.resolver.NXDOMAIN:
+        return Resolution(failure=DNS_DOWNGRADED if downgrade else NXDOMAIN)
+    except _Temporary as exc:
+        log.warning("MX lookup failed; deferred", domain=domain, error=str(exc))
+        return Resolution(failure=DNS_TEMPORARY)
+    if answer is None:  # no MX: the domain itself is the mail host (implicit MX)
+        records = [(0, domain)]
+    else:
+        records = [(int(r.preference), r.exchange.to_text(omit_final_dot=True))
+                   for r in answer]
+        real = [(p, h) for p, h in records if h not in ("", ".")]
+        if not real:
+            return Resolution(failure=NULL_MX)
+        records = real  # a null MX among others is a misconfiguration: ignore it
+    lookup = dns_address_lookup(resolver)
+    targets: list[tuple[int, Target]] = []
+    temporary = False
+    loop_pref: int | None = None
+    for pref, host in order_mx(records, rng):
+        try:
+            addresses = await lookup(host)
+        except _Temporary:
+            temporary = True
+            continue
+        if not addresses:
+            continue
+        if me.is_self(host, addresses, port):
+            loop_pref = pref if loop_pref is None else min(loop_pref, pref)
+            continue
+        targets.append((pref, Target(host, tuple(addresses), port)))
+    if loop_pref is not None:  # RFC 5321 §5.1: only hosts more preferred than ourselves
+        targets = [(p, t) for p, t in targets if p < loop_pref]
+        if not targets:
+            return Resolution(failure=MX_LOOP)
+    if not targets:
+        return Resolution(failure=DNS_TEMPORARY if temporary or downgrade else NO_ADDRESS)
+    return Resolution([t for _, t in targets])
+
+
+# -- smart hosts and hub relays ----------------------------------------------------------
+
+
+async def resolve_smart_hosts(connector: SendConnector, lookup: AddressLookup
+                              ) -> Resolution:
+    """Every smart host, in the configured order; the ones that do not resolve are skipped."""
+    targets: list[Target] = []
+    for host in connector.smart_hosts:
+        if host.literal:
+            targets.append(Target(host.host, (host.host,), connector.port))
+            continue
+        try:
+            addresses = await lookup(host.host)
+        except _Temporary:
+            addresses = None
+        if addresses:
+            targets.append(Target(host.host, tuple(addresses), connector.port))
+        else:
+            log.warning("smart host does not resolve", connector=connector.name,
+                        smart_host=host.host)
+    return Resolution(targets) if targets else Resolution(failure=SMART_HOST_UNRESOLVED)
+
+
+def receive_connectors_of(org: Organization, server_name: str) -> list[Any]:
+    """The enabled receive connectors of a server (whatever type provides them)."""
+    return [rc for rc in org.connectors_of("receive_connector")
+            if str(getattr(rc, "server", "")).lower() == server_name.lower()
+            and getattr(rc, "enabled", True)]
+
+
+async def resolve_hub(org: Organization, server_name: str, lookup: AddressLookup
+                      ) -> Resolution:
+    """The receive connector of another hub that grants ExchangeServers (else port 25)."""
+    try:
+        hub = org.server(server_name)
+    except KeyError:
+        return Resolution(failure=NO_TARGET_HUB)
+    port = 25
+    address: str | None = None
+    for rc in receive_connectors_of(org, hub.name):
+        groups = {str(g).lower() for g in getattr(rc, "permission_groups", ())}
+        bindings = tuple(getattr(rc, "bindings", ()))
+        if "exchangeservers" in groups and bindings:
+            ip, port = str(bindings[0][0]), int(bindings[0][1])
+            if not ipaddress.ip_address(ip).is_unspecified:
+                address = ip
+            break
+    if address is not None:
+        return Resolution([Target(hub.fqdn, (address,), port)])
+    try:
+        addresses = await lookup(hub.fqdn)
+    except _Temporary:
+        addresses = None
+    if not addresses:
+        return Resolution(failure=SmtpResponse(
+            451, "4.4.0", f"SMTPSEND.Relay; the target hub {hub.fqdn} does not resolve"))
+    return Resolution([Target(hub.fqdn, tuple(addresses), port)])

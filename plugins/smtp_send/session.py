@@ -1,0 +1,437 @@
+"""One outbound SMTP connection: connect, EHLO, STARTTLS, AUTH, then transactions.
+
+Built on aiosmtplib with explicit control of every step (no automatic STARTTLS, no
+``sendmail``): MAIL and RCPT go through ``execute_command`` with the address exactly as
+queued, so the per-recipient replies are kept and nothing is re-parsed. Every outcome is
+data (``SmtpResponse`` per recipient); only ``open`` raises, with ``SessionFailure``.
+
+Rules from RELIABILITY §3.2: success is the 250 after DATA, whatever QUIT does (QUIT has a
+short deadline and its failure is ignored); a drop or a timeout after the final dot defers
+with 4.4.2 (the peer may have the message: a possible duplicate, never a loss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+import structlog
+from aiosmtplib import (
+    SMTPAuthenticationError,
+    SMTPConnectResponseError,
+    SMTPConnectTimeoutError,
+    SMTPDataError,
+    SMTPException,
+    SMTPHeloError,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from agents.api import RecipientResult
+from core.model import MailFrom, QueuedRecipient, SmtpResponse
+from plugins.smtp_send import content
+from plugins.smtp_send.connector import CredentialError
+from plugins.smtp_send.policy import (
+    AUTH_NEEDS_TLS,
+    AUTH_NOT_OFFERED,
+    CREDENTIAL_UNAVAILABLE,
+    TLS_FAILED,
+    TLS_REQUIRED,
+    AuthPolicy,
+    TlsPolicy,
+)
+from plugins.smtp_send.protolog import ProtocolSession
+from plugins.smtp_send.resolver import Target
+
+log = structlog.get_logger("hubport.send.session")
+
+CONNECT_FAILED = "451 4.4.1 SMTPSEND.Connect; cannot connect to {host}[{ip}]:{port}"
+DROPPED = SmtpResponse(421, "4.4.2", "SMTPSEND.Dropped; the connection was dropped")
+DROPPED_AFTER_DATA = SmtpResponse(
+    451, "4.4.2", "SMTPSEND.Dropped; the connection dropped after the message was sent,"
+                  " before the reply (the next hop may have it)")
+TIMED_OUT = SmtpResponse(451, "4.4.1", "SMTPSEND.Timeout; no reply within"
+                                       " ConnectionInactivityTimeOut")
+BAD_SENDER = SmtpResponse(553, "5.1.7", "SMTPSEND.Envelope; a control character in the"
+                                        " sender address")
+BAD_RECIPIENT = SmtpResponse(553, "5.1.3", "SMTPSEND.Envelope; a control character in the"
+                                           " recipient address")
+NEEDS_SMTPUTF8 = SmtpResponse(553, "5.6.7", "SMTPSEND.SmtpUtf8; the next hop does not support"
+                                            " SMTPUTF8, needed by this message")
+CANNOT_DOWNGRADE = SmtpResponse(554, "5.6.3", "SMTPSEND.8BitMime; the next hop does not accept"
+                                              " 8-bit data and the message cannot be"
+                                              " converted to 7 bits")
+TOO_BIG = SmtpResponse(552, "5.3.4", "SMTPSEND.SizeLimit; the message exceeds the next hop's"
+                                     " SIZE limit")
+PROTOCOL = SmtpResponse(451, "4.5.0", "SMTPSEND.Protocol; unexpected reply")
+QUIT_DEADLINE = 5.0
+CONNECT_DEADLINE = 60.0  # RELIABILITY H64: a blackholed host frees the worker within 60 s
+
+
+class SessionFailure(Exception):
+    """The connection could not be made ready; ``stage`` says where it failed."""
+
+    def __init__(self, response: SmtpResponse, stage: str) -> None:
+        super().__init__(str(response))
+        self.response = response
+        self.stage = stage  # connect, greeting, hello, tls, auth
+
+
+def response_of(code: int, message: str) -> SmtpResponse:
+    """An aiosmtplib reply as an SmtpResponse (one line, bounded)."""
+    text = " ".join(message.split())[:500]
+    try:
+        return SmtpResponse.parse(f"{code} {text}")
+    except ValueError:
+        return PROTOCOL
+
+
+@dataclass
+class SendOutcome:
+    """Per-recipient results of one transaction; ``detail`` names the host for tracking."""
+
+    results: dict[int, RecipientResult] = field(default_factory=dict)
+    detail: str = ""
+
+
+def _classify(response: SmtpResponse) -> RecipientResult:
+    if response.is_permanent:
+        return RecipientResult.failed(response)
+    if response.is_transient:
+        return RecipientResult.deferred(response)
+    return RecipientResult.deferred(PROTOCOL)
+
+
+class SmtpSession:
+    """An open connection to one target; carries several transactions in turn."""
+
+    def __init__(self, target: Target, address: str, *, ehlo_name: str, force_helo: bool,
+                 tls: TlsPolicy, auth: AuthPolicy | None, timeout: float,
+                 plog: ProtocolSession) -> None:
+        self.target = target
+        self.address = address
+        self.ehlo_name = ehlo_name
+        self.force_helo = force_helo
+        self.tls = tls
+        self.auth = auth
+        self.timeout = timeout
+        self.plog = plog
+        self.smtp: aiosmtplib.SMTP | None = None
+        self.tls_active = False
+        self.messages = 0
+
+    # -- opening -----------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self.smtp is not None and self.smtp.is_connected
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        return self.smtp.esmtp_extensions if self.smtp is not None else {}
+
+    async def open(self) -> None:
+        """Connect and get ready for MAIL; raises SessionFailure (nothing left open)."""
+        try:
+            await self._open(plaintext=False)
+        except _PlaintextRetry:
+            self.close()
+            await self._open(plaintext=True)
+
+    async def _open(self, *, plaintext: bool) -> None:
+        t = self.target
+        self.smtp = aiosmtplib.SMTP(hostname=self.address, port=t.port,
+                                    local_hostname=self.ehlo_name, timeout=self.timeout,
+                                    start_tls=False)
+        try:
+            greeting = await self.smtp.connect(timeout=min(self.timeout, CONNECT_DEADLINE))
+            self.plog.connected()
+            self.plog.received(f"{greeting.code} {greeting.message}")
+            await self._hello()
+            if not plaintext:
+                await self._starttls()
+            elif self.tls.require:
+                raise SessionFailure(TLS_FAILED, "tls")
+            await self._authenticate()
+        except SessionFailure:
+            self.close()
+            raise
+        except _PlaintextRetry:
+            raise
+        except SMTPConnectResponseError as exc:
+            self.plog.received(f"{exc.code} {exc.message}")
+            self.close()
+            raise SessionFailure(response_of(exc.code, exc.message), "greeting") from None
+        except (SMTPConnectTimeoutError, aiosmtplib.SMTPConnectError, OSError) as exc:
+            self.close()
+            raise SessionFailure(SmtpResponse.parse(CONNECT_FAILED.format(
+                host=t.host, ip=self.address, port=t.port) + f" ({type(exc).__name__})"),
+                "connect") from None
+        except SMTPTimeoutError:
+            self.close()
+            raise SessionFailure(TIMED_OUT, "hello") from None
+        except SMTPServerDisconnected:
+            self.close()
+            raise SessionFailure(DROPPED, "hello") from None
+        except SMTPResponseException as exc:
+            self.close()
+            raise SessionFailure(response_of(exc.code, exc.message), "hello") from None
+
+    async def _hello(self) -> None:
+        assert self.smtp is not None
+        if not self.force_helo:
+            self.plog.sent(f"EHLO {self.ehlo_name}")
+            try:
+                reply = await self.smtp.ehlo()
+                self.plog.received(f"{reply.code} {reply.message}")
+                return
+            except SMTPHeloError as exc:
+                self.plog.received(f"{exc.code} {exc.message}")
+                if not self.smtp.is_connected:
+                    raise
+        self.plog.sent(f"HELO {self.ehlo_name}")
+        reply = await self.smtp.helo()
+        self.plog.received(f"{reply.code} {reply.message}")
+
+    async def _starttls(self) -> None:
+        """STARTTLS when offered and allowed; with RequireTLS there is no plaintext way."""
+        assert self.smtp is not None
+        offered = self.smtp.supports_extension("starttls")
+        if not self.tls.use or not offered:
+            if self.tls.require:
+                self.plog.info("TLS required but STARTTLS not offered")
+                raise SessionFailure(TLS_REQUIRED, "tls")
+            return
+        try:
+            context = self.tls.context()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.error("cannot build the TLS context", error=str(exc))
+            raise SessionFailure(TLS_FAILED, "tls") from None
+        name = self.tls.expected_name or _sni(self.target.host)
+        self.plog.sent("STARTTLS")
+        try:
+            reply = await self.smtp.starttls(tls_context=context, server_hostname=name)
+        except (ssl.SSLError, ssl.CertificateError, SMTPException, OSError) as exc:
+            self.plog.info(f"TLS negotiation failed: {type(exc).__name__}")
+            if self.tls.require or self.tls.verify:
+                raise SessionFailure(TLS_FAILED, "tls") from None
+            raise _PlaintextRetry() from None  # opportunistic: once more, in plaintext
+        self.plog.received(f"{reply.code} {reply.message}")
+        self.tls_active = True
+        self.plog.info(f"TLS negotiated {self.smtp.get_transport_info('cipher')}")
+        await self._hello()
+
+    async def _authenticate(self) -> None:
+        assert self.smtp is not None
+        if self.auth is None or not self.auth.basic:
+            return
+        if self.auth.needs_tls and not self.tls_active:
+            raise SessionFailure(AUTH_NEEDS_TLS, "auth")
+        assert self.auth.credential is not None
+        try:
+            password = self.auth.credential.password()
+        except CredentialError as exc:
+            log.error("AuthenticationCredential unavailable", reason=str(exc))
+            raise SessionFailure(CREDENTIAL_UNAVAILABLE, "auth") from None
+        methods = self.smtp.server_auth_methods
+        user = self.auth.credential.user_name
+        mechanism = next((m for m in ("plain", "login") if m in methods), None)
+        if mechanism is None:
+            raise SessionFailure(AUTH_NOT_OFFERED, "auth")
+        self.plog.sent(f"AUTH {mechanism.upper()} <credentials not logged>")
+        try:
+            if mechanism == "plain":
+                reply = await self.smtp.auth_plain(user, password)
+            else:
+                reply = await self.smtp.auth_login(user, password)
+        except SMTPAuthenticationError as exc:
+            self.plog.received(f"{exc.code} {exc.message}")
+            raise SessionFailure(response_of(exc.code, exc.message), "auth") from None
+        finally:
+            del password
+        self.plog.received(f"{reply.code} {reply.message}")
+
+    # -- transactions ------------------------------------------------------------------
+
+    async def _command(self, *args: bytes) -> SmtpResponse:
+        """One command and its reply; disconnects and timeouts propagate."""
+        assert self.smtp is not None
+        self.plog.sent(b" ".join(args).decode("utf-8", "replace"))
+        reply = await self.smtp.execute_command(*args)
+        self.plog.received(f"{reply.code} {reply.message}")
+        return response_of(reply.code, reply.message)
+
+    async def send(self, mail_from: MailFrom, recipients: Sequence[QueuedRecipient],
+                   data: bytes) -> SendOutcome:
+        """One transaction: per-recipient results (delivered only after the 250 to DATA)."""
+        out = SendOutcome(detail=f"{self.target.host}[{self.address}]")
+        refused = self._local_checks(mail_from, recipients, data, out)
+        if refused is not None:
+            return refused
+        ext = self.extensions
+        utf8 = content.needs_smtputf8(mail_from, [r.address for r in recipients])
+        body: str | None = None
+        if content.is_8bit(data, mail_from):
+            if "8bitmime" in ext:
+                body = "8BITMIME"
+            else:
+                downgraded = content.downgrade_to_7bit(data)
+                if downgraded is None:
+                    return _all(out, recipients, RecipientResult.failed(CANNOT_DOWNGRADE))
+                self.plog.info("8-bit content converted to 7 bits for a peer without 8BITMIME")
+                data = downgraded
+        limit = _size_limit(ext)
+        if limit and len(data) > limit:
+            return _all(out, recipients, RecipientResult.failed(TOO_BIG))
+        dsn = "dsn" in ext
+        options = content.mail_options(mail_from, len(data), body=body, smtputf8=utf8,
+                                       dsn=dsn, size_ext="size" in ext)
+        encoding = "utf-8" if utf8 else "ascii"
+        self.messages += 1
+        try:
+            return await self._transaction(mail_from, recipients, data, options, dsn,
+                                           encoding, out)
+        except (SMTPServerDisconnected, ConnectionError):
+            self.close()
+            return _fill(out, recipients, RecipientResult.deferred(DROPPED))
+        except SMTPTimeoutError:
+            self.close()
+            return _fill(out, recipients, RecipientResult.deferred(TIMED_OUT))
+        except ValueError:  # aiosmtplib refused a control character: never on the wire
+            log.error("an envelope value with a control character reached the send connector",
+                      host=self.target.host)
+            await self._reset()
+            return _fill(out, recipients, RecipientResult.failed(BAD_RECIPIENT))
+
+    def _local_checks(self, mail_from: MailFrom, recipients: Sequence[QueuedRecipient],
+                      data: bytes, out: SendOutcome) -> SendOutcome | None:
+        if content.has_control(mail_from.address):
+            log.error("sender address with a control character refused", host=self.target.host)
+            return _all(out, recipients, RecipientResult.failed(BAD_SENDER))
+        for r in recipients:
+            if content.has_control(r.address):
+                log.error("recipient address with a control character refused")
+                out.results[r.id] = RecipientResult.failed(BAD_RECIPIENT)
+        if len(out.results) == len(recipients):
+            return out
+        addresses = [r.address for r in recipients]
+        if content.needs_smtputf8(mail_from, addresses) and "smtputf8" not in self.extensions:
+            return _all(out, recipients, RecipientResult.failed(NEEDS_SMTPUTF8))
+        return None
+
+    async def _transaction(self, mail_from: MailFrom, recipients: Sequence[QueuedRecipient],
+                           data: bytes, options: list[str], dsn: bool, encoding: str,
+                           out: SendOutcome) -> SendOutcome:
+        sender = f"<{mail_from.address}>".encode(encoding)
+        reply = await self._command(b"MAIL", b"FROM:" + sender,
+                                    *(o.encode("ascii") for o in options))
+        if reply.code != 250:
+            await self._reset()
+            return _fill(out, recipients, _classify(reply))
+        accepted: list[QueuedRecipient] = []
+        for r in recipients:
+            if r.id in out.results:
+                continue
+            opts = content.rcpt_options(r.notify, r.orcpt, dsn=dsn)
+            reply = await self._command(b"RCPT", f"TO:<{r.address}>".encode(encoding),
+                                        *(o.encode("ascii") for o in opts))
+            if reply.code in (250, 251):
+                accepted.append(r)
+            else:
+                out.results[r.id] = _classify(reply)
+                if reply.code == 421:
+                    self.close()
+                    return _fill(out, recipients, RecipientResult.deferred(DROPPED))
+        if not accepted:
+            await self._reset()
+            return out
+        return await self._data(accepted, data, out)
+
+    async def _data(self, accepted: list[QueuedRecipient], data: bytes, out: SendOutcome
+                    ) -> SendOutcome:
+        assert self.smtp is not None
+        self.plog.sent("DATA")
+        self.plog.info(f"<message of {len(data)} bytes>")
+        try:
+            reply = await self.smtp.data(data)
+        except SMTPDataError as exc:
+            self.plog.received(f"{exc.code} {exc.message}")
+            result = _classify(response_of(exc.code, exc.message))
+            await self._reset()
+            return _fill(out, accepted, result)
+        except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):
+            self.plog.info("connection lost before the reply to the message")
+            self.close()
+            return _fill(out, accepted, RecipientResult.deferred(DROPPED_AFTER_DATA))
+        self.plog.received(f"{reply.code} {reply.message}")
+        delivered = RecipientResult.delivered(response_of(reply.code, reply.message))
+        return _fill(out, accepted, delivered)
+
+    async def _reset(self) -> None:
+        """RSET after an aborted transaction; a failure only ends the session."""
+        if not self.alive:
+            return
+        try:
+            reply = await self._command(b"RSET")
+            if reply.code != 250:
+                self.close()
+        except (SMTPException, OSError, ValueError):
+            self.close()
+
+    # -- closing -----------------------------------------------------------------------
+
+    async def quit(self) -> None:
+        """QUIT with a short deadline; nothing that happens here changes a result."""
+        if self.alive:
+            assert self.smtp is not None
+            self.plog.sent("QUIT")
+            try:
+                reply = await asyncio.wait_for(self.smtp.quit(timeout=QUIT_DEADLINE),
+                                               QUIT_DEADLINE + 1)
+                self.plog.received(f"{reply.code} {reply.message}")
+            except (SMTPException, OSError, TimeoutError, ValueError):
+                pass
+        self.close()
+
+    def close(self) -> None:
+        if self.smtp is not None:
+            self.smtp.close()
+            self.smtp = None
+            self.plog.disconnected()
+
+
+class _PlaintextRetry(Exception):
+    """Opportunistic STARTTLS failed: reconnect once without TLS (RFC 7435)."""
+
+
+def _sni(host: str) -> str | None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return None
+
+
+def _size_limit(ext: dict[str, str]) -> int:
+    value = ext.get("size", "").strip()
+    return int(value) if value.isdigit() else 0
+
+
+def _all(out: SendOutcome, recipients: Sequence[QueuedRecipient],
+         result: RecipientResult) -> SendOutcome:
+    for r in recipients:
+        out.results[r.id] = result
+    return out
+
+
+def _fill(out: SendOutcome, recipients: Sequence[QueuedRecipient],
+          result: RecipientResult) -> SendOutcome:
+    """Give ``result`` to every recipient that has none yet."""
+    for r in recipients:
+        out.results.setdefault(r.id, result)
+    return out

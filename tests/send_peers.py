@@ -1,0 +1,240 @@
+"""Real SMTP and DNS peers on loopback for the Send connector tests.
+
+* ``ScriptedSink``: an aiosmtpd Controller whose replies a test scripts (RCPT/DATA replies,
+  a drop after the final dot, STARTTLS with a trustme CA, AUTH PLAIN/LOGIN);
+* ``silent_server``: accepts connections and never says a word (timeouts);
+* ``smtp_sink``: Postfix's smtp-sink as a foreign peer;
+* ``dnsmasq``: a real DNS server answering from its command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+SMTP_SINK = "/usr/sbin/smtp-sink"
+DNSMASQ = "/usr/sbin/dnsmasq"
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@dataclass
+class Received:
+    mail_from: str
+    mail_options: list[str]
+    rcpt_tos: list[str]
+    rcpt_options: list[list[str]]
+    data: bytes
+    tls: bool
+    auth: Any
+
+
+@dataclass
+class Script:
+    """What the sink answers; addresses are compared in lower case."""
+
+    rcpt: dict[str, str] = field(default_factory=dict)  # address -> reply
+    data_reply: str = "250 2.0.0 Queued"
+    drop_after_data: bool = False
+    ehlo_extensions_removed: set[str] = field(default_factory=set)
+
+
+class _Handler:
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.received: list[Received] = []
+        self.connections = 0
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if not getattr(session, "counted", False):
+            session.counted = True  # type: ignore[attr-defined]
+            self.connections += 1
+        removed = {e.upper() for e in self.script.ehlo_extensions_removed}
+        return [r for r in responses if r[4:].split(" ")[0].upper() not in removed]
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        reply = self.script.rcpt.get(address.lower())
+        if reply is not None and not reply.startswith("2"):
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.append(rcpt_options)  # type: ignore[arg-type]
+        return reply or "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.script.drop_after_data:
+            server.transport.close()  # type: ignore[union-attr]
+            return "250 never seen"
+        data = envelope.original_content or b""
+        rcpt_options = getattr(envelope, "rcpt_options", [])
+        self.received.append(Received(
+            envelope.mail_from or "", list(envelope.mail_options), list(envelope.rcpt_tos),
+            [list(o) for o in rcpt_options], data,
+            bool(server.transport and server.transport.get_extra_info("sslcontext")),
+            session.auth_data))
+        return self.script.data_reply
+
+
+class ScriptedSink:
+    """An aiosmtpd sink in its own thread; ``received`` lists what was accepted."""
+
+    def __init__(self, *, host: str = "127.0.0.1", script: Script | None = None,
+                 tls: ssl.SSLContext | None = None,
+                 users: dict[str, str] | None = None, auth_require_tls: bool = False,
+                 smtputf8: bool = False) -> None:
+        self.script = script or Script()
+        self.handler = _Handler(self.script)
+        self.host = host
+        self.port = free_port(host)
+        self.users = users
+        kwargs: dict[str, Any] = {"enable_SMTPUTF8": smtputf8, "ident": "scripted sink"}
+        if tls is not None:
+            kwargs["tls_context"] = tls
+        if users is not None:
+            kwargs["authenticator"] = self._authenticate
+            kwargs["auth_require_tls"] = auth_require_tls
+        self.controller = Controller(self.handler, hostname=host, port=self.port, **kwargs)
+
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                      mechanism: str, auth_data: Any) -> AuthResult:
+        if isinstance(auth_data, LoginPassword) and self.users is not None:
+            user, password = auth_data.login.decode(), auth_data.password.decode()
+            if self.users.get(user) == password:
+                return AuthResult(success=True, auth_data=(mechanism, user))
+        return AuthResult(success=False, handled=False)
+
+    @property
+    def received(self) -> list[Received]:
+        return self.handler.received
+
+    def __enter__(self) -> ScriptedSink:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.controller.stop()
+
+
+@dataclass
+class TestCA:
+    ca: trustme.CA
+    ca_file: Path
+
+    def server_context(self, *names: str) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ca.issue_cert(*names).configure_cert(ctx)
+        return ctx
+
+
+def make_ca(folder: Path) -> TestCA:
+    ca = trustme.CA()
+    path = folder / "test-ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return TestCA(ca, path)
+
+
+@contextlib.asynccontextmanager
+async def silent_server(host: str = "127.0.0.1"):
+    """Accepts connections and never answers: the client must time out."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(Exception):
+            await reader.read()
+
+    server = await asyncio.start_server(handle, host, 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield port
+    finally:
+        for w in writers:
+            w.close()
+        server.close()
+        await server.wait_closed()
+
+
+@contextlib.contextmanager
+def smtp_sink(*options: str, host: str = "127.0.0.1") -> Iterator[tuple[int, Path]]:
+    """Postfix's smtp-sink; yields (port, a scratch folder)."""
+    port = free_port(host)
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="smtp-sink-"))
+    args = [SMTP_SINK, "-c", "-u", "nobody", *options, f"{host}:{port}", "64"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port(host, port)
+        yield port, folder
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def dnsmasq(*records: str, host: str = "127.0.0.1") -> Iterator[int]:
+    """dnsmasq answering only from ``records`` (e.g. ``--mx-host=...``); yields its port."""
+    port = free_port(host, socket.SOCK_DGRAM)
+    args = [DNSMASQ, "--no-daemon", f"--port={port}", f"--listen-address={host}",
+            "--bind-interfaces", "--no-resolv", "--no-hosts", "--local=/test/",
+            "--user=nobody" if _root() else "--log-facility=-", *records]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_dns(host, port, proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _root() -> bool:
+    import os
+    return os.geteuid() == 0
+
+
+def _wait_dns(host: str, port: int, proc: subprocess.Popen[bytes]) -> None:
+    import dns.message
+    import dns.query
+    deadline = time.monotonic() + 10
+    while True:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"dnsmasq exited: {err}")
+        try:
+            dns.query.udp(dns.message.make_query("probe.test", "A"), host, port=port,
+                          timeout=0.5)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise

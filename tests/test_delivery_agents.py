@@ -1,0 +1,446 @@
+"""Delivery Agent connectors and the delivery-agent API: every acknowledgement kind, every
+failure path (open deferring or failing the queue, per-recipient mixes, exceptions, hangs),
+the connection split, config errors, and the built-in HTTP and command agents end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.api import (
+    DEFERRED,
+    DELIVERED,
+    FAILED,
+    DeferQueue,
+    DeliveryAgent,
+    DeliveryContext,
+    FailQueue,
+    ItemResult,
+    MailItem,
+)
+from agents.http import retry_after
+from agents.runner import AGENT_TIMEOUT, run_agent, run_connections
+from core.config import parse_organization
+from core.config_fields import ConfigErrors
+from core.hooks import Hooks
+from core.model import MailFrom, NextHop, QueuedMessage, QueuedRecipient, RecipientStatus
+from core.model import SmtpResponse as R
+from plugins.pytest_plugin import BASE_ORG, message, wait_for
+
+HOP = NextHop("DeliveryAgent", "agent.test", "Agent")
+
+
+def item(n: int, recipients: int = 1) -> MailItem:
+    msg = QueuedMessage(n, str(n), f"<{n}@x>", MailFrom("alice@contoso.test"), b"Subject: x\r\n\r\nhi",
+                        10, "PICKUP", "", "x", 0.0, 1e12)
+    rcpts = [QueuedRecipient(n * 100 + i, n, f"r{i}@agent.test", RecipientStatus.READY)
+             for i in range(recipients)]
+    return MailItem(msg, rcpts, HOP, 1)
+
+
+def context() -> DeliveryContext:
+    async def record(_: dict[int, str]) -> None:
+        return None
+
+    return DeliveryContext(None, None, None, record, time.time)  # type: ignore[arg-type]
+
+
+class Scripted(DeliveryAgent):
+    """An agent whose behaviour the test sets on the class."""
+
+    opened: Any = None
+    behaviour: Any = None
+    log: list[str] = []
+
+    async def open(self, next_hop: NextHop) -> Any:
+        Scripted.log.append("open")
+        return Scripted.opened
+
+    async def deliver(self, item: MailItem) -> ItemResult:
+        Scripted.log.append(f"deliver {item.message.id}")
+        return await Scripted.behaviour(item)
+
+    async def close(self) -> None:
+        Scripted.log.append("close")
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    Scripted.opened, Scripted.behaviour, Scripted.log = None, None, []
+
+
+async def kinds(outcome: Any) -> list[dict[int, tuple[str, str, float | None]]]:
+    return [{rid: (r.kind, str(r.response), r.retry_in) for rid, r in res.recipients.items()}
+            for res in outcome]
+
+
+# -- the runner: every acknowledgement and failure path -------------------------------------
+
+
+async def test_item_acknowledgements_success_defer_with_retry_and_fail() -> None:
+    async def behave(i: MailItem) -> ItemResult:
+        if i.message.id == 1:
+            return ItemResult.success(i)
+        if i.message.id == 2:
+            return ItemResult.defer(i, R(451, "4.4.0", "later"), retry_in=42)
+        return ItemResult.fail(i, R(550, "5.1.1", "no such user"))
+
+    Scripted.behaviour = behave
+    out = await run_agent(Scripted, None, HOP, [item(1), item(2), item(3)], context())
+    assert await kinds(out) == [{100: (DELIVERED, "250 2.0.0 OK", None)},
+                                {200: (DEFERRED, "451 4.4.0 later", 42)},
+                                {300: (FAILED, "550 5.1.1 no such user", None)}]
+    assert Scripted.log == ["open", "deliver 1", "deliver 2", "deliver 3", "close"]
+
+
+async def test_per_recipient_mix() -> None:
+    async def behave(i: MailItem) -> ItemResult:
+        result = ItemResult()
+        a, b, c = i.recipients
+        result.ack_success(a)
+        result.ack_defer(b, R(452, "4.2.2", "full"), retry_in=5)
+        result.ack_fail(c, R(550, "5.1.1", "unknown"))
+        return result
+
+    Scripted.behaviour = behave
+    [res] = await kinds(await run_agent(Scripted, None, HOP, [item(1, 3)], context()))
+    assert res == {100: (DELIVERED, "250 2.0.0 OK", None), 101: (DEFERRED, "452 4.2.2 full", 5),
+                   102: (FAILED, "550 5.1.1 unknown", None)}
+
+
+def test_acknowledgements_refuse_the_wrong_class_of_response() -> None:
+    with pytest.raises(ValueError, match="4xx"):
+        ItemResult.defer(item(1), R(550, "5.0.0", "x"))
+    with pytest.raises(ValueError, match="5xx"):
+        ItemResult.fail(item(1), R(451, "4.0.0", "x"))
+
+
+@pytest.mark.parametrize("opened", [DeferQueue(R(421, "4.4.2", "down"), retry_in=30),
+                                    FailQueue(R(554, "5.4.0", "gone"))])
+async def test_open_defers_or_fails_the_whole_queue(opened: Any) -> None:
+    Scripted.opened = opened
+    assert await run_agent(Scripted, None, HOP, [item(1)], context()) == opened
+    assert Scripted.log == ["open", "close"]  # nothing delivered, the connection closed
+
+
+async def test_an_exception_defers_its_item_only_and_close_still_runs() -> None:
+    async def behave(i: MailItem) -> ItemResult:
+        if i.message.id == 1:
+            raise RuntimeError("agent bug")
+        return ItemResult.success(i)
+
+    Scripted.behaviour = behave
+    out = await kinds(await run_agent(Scripted, None, HOP, [item(1), item(2)], context()))
+    assert out == [{100: (DEFERRED, "451 4.3.0 Local error in processing", None)},
+                   {200: (DELIVERED, "250 2.0.0 OK", None)}]
+    assert Scripted.log[-1] == "close"
+
+    class Batch(DeliveryAgent):  # its own deliver_many answers for the whole batch
+        async def deliver_many(self, items: Any) -> Any:
+            raise RuntimeError("batch bug")
+
+    assert isinstance(await run_agent(Batch, None, HOP, [item(1)], context()), DeferQueue)
+
+    class Opens(DeliveryAgent):
+        async def open(self, next_hop: NextHop) -> Any:
+            raise OSError("cannot connect")
+
+    assert isinstance(await run_agent(Opens, None, HOP, [item(1)], context()), DeferQueue)
+
+
+async def test_a_hanging_agent_is_timed_out_and_the_rest_deferred() -> None:
+    async def behave(i: MailItem) -> ItemResult:
+        if i.message.id == 2:
+            await asyncio.sleep(3600)
+        return ItemResult.success(i)
+
+    Scripted.behaviour = behave
+    out = await run_agent(Scripted, None, HOP, [item(1), item(2), item(3)], context(),
+                          timeout=0.5)
+    assert await kinds(out) == [{100: (DELIVERED, "250 2.0.0 OK", None)},
+                                {200: (DEFERRED, str(AGENT_TIMEOUT), None)},
+                                {300: (DEFERRED, str(AGENT_TIMEOUT), None)}]
+    assert Scripted.log[-1] == "close"
+
+
+async def test_results_of_the_wrong_shape_defer() -> None:
+    class Wrong(DeliveryAgent):
+        async def deliver_many(self, items: Any) -> Any:
+            return [None]
+
+    class NoResult(DeliveryAgent):
+        async def deliver(self, item: MailItem) -> Any:
+            return "ok"
+
+    assert isinstance(await run_agent(Wrong, None, HOP, [item(1)], context()), DeferQueue)
+    [res] = await run_agent(NoResult, None, HOP, [item(1)], context())
+    assert res.recipients[100].kind == DEFERRED
+
+
+async def test_connections_split_by_messages_per_connection_and_bounded_concurrency() -> None:
+    live, peak = 0, 0
+
+    async def behave(i: MailItem) -> ItemResult:
+        nonlocal live, peak
+        live += 1
+        peak = max(peak, live)
+        await asyncio.sleep(0.01)
+        live -= 1
+        return ItemResult.success(i)
+
+    Scripted.behaviour = behave
+    out = await run_connections(Scripted, None, HOP, [item(n) for n in range(1, 8)], context(),
+                                per_connection=2, semaphore=asyncio.Semaphore(2))
+    assert [list(r.recipients) for r in out] == [[n * 100] for n in range(1, 8)]  # in order
+    assert Scripted.log.count("open") == 4 and Scripted.log.count("close") == 4
+    assert peak <= 2
+
+
+async def test_a_queue_answer_of_one_connection_applies_to_its_items_only() -> None:
+    calls = 0
+
+    class Flaky(Scripted):
+        async def open(self, next_hop: NextHop) -> Any:
+            nonlocal calls
+            calls += 1
+            return DeferQueue(R(421, "4.4.2", "busy"), 7) if calls == 1 else None
+
+    async def behave(i: MailItem) -> ItemResult:
+        return ItemResult.success(i)
+
+    Scripted.behaviour = behave
+    out = await run_connections(Flaky, None, HOP, [item(1), item(2)], context(),
+                                per_connection=1, semaphore=asyncio.Semaphore(1))
+    assert await kinds(out) == [{100: (DEFERRED, "421 4.4.2 busy", 7)},
+                                {200: (DELIVERED, "250 2.0.0 OK", None)}]
+    Scripted.opened = FailQueue(R(554, "5.4.0", "gone"))  # every connection: queue-level
+    assert await run_connections(Scripted, None, HOP, [item(1), item(2)], context(),
+                                 per_connection=1, semaphore=asyncio.Semaphore(1)) \
+        == Scripted.opened
+
+
+def test_retry_after_seconds_and_http_date() -> None:
+    assert retry_after("120", 0) == 120
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 1445412470) == 10
+    assert retry_after("soon", 0) is None and retry_after(None, 0) is None
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def load(extra: str) -> Any:
+    hooks = Hooks(entry_points=False)
+    text = BASE_ORG.format(server_extra="", foreign_extra="", extra=extra)
+    return parse_organization(text, source="org.toml", base_dir=Path("/tmp"),
+                              connector_types=hooks.registry.connector_types,
+                              delivery_agents=hooks.registry.delivery_agents)
+
+
+def test_connector_fields_defaults_and_agent_settings() -> None:
+    org = load('[[delivery_agent_connector]]\nName = "Web"\nAddressSpaces = ["SMTP:web.test;1"]\n'
+               'DeliveryProtocol = "http"\nUrl = "http://127.0.0.1:8080/mail"\n')
+    web = org.connector("Web")
+    assert (web.delivery_protocol, web.max_concurrent_connections,
+            web.max_messages_per_connection, web.connection_timeout) == ("HTTP", 5, 20, 300.0)
+    assert web.settings.port == 8080 and web.settings.path == "/mail"
+    assert type(web).kind == "DeliveryAgentConnector" and type(web).delivery_type == "DeliveryAgent"
+
+
+def test_unknown_delivery_protocol_and_bad_agent_fields_are_config_errors() -> None:
+    with pytest.raises(ConfigErrors) as caught:
+        load('[[delivery_agent_connector]]\nName = "Sms"\nAddressSpaces = ["SMS:*;1"]\n'
+             'DeliveryProtocol = "PIGEON"\n\n'
+             '[[delivery_agent_connector]]\nName = "Cmd"\nAddressSpaces = ["X400:*;1"]\n'
+             'DeliveryProtocol = "COMMAND"\nComand = ["true"]\nMaxConcurrentConnections = 0\n')
+    text = str(caught.value)
+    assert ('org.toml: delivery_agent_connector "Sms": DeliveryProtocol: no delivery agent '
+            'serves "PIGEON"') in text
+    assert 'delivery_agent_connector "Cmd": Command: required' in text
+    assert 'delivery_agent_connector "Cmd": Comand: unknown field' in text
+    assert "MaxConcurrentConnections" in text
+
+
+# -- end to end through a daemon -------------------------------------------------------------
+
+LOCAL_AGENT = '''
+import asyncio
+from agents.api import DeferQueue, DeliveryAgent, ItemResult
+from core import hookimpl
+from core.model import SmtpResponse
+
+SEEN = []
+
+class LabAgent(DeliveryAgent):
+    async def deliver(self, item):
+        SEEN.append(item.message.subject)
+        result = ItemResult()
+        for r in item.recipients:
+            local = r.address.split("@")[0]
+            if local == "ok":
+                result.ack_success(r)
+            elif local == "bad":
+                result.ack_fail(r, SmtpResponse(550, "5.1.1", "Lab says no such user"))
+            elif local == "later":
+                tries = SEEN.count(item.message.subject)
+                if tries < 3:
+                    result.ack_defer(r, SmtpResponse(451, "4.3.2", "Lab busy"), retry_in=0.2)
+                else:
+                    result.ack_success(r)
+            elif local == "boom":
+                raise RuntimeError("lab agent crashed")
+            elif local == "hang":
+                await asyncio.sleep(3600)
+        return result
+
+@hookimpl
+def register_delivery_agents(register):
+    register("LAB", LabAgent)
+'''
+
+LAB_CONNECTOR = '''
+[hubport]
+Plugins = ["lab_agent_plugin"]
+
+[[delivery_agent_connector]]
+Name = "Lab"
+AddressSpaces = ["SMTP:lab.test;1"]
+DeliveryProtocol = "LAB"
+
+[[delivery_agent_connector]]
+Name = "Lab Slow"
+AddressSpaces = ["SMTP:slow.test;1"]
+DeliveryProtocol = "lab"
+ConnectionTimeout = "1s"
+'''
+
+
+async def test_end_to_end_success_fail_ndr_defer_retry_exception_and_hang(
+        hubport_hub_factory: Any, tmp_path: Path) -> None:
+    (tmp_path / "lab_agent_plugin.py").write_text(LOCAL_AGENT)
+    sys.modules.pop("lab_agent_plugin", None)
+    async with hubport_hub_factory(extra=LAB_CONNECTOR) as hub:
+        hub.drop_replay("alice@contoso.test", ["ok@lab.test", "bad@lab.test"],
+                        message(subject="mix"))
+        hub.drop_replay("alice@contoso.test", ["later@lab.test"], message(subject="later"))
+        hub.drop_replay("alice@contoso.test", ["boom@lab.test"], message(subject="boom"))
+        hub.drop_replay("alice@contoso.test", ["hang@slow.test"], message(subject="hang"))
+        await wait_for(lambda: hub.events(event_id="DELIVER", source="AGENT",
+                                          recipients=["later@lab.test"]), timeout=30)
+        ndr = await wait_for(lambda: hub.maildir("Alice"), timeout=20)
+        await wait_for(lambda: hub.events(event_id="DEFER", recipients=["boom@lab.test"]))
+        await wait_for(lambda: hub.events(event_id="DEFER", recipients=["hang@slow.test"]),
+                       timeout=20)
+    assert b"Lab says no such user" in ndr[0].read_bytes()
+    delivered = hub.events(event_id="DELIVER", source="AGENT")
+    assert {r for e in delivered for r in e["recipient-address"]} == {"ok@lab.test",
+                                                                     "later@lab.test"}
+    assert any("4.3.2 Lab busy" in s for e in hub.events(event_id="DEFER")
+               for s in e["recipient-status"])
+    boom = hub.events(event_id="DEFER", recipients=["boom@lab.test"])[0]
+    assert "451 4.3.0" in boom["recipient-status"][0]
+    hang = hub.events(event_id="DEFER", recipients=["hang@slow.test"])[0]
+    assert "4.4.1" in hang["recipient-status"][0]
+    assert "Lab" in {e["connector-id"] for e in delivered}
+
+
+class GatewayServer:
+    """A tiny HTTP server: answers from a script, records the JSON bodies."""
+
+    def __init__(self, answers: list[tuple[int, dict[str, str]]]) -> None:
+        self.answers = answers
+        self.bodies: list[dict[str, Any]] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length"))
+        self.bodies.append(json.loads(await reader.readexactly(length)))
+        status, headers = self.answers.pop(0) if self.answers else (200, {})
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(f"HTTP/1.1 {status} X\r\n{extra}Content-Length: 0\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+
+async def test_http_agent_success_fail_and_retry_after(hubport_hub_factory: Any) -> None:
+    gateway = GatewayServer([(503, {"Retry-After": "1"}), (200, {}), (404, {})])
+    server = await asyncio.start_server(gateway.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    extra = (f'[[delivery_agent_connector]]\nName = "Web"\nAddressSpaces = ["SMTP:web.test;1"]\n'
+             f'DeliveryProtocol = "HTTP"\nUrl = "http://127.0.0.1:{port}/in"\nTimeout = "5s"\n')
+    async with server, hubport_hub_factory(extra=extra) as hub:
+        hub.drop_replay("alice@contoso.test", ["a@web.test"], message(subject="one"))
+        await wait_for(lambda: hub.events(event_id="DELIVER", source="AGENT"), timeout=30)
+        hub.drop_replay("alice@contoso.test", ["b@web.test"], message(subject="two"))
+        ndr = await wait_for(lambda: hub.maildir("Alice"), timeout=30)
+    first = gateway.bodies[0]
+    assert first["recipients"] == ["a@web.test"] and first["sender"] == "alice@contoso.test"
+    assert gateway.bodies[1] == first  # the 503 was retried
+    defer = hub.events(event_id="DEFER", recipients=["a@web.test"])[0]
+    assert "HTTP 503" in defer["recipient-status"][0]
+    assert b"HTTP 404" in ndr[0].read_bytes()
+
+
+COMMAND = '''
+import os, sys
+data = sys.stdin.buffer.read()
+rcpts = os.environ["HUBPORT_RECIPIENTS"].split("\\n")
+out = os.environ["OUT"] if "OUT" in os.environ else sys.argv[1]
+with open(out, "ab") as fh:
+    fh.write(("%s|%s|%d\\n" % (os.environ["HUBPORT_SENDER"], ",".join(rcpts), len(data))).encode())
+if rcpts[0].startswith("temp"):
+    sys.exit(75)
+if rcpts[0].startswith("perm"):
+    sys.stderr.write("no such pager\\n")
+    sys.exit(1)
+'''
+
+
+async def test_command_agent_exit_codes_environment_and_timeout(hubport_hub_factory: Any,
+                                                                tmp_path: Path) -> None:
+    script = tmp_path / "gw.py"
+    script.write_text(COMMAND)
+    out = tmp_path / "calls.txt"
+    extra = ('[[delivery_agent_connector]]\nName = "Cmd"\nAddressSpaces = ["SMTP:cmd.test;1"]\n'
+             f'DeliveryProtocol = "COMMAND"\nCommand = ["{sys.executable}", "{script}", "{out}"]\n'
+             '\n[[delivery_agent_connector]]\nName = "Slow"\nAddressSpaces = ["SMTP:slow.test;1"]\n'
+             f'DeliveryProtocol = "COMMAND"\nCommand = ["sleep", "30"]\nTimeout = "1s"\n')
+    async with hubport_hub_factory(extra=extra) as hub:
+        hub.drop_replay("alice@contoso.test", ["ok@cmd.test"], message(subject="ok"))
+        hub.drop_replay("alice@contoso.test", ["perm@cmd.test"], message(subject="perm"))
+        hub.drop_replay("alice@contoso.test", ["temp@cmd.test"], message(subject="temp"))
+        hub.drop_replay("alice@contoso.test", ["x@slow.test"], message(subject="slow"))
+        await wait_for(lambda: hub.events(event_id="DELIVER", recipients=["ok@cmd.test"]))
+        ndr = await wait_for(lambda: hub.maildir("Alice"), timeout=20)
+        await wait_for(lambda: hub.events(event_id="DEFER", recipients=["temp@cmd.test"]))
+        await wait_for(lambda: hub.events(event_id="DEFER", recipients=["x@slow.test"]),
+                       timeout=20)
+    lines = out.read_text().splitlines()
+    assert "alice@contoso.test|ok@cmd.test|" in "\n".join(lines)
+    assert b"no such pager" in ndr[0].read_bytes()
+    assert "4.4.1" in hub.events(event_id="DEFER", recipients=["x@slow.test"])[0][
+        "recipient-status"][0]
+
+
+# -- documentation ---------------------------------------------------------------------------
+
+
+def test_every_agent_api_member_is_documented_in_docs_agents_md() -> None:
+    import inspect
+
+    from agents import api
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "agents.md").read_text()
+    for cls in (api.DeliveryAgent, api.ItemResult, api.RecipientResult):
+        members = [n for n, _ in inspect.getmembers(cls) if not n.startswith("_")
+                   and n not in ("protocol", "recipients", "detail", "void_intents")]
+        missing = [n for n in members if f"`{n}" not in text and f".{n}(" not in text]
+        assert not missing, f"{cls.__name__} members missing from docs/agents.md: {missing}"
+    for cls in (api.DeferQueue, api.FailQueue, api.MailItem, api.DeliveryContext):
+        assert f"`{cls.__name__}" in text, cls.__name__
