@@ -94,6 +94,9 @@ class ItemResult:
     detail: str = ""
     #: recipients whose recorded write intent must be forgotten (the file never appeared)
     void_intents: set[int] = field(default_factory=set)
+    #: set by the transport when the agent raised on this item: the item is deferred and the
+    #: crash counts toward the server's PoisonThreshold (agents never set it themselves)
+    crashed: bool = False
 
     def ack(self, recipient: QueuedRecipient, result: RecipientResult) -> None:
         """Acknowledge one recipient (the generic form of the three below)."""
@@ -136,6 +139,8 @@ class DeferQueue:
 
     response: SmtpResponse
     retry_in: float | None = None
+    #: set by the transport when the agent raised: a crash, counted toward PoisonThreshold
+    crashed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

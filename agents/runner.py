@@ -63,7 +63,7 @@ async def run_agent(agent_cls: type[DeliveryAgent], connector: Any, next_hop: Ne
     except Exception:
         log.exception("delivery agent raised; its items are deferred",
                       agent=agent_cls.__name__, next_hop=next_hop.key)
-        return DeferQueue(LOCAL_ERROR)
+        return DeferQueue(LOCAL_ERROR, crashed=True)
     finally:
         await _close(agent, timeout)
     if not isinstance(results, list) or len(results) != len(items) or not all(
@@ -82,7 +82,9 @@ async def _deliver_one(agent: DeliveryAgent, item: MailItem, next_hop: NextHop) 
         log.exception("delivery agent raised; the item is deferred",
                       agent=type(agent).__name__, next_hop=next_hop.key,
                       internal_message_id=item.message.id)
-        return ItemResult.defer(item, LOCAL_ERROR)
+        crashed = ItemResult.defer(item, LOCAL_ERROR)
+        crashed.crashed = True
+        return crashed
     if not isinstance(result, ItemResult):
         log.error("delivery agent returned no ItemResult; the item is deferred",
                   agent=type(agent).__name__, internal_message_id=item.message.id)

@@ -109,7 +109,8 @@ def load(port: int, messages: int, sessions: int) -> float:
     return elapsed
 
 
-def hubport_rate(root: Path, messages: int, sessions: int, *, paused: bool) -> tuple[float, int]:
+def hubport_rate(root: Path, messages: int, sessions: int, *, paused: bool
+                 ) -> tuple[float, int]:
     """Messages per second, and the messages found afterwards (queued or delivered)."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -178,33 +179,31 @@ def main() -> None:
             sys.exit(f"{tool} is missing: apt-get install postfix (see ./dev)")
     base = Path(tempfile.mkdtemp(prefix="hubport-bench-smtp-"))
     base.chmod(0o755)  # Postfix's daemons run as the postfix user and must reach their folders
-    results: dict[str, list[float]] = {"hubport": [], "hubport-full": [], "postfix": []}
+    cases = {"hubport (receive path)": True, "hubport + categorizer + Maildir": False}
+    results: dict[str, list[float]] = {name: [] for name in [*cases, "postfix"]}
     try:
         for run in range(args.runs):
-            rate, committed = hubport_rate(base / "hubport", args.messages, args.sessions,
-                                           paused=True)
-            assert committed == args.messages, f"{committed} committed of {args.messages}"
-            results["hubport"].append(rate)
-            full, committed = hubport_rate(base / "hubport-full", args.messages,
-                                           args.sessions, paused=False)
-            assert committed == args.messages, f"{committed} committed of {args.messages}"
-            results["hubport-full"].append(full)
+            for index, (name, paused) in enumerate(cases.items()):
+                rate, found = hubport_rate(base / f"hubport{index}", args.messages,
+                                           args.sessions, paused=paused)
+                assert found == args.messages, f"{name}: {found} found of {args.messages}"
+                results[name].append(rate)
             results["postfix"].append(postfix_rate(base / "postfix", args.messages,
                                                    args.sessions))
-            print(f"run {run + 1}: hubport {rate:7.0f}/s  hubport+delivery {full:7.0f}/s"
-                  f"  postfix {results['postfix'][-1]:7.0f}/s", flush=True)
+            print(f"run {run + 1}: " + "  ".join(f"{name} {values[-1]:.0f}/s"
+                                                 for name, values in results.items()),
+                  flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    hub, full, postfix = (statistics.median(results[k])
-                          for k in ("hubport", "hubport-full", "postfix"))
+    medians = {name: statistics.median(values) for name, values in results.items()}
+    postfix = medians.pop("postfix")
     print(f"\nSMTP accept, {args.sessions} sessions, 2 KB messages, {args.messages} per run,"
-          f" median of {args.runs}:")
-    print(f"  hubport (receive path, durable commit) {hub:8.0f} msg/s")
-    print(f"  hubport (with categorizer + Maildir)   {full:8.0f} msg/s")
-    print(f"  Postfix (smtpd + cleanup fsync)        {postfix:8.0f} msg/s")
-    print(f"  ratio hubport / Postfix                {hub / postfix:8.2f}  "
-          f"(with delivery running: {full / postfix:.2f})")
+          f" median of {args.runs} (hubport alone: Submission suspended, the receive path"
+          " with its durable commit):")
+    for name, rate in medians.items():
+        print(f"  {name:34} {rate:8.0f} msg/s   ratio to Postfix {rate / postfix:5.2f}")
+    print(f"  {'Postfix (smtpd + cleanup fsync)':34} {postfix:8.0f} msg/s")
 
 
 if __name__ == "__main__":

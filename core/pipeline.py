@@ -597,7 +597,7 @@ class Pipeline:
                                                   items=items, context=context)
         except Exception:
             log.exception("deliver hook raised; the items are deferred", next_hop=hop.key)
-            return DeferQueue(LOCAL_ERROR)
+            return DeferQueue(LOCAL_ERROR, crashed=True)
         if outcome is None:
             return DeferQueue(NO_DELIVERY_PLUGIN)
         if isinstance(outcome, (DeferQueue, FailQueue)):
@@ -611,7 +611,9 @@ class Pipeline:
     def _queue_outcome(item: MailItem, outcome: DeferQueue | FailQueue) -> ItemResult:
         if isinstance(outcome, FailQueue):
             return ItemResult.fail(item, outcome.response)
-        return ItemResult.defer(item, outcome.response, outcome.retry_in)
+        result = ItemResult.defer(item, outcome.response, outcome.retry_in)
+        result.crashed = outcome.crashed
+        return result
 
     async def _record_intent(self, intents: dict[int, str]) -> None:
         await self.store.write(lambda c: q.record_intent(c, intents))
@@ -658,8 +660,27 @@ class Pipeline:
             events.extend(self._success_dsn(conn, message, item, delivered))
         events.extend(self._fail_in_conn(conn, message, failures))
         conn.execute("UPDATE message SET in_flight=0, suspect=0 WHERE id=?", (message.id,))
+        if result.crashed:
+            events.extend(self._count_crash(conn, item))
         q.finish_if_done(conn, message.id)
         return events
+
+    def _count_crash(self, conn: sqlite3.Connection, item: MailItem) -> list[Event]:
+        """An agent raised on this item: one crash; at PoisonThreshold the message is poison
+        (held in the Poison queue, never retried until an administrator resumes it)."""
+        message = item.message
+        count = conn.execute("UPDATE message SET crash_count=crash_count+1 WHERE id=?"
+                             " RETURNING crash_count", (message.id,)).fetchone()[0]
+        if not self.server.poison_message_detection_enabled or \
+                count < self.server.poison_threshold:
+            return []
+        conn.execute("UPDATE message SET state='poison', suspended=1 WHERE id=?", (message.id,))
+        log.error("message moved to Poison: its delivery agent raised repeatedly",
+                  internal_message_id=message.id, crashes=count,
+                  connector=item.next_hop.connector)
+        return [Event("POISONMESSAGE", "POISONMESSAGE", message,
+                      [r.address for r in item.recipients], ["Poison"] * len(item.recipients),
+                      connector=item.next_hop.connector)]
 
     # -- failures, NDRs and DSNs -------------------------------------------------------
 

@@ -5,6 +5,7 @@ Kept apart from the protocol code so each rule can be read and tested on its own
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -102,6 +103,7 @@ def firewalled(rights: frozenset[Right]) -> Callable[[HeaderField], bool] | None
     return remove
 
 
+@functools.lru_cache(maxsize=1024)
 def helo_for_header(helo: str) -> str:
     """A HELO argument as it may stand in a Received field (never anything but a token)."""
     if helo.startswith("[") and helo.endswith("]"):

@@ -99,6 +99,17 @@ BARE_LF_LIMIT = 3
 DATA_GRACE = 60.0  # seconds before the minimum data rate applies
 
 
+WRITE_HIGH_WATER = 64 * 1024
+
+
+class _NoTimer:
+    def cancel(self) -> None:
+        return None
+
+
+_NO_TIMER = _NoTimer()
+
+
 class _NoHandler:
     """aiosmtpd wants a handler object; hubport's logic lives in the protocol itself."""
 
@@ -129,6 +140,7 @@ class ReceiveProtocol(SMTP):
         self._started = time.monotonic()
         self._tls_refusal: SmtpResponse | None = None
         self._counted = False
+        self.deadline = float("inf")
 
     # -- connection -----------------------------------------------------------------------
 
@@ -169,6 +181,16 @@ class ReceiveProtocol(SMTP):
         if self.plog is not None:
             self.plog.disconnected()
         super().connection_lost(error)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """Arm the idle deadline; the service's sweeper enforces it.
+
+        (aiosmtpd re-creates a loop timer on every command; one sweeper for all sessions
+        costs a fraction of that at thousands of commands a second.)
+        """
+        self.deadline = time.monotonic() + (duration or self._timeout_duration)
+        if self._timeout_handle is None:
+            self._timeout_handle = _NO_TIMER  # what aiosmtpd's connection_lost cancels
 
     def _timeout_cb(self) -> None:
         """Tell the client why before closing (aiosmtpd closes silently)."""
@@ -369,9 +391,14 @@ class ReceiveProtocol(SMTP):
         self.transport.write(text.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
 
     async def push(self, status: str | bytes) -> None:
+        """Write a reply; wait for the socket only when the client is not reading."""
         if self.plog is not None:
             self.plog.sent(status)
-        await super().push(status)
+        data = status.encode("utf-8") if isinstance(status, str) else status
+        self._writer.write(data + b"\r\n")
+        if self.transport is not None and \
+                self.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            await self._writer.drain()
 
     async def protocol_error(self, response: SmtpResponse) -> None:
         """A client mistake: answered, counted, and past MaxProtocolErrors the end."""

@@ -44,6 +44,7 @@ TOO_MANY_FROM_SOURCE = SmtpResponse(
     421, "4.3.2", "The maximum number of concurrent connections has exceeded a limit, closing"
     " transmission channel")
 DRAIN_TIMEOUT = 10.0
+SWEEP_INTERVAL = 0.25
 SMTP_EVENTS = ("on_connect", "on_helo", "on_starttls", "on_auth", "on_mail_from", "on_rcpt_to",
                "on_data", "on_end_of_headers", "on_end_of_data", "on_disconnect")
 
@@ -63,6 +64,7 @@ class ReceiveService:
         self._passwords: PasswordStore | None = None
         self._protocol_log: ProtocolLog | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._events = self._implemented_events()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -91,6 +93,9 @@ class ReceiveService:
         self.connectors, self._tls = mine, contexts
         self._passwords = PasswordStore(server.password_file_path)
         self._start_protocol_log()
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle(),
+                                                                   name="smtp-idle-sweeper")
         for key in opened:
             log.info("receive connector listening", binding=_show(key),
                      connectors=[c.name for c in mine if _serves(key, c)])
@@ -141,8 +146,18 @@ class ReceiveService:
         self._flusher = asyncio.get_running_loop().create_task(
             self._protocol_log.run_flusher(), name="protocol-log-recv")
 
+    async def _sweep_idle(self) -> None:
+        """Close sessions past their deadline (inactivity, ConnectionTimeout)."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for session in [s for s in self.sessions if s.deadline <= now]:
+                session._timeout_cb()
+
     async def stop(self) -> None:
         """Close the listeners, let messages in DATA finish, then close the sessions."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
