@@ -67,6 +67,8 @@ class RecipientResult:
     kind: str  # DELIVERED, DEFERRED or FAILED
     response: SmtpResponse
     retry_in: float | None = None  # seconds; for DEFERRED only; None = the retry ladder
+    #: the remote server that gave ``response`` (the NDR's Remote-MTA field), if any
+    remote_mta: str | None = None
 
     @classmethod
     def delivered(cls, response: SmtpResponse = OK) -> RecipientResult:
@@ -79,10 +81,11 @@ class RecipientResult:
         return cls(DEFERRED, response, retry_in)
 
     @classmethod
-    def failed(cls, response: SmtpResponse) -> RecipientResult:
+    def failed(cls, response: SmtpResponse, remote_mta: str | None = None) -> RecipientResult:
+        """A permanent failure; ``remote_mta`` (a host name) when a remote server refused."""
         if not response.is_permanent:
             raise ValueError(f"a failure needs a 5xx response, not {response}")
-        return cls(FAILED, response)
+        return cls(FAILED, response, remote_mta=remote_mta)
 
 
 @dataclass(slots=True)

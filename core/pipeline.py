@@ -73,6 +73,11 @@ SOURCE_OF_DELIVERY = {"MapiDelivery": "STOREDRIVER", "NonSmtpGatewayDelivery": "
                       "DeliveryAgent": "AGENT"}
 
 
+#: (recipient, response, tracking source) or with a fourth item: the remote MTA that refused
+Failure = tuple[QueuedRecipient, SmtpResponse, str] | tuple[QueuedRecipient, SmtpResponse,
+                                                            str, str | None]
+
+
 class Rejected(Exception):
     """A ``receive`` hook refused the message; ``response`` says how (4xx or 5xx)."""
 
@@ -392,7 +397,7 @@ class Pipeline:
         message = result.message
         events: list[Event] = []
         updates: list[RecipientUpdate] = []
-        failures: list[tuple[QueuedRecipient, SmtpResponse, str]] = []
+        failures: list[Failure] = []
         hops: dict[tuple[str, str, str], int] = {}
         resubmit = False
         for d in result.decisions:
@@ -624,7 +629,7 @@ class Pipeline:
         now = self.clock()
         events: list[Event] = []
         updates: list[RecipientUpdate] = []
-        failures: list[tuple[QueuedRecipient, SmtpResponse, str]] = []
+        failures: list[Failure] = []
         source = SOURCE_OF_DELIVERY.get(item.next_hop.delivery_type, "SMTP")
         delivered: list[QueuedRecipient] = []
         for r in item.recipients:
@@ -637,7 +642,7 @@ class Pipeline:
             elif outcome.kind == FAILED:
                 updates.append(RecipientUpdate(r.id, S.FAILED, attempts=attempts,
                                                last_response=str(outcome.response)))
-                failures.append((r, outcome.response, "QUEUE"))
+                failures.append((r, outcome.response, "QUEUE", outcome.remote_mta))
             elif now >= message.expires_at:
                 updates.append(RecipientUpdate(r.id, S.FAILED, attempts=attempts,
                                                last_response=str(EXPIRED)))
@@ -662,17 +667,20 @@ class Pipeline:
         conn.execute("UPDATE message SET in_flight=0, suspect=0 WHERE id=?", (message.id,))
         if result.crashed:
             events.extend(self._count_crash(conn, item))
+        elif message.crash_count:
+            conn.execute("UPDATE message SET crash_count=0 WHERE id=?", (message.id,))
         q.finish_if_done(conn, message.id)
         return events
 
     def _count_crash(self, conn: sqlite3.Connection, item: MailItem) -> list[Event]:
-        """An agent raised on this item: one crash; at PoisonThreshold the message is poison
-        (held in the Poison queue, never retried until an administrator resumes it)."""
+        """An agent raised on this item: one crash. More consecutive crashes than
+        PoisonThreshold make the message poison (held in the Poison queue until an
+        administrator resumes it); a clean attempt in between starts the count again."""
         message = item.message
         count = conn.execute("UPDATE message SET crash_count=crash_count+1 WHERE id=?"
                              " RETURNING crash_count", (message.id,)).fetchone()[0]
         if not self.server.poison_message_detection_enabled or \
-                count < self.server.poison_threshold:
+                count <= self.server.poison_threshold:
             return []
         conn.execute("UPDATE message SET state='poison', suspended=1 WHERE id=?", (message.id,))
         log.error("message moved to Poison: its delivery agent raised repeatedly",
@@ -685,20 +693,24 @@ class Pipeline:
     # -- failures, NDRs and DSNs -------------------------------------------------------
 
     def _fail_in_conn(self, conn: sqlite3.Connection, message: QueuedMessage,
-                      failures: Sequence[tuple[QueuedRecipient, SmtpResponse, str]]) -> list[Event]:
-        """Track failures and commit the NDR (in the same transaction) when one is due."""
+                      failures: Sequence[Failure]) -> list[Event]:
+        """Track failures and commit the NDR (in the same transaction) when one is due.
+
+        A failure is (recipient, response, tracking source[, remote MTA that refused]).
+        """
         if not failures:
             return []
-        events = [Event("FAIL", source, message, [r.address], [str(resp)])
-                  for r, resp, source in failures]
-        notify = [(r, resp) for r, resp, _ in failures if r.wants(Notify.FAILURE)]
+        events = [Event("FAIL", f[2], message, [f[0].address], [str(f[1])]) for f in failures]
+        notify = [(f[0], f[1], f[3] if len(f) > 3 else None) for f in failures
+                  if f[0].wants(Notify.FAILURE)]
         if message.mail_from.address and notify:
             _, dsn_msgid = self._insert_dsn(conn, message, [
                 DsnRecipient(final_recipient=r.address, original_recipient=r.orcpt,
                              action="failed", status=resp.enhanced, diagnostic=str(resp),
-                             last_attempt=self.clock()) for r, resp in notify])
-            events.append(Event("DSN", "DSN", message, [r.address for r, _ in notify],
-                                [str(resp) for _, resp in notify], reference=dsn_msgid))
+                             remote_mta=mta, last_attempt=self.clock())
+                for r, resp, mta in notify])
+            events.append(Event("DSN", "DSN", message, [r.address for r, _, _ in notify],
+                                [str(resp) for _, resp, _ in notify], reference=dsn_msgid))
         return events
 
     def _success_dsn(self, conn: sqlite3.Connection, message: QueuedMessage, item: MailItem,

@@ -351,7 +351,7 @@ async def test_end_to_end_success_fail_ndr_defer_retry_exception_and_hang(
 
 async def test_an_agent_that_keeps_raising_sends_its_message_to_poison(
         hubport_hub_factory: Any, tmp_path: Path) -> None:
-    """Each exception is a crash; at PoisonThreshold (2) the message goes to Poison and is
+    """Each exception is a crash; past PoisonThreshold (2) the message goes to Poison and is
     not retried, while other messages of the same connector are delivered."""
     (tmp_path / "lab_agent_plugin.py").write_text(LOCAL_AGENT)
     sys.modules.pop("lab_agent_plugin", None)
@@ -365,10 +365,10 @@ async def test_an_agent_that_keeps_raising_sends_its_message_to_poison(
                        timeout=30)
         state = await hub.pipeline.store.read(lambda c: c.execute(
             "SELECT state, crash_count FROM message WHERE subject='boom'").fetchone())
-        assert tuple(state) == ("poison", 2)
+        assert tuple(state) == ("poison", 3)
         tries = len(hub.events(event_id="DEFER", recipients=["boom@lab.test"]))
         await asyncio.sleep(2.5)  # past the 1 s retry interval: nothing more happens
-        assert len(hub.events(event_id="DEFER", recipients=["boom@lab.test"])) == tries == 2
+        assert len(hub.events(event_id="DEFER", recipients=["boom@lab.test"])) == tries == 3
 
 
 class GatewayServer:

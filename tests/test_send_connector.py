@@ -472,8 +472,6 @@ async def test_retry_delay_dsn_and_expiry(hub_factory: Any, tmp_path: Path) -> N
     assert sink.handler.connections >= 2  # it was retried
 
 
-@pytest.mark.xfail(strict=True, reason="needs RecipientResult.remote_mta passed into"
-                                       " DsnRecipient by core/pipeline.py (see the report)")
 async def test_ndr_names_the_remote_mta(hub_factory: Any, tmp_path: Path) -> None:
     script = Script(rcpt={"gone@partner.example": "550 5.1.1 unknown"})
     with ScriptedSink(script=script) as sink:

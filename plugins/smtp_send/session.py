@@ -99,9 +99,9 @@ class SendOutcome:
     detail: str = ""
 
 
-def _classify(response: SmtpResponse) -> RecipientResult:
+def _classify(response: SmtpResponse, remote_mta: str | None = None) -> RecipientResult:
     if response.is_permanent:
-        return RecipientResult.failed(response)
+        return RecipientResult.failed(response, remote_mta)
     if response.is_transient:
         return RecipientResult.deferred(response)
     return RecipientResult.deferred(PROTOCOL)
@@ -332,7 +332,7 @@ class SmtpSession:
                                     *(o.encode("ascii") for o in options))
         if reply.code != 250:
             await self._reset()
-            return _fill(out, recipients, _classify(reply))
+            return _fill(out, recipients, _classify(reply, self.target.host))
         accepted: list[QueuedRecipient] = []
         for r in recipients:
             if r.id in out.results:
@@ -343,7 +343,7 @@ class SmtpSession:
             if reply.code in (250, 251):
                 accepted.append(r)
             else:
-                out.results[r.id] = _classify(reply)
+                out.results[r.id] = _classify(reply, self.target.host)
                 if reply.code == 421:
                     self.close()
                     return _fill(out, recipients, RecipientResult.deferred(DROPPED))
@@ -361,7 +361,7 @@ class SmtpSession:
             reply = await self.smtp.data(data)
         except SMTPDataError as exc:
             self.plog.received(f"{exc.code} {exc.message}")
-            result = _classify(response_of(exc.code, exc.message))
+            result = _classify(response_of(exc.code, exc.message), self.target.host)
             await self._reset()
             return _fill(out, accepted, result)
         except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):
