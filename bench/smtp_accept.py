@@ -8,9 +8,9 @@ message per transaction, one recipient), the same for both servers, in the same 
   Measured twice: with the Submission queue suspended (the receive path alone: what a
   client waits for) and with the whole pipeline running (categorizer and Maildir delivery
   competing for the same two cores).
-* Postfix: a private instance (its own config and queue folder under the bench folder; the
-  system's Postfix is not touched) whose smtpd hands each message to cleanup, which fsyncs
-  the queue file before smtpd answers 250; the messages are then discarded.
+* Postfix: a private instance (``bench/peers.py``) whose smtpd hands each message to
+  cleanup, which fsyncs the queue file before smtpd answers 250; the messages are then
+  discarded.
 
 Each figure is the median of ``--runs`` runs. Needs Debian's ``postfix`` package (for
 ``smtp-source`` and the Postfix daemons), installed by ``./dev test``.
@@ -21,21 +21,22 @@ Each figure is the median of ``--runs`` runs. Needs Debian's ``postfix`` package
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-SMTP_SOURCE = "/usr/sbin/smtp-source"
-POSTFIX = "/usr/sbin/postfix"
-CHECKOUT = Path(__file__).resolve().parents[1]
+from peers import (
+    POSTFIX,
+    SMTP_SOURCE,
+    free_port,
+    hubport,
+    hubport_command,
+    postfix,
+    prepare_base,
+    require_tools,
+    smtp_source,
+)
 
 ORG = """
 [[accepted_domain]]
@@ -57,80 +58,17 @@ Bindings = ["127.0.0.1:{port}"]
 PermissionGroups = ["AnonymousUsers"]
 MaxInboundConnectionPerSource = "unlimited"
 """
-
-POSTFIX_MAIN = """
-compatibility_level = 3.6
-queue_directory = {root}/queue
-data_directory = {root}/data
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-myhostname = bench.test
-mydestination =
-relay_domains = contoso.test
-mynetworks = 127.0.0.0/8
-default_transport = discard:bench
-relay_transport = discard:bench
-maillog_file = /dev/stdout
-smtpd_client_connection_count_limit = 0
-smtpd_client_connection_rate_limit = 0
-default_process_limit = 100
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def load(port: int, messages: int, sessions: int) -> float:
-    """Run smtp-source; the wall time in seconds."""
-    started = time.monotonic()
-    done = subprocess.run(
-        [SMTP_SOURCE, "-d", "-s", str(sessions), "-m", str(messages), "-l", "2048",
-         "-f", "sender@example.org", "-t", "alice@contoso.test", f"127.0.0.1:{port}"],
-        capture_output=True, text=True, timeout=600, check=False)
-    elapsed = time.monotonic() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"smtp-source failed: {done.stderr.strip()[-500:]}")
-    return elapsed
+RECIPIENT = "alice@contoso.test"
 
 
 def hubport_rate(root: Path, messages: int, sessions: int, *, paused: bool
                  ) -> tuple[float, int]:
     """Messages per second, and the messages found afterwards (queued or delivered)."""
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
     port = free_port()
-    (root / "org.toml").write_text(ORG.format(port=port))
-    hubport = str(CHECKOUT / ".venv" / "bin" / "hubport")
-    log = open(root.parent / f"{root.name}.log", "wb")  # outside the watched config folder
-    daemon = subprocess.Popen([hubport, "run", "--config", "org.toml"], cwd=root,
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_port(port)
+    with hubport(root, ORG.format(port=port), port):
         if paused:
-            subprocess.run([hubport, "suspend-queue", "--identity", "HUB01\\Submission",
-                            "--config", "org.toml"], cwd=root, check=True,
-                           capture_output=True)
-        elapsed = load(port, messages, sessions)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(60)
-        log.close()
+            hubport_command(root, "suspend-queue", "--identity", "HUB01\\Submission")
+        elapsed = smtp_source(port, messages, sessions, RECIPIENT)
     with sqlite3.connect(root / "var" / "queue" / "mail.que") as db:
         queued = db.execute("SELECT COUNT(*) FROM message").fetchone()[0]
     mailbox = root / "var" / "mailboxes" / "Alice" / "new"
@@ -139,32 +77,8 @@ def hubport_rate(root: Path, messages: int, sessions: int, *, paused: bool
 
 
 def postfix_rate(root: Path, messages: int, sessions: int) -> float:
-    shutil.rmtree(root, ignore_errors=True)
-    (root / "conf").mkdir(parents=True)
-    (root / "queue").mkdir()
-    (root / "data").mkdir()
-    shutil.chown(root / "data", "postfix")
-    port = free_port()
-    master = Path("/usr/share/postfix/master.cf.dist").read_text()
-    master = master.replace("smtp      inet  n       -       y       -       -       smtpd",
-                            f"127.0.0.1:{port} inet n - n - - smtpd")
-    (root / "conf" / "master.cf").write_text(master)
-    (root / "conf" / "main.cf").write_text(POSTFIX_MAIN.format(root=root))
-    log = open(root.parent / "postfix.log", "wb")
-    server = subprocess.Popen([POSTFIX, "-c", str(root / "conf"), "start-fg"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_port(port)
-        elapsed = load(port, messages, sessions)
-    finally:
-        subprocess.run([POSTFIX, "-c", str(root / "conf"), "stop"], capture_output=True,
-                       check=False)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-    return messages / elapsed
+    with postfix(root) as port:
+        return messages / smtp_source(port, messages, sessions, RECIPIENT)
 
 
 def main() -> None:
@@ -174,11 +88,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the bench folder")
     args = parser.parse_args()
-    for tool in (SMTP_SOURCE, POSTFIX):
-        if not Path(tool).exists():
-            sys.exit(f"{tool} is missing: apt-get install postfix (see ./dev)")
-    base = Path(tempfile.mkdtemp(prefix="hubport-bench-smtp-"))
-    base.chmod(0o755)  # Postfix's daemons run as the postfix user and must reach their folders
+    require_tools(SMTP_SOURCE, POSTFIX)
+    base = prepare_base("hubport-bench-smtp-")
     cases = {"hubport (receive path)": True, "hubport + categorizer + Maildir": False}
     results: dict[str, list[float]] = {name: [] for name in [*cases, "postfix"]}
     try:
@@ -197,13 +108,13 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     medians = {name: statistics.median(values) for name, values in results.items()}
-    postfix = medians.pop("postfix")
+    postfix_median = medians.pop("postfix")
     print(f"\nSMTP accept, {args.sessions} sessions, 2 KB messages, {args.messages} per run,"
-          f" median of {args.runs} (hubport alone: Submission suspended, the receive path"
-          " with its durable commit):")
+          f" median of {args.runs} (receive path: Submission suspended, the durable commit"
+          " before each 250):")
     for name, rate in medians.items():
-        print(f"  {name:34} {rate:8.0f} msg/s   ratio to Postfix {rate / postfix:5.2f}")
-    print(f"  {'Postfix (smtpd + cleanup fsync)':34} {postfix:8.0f} msg/s")
+        print(f"  {name:34} {rate:8.0f} msg/s   ratio to Postfix {rate / postfix_median:5.2f}")
+    print(f"  {'Postfix (smtpd + cleanup fsync)':34} {postfix_median:8.0f} msg/s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,199 @@
+"""Real peers for the SMTP benchmarks: smtp-source load, an smtp-sink, a private Postfix, hubport.
+
+Everything listens on 127.0.0.1 ports of its own and is stopped by its PID; the system's
+Postfix configuration is never touched (a private instance has its own config and queue
+folder under the bench folder).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+POSTFIX = "/usr/sbin/postfix"
+CHECKOUT = Path(__file__).resolve().parents[1]
+HUBPORT = CHECKOUT / ".venv" / "bin" / "hubport"
+
+POSTFIX_MAIN = """
+compatibility_level = 3.6
+queue_directory = {root}/queue
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = bench.test
+mydestination =
+relay_domains = contoso.test
+mynetworks = 127.0.0.0/8
+maillog_file = /dev/stdout
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+default_process_limit = 100
+{transport}
+"""
+DISCARD = "default_transport = discard:bench\nrelay_transport = discard:bench"
+
+
+def require_tools(*tools: str) -> None:
+    missing = [t for t in tools if not Path(t).exists()]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: apt-get install postfix (see ./dev)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def smtp_source(port: int, messages: int, sessions: int, recipient: str) -> float:
+    """Postfix's load generator: ``sessions`` reused connections, 2 KB messages; seconds."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [SMTP_SOURCE, "-d", "-s", str(sessions), "-m", str(messages), "-l", "2048",
+         "-f", "sender@example.org", "-t", recipient, f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=900, check=False)
+    elapsed = time.monotonic() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"smtp-source failed: {done.stderr.strip()[-500:]}")
+    return elapsed
+
+
+class Sink:
+    """``smtp-sink`` appending every transaction to one dump file; counted by reading it.
+
+    (Its ``-c`` counters are written through a buffer that is only flushed at exit.)
+    """
+
+    MARKER = b"X-Client-Addr: "
+
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.folder = folder / f"sink-{self.port}"
+        self.folder.mkdir()
+        shutil.chown(self.folder, "nobody")  # smtp-sink writes as nobody
+        self.dump = self.folder / "dump"
+        self._seen = 0
+        self._offset = 0
+        self._tail = b""
+
+    def count(self) -> int:
+        """Transactions dumped so far (reads only what was appended since the last call)."""
+        if not self.dump.exists():
+            return 0
+        with open(self.dump, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        self._offset += len(chunk)
+        # a marker split across two reads is found whole in tail + chunk; the tail is one
+        # byte shorter than the marker, so no marker is ever counted twice
+        data = self._tail + chunk
+        self._seen += data.count(self.MARKER)
+        self._tail = data[-(len(self.MARKER) - 1):]
+        return self._seen
+
+    def wait_for(self, total: int, timeout: float = 600.0) -> float:
+        """Block until ``total`` messages arrived; the monotonic time they had."""
+        deadline = time.monotonic() + timeout
+        while self.count() < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sink got {self.count()} of {total} messages")
+            time.sleep(0.02)
+        return time.monotonic()
+
+
+@contextmanager
+def sink(folder: Path) -> Iterator[Sink]:
+    peer = Sink(folder)
+    process = subprocess.Popen([SMTP_SINK, "-u", "nobody", "-D", str(peer.dump),
+                                f"127.0.0.1:{peer.port}", "256"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(peer.port)
+        yield peer
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+@contextmanager
+def postfix(root: Path, *, relayhost: int | None = None) -> Iterator[int]:
+    """A private Postfix on its own port: discards, or relays to ``[127.0.0.1]:relayhost``."""
+    shutil.rmtree(root, ignore_errors=True)
+    for name in ("conf", "queue", "data"):
+        (root / name).mkdir(parents=True)
+    shutil.chown(root / "data", "postfix")
+    port = free_port()
+    master = Path("/usr/share/postfix/master.cf.dist").read_text().replace(
+        "smtp      inet  n       -       y       -       -       smtpd",
+        f"127.0.0.1:{port} inet n - n - - smtpd")
+    (root / "conf" / "master.cf").write_text(master)
+    transport = DISCARD if relayhost is None else (
+        f"relayhost = [127.0.0.1]:{relayhost}\nrelay_domains =\n"
+        "smtp_destination_concurrency_limit = 20\ndefault_destination_concurrency_limit = 20")
+    (root / "conf" / "main.cf").write_text(POSTFIX_MAIN.format(root=root, transport=transport))
+    with open(root.parent / f"{root.name}.log", "wb") as log:
+        server = subprocess.Popen([POSTFIX, "-c", str(root / "conf"), "start-fg"], stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_port(port)
+            yield port
+        finally:
+            subprocess.run([POSTFIX, "-c", str(root / "conf"), "stop"], capture_output=True,
+                           check=False)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+
+
+@contextmanager
+def hubport(root: Path, org: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """The real daemon in a subprocess on ``root/org.toml``; its log beside ``root``."""
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    (root / "org.toml").write_text(org)
+    with open(root.parent / f"{root.name}.log", "wb") as log:  # outside the watched folder
+        daemon = subprocess.Popen([str(HUBPORT), "run", "--config", "org.toml"], cwd=root,
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_port(port)
+            yield daemon
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(60)
+
+
+def hubport_command(root: Path, *args: str) -> None:
+    subprocess.run([str(HUBPORT), *args, "--config", "org.toml"], cwd=root, check=True,
+                   capture_output=True)
+
+
+def prepare_base(prefix: str) -> Path:
+    """A bench folder Postfix's unprivileged daemons can reach."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)
+    return base

@@ -1,0 +1,108 @@
+"""Benchmark: end-to-end relay in messages per second, hubport vs Postfix, to one sink.
+
+SMTP in → durable queue → categorizer → Send connector → smart host. The smart host is
+Postfix's ``smtp-sink`` on a loopback port; the load is ``smtp-source`` (20 concurrent
+sessions reusing their connections, 2 KB messages, one external recipient). The clock runs
+from the first connection until the sink has counted every message, so acceptance and
+delivery are both inside the figure. Postfix gets the same load in the same run, relaying
+with ``relayhost = [127.0.0.1]:<sink>`` (a private instance, ``bench/peers.py``).
+
+    .venv/bin/python bench/relay.py [--messages 5000] [--sessions 20] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from peers import (
+    POSTFIX,
+    SMTP_SINK,
+    SMTP_SOURCE,
+    free_port,
+    hubport,
+    postfix,
+    prepare_base,
+    require_tools,
+    sink,
+    smtp_source,
+)
+
+ORG = """
+[[accepted_domain]]
+Name = "contoso.test"
+DomainName = "contoso.test"
+Default = true
+
+[[transport_server]]
+Name = "HUB01"
+MessageTrackingLogMaxDirectorySize = "10GB"
+ReceiveProtocolLogPath = ""
+MaxPerDomainOutboundConnections = 20
+
+[[receive_connector]]
+Name = "Relay HUB01"
+Bindings = ["127.0.0.1:{port}"]
+AuthMechanism = ["ExternalAuthoritative"]
+PermissionGroups = ["ExchangeServers"]
+MaxInboundConnectionPerSource = "unlimited"
+
+[[send_connector]]
+Name = "Smart host"
+AddressSpaces = ["*;1"]
+DNSRoutingEnabled = false
+SmartHosts = ["[127.0.0.1]"]
+Port = {sink}
+SmtpMaxMessagesPerConnection = 1000
+"""
+RECIPIENT = "someone@fabrikam.example"
+
+
+def relay_rate(server: str, root: Path, messages: int, sessions: int) -> float:
+    with sink(root.parent) as peer:
+        if server == "hubport":
+            port = free_port()
+            context = hubport(root, ORG.format(port=port, sink=peer.port), port)
+        else:
+            context = postfix(root, relayhost=peer.port)
+        with context as started:
+            port = started if isinstance(started, int) else port
+            begin = time.monotonic()
+            smtp_source(port, messages, sessions, RECIPIENT)
+            end = peer.wait_for(messages)
+    return messages / (end - begin)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the bench folder")
+    args = parser.parse_args()
+    require_tools(SMTP_SOURCE, SMTP_SINK, POSTFIX)
+    base = prepare_base("hubport-bench-relay-")
+    results: dict[str, list[float]] = {"hubport": [], "postfix": []}
+    try:
+        for run in range(args.runs):
+            for server in results:
+                results[server].append(relay_rate(server, base / server, args.messages,
+                                                  args.sessions))
+            print(f"run {run + 1}: hubport {results['hubport'][-1]:.0f}/s  "
+                  f"postfix {results['postfix'][-1]:.0f}/s", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    hub, pf = (statistics.median(results[k]) for k in ("hubport", "postfix"))
+    print(f"\nRelay end to end, {args.sessions} senders, 2 KB messages, {args.messages} per"
+          f" run, median of {args.runs}:")
+    print(f"  hubport  {hub:8.0f} msg/s")
+    print(f"  Postfix  {pf:8.0f} msg/s")
+    print(f"  ratio    {hub / pf:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
