@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import secrets
 import signal
 import sys
 from dataclasses import dataclass
@@ -322,8 +321,8 @@ def _check_folders(server: Any) -> None:
         if path is None:
             continue
         path.mkdir(parents=True, exist_ok=True)
-        # unique: hubs sharing the folder (even in one process) probe at the same time
-        probe = path / f".hubport-write-test-{os.getpid()}-{secrets.token_hex(4)}"
+        # one name per server: no litter after a crash, no clash between hubs sharing it
+        probe = path / f".hubport-write-test-{server.name}"
         probe.write_bytes(b"")
         probe.unlink()
 

@@ -138,9 +138,11 @@ class PickupDirectory:
     def _prepare(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         os.makedirs(self.work, exist_ok=True)
-        probe = self.path / ".hubport-write-test"  # one fixed name: a crash leaves no litter
+        # one fixed name per server: a crash leaves no litter, hubs sharing the folder
+        # never remove each other's probe
+        probe = self.path / f".hubport-write-test-{self.pipeline.server_name}"
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
 
     async def stop(self) -> None:
         self._stopping = True

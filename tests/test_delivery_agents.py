@@ -466,3 +466,29 @@ def test_every_agent_api_member_is_documented_in_docs_agents_md() -> None:
         assert not missing, f"{cls.__name__} members missing from docs/agents.md: {missing}"
     for cls in (api.DeferQueue, api.FailQueue, api.MailItem, api.DeliveryContext):
         assert f"`{cls.__name__}" in text, cls.__name__
+
+
+async def test_plugin_kit_fake_smtp_server_scripts_a_retry(
+        hubport_hub_factory: Any, hubport_smtp_server: Any) -> None:
+    """The plugin kit's fake downstream server: a scripted 4xx, then the retry succeeds."""
+    server = hubport_smtp_server
+    server.script("RCPT", "451 4.3.2 try again later")
+    smart_host = f"""
+[[send_connector]]
+Name = "Outbound"
+AddressSpaces = ["SMTP:partner.example;1"]
+DNSRoutingEnabled = false
+SmartHosts = ["[{server.host}]"]
+Port = {server.port}
+"""
+    async with hubport_hub_factory(extra=smart_host) as hub:
+        hub.drop_replay("alice@contoso.test", ["carol@partner.example"],
+                        message(subject="via the fake server"))
+        await wait_for(lambda: server.messages, timeout=30)
+        deferred = hub.events(event_id="DEFER", recipients=["carol@partner.example"])
+    (received,) = server.messages
+    assert received.rcpt_tos == ["carol@partner.example"]
+    assert b"via the fake server" in received.data
+    assert any("451 4.3.2 try again later" in s for e in deferred
+               for s in e["recipient-status"])
+    assert server.handler.commands.count("RCPT") == 2
