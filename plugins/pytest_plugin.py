@@ -225,6 +225,11 @@ class Hub:
     def pipeline(self) -> Any:
         return self.daemon.pipeline
 
+    @property
+    def store(self) -> Any:
+        """The queue database (``await hub.store.read(lambda conn: ...)``)."""
+        return self.daemon.pipeline.store
+
     def _name(self, suffix: str) -> str:
         self._count += 1
         return f"t{self._count:05d}{suffix}"

@@ -1,58 +1,21 @@
-"""Fixtures: an in-process hubport daemon on a temporary test organization."""
+"""Fixtures: an in-process hubport daemon on a temporary test organization.
+
+The hub itself is the one hubport's pytest plugin gives plugin authors
+(``plugins.pytest_plugin``); hubport's own suite uses it under shorter names.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from core.daemon import Daemon
-from tests.support import CORPUS_DIR, write_org
+from plugins.pytest_plugin import Hub, running_hub
+from tests.support import CORPUS_DIR
 
 CORPUS = CORPUS_DIR
-
-
-class Hub:
-    """A running daemon and the folders of its organization."""
-
-    def __init__(self, root: Path, daemon: Daemon) -> None:
-        self.root = root
-        self.daemon = daemon
-        self.pickup = root / "pickup"
-        self.replay = root / "replay"
-        self.drop = root / "drop" / "Fax Gateway"
-        self.state = root / "var"
-
-    @property
-    def pipeline(self):
-        return self.daemon.pipeline
-
-    @property
-    def store(self):
-        return self.daemon.pipeline.store
-
-
-@asynccontextmanager
-async def running_hub(root: Path, **org: str) -> AsyncIterator[Hub]:
-    config = write_org(root, **org)
-    cwd = os.getcwd()
-    daemon = Daemon(config, signals=False)
-    task = asyncio.get_running_loop().create_task(daemon.run())
-    ready = asyncio.ensure_future(daemon.ready.wait())
-    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        ready.cancel()
-        task.result()  # raises the start-up error
-    try:
-        yield Hub(root, daemon)
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(task, 30)
-        os.chdir(cwd)
+__all__ = ["Hub", "running_hub"]
 
 
 @pytest.fixture
