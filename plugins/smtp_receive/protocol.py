@@ -393,7 +393,8 @@ class ReceiveProtocol(SMTP):
     async def push(self, status: str | bytes) -> None:
         """Write a reply; wait for the socket only when the client is not reading."""
         if self.plog is not None:
-            self.plog.sent(status)
+            for line in (status.split("\r\n") if isinstance(status, str) else [status]):
+                self.plog.sent(line)  # one record per reply line, as Exchange logs them
         data = status.encode("utf-8") if isinstance(status, str) else status
         self._writer.write(data + b"\r\n")
         if self.transport is not None and \
