@@ -480,3 +480,83 @@ async def test_ndr_names_the_remote_mta(hub_factory: Any, tmp_path: Path) -> Non
             drop_in(hub.pickup, "m1.eml", message(to="gone@partner.example"))
             [ndr] = await wait_for(lambda: maildir(tmp_path, "Alice"), timeout=30)
     assert "Remote-MTA: dns; 127.0.0.1" in ndr.read_text(errors="replace")
+
+
+class PipeliningPeer:
+    """A raw SMTP server offering PIPELINING: records each read, answers per command."""
+
+    def __init__(self, rcpt: dict[str, str]) -> None:
+        self.rcpt = rcpt
+        self.reads: list[bytes] = []
+        self.messages: list[bytes] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self.session, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 peer.test ESMTP\r\n")
+        buffer = b""
+        in_data = False
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            self.reads.append(chunk)
+            buffer += chunk
+            replies = []
+            while True:
+                if in_data:
+                    end = buffer.find(b"\r\n.\r\n")
+                    if end < 0:
+                        break
+                    self.messages.append(buffer[:end + 2])
+                    buffer, in_data = buffer[end + 5:], False
+                    replies.append(b"250 2.0.0 queued")
+                    continue
+                line, sep, rest = buffer.partition(b"\r\n")
+                if not sep:
+                    break
+                buffer = rest
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    replies.append(b"250-peer.test\r\n250-PIPELINING\r\n250 8BITMIME")
+                elif verb == b"RCPT":
+                    address = line.split(b"<", 1)[1].split(b">", 1)[0].decode()
+                    replies.append(self.rcpt.get(address, "250 2.1.5 ok").encode())
+                elif verb == b"DATA":
+                    in_data = True
+                    replies.append(b"354 go ahead")
+                elif verb == b"QUIT":
+                    replies.append(b"221 bye")
+                else:
+                    replies.append(b"250 2.0.0 ok")
+            if replies:  # one write for every reply this read produced, as servers do
+                writer.write(b"".join(r + b"\r\n" for r in replies))
+                await writer.drain()
+        writer.close()
+
+
+async def test_pipelining_sends_the_envelope_in_one_write_and_keeps_per_recipient_replies(
+        tmp_path: Path) -> None:
+    peer = PipeliningPeer({"gone@partner.example": "550 5.1.1 no such user"})
+    await peer.start()
+    try:
+        org = load_org(tmp_path, smart_host(peer.port))
+        first = item(["ok@partner.example", "gone@partner.example"])
+        second = item(["also@partner.example"])
+        results = await send(org, [first, second])
+    finally:
+        peer.server.close()
+    envelope_reads = [r for r in peer.reads if r.startswith(b"MAIL FROM:")]
+    assert len(envelope_reads) == 2
+    assert envelope_reads[0].count(b"\r\n") == 4  # MAIL, two RCPTs and DATA in one write
+    assert envelope_reads[0].endswith(b"DATA\r\n")
+    outcome = {r.address: results[0].recipients[r.id] for r in first.recipients}
+    assert outcome["ok@partner.example"].kind == DELIVERED
+    assert outcome["gone@partner.example"].kind == FAILED
+    assert str(outcome["gone@partner.example"].response) == "550 5.1.1 no such user"
+    assert outcome["gone@partner.example"].remote_mta == "127.0.0.1"
+    assert [r.kind for r in results[1].recipients.values()] == [DELIVERED]
+    assert len(peer.messages) == 2
