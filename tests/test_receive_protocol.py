@@ -334,3 +334,22 @@ async def test_smtplib_and_aiosmtplib_deliver_to_a_mailbox(hub_factory, port: in
         assert errors == {}
         await wait_for(lambda: maildir(hub.root, "Alice") and maildir(hub.root, "Bob"))
         assert b"via smtplib" in maildir(hub.root, "Alice")[0].read_bytes()
+
+
+async def test_pipelined_commands_get_every_reply_in_order(hub_factory, port: int) -> None:
+    """RFC 2920: a client may send MAIL, RCPTs and DATA at once, and after the final dot
+    its next commands; every reply comes back, in order, and nothing waits for more input."""
+    extra = receive_connector("Default", [f"127.0.0.1:{port}"], **ANONYMOUS)
+    async with hub_factory(extra=extra) as hub, connected(port) as client:
+        await client.hello()
+        await client.send(b"MAIL FROM:<someone@example.org>\r\nRCPT TO:<alice@contoso.test>\r\n"
+                          b"RCPT TO:<nobody@contoso.test>\r\nRCPT TO:<bob@contoso.test>\r\n"
+                          b"DATA\r\n")
+        replies = [await client.reply() for _ in range(5)]
+        assert [r.code for r in replies] == [250, 250, 550, 250, 354], replies
+        await client.send(body() + b"\r\n.\r\nRSET\r\nNOOP\r\nQUIT\r\n")
+        replies = [await client.reply() for _ in range(4)]
+        assert [r.code for r in replies] == [250, 250, 250, 221], replies
+        assert replies[0].enhanced == "2.6.0"
+        assert await client.closed()
+        assert await queued_count(hub) == 1

@@ -141,6 +141,8 @@ class ReceiveProtocol(SMTP):
         self._tls_refusal: SmtpResponse | None = None
         self._counted = False
         self.deadline = float("inf")
+        #: replies waiting to leave with those of pipelined commands already received
+        self._held: list[bytes] = []
 
     # -- connection -----------------------------------------------------------------------
 
@@ -232,19 +234,17 @@ class ReceiveProtocol(SMTP):
         if self.plog is not None:
             self.plog.connected()
         if self.refusal is not None:
-            await self.reply(self.refusal)
-            self._close()
+            await self._goodbye(self.refusal)
             return
         if connector.greeting_delay and not await self._quiet_before_greeting(connector):
             return
         verdict = await self.service.event("on_connect", session=info)
         if verdict is not None:
-            await self.reply(verdict)
-            self._close()
+            await self._goodbye(verdict)
             return
         await self.push(connector.banner or
                         f"220 {connector.fqdn} hubport ESMTP service ready at "
-                        f"{time.strftime('%a, %d %b %Y %H:%M:%S %z')}")
+                        f"{time.strftime('%a, %d %b %Y %H:%M:%S %z')}", flush=True)
         while self.transport is not None and not self.transport.is_closing():
             if not self._arm_command_timer(connector):
                 return
@@ -261,7 +261,7 @@ class ReceiveProtocol(SMTP):
         except TimeoutError:
             return True
         if early:
-            await self.reply(R(554, "5.5.1", "Protocol error: data sent before the greeting"))
+            await self._goodbye(R(554, "5.5.1", "Protocol error: data sent before the greeting"))
         self._close()
         return False
 
@@ -384,19 +384,27 @@ class ReceiveProtocol(SMTP):
         await self.push(self._format(response))
 
     def _write_reply(self, response: SmtpResponse) -> None:
+        """A last reply from a callback (timeout, shutdown), after any held ones."""
         text = self._format(response) if self.connector is not None else str(response)
         if self.plog is not None:
             self.plog.sent(text)
         assert self.transport is not None
-        self.transport.write(text.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+        held, self._held = b"".join(self._held), []
+        self.transport.write(held + text.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
 
-    async def push(self, status: str | bytes) -> None:
-        """Write a reply; wait for the socket only when the client is not reading."""
+    async def push(self, status: str | bytes, *, flush: bool = False) -> None:
+        """Send a reply. While the client's next command is already here (RFC 2920
+        pipelining), replies wait to leave together: one write per group of commands.
+        ``flush`` sends at once (a reply the client must see before it may go on)."""
         if self.plog is not None:
             for line in (status.split("\r\n") if isinstance(status, str) else [status]):
                 self.plog.sent(line)  # one record per reply line, as Exchange logs them
         data = status.encode("utf-8") if isinstance(status, str) else status
-        self._writer.write(data + b"\r\n")
+        self._held.append(data + b"\r\n")
+        if not flush and b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+            return  # the next command is waiting: its reply goes out with this one
+        held, self._held = b"".join(self._held), []
+        self._writer.write(held)
         if self.transport is not None and \
                 self.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
             await self._writer.drain()
@@ -410,7 +418,7 @@ class ReceiveProtocol(SMTP):
             await self._goodbye(TOO_MANY_ERRORS)
 
     async def _goodbye(self, response: SmtpResponse) -> None:
-        await self.push(self._format(response))
+        await self.push(self._format(response), flush=True)
         self._close()
 
     def _close(self) -> None:
@@ -523,7 +531,7 @@ class ReceiveProtocol(SMTP):
         if self.tls_context is None:
             await self.protocol_error(UNRECOGNIZED)
             return
-        await self.push(self._format(R(220, "2.0.0", "SMTP server ready")))
+        await self.push(self._format(R(220, "2.0.0", "SMTP server ready")), flush=True)
         if not await self._upgrade():
             return
         assert self.info is not None and self.connector is not None
@@ -622,7 +630,7 @@ class ReceiveProtocol(SMTP):
 
     async def _challenge(self, prompt: bytes) -> bytes | None:
         """A 334 challenge; the decoded answer, or None after answering the client."""
-        await self.push(b"334 " + base64.b64encode(prompt))
+        await self.push(b"334 " + base64.b64encode(prompt), flush=True)
         try:
             line = await self._reader.readuntil(b"\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -796,7 +804,7 @@ class ReceiveProtocol(SMTP):
         if verdict is not None:
             await self.reply(verdict)
             return
-        await self.push("354 Start mail input; end with <CRLF>.<CRLF>")
+        await self.push("354 Start mail input; end with <CRLF>.<CRLF>", flush=True)
         self.in_data = True
         try:
             outcome = await self._receive_data(connector)
