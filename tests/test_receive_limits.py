@@ -22,11 +22,13 @@ from core.store import StoreError
 from tests.smtp_support import (
     TIMEOUT,
     Client,
+    auth_plain,
     body,
     connected,
     free_port,
     queued_count,
     receive_connector,
+    set_password,
 )
 from tests.support import maildir, wait_for, write_org
 
@@ -450,3 +452,61 @@ async def test_aiosmtplib_and_swaks_deliver_anonymously(hub_factory) -> None:
         out, _ = await asyncio.wait_for(process.communicate(), 60)
         assert process.returncode == 0, out.decode()
         await wait_for(lambda: len(maildir(hub.root, "Alice")) >= 2, TIMEOUT)
+
+
+@pytest.mark.timeout(90)
+async def test_a_client_that_never_reads_loses_its_slot_after_the_timeout(hub_factory) -> None:
+    """A flood of commands from a client that never reads its replies fills the send
+    buffer; the timeout must still end the session and free the per-source slot."""
+    import socket
+
+    port = free_port()
+    extra = receive_connector("Default", [f"127.0.0.1:{port}"],
+                              PermissionGroups=["AnonymousUsers"],
+                              ConnectionInactivityTimeout="1s", ConnectionTimeout="2s",
+                              MaxInboundConnectionPerSource=1)
+    async with hub_factory(extra=extra):
+        flood = socket.socket()
+        flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        flood.connect(("127.0.0.1", port))
+        flood.setblocking(False)
+        payload = b"RSET\r\n" * 20000
+        deadline = asyncio.get_running_loop().time() + 4
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                flood.send(payload)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+            except OSError:
+                break
+        try:
+            greeting = b""
+            for _ in range(60):  # ConnectionTimeout 2 s + the close grace of 5 s, generously
+                await asyncio.sleep(0.5)
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                greeting = await asyncio.wait_for(reader.readline(), 10)
+                writer.close()
+                if greeting.startswith(b"220"):
+                    break
+            assert greeting.startswith(b"220"), greeting
+        finally:
+            flood.close()
+
+
+async def test_starttls_forgets_an_earlier_login(hub_factory) -> None:
+    """RFC 3207 §4.2: after STARTTLS the session starts over, its login included."""
+    port = free_port()
+    extra = receive_connector("Plain", [f"127.0.0.1:{port}"],
+                              AuthMechanism=["Tls", "BasicAuth"],
+                              PermissionGroups=["AnonymousUsers", "ExchangeUsers"])
+    async with hub_factory(extra=extra) as hub:
+        await set_password(hub, "alice", "Pass-word-1")
+        client = await Client.connect(port)
+        await client.hello()
+        assert (await client.cmd("AUTH PLAIN " + auth_plain("alice", "Pass-word-1"))).code == 235
+        await client.starttls()
+        await client.cmd("EHLO client.test")
+        assert (await client.cmd("MAIL FROM:<someone@example.org>")).code == 250
+        reply = await client.cmd("RCPT TO:<x@external.example>")
+        assert (reply.code, reply.enhanced) == (550, "5.7.1"), reply  # anonymous again
+        await client.close()

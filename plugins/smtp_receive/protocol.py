@@ -100,6 +100,7 @@ DATA_GRACE = 60.0  # seconds before the minimum data rate applies
 
 
 WRITE_HIGH_WATER = 64 * 1024
+CLOSE_GRACE = 5.0  # seconds a closed connection may take to hand over its last replies
 
 
 class _NoTimer:
@@ -198,7 +199,7 @@ class ReceiveProtocol(SMTP):
         """Tell the client why before closing (aiosmtpd closes silently)."""
         if self.transport is not None and not self.transport.is_closing():
             self._write_reply(TIMEOUT)
-            self.transport.close()
+            self._close()
 
     @property
     def tls_active(self) -> bool:
@@ -252,7 +253,20 @@ class ReceiveProtocol(SMTP):
             if line is None:
                 return
             if line:
-                await self._dispatch(line)
+                await self._command(line)
+
+    async def _command(self, line: bytes) -> None:
+        """Run one command; an unexpected fault answers 451 4.3.0 and the session goes on."""
+        try:
+            await self._dispatch(line)
+        except (ConnectionError, EOFError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("an SMTP command failed; the client is told to try again",
+                          session=self.info and self.info.session_id)
+            if self.info is not None:
+                self._reset_transaction()
+            await self.push(self._format(LOCAL_ERROR), flush=True)
 
     async def _quiet_before_greeting(self, connector: ReceiveConnector) -> bool:
         """Early talkers (postscreen's pregreet test): bytes before the banner close it."""
@@ -422,8 +436,14 @@ class ReceiveProtocol(SMTP):
         self._close()
 
     def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            # a client that does not read would keep the connection (and its slot) open
+            # until the buffer drains: give it a moment, then cut it
+            self.loop.call_later(CLOSE_GRACE, transport.abort)  # type: ignore[attr-defined]
 
     async def shutdown(self) -> None:
         """The service is stopping: tell an idle client and close."""
@@ -535,7 +555,10 @@ class ReceiveProtocol(SMTP):
         if not await self._upgrade():
             return
         assert self.info is not None and self.connector is not None
+        # RFC 3207 §4.2: forget everything learned before TLS, the login included
         self.info.helo, self.info.esmtp = "", False
+        self.info.authenticated_as, self.own_addresses = None, None
+        self._logon_failures = 0
         self._reset_transaction()
         self.info.tls = self.service.describe_tls(self.transport)
         self.info.peer_certificate = self.service.peer_name(self.transport, self.connector)
@@ -631,6 +654,9 @@ class ReceiveProtocol(SMTP):
     async def _challenge(self, prompt: bytes) -> bytes | None:
         """A 334 challenge; the decoded answer, or None after answering the client."""
         await self.push(b"334 " + base64.b64encode(prompt), flush=True)
+        assert self.connector is not None
+        if not self._arm_command_timer(self.connector):
+            return None
         try:
             line = await self._reader.readuntil(b"\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -805,16 +831,18 @@ class ReceiveProtocol(SMTP):
             await self.reply(verdict)
             return
         await self.push("354 Start mail input; end with <CRLF>.<CRLF>", flush=True)
-        self.in_data = True
+        self.in_data = True  # a stopping service waits for this message and its reply
         try:
             outcome = await self._receive_data(connector)
+            if outcome is None:
+                return
+            self.deadline = float("inf")  # the commit is ours to finish, not the client's
+            response = await self._accept(outcome.content, outcome, connector, info)
+            self._reset_transaction()
+            await self.reply(response)
         finally:
             self.in_data = False
-        if outcome is None:
-            return
-        response = await self._accept(outcome.content, outcome, connector, info)
-        self._reset_transaction()
-        await self.reply(response)
+            self._reset_timeout(connector.connection_inactivity_timeout)
 
     async def _receive_data(self, connector: ReceiveConnector) -> Any:
         bypass = Right.BYPASS_MESSAGE_SIZE_LIMIT in self.rights
@@ -892,7 +920,9 @@ class ReceiveProtocol(SMTP):
         if verdict is not None:
             return verdict
         try:
-            internal = await self.service.runtime.submit(submission)
+            # shielded: a client that leaves now must not cut the commit short (its
+            # message is then queued and tracked whole, a duplicate at worst)
+            internal = await asyncio.shield(self.service.runtime.submit(submission))
         except Rejected as exc:
             return exc.response
         except StoreError:

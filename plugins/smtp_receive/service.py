@@ -152,7 +152,11 @@ class ReceiveService:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
             for session in [s for s in self.sessions if s.deadline <= now]:
-                session._timeout_cb()
+                try:
+                    session._timeout_cb()
+                except Exception:  # one broken session must not stop every timeout
+                    log.exception("closing an idle session failed")
+                    self.sessions.discard(session)
 
     async def stop(self) -> None:
         """Close the listeners, let messages in DATA finish, then close the sessions."""

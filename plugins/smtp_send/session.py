@@ -34,7 +34,7 @@ from aiosmtplib import (
 
 from agents.api import RecipientResult
 from core.model import MailFrom, QueuedRecipient, SmtpResponse
-from plugins.smtp_send import content, pipelining
+from plugins.smtp_send import content
 from plugins.smtp_send.connector import CredentialError
 from plugins.smtp_send.policy import (
     AUTH_NEEDS_TLS,
@@ -327,9 +327,6 @@ class SmtpSession:
     async def _transaction(self, mail_from: MailFrom, recipients: Sequence[QueuedRecipient],
                            data: bytes, options: list[str], dsn: bool, encoding: str,
                            out: SendOutcome) -> SendOutcome:
-        if "pipelining" in self.extensions and pipelining.supported(self.smtp):
-            return await self._pipelined(mail_from, recipients, data, options, dsn,
-                                         encoding, out)
         sender = f"<{mail_from.address}>".encode(encoding)
         reply = await self._command(b"MAIL", b"FROM:" + sender,
                                     *(o.encode("ascii") for o in options))
@@ -354,58 +351,6 @@ class SmtpSession:
             await self._reset()
             return out
         return await self._data(accepted, data, out)
-
-    async def _pipelined(self, mail_from: MailFrom, recipients: Sequence[QueuedRecipient],
-                         data: bytes, options: list[str], dsn: bool, encoding: str,
-                         out: SendOutcome) -> SendOutcome:
-        """MAIL, every RCPT and DATA in one write (RFC 2920); the replies in order."""
-        wanted = [r for r in recipients if r.id not in out.results]
-        commands = [b" ".join([b"MAIL", b"FROM:" + f"<{mail_from.address}>".encode(encoding),
-                               *(o.encode("ascii") for o in options)])]
-        for r in wanted:
-            commands.append(b" ".join([b"RCPT", f"TO:<{r.address}>".encode(encoding),
-                                       *(o.encode("ascii") for o in content.rcpt_options(
-                                           r.notify, r.orcpt, dsn=dsn))]))
-        commands.append(b"DATA")
-        pipelining.check_command(*commands)
-        for command in commands:
-            self.plog.sent(command.decode("utf-8", "replace"))
-        replies = [response_of(r.code, r.message) for r in
-                   await pipelining.exchange(self.smtp, commands, self.timeout)]
-        for reply in replies:
-            self.plog.received(str(reply))
-        mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
-        accepted = []
-        for r, reply in zip(wanted, rcpt_replies, strict=True):
-            if mail_reply.code != 250:
-                out.results[r.id] = _classify(mail_reply, self.target.host)
-            elif reply.code in (250, 251):
-                accepted.append(r)
-            else:
-                out.results[r.id] = _classify(reply, self.target.host)
-        if data_reply.code == 354 and not accepted:
-            # a server that said 354 with no recipient: end the empty message, then reset
-            await pipelining.send_content(self.smtp, b"", self.timeout)
-        if data_reply.code != 354 or not accepted:
-            if accepted:
-                _fill(out, accepted, _classify(data_reply, self.target.host))
-            if data_reply.code == 421 or mail_reply.code == 421:
-                self.close()
-                return _fill(out, recipients, RecipientResult.deferred(DROPPED))
-            await self._reset()
-            return out
-        self.plog.info(f"<message of {len(data)} bytes>")
-        try:
-            final = await pipelining.send_content(self.smtp, data, self.timeout)
-        except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):
-            self.plog.info("connection lost before the reply to the message")
-            self.close()
-            return _fill(out, accepted, RecipientResult.deferred(DROPPED_AFTER_DATA))
-        reply = response_of(final.code, final.message)
-        self.plog.received(str(reply))
-        if reply.code != 250:
-            return _fill(out, accepted, _classify(reply, self.target.host))
-        return _fill(out, accepted, RecipientResult.delivered(reply))
 
     async def _data(self, accepted: list[QueuedRecipient], data: bytes, out: SendOutcome
                     ) -> SendOutcome:
