@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,7 +77,8 @@ class CommandAgent(DeliveryAgent):
         try:
             proc = await asyncio.create_subprocess_exec(
                 *settings.argv, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env)
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
+                start_new_session=True)  # its own process group: a timeout kills it all
         except OSError as exc:
             return ItemResult.defer(item, SmtpResponse(
                 451, "4.3.0", f"cannot run {settings.argv[0]}: {exc.strerror or exc}"))
@@ -84,16 +86,33 @@ class CommandAgent(DeliveryAgent):
             async with asyncio.timeout(settings.timeout):
                 _, err = await proc.communicate(item.data)
         except TimeoutError:
-            proc.kill()
+            _kill_group(proc)
             await proc.wait()
+            if proc.returncode is not None and proc.returncode >= 0 and \
+                    proc.returncode != _killed_status():
+                # the program itself finished (a child of its own kept stderr open):
+                # its exit status is the answer, whatever the leftover child did
+                return result_for(item, settings.argv[0], proc.returncode, b"")
             return ItemResult.defer(item, SmtpResponse(
                 451, "4.4.1", f"{settings.argv[0]} did not finish within {settings.timeout:g}s"))
         except BaseException:
-            if proc.returncode is None:  # cancelled (a connection timeout): leave no orphan
-                proc.kill()
+            _kill_group(proc)  # cancelled (a connection timeout): leave no orphan
+            if proc.returncode is None:
                 await proc.wait()
             raise
         return result_for(item, settings.argv[0], proc.returncode or 0, err)
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the program and everything it started (its own session and group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _killed_status() -> int:
+    return -signal.SIGKILL
 
 
 def result_for(item: MailItem, program: str, status: int, stderr: bytes) -> ItemResult:

@@ -132,7 +132,10 @@ async def post(settings: HttpSettings, body: bytes) -> HttpAnswer:
         head += [f"{k}: {v}" for k, v in settings.headers]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()
-        return parse_head(await reader.readuntil(b"\r\n\r\n"))
+        answer = parse_head(await reader.readuntil(b"\r\n\r\n"))
+        while 100 <= answer.status < 200:  # interim (100 Continue ...): the real one follows
+            answer = parse_head(await reader.readuntil(b"\r\n\r\n"))
+        return answer
     except asyncio.IncompleteReadError as exc:
         raise ValueError("the gateway closed the connection without an answer") from exc
     except asyncio.LimitOverrunError as exc:

@@ -29,6 +29,7 @@ log = structlog.get_logger("hubport.control")
 
 SOCKET_NAME = "control.sock"
 REQUEST_LIMIT = 1 << 20  # bytes of one request line
+CLIENT_IDLE = 300.0  # seconds a control client may stay silent (or not read) before it is cut
 MAX_UNIX_PATH = 100  # sun_path is 108 bytes; longer paths go through /proc/self/fd
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -141,7 +142,10 @@ class ControlServer:
         try:
             while True:
                 try:
-                    line = await reader.readline()
+                    async with asyncio.timeout(CLIENT_IDLE):
+                        line = await reader.readline()
+                except TimeoutError:  # a client that says nothing frees its task
+                    return
                 except ValueError:  # longer than REQUEST_LIMIT
                     await self._reply(writer, {"ok": False, "error": "request too long"})
                     return
@@ -171,7 +175,12 @@ class ControlServer:
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
         writer.write(json.dumps(response, default=str).encode() + b"\n")
-        await writer.drain()
+        try:
+            async with asyncio.timeout(CLIENT_IDLE):  # a client that never reads
+                await writer.drain()
+        except TimeoutError:
+            writer.transport.abort()
+            raise ConnectionError("control client stopped reading") from None
 
 
 async def start_control(state: Path, handler: Handler,

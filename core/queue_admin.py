@@ -395,10 +395,22 @@ class QueueAdmin:
         args = request.get("args") or {}
         if not isinstance(args, dict):
             raise AdminError("args must be an object")
+        for key, value in args.items():  # "false" must never mean true
+            wanted = _ARGUMENT_TYPES.get(key)
+            if wanted is not None and value is not None and type(value) not in wanted:
+                names = " or ".join(t.__name__ for t in wanted)
+                raise AdminError(f"argument {key} must be {names}")
         try:
             return await op(**args)
         except TypeError as exc:
             raise AdminError(f"bad arguments for {request['op']}: {exc}") from None
+
+
+#: the JSON types each control argument may have (None is always allowed)
+_ARGUMENT_TYPES: dict[str, tuple[type, ...]] = {
+    "with_ndr": (bool,), "resubmit": (bool,), "result_size": (int,),
+    "identity": (str,), "queue": (str,), "filter": (str,), "path": (str,),
+}
 
 
 # -- the client's side of Export-Message ---------------------------------------------------

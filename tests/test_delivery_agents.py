@@ -384,6 +384,9 @@ class GatewayServer:
                       if line.lower().startswith(b"content-length"))
         self.bodies.append(json.loads(await reader.readexactly(length)))
         status, headers = self.answers.pop(0) if self.answers else (200, {})
+        interim = headers.pop("interim", None)
+        if interim:  # e.g. 100 Continue first: the real answer follows
+            writer.write(f"HTTP/1.1 {interim} Continue\r\n\r\n".encode())
         extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         writer.write(f"HTTP/1.1 {status} X\r\n{extra}Content-Length: 0\r\n\r\n".encode())
         await writer.drain()
@@ -391,7 +394,8 @@ class GatewayServer:
 
 
 async def test_http_agent_success_fail_and_retry_after(hubport_hub_factory: Any) -> None:
-    gateway = GatewayServer([(503, {"Retry-After": "1"}), (200, {}), (404, {})])
+    gateway = GatewayServer([(503, {"Retry-After": "1"}), (200, {"interim": "100"}),
+                             (404, {})])
     server = await asyncio.start_server(gateway.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     extra = (f'[[delivery_agent_connector]]\nName = "Web"\nAddressSpaces = ["SMTP:web.test;1"]\n'
@@ -432,7 +436,11 @@ async def test_command_agent_exit_codes_environment_and_timeout(hubport_hub_fact
     extra = ('[[delivery_agent_connector]]\nName = "Cmd"\nAddressSpaces = ["SMTP:cmd.test;1"]\n'
              f'DeliveryProtocol = "COMMAND"\nCommand = ["{sys.executable}", "{script}", "{out}"]\n'
              '\n[[delivery_agent_connector]]\nName = "Slow"\nAddressSpaces = ["SMTP:slow.test;1"]\n'
-             f'DeliveryProtocol = "COMMAND"\nCommand = ["sleep", "30"]\nTimeout = "1s"\n')
+             f'DeliveryProtocol = "COMMAND"\nCommand = ["sleep", "30"]\nTimeout = "1s"\n'
+             '\n[[delivery_agent_connector]]\nName = "Leaves a child"\n'
+             'AddressSpaces = ["SMTP:child.test;1"]\nDeliveryProtocol = "COMMAND"\n'
+             'Command = ["sh", "-c", "cat >/dev/null; (sleep 30 >/dev/null) & exit 0"]\n'
+             'Timeout = "1s"\n')
     async with hubport_hub_factory(extra=extra) as hub:
         hub.drop_replay("alice@contoso.test", ["ok@cmd.test"], message(subject="ok"))
         hub.drop_replay("alice@contoso.test", ["perm@cmd.test"], message(subject="perm"))
@@ -443,6 +451,10 @@ async def test_command_agent_exit_codes_environment_and_timeout(hubport_hub_fact
         await wait_for(lambda: hub.events(event_id="DEFER", recipients=["temp@cmd.test"]))
         await wait_for(lambda: hub.events(event_id="DEFER", recipients=["x@slow.test"]),
                        timeout=20)
+        hub.drop_replay("alice@contoso.test", ["y@child.test"], message(subject="child"))
+        await wait_for(lambda: hub.events(event_id="DELIVER", recipients=["y@child.test"]),
+                       timeout=20)  # its exit 0 counts; the child left behind is killed
+    assert not hub.events(event_id="DEFER", recipients=["y@child.test"])
     lines = out.read_text().splitlines()
     assert "alice@contoso.test|ok@cmd.test|" in "\n".join(lines)
     assert b"no such pager" in ndr[0].read_bytes()

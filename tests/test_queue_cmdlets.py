@@ -378,3 +378,16 @@ def test_filter_language() -> None:
     for bad in ("Status = Retry", "Colour -eq red", "MessageCount -gt"):
         with pytest.raises(AdminError):
             parse_filter(bad, QUEUE_FIELDS)
+
+
+async def test_control_arguments_must_have_their_json_type() -> None:
+    """"false" must never mean true: a string where a flag belongs is refused."""
+    from core.queue_admin import AdminError, QueueAdmin
+
+    admin = QueueAdmin(None)  # type: ignore[arg-type]  # refused before the queue is touched
+    with pytest.raises(AdminError, match="with_ndr must be bool"):
+        await admin.handle({"op": "remove-message",
+                            "args": {"identity": "HUB01\\1\\1", "with_ndr": "false"}})
+    with pytest.raises(AdminError, match="resubmit must be bool"):
+        await admin.handle({"op": "retry-queue", "args": {"identity": "HUB01\\1",
+                                                          "resubmit": "no"}})

@@ -557,3 +557,22 @@ async def test_a_peer_offering_pipelining_gets_per_recipient_replies_right(
     assert outcome["gone@partner.example"].remote_mta == "127.0.0.1"
     assert [r.kind for r in results[1].recipients.values()] == [DELIVERED]
     assert len(peer.messages) == 2
+
+
+async def test_a_malformed_reply_defers_only_its_message(tmp_path: Path) -> None:
+    """A reply aiosmtplib cannot parse ends that connection: the message it concerned is
+    deferred; messages the peer already accepted stay delivered (no duplicates)."""
+    peer = PipeliningPeer({"broken@partner.example": "XYZ this is not SMTP"})
+    await peer.start()
+    try:
+        org = load_org(tmp_path, smart_host(peer.port, extra="SmtpMaxMessagesPerConnection = 20")
+                       , server_extra="MaxPerDomainOutboundConnections = 1")
+        good = item(["ok@partner.example"])
+        bad = item(["broken@partner.example"])
+        results = await send(org, [good, bad])
+    finally:
+        peer.server.close()
+    assert not isinstance(results, DeferQueue)
+    assert [r.kind for r in results[0].recipients.values()] == [DELIVERED]
+    assert [r.kind for r in results[1].recipients.values()] == [DEFERRED]
+    assert len(peer.messages) == 1

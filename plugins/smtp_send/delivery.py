@@ -41,7 +41,7 @@ from plugins.smtp_send.connector import SendConnector
 from plugins.smtp_send.policy import AuthPolicy, TlsPolicy, auth_policy, intra_org_tls, tls_policy
 from plugins.smtp_send.protolog import open_session
 from plugins.smtp_send.resolver import Resolution, Target
-from plugins.smtp_send.session import SessionFailure, SmtpSession
+from plugins.smtp_send.session import SendOutcome, SessionFailure, SmtpSession
 
 if TYPE_CHECKING:
     from core.config import TransportServer
@@ -282,14 +282,30 @@ async def _run_route(route: Route, profile: Profile, server: TransportServer,
                     sent = 0
                     while pending and sent < profile.per_connection and session.alive:
                         unit = pending.popleft()
-                        outcome.results[id(unit)] = await session.send(
-                            unit.item.message.mail_from, unit.recipients, unit.data)
+                        outcome.results[id(unit)] = await _send_unit(session, unit, route)
                         sent += 1
                 finally:
                     await session.quit()
 
-    await asyncio.gather(*(worker() for _ in range(max(1, workers))))
+    try:  # a worker that fails stops its siblings: nothing is sent after the hook returns
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, workers)):
+                group.create_task(worker())
+    except Exception:  # the units already sent keep their results; the rest are deferred
+        log.exception("a send worker failed; its route's unsent messages are deferred",
+                      route=route.key)
     return outcome
+
+
+async def _send_unit(session: SmtpSession, unit: Any, route: Route) -> SendOutcome:
+    """One message on an open connection; an unexpected fault defers it alone."""
+    try:
+        return await session.send(unit.item.message.mail_from, unit.recipients, unit.data)
+    except Exception:
+        log.exception("sending a message failed; it is deferred", route=route.key)
+        session.close()
+        return SendOutcome(results={r.id: RecipientResult(DEFERRED, LOCAL_ERROR)
+                                    for r in unit.recipients})
 
 
 async def _open_any(route: Route, profile: Profile, server: TransportServer) -> SmtpSession:

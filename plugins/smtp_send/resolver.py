@@ -10,6 +10,7 @@ data: a list of targets, or an SMTP response saying why there is none (5xx = per
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import socket
@@ -194,13 +195,19 @@ def local_identity(org: Organization, server: TransportServer, ehlo: str | None
     for rc in receive_connectors_of(org, server.name):
         for ip, port in getattr(rc, "bindings", ()):
             endpoints.add((str(ip), int(port)))
+    return LocalIdentity(frozenset(names), frozenset(endpoints), _host_addresses())
+
+
+@functools.lru_cache(maxsize=1)
+def _host_addresses() -> frozenset[str]:
+    """This host's own addresses, looked up once (a blocking call: never per delivery)."""
     local: set[str] = set()
     try:
         for info in socket.getaddrinfo(socket.gethostname(), None):
             local.add(str(info[4][0]))
     except OSError:
         pass
-    return LocalIdentity(frozenset(names), frozenset(endpoints), frozenset(local))
+    return frozenset(local)
 
 
 async def resolve_mx(domain: str, resolver: dns.asyncresolver.Resolver, port: int,

@@ -302,6 +302,11 @@ class SmtpSession:
         except SMTPTimeoutError:
             self.close()
             return _fill(out, recipients, RecipientResult.deferred(TIMED_OUT))
+        except SMTPResponseException:  # a reply aiosmtplib cannot parse: the peer is broken
+            log.warning("malformed reply from the next hop; the connection is dropped",
+                        host=self.target.host)
+            self.close()
+            return _fill(out, recipients, RecipientResult.deferred(PROTOCOL))
         except ValueError:  # aiosmtplib refused a control character: never on the wire
             log.error("an envelope value with a control character reached the send connector",
                       host=self.target.host)
@@ -364,8 +369,9 @@ class SmtpSession:
             result = _classify(response_of(exc.code, exc.message), self.target.host)
             await self._reset()
             return _fill(out, accepted, result)
-        except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError):
-            self.plog.info("connection lost before the reply to the message")
+        except (SMTPServerDisconnected, SMTPTimeoutError, SMTPResponseException,
+                ConnectionError):
+            self.plog.info("no usable reply to the message")
             self.close()
             return _fill(out, accepted, RecipientResult.deferred(DROPPED_AFTER_DATA))
         self.plog.received(f"{reply.code} {reply.message}")
