@@ -118,15 +118,19 @@ async def run_connections(agent_cls: type[DeliveryAgent], connector: Any, next_h
             return await run_agent(agent_cls, connector, next_hop, chunk, context, timeout)
 
     outcomes = await asyncio.gather(*(one(c) for c in chunks))
-    if all(isinstance(o, (DeferQueue, FailQueue)) for o in outcomes):
-        return outcomes[0]
+    kinds = {type(o) for o in outcomes}
+    if kinds in ({DeferQueue}, {FailQueue}) and not any(
+            getattr(o, "crashed", False) for o in outcomes):
+        return outcomes[0]  # the same answer for every connection: it is the queue's
     results: list[ItemResult] = []
     for chunk, outcome in zip(chunks, outcomes):
         if isinstance(outcome, FailQueue):
             results += [ItemResult.fail(item, outcome.response) for item in chunk]
         elif isinstance(outcome, DeferQueue):
-            results += [ItemResult.defer(item, outcome.response, outcome.retry_in)
-                        for item in chunk]
+            for item in chunk:
+                deferred = ItemResult.defer(item, outcome.response, outcome.retry_in)
+                deferred.crashed = outcome.crashed  # only this connection's items crashed
+                results.append(deferred)
         else:
             results += outcome
     return results

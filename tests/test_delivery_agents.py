@@ -225,6 +225,24 @@ async def test_a_queue_answer_of_one_connection_applies_to_its_items_only() -> N
         == Scripted.opened
 
 
+async def test_mixed_queue_answers_of_connections_apply_per_connection() -> None:
+    """One connection defers its queue, another fails it: each answer for its own items."""
+    calls = 0
+
+    class Mixed(Scripted):
+        async def open(self, next_hop: NextHop) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return DeferQueue(R(421, "4.4.2", "busy"), 7)
+            return FailQueue(R(554, "5.4.0", "gone"))
+
+    out = await run_connections(Mixed, None, HOP, [item(1), item(2)], context(),
+                                per_connection=1, semaphore=asyncio.Semaphore(1))
+    assert await kinds(out) == [{100: (DEFERRED, "421 4.4.2 busy", 7)},
+                                {200: (FAILED, "554 5.4.0 gone", None)}]
+
+
 def test_retry_after_seconds_and_http_date() -> None:
     assert retry_after("120", 0) == 120
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 1445412470) == 10

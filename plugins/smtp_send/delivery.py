@@ -246,6 +246,7 @@ def _intra_org_profile(server: TransportServer) -> Profile:
 class _RouteOutcome:
     results: dict[int, Any] = field(default_factory=dict)  # id(unit) -> SendOutcome
     failure: SmtpResponse | None = None  # for the units without a result
+    connected: bool = False  # some connection of the route got ready for MAIL
 
 
 async def _run_route(route: Route, profile: Profile, server: TransportServer,
@@ -274,10 +275,17 @@ async def _run_route(route: Route, profile: Profile, server: TransportServer,
                 try:
                     session = await _open_any(route, profile, server)
                 except SessionFailure as exc:
+                    if outcome.connected:
+                        # another connection of the route works: the messages this one
+                        # did not send are deferred, not bounced
+                        log.warning("an extra connection to the next hop failed",
+                                    route=route.key, response=str(exc.response))
+                        return
                     outcome.failure = _failure_response(exc, profile)
                     log.warning("no connection to the next hop", route=route.key,
                                 connector=next_hop.connector, response=str(exc.response))
                     return
+                outcome.connected = True
                 try:
                     sent = 0
                     while pending and sent < profile.per_connection and session.alive:
