@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ingest import cpu_seconds, hubport
+from ingest import cpu_seconds, hubport, stop_daemon
 
 ORG = """
 [hubport]
@@ -116,16 +114,7 @@ def main() -> None:
               f" = {args.count / elapsed:7.0f} messages/s"
               f"  (daemon CPU {cpu:.1f} s = {cpu / args.count * 1000:.2f} ms/message)")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        if args.keep:
-            print("kept", root)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        stop_daemon(proc, log, root, args.keep)
 
 
 if __name__ == "__main__":

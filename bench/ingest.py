@@ -107,6 +107,21 @@ def run_case(root: Path, name: str, target: Path, make: callable, folder: Path, 
     return rate
 
 
+def stop_daemon(proc: subprocess.Popen[bytes], log: object, root: Path, keep: bool,
+                sig: int = signal.SIGTERM) -> None:
+    """Stop the daemon (drain), close its log, and remove the bench folder unless kept."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()  # type: ignore[attr-defined]
+    if keep:
+        print("kept", root)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000)
@@ -132,16 +147,7 @@ def main() -> None:
                  pickup_message, root / "pickup", args.count, pid=proc.pid)
     finally:
         profiling = os.environ.get("HUBPORT_BENCH_PROFILE")
-        proc.send_signal(signal.SIGINT if profiling else signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        if args.keep:
-            print("kept", root)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        stop_daemon(proc, log, root, args.keep, signal.SIGINT if profiling else signal.SIGTERM)
 
 
 if __name__ == "__main__":

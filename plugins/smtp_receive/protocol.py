@@ -722,15 +722,10 @@ class ReceiveProtocol(SMTP):
         if not self.service.within_rate(self):
             await self._goodbye(RATE_LIMITED)
             return
-        parsed = _split_command(arg, "FROM:")
+        parsed = await self._envelope_argument(arg, "MAIL FROM:")
         if parsed is None:
-            await self.protocol_error(R(501, "5.5.4", "Syntax: MAIL FROM:<address>"))
             return
-        path, params_text = parsed
-        params = _parse_params(params_text, info.esmtp)
-        if params is None:
-            await self.protocol_error(BAD_PARAMETERS)
-            return
+        path, params = parsed
         mail_from = await self._mail_parameters(params, connector)
         if mail_from is None:
             return
@@ -755,6 +750,22 @@ class ReceiveProtocol(SMTP):
         info.mail_from = mail_from
         await self.push(self._format(R(250, "2.1.0", "Sender OK")))
 
+    async def _envelope_argument(self, arg: str, syntax: str
+                                 ) -> tuple[str, dict[str, str | None]] | None:
+        """`FROM:<path> PARAMS` of MAIL (or `TO:` of RCPT): the path and the ESMTP
+        parameters, or None after answering a syntax error."""
+        assert self.info is not None
+        parsed = _split_command(arg, syntax.split(" ", 1)[1])
+        if parsed is None:
+            await self.protocol_error(R(501, "5.5.4", f"Syntax: {syntax}<address>"))
+            return None
+        path, params_text = parsed
+        params = _parse_params(params_text, self.info.esmtp)
+        if params is None:
+            await self.protocol_error(BAD_PARAMETERS)
+            return None
+        return path, params
+
     async def _mail_parameters(self, params: dict[str, str | None],
                                connector: ReceiveConnector) -> MailFrom | None:
         mail_from = MailFrom("")
@@ -775,16 +786,11 @@ class ReceiveProtocol(SMTP):
         if info.mail_from is None:
             await self.protocol_error(NEED_MAIL)
             return
-        parsed = _split_command(arg, "TO:")
+        parsed = await self._envelope_argument(arg, "RCPT TO:")
         if parsed is None:
-            await self.protocol_error(R(501, "5.5.4", "Syntax: RCPT TO:<address>"))
             return
-        path, params_text = parsed
-        params = _parse_params(params_text, info.esmtp)
+        path, params = parsed
         org = self.service.runtime.organization
-        if params is None:
-            await self.protocol_error(BAD_PARAMETERS)
-            return
         if path.strip("<>").lower() == "postmaster":
             path = org.postmaster
         try:

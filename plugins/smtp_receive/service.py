@@ -65,6 +65,10 @@ class ReceiveService:
         self._protocol_log: ProtocolLog | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        #: local_names() for the organization and connectors in force
+        self._names: dict[bool, frozenset[str]] = {}
+        self._names_of: Any = None
+        self._names_for: Any = None
         self._events = self._implemented_events()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -289,13 +293,21 @@ class ReceiveService:
         return name.lower().rstrip(".") in self.local_names(every_server=True)
 
     def local_names(self, *, every_server: bool = False) -> frozenset[str]:
-        """FQDNs that mean "us": this server's (or every server's of the organization)."""
+        """FQDNs that mean "us": this server's (or every server's of the organization).
+
+        Asked for every message (MaxLocalHopCount): computed once per configuration."""
         org = self.runtime.organization
+        if self._names_of is not org or self._names_for is not self.connectors:
+            self._names_of, self._names_for, self._names = org, self.connectors, {}
+        cached = self._names.get(every_server)
+        if cached is not None:
+            return cached
         servers = org.servers if every_server else (self.runtime.server,)
         names = {s.fqdn.lower() for s in servers}
         if not every_server:
             names |= {c.fqdn.lower() for c in self.connectors}
-        return frozenset(names)
+        self._names[every_server] = frozenset(names)
+        return self._names[every_server]
 
     async def authenticate(self, login: str, password: str) -> Mailbox | None:
         """The mailbox whose password this is, else None (same cost either way)."""
