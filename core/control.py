@@ -207,8 +207,19 @@ def call(state: Path, op: str, args: dict[str, Any] | None = None,
     path = socket_path(state)
     missing = (f"no hubport daemon is running for state folder {shown(state)}"
                f" (no control socket at {shown(path)})")
-    if not os.path.lexists(path):
-        raise ControlError(missing, no_daemon=True)
+    denied = (f"cannot use the control socket {shown(path)}: permission denied"
+              " (run the command as the daemon's user)")
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        raise ControlError(missing, no_daemon=True) from None
+    except PermissionError:
+        # the state folder is owner-only: another user cannot even see whether a socket is
+        # there, and "no daemon" would send them looking for the wrong fault
+        raise ControlError(f"{denied}; the state folder {shown(state)} belongs to another"
+                           " user") from None
+    except OSError as exc:
+        raise ControlError(f"control socket {shown(path)}: {exc.strerror or exc}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -220,8 +231,7 @@ def call(state: Path, op: str, args: dict[str, Any] | None = None,
                                f" (control socket {shown(path)} is stale)",
                                no_daemon=True) from None
         except PermissionError:
-            raise ControlError(f"cannot use the control socket {shown(path)}: permission"
-                               " denied (run the command as the daemon's user)") from None
+            raise ControlError(denied) from None
         sock.sendall(json.dumps({"op": op, "args": args or {}}).encode() + b"\n")
         data = _read_line(sock)
     except TimeoutError:
