@@ -69,10 +69,14 @@ class RecipientResult:
     retry_in: float | None = None  # seconds; for DEFERRED only; None = the retry ladder
     #: the remote server that gave ``response`` (the NDR's Remote-MTA field), if any
     remote_mta: str | None = None
+    #: DELIVERED to a next hop that makes no delivery status notifications (an SMTP server
+    #: without DSN): NOTIFY=SUCCESS then asks us for a "relayed" DSN (RFC 3461 §5.2.2)
+    relayed: bool = False
 
     @classmethod
-    def delivered(cls, response: SmtpResponse = OK) -> RecipientResult:
-        return cls(DELIVERED, response)
+    def delivered(cls, response: SmtpResponse = OK, *, relayed: bool = False
+                  ) -> RecipientResult:
+        return cls(DELIVERED, response, relayed=relayed)
 
     @classmethod
     def deferred(cls, response: SmtpResponse, retry_in: float | None = None) -> RecipientResult:
@@ -100,6 +104,11 @@ class ItemResult:
     #: set by the transport when the agent raised on this item: the item is deferred and the
     #: crash counts toward the server's PoisonThreshold (agents never set it themselves)
     crashed: bool = False
+    #: for delivery over a network connection: the remote server (host name and address)
+    #: and the local address used, the server-* and client-ip fields of the SEND event
+    remote_host: str = ""
+    remote_ip: str = ""
+    local_ip: str = ""
 
     def ack(self, recipient: QueuedRecipient, result: RecipientResult) -> None:
         """Acknowledge one recipient (the generic form of the three below)."""

@@ -74,7 +74,7 @@ def _write_and_sync(plans: Sequence[FilePlan], what: str) -> None:
     fds: list[tuple[FilePlan, int]] = []
     try:
         for plan in plans:
-            if plan.data is None:
+            if plan.data is None or plan.error is not None:  # recovery, or failed already
                 continue
             try:
                 try:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agents.api import DeliveryAgent, ItemResult, MailItem, RecipientResult
-from agents.file_commit import FilePlan, commit_files
+from agents.file_commit import FilePlan, commit_files, response_for
 from core.headers import make_field
 from core.model import SmtpResponse
 
@@ -76,7 +76,11 @@ class MaildirAgent(DeliveryAgent):
                 data = (local_header(item, r.address), body)
                 plans.append(FilePlan(index, [r.id], f"{box.alias}/{name}", root / "tmp" / name,
                                       root / "new" / name, data))
-        await asyncio.to_thread(_ensure_all, roots)
+        unusable = await asyncio.to_thread(_ensure_all, roots)
+        for plan in plans:  # a Maildir that cannot be made defers its recipients, no more
+            root = plan.final.parent.parent
+            if root in unusable:
+                plan.error = response_for(unusable[root], f"Mailbox {root.name}")
         await commit_files(plans, self.context, "Mailbox")
         for plan in plans:
             result = results[plan.item_index]
@@ -90,6 +94,12 @@ class MaildirAgent(DeliveryAgent):
         return results
 
 
-def _ensure_all(roots: set[Path]) -> None:
+def _ensure_all(roots: set[Path]) -> dict[Path, OSError]:
+    """Make each Maildir; the ones that cannot be made (read-only or full volume, ...)."""
+    failed: dict[Path, OSError] = {}
     for root in roots:
-        ensure_maildir(root)
+        try:
+            ensure_maildir(root)
+        except OSError as exc:
+            failed[root] = exc
+    return failed

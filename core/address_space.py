@@ -1,4 +1,4 @@
-"""Exchange address spaces (`[Type:]Space[;Cost]`) and most-specific matching (EXCHANGE.md §3).
+"""Exchange address spaces (`[Type:]Space[;Cost]`) and most-specific matching (Exchange 2010).
 
 Send, Foreign and Delivery Agent connectors all route by address space: the connector whose
 space matches a recipient most specifically wins, and only ties go on to cost.  Keeping the
@@ -85,7 +85,7 @@ def best_matches(
     spaces: Iterable[tuple[T, AddressSpace]], addr_type: str, address: str
 ) -> list[tuple[T, AddressSpace, int]]:
     """Every (owner, space, score) with the highest score, in input order; ties are kept so the
-    caller can go on to aggregate cost, proximity and name (EXCHANGE.md §3 steps 4-6)."""
+    caller can go on to aggregate cost, proximity and name (Exchange's selection steps 4-6)."""
     best: list[tuple[T, AddressSpace, int]] = []
     for owner, space in spaces:
         score = space.match(addr_type, address)
@@ -239,7 +239,7 @@ def _match_x400(space: str, address: str) -> int | None:
     """Every attribute of the space must occur in the recipient with an equal value (`*` = any).
 
     Score = number of attributes in the space.  (How Exchange matches X400 spaces is
-    unconfirmed; this is the "leading attributes" choice EXCHANGE.md §3 suggests, order-free.)
+    unconfirmed; this is the "leading attributes" choice Exchange leaves open, order-free.)
     """
     wanted = _x400_attributes(space)
     try:

@@ -3,7 +3,7 @@
 Every address that enters hubport (SMTP command, pickup/replay file, plugin, config) goes
 through `normalize_address`, so the rest of the pipeline can rely on one canonical form
 (`local@domain`, domain lower-cased) that cannot smuggle a CR/LF, a second `@` or a source
-route past the relay check (RELIABILITY.md E 37-45).
+route past the relay check (docs/reliability.md cases 37–45).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = [
     "split_address",
 ]
 
-# Exchange's maxima (EXCHANGE.md §0), counted in characters; RFC 5321's 64-octet local part
+# Exchange's maxima (Exchange 2010), counted in characters; RFC 5321's 64-octet local part
 # is too strict for what Exchange accepts and emits.
 MAX_LOCAL_PART = 315
 MAX_DOMAIN = 255

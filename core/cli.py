@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_queue_commands(sub)
 
+    pressure = sub.add_parser(
+        "get-backpressure", help="the running daemon's back pressure: each watched resource,"
+                                 " its level and thresholds, and the recent level changes")
+    _common(pressure)
+    pressure.add_argument("--format", "-format", default="table",
+                          choices=["table", "list", "json"])
+
     passwd = sub.add_parser("set-password",
                             help="set a mailbox's password for SMTP authentication")
     _common(passwd)
@@ -93,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": _run, "plugins": _plugins, "test-config": _test_config,
         "get-messagetrackinglog": _tracking, "get-queue": _queue,
-        "set-password": _set_password,
+        "set-password": _set_password, "get-backpressure": _backpressure,
     }
     commands.update(dict.fromkeys(_QUEUE_ARGS, _queue))
     if args.command is None:
@@ -144,6 +151,8 @@ def _test_config(args: argparse.Namespace) -> int:
     print(f"{org.source}: valid. Server {server.name} in site {server.site}; "
           f"{len(org.accepted_domains)} accepted domains, {len(org.mailboxes)} mailboxes, "
           f"{len(org.connectors)} connectors.")
+    for warning in org.config_warnings:
+        print(f"{org.source}: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -200,7 +209,79 @@ def _queue(args: argparse.Namespace) -> int:
         rows = result if isinstance(result, list) else [result]
         kind = "message" if op.endswith("-message") else "queue"
         print(_queue_list(rows, kind) if fmt == "list" else _queue_table(rows, kind))
+        if op == "get-queue":
+            note = _pressure_note(server.state_directory)
+            if note:
+                print(note)
     return 0
+
+
+def _pressure_note(state: Path) -> str | None:
+    """Under Get-Queue's table: the back pressure level when it is not Normal."""
+    from core.control import ControlError, call
+
+    try:
+        result = call(state, "get-backpressure")
+    except ControlError:
+        return None
+    if result.get("level") == "Normal":
+        return None
+    causes = ", ".join(f"{m['resource']} {m['current_resource_use']}"
+                       for m in result.get("meters", [])
+                       if m["current_resource_use"] != "Normal")
+    return (f"\nBack pressure {result['level']}: {result['effect']} ({causes});"
+            " see hubport get-backpressure")
+
+
+def _backpressure(args: argparse.Namespace) -> int:
+    """Get-BackPressure: ask the running daemon (core.backpressure.BackPressure.snapshot)."""
+    from core.control import ControlError, call
+
+    _, _, server = _load(args)
+    try:
+        result = call(server.state_directory, "get-backpressure")
+    except ControlError as exc:
+        print(f"hubport: {exc}", file=sys.stderr)
+        return 1
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_backpressure(result, as_list=args.format == "list"))
+    return 0
+
+
+def format_backpressure(state: dict[str, Any], as_list: bool = False) -> str:
+    """The monitor's snapshot for people: the server's level, one row per resource, the
+    recent level changes."""
+    head = f"Back pressure on {state['server']}: {state['level']} ({state['effect']})"
+    if not state.get("enabled"):
+        head += "\nResource monitoring is off (EnableResourceMonitoring = false)."
+    meters = state.get("meters", [])
+    if as_list:
+        blocks = ["\n".join(f"{name:<20}: {value}" for name, value in (
+            ("Resource", m["resource"]), ("Pressure", f"{m['pressure']:g} {m['unit']}".strip()),
+            ("CurrentResourceUse", m["current_resource_use"]),
+            ("PreviousResourceUse", m["previous_resource_use"]),
+            ("PressureTransitions", m["pressure_transitions"]), ("Since", _clock(m["since"])),
+            ("Detail", m["detail"]))) for m in meters]
+        body = "\n\n".join(blocks)
+    else:
+        width = max([len("Resource"), *(len(m["resource"]) for m in meters)])
+        lines = [f"{'Resource':<{width}} {'Pressure':>12}  {'Use':<7} {'Previous':<8}  "
+                 f"{'Normal/Medium/High':<20}  Detail"]
+        for m in meters:
+            t = m["thresholds"]
+            limits = "/".join(f"{t[k]:g}" for k in ("Normal", "Medium", "High")) if t else "-"
+            figure = f"{m['pressure']:g} {m['unit']}".strip() if t else "-"
+            lines.append(f"{m['resource']:<{width}} {figure:>12}  "
+                         f"{m['current_resource_use']:<7} {m['previous_resource_use']:<8}  "
+                         f"{limits:<20}  {m['detail']}")
+        body = "\n".join(lines)
+    changes = [f"{_clock(c['at'])}  {c['resource']}: {c['from']} -> {c['to']}"
+               + (f" at {c['pressure']:g} {c['unit']}".rstrip() if c["unit"] else "")
+               for c in state.get("transitions", [])[-10:]]
+    tail = "\n\nRecent level changes:\n" + "\n".join(changes) if changes else ""
+    return f"{head}\n\n{body}{tail}"
 
 
 #: the arguments each queue command sends to the daemon (core.queue_admin.QueueAdmin)
@@ -283,7 +364,9 @@ def _queue_list(rows: list[dict[str, Any]], kind: str) -> str:
             fields = [("Identity", r["identity"]), ("DeliveryType", r["delivery_type"]),
                       ("NextHopDomain", r["next_hop"]), ("Status", r["status"]),
                       ("MessageCount", r["message_count"]),
+                      ("LastRetryTime", _clock(r.get("last_retry"))),
                       ("NextRetryTime", _clock(r.get("next_retry"))),
+                      ("RetryCount", r.get("retry_count") or 0),
                       ("LastError", r.get("last_error") or "")]
         else:
             fields = [("Identity", r["identity"]), ("FromAddress", r["from"] or "<>"),

@@ -10,6 +10,7 @@ knows only the objects every Exchange organization has.
 from __future__ import annotations
 
 import heapq
+import itertools
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,6 +27,7 @@ from core.addresses import (
     normalize_address,
     parse_proxy_address,
 )
+from core.backpressure import Thresholds
 from core.config_fields import (
     EMBEDDED_SOURCE,
     ConfigContext,
@@ -212,6 +214,13 @@ class SiteLink:
     cost: int = 100
 
 
+#: back pressure defaults: 0 derives a disk threshold from the volume; Exchange 2010's
+#: 71/73/75 % of physical memory for its process
+DERIVED_DISK_THRESHOLDS = Thresholds(0, 0, 0)
+PRIVATE_BYTES_THRESHOLDS = Thresholds(71, 73, 75)
+SUBMISSION_QUEUE_THRESHOLDS = Thresholds(2000, 10000, 15000)
+
+
 @dataclass(frozen=True)
 class TransportServer:
     """Set-TransportServer: one hub; durations are seconds, sizes bytes, None = off/unlimited."""
@@ -248,15 +257,24 @@ class TransportServer:
     external_dns_servers: tuple[tuple[str, int], ...] = ()  # (ip, port); () = system resolver
     max_outbound_connections: int | None = 1000
     max_per_domain_outbound_connections: int | None = 20
-    #: hubport back pressure: below this much free space on the queue volume, new mail is
-    #: refused with 452 4.3.1 while queued mail keeps flowing (None = no check)
-    queue_database_minimum_free_space: int | None = 100 * MB
+    #: back pressure (core/backpressure.py): thresholds are (Normal, Medium, High); for the
+    #: disks 0 = derived from the volume's size and the minimum free space (Exchange's rule)
+    enable_resource_monitoring: bool = True
+    resource_monitoring_interval: float = 1.0
+    queue_database_minimum_free_space: int = 100 * MB
+    percentage_database_disk_space_used: Thresholds = DERIVED_DISK_THRESHOLDS
+    log_disk_minimum_free_space: int = 100 * MB
+    percentage_log_disk_space_used: Thresholds = DERIVED_DISK_THRESHOLDS
+    percentage_private_bytes_used: Thresholds = PRIVATE_BYTES_THRESHOLDS
+    submission_queue_length: Thresholds = SUBMISSION_QUEUE_THRESHOLDS
     #: protocol logs (EXCHANGE §9); None = off. The limits apply to each of the two folders.
     receive_protocol_log_path: Path | None = Path("var/logs/ProtocolLog/SmtpReceive")
     send_protocol_log_path: Path | None = Path("var/logs/ProtocolLog/SmtpSend")
     protocol_log_max_age: float | None = 30 * DAY
     protocol_log_max_directory_size: int | None = 250 * MB
     protocol_log_max_file_size: int = 10 * MB
+    #: the Send protocol log of the hub-to-hub relay (EXCHANGE §4, the intra-org connector)
+    intra_org_connector_protocol_logging_level: str = "None"
     #: hubport: the password file for SMTP Basic authentication (core/credentials.py)
     password_file_path: Path = Path("var/auth/passwords")
 
@@ -340,12 +358,80 @@ class Organization:
         return index
 
     def recipient_for_address(self, address: str) -> Recipient | None:
-        """The recipient owning SMTP proxy `address` (compared case-insensitively)."""
+        """The recipient owning SMTP proxy `address` (compared case-insensitively).
+
+        postmaster@ an Authoritative domain that no recipient holds belongs to the
+        organization's postmaster (RFC 5321 §4.5.1), see `postmaster_fallback`.
+        """
         try:
             key = normalize_address(address).lower()
         except AddressError:
             return None
-        return self._by_address.get(key)
+        return self._by_address.get(key) or self.postmaster_fallback(key)
+
+    @cached_property
+    def postmaster_recipient(self) -> Recipient | None:
+        """Who reads mail to postmaster (RFC 5321 §4.5.1) where no recipient holds it.
+
+        The holder of postmaster@<default domain>; else the local holder of
+        ExternalPostmasterAddress; else the first mailbox aliased Administrator (the mailbox
+        Exchange setup creates). None when the organization has none of these: a warning at
+        load (`config_warnings`).
+        """
+        holder = self._by_address.get(f"postmaster@{self.default_domain.domain_name}")
+        external = self.transport_config.external_postmaster_address
+        if holder is None and external:
+            holder = self._by_address.get(external.lower())
+        if holder is None:
+            holder = next((m for m in self.mailboxes if m.alias.lower() == "administrator"),
+                          None)
+        return holder
+
+    def postmaster_fallback(self, address: str) -> Recipient | None:
+        """`postmaster_recipient` for postmaster@ an Authoritative domain, else None.
+
+        Only the postmaster role gets this: RFC 5321 makes it a MUST for every domain served,
+        while abuse@ and the other RFC 2142 names are the organization's to give out. Mail to
+        InternalRelay and ExternalRelay domains is relayed on to the system that serves them.
+        """
+        local, at, domain = address.rpartition("@")
+        if not at or local.lower() != "postmaster":
+            return None
+        accepted = self.accepted_domain_for(domain)
+        if accepted is None or accepted.domain_type != "Authoritative":
+            return None
+        return self.postmaster_recipient
+
+    @property
+    def postmaster_delivery_address(self) -> str:
+        """The address `RCPT TO:<Postmaster>` (no domain, RFC 5321 §4.5.1) stands for.
+
+        postmaster@<default domain>, which `recipient_for_address` resolves (its holder, or
+        the postmaster fallback). Only when that cannot be delivered here (an Authoritative
+        default domain and no postmaster recipient at all) does an ExternalPostmasterAddress
+        outside the organization take the mail, routed like any external address.
+        """
+        default = f"postmaster@{self.default_domain.domain_name}"
+        if self.default_domain.domain_type != "Authoritative" or \
+                self.recipient_for_address(default) is not None:
+            return default
+        return self.transport_config.external_postmaster_address or default
+
+    @cached_property
+    def config_warnings(self) -> tuple[str, ...]:
+        """Valid but doubtful settings, logged when the organization is loaded."""
+        warnings: list[str] = []
+        authoritative = [d.domain_name for d in self.accepted_domains
+                         if d.domain_type == "Authoritative"]
+        if authoritative and self.postmaster_recipient is None:
+            default = f"postmaster@{self.default_domain.domain_name}"
+            warnings.append(
+                f"no recipient holds {default} and no mailbox has the alias Administrator: "
+                f"mail to postmaster@ {', '.join(authoritative)} cannot be delivered and is "
+                f"refused with 550 5.1.1, although RFC 5321 §4.5.1 requires it to be "
+                f"accepted; add {default} to the EmailAddresses of the mailbox that should "
+                "receive it")
+        return tuple(warnings)
 
     def site_cost(self, from_site: str, to_site: str) -> int | None:
         """Lowest total site-link cost between two sites (0 for the same), None if unreachable."""
@@ -354,6 +440,41 @@ class Organization:
         if start is None or goal is None:
             return None
         return _cheapest_path(self.site_links, start, goal)
+
+
+def _thresholds(r: FieldReader, stem: str, defaults: Thresholds | None, *,
+                count: bool = False) -> Thresholds:
+    """``<stem>NormalThreshold``, ``...MediumThreshold``, ``...HighThreshold``: in order.
+
+    ``defaults`` None is a disk resource: 0 (the default) derives a threshold from the volume
+    (core/backpressure.py); a Medium or Normal given needs a High given, since a derived High
+    depends on the disk and could fall below it.
+    """
+    names = {level: f"{stem}{level}Threshold" for level in ("Normal", "Medium", "High")}
+    values: dict[str, float] = {}
+    errors = len(r.ctx.errors)
+    for level, key in names.items():
+        default = 0.0 if defaults is None else getattr(defaults, level.lower())
+        if count:
+            values[level] = float(r.int(key, int(default), min=1, max=2147483647) or default)
+        else:
+            values[level] = r.percent(key, default, min=0.0 if defaults is None else 1.0)
+    if len(r.ctx.errors) > errors:  # one clear error per field, not a follow-on about order
+        return defaults or DERIVED_DISK_THRESHOLDS
+    given = {level: v for level, v in values.items() if v}
+    if defaults is None and "High" not in given:
+        for level in ("Medium", "Normal"):
+            if level in given:
+                r.error(names[level], f"needs {names['High']} too (a derived High follows the"
+                                      " disk's size and could fall below it)")
+                values[level] = 0.0
+    order = [level for level in ("Normal", "Medium", "High") if values[level]]
+    for low, high in itertools.pairwise(order):
+        if values[low] >= values[high]:
+            r.error(names[low], f"must be below {names[high]} ({values[high]:g}), got"
+                                f" {values[low]:g}")
+            return defaults or DERIVED_DISK_THRESHOLDS
+    return Thresholds(values["Normal"], values["Medium"], values["High"])
 
 
 def _best_domain(domains: Sequence[AcceptedDomain], domain: str) -> AcceptedDomain | None:
@@ -550,6 +671,9 @@ class _Loader:
                 sites.append(site)
         if "site" not in self.data:
             sites.append(Site(IMPLICIT_SITE))
+        elif self.data["site"] == []:  # `site = []` (an invalid table is reported above)
+            self.ctx.error("site", None, "declares no site: write at least one [[site]] "
+                                         "table, or leave the section out")
         return tuple(sites)
 
     def _site_ref(self, reader: FieldReader, key: str, value: str) -> str | None:
@@ -677,12 +801,14 @@ class _Loader:
     def _server(self, r: FieldReader) -> TransportServer:
         name = r.name()
         site_name = r.string("Site")
-        site = self.sites[0].name if site_name is None else self._site_ref(r, "Site", site_name)
+        # no valid site at all has been reported already; the load fails with that error
+        first_site = self.sites[0].name if self.sites else IMPLICIT_SITE
+        site = first_site if site_name is None else self._site_ref(r, "Site", site_name)
         state = r.path("StateDirectory", "var")
         assert state is not None
         return TransportServer(
             name=name,
-            site=site or self.sites[0].name,
+            site=site or first_site,
             fqdn=self._fqdn(r, name),
             state_directory=state,
             **self._directories(r),
@@ -702,11 +828,29 @@ class _Loader:
                 "MaxOutboundConnections", 1000, min=1, max=2147483647, unlimited=True),
             max_per_domain_outbound_connections=r.int(
                 "MaxPerDomainOutboundConnections", 20, min=1, max=2147483647, unlimited=True),
-            queue_database_minimum_free_space=_zero_is_none(r.size(
-                "QueueDatabaseMinimumFreeSpace", 100 * MB, min=0)),
+            **self._back_pressure_settings(r),
             **self._protocol_log_settings(r, state),
             password_file_path=r.path("PasswordFilePath", state / "auth" / "passwords"),
         )
+
+    def _back_pressure_settings(self, r: FieldReader) -> dict[str, Any]:
+        """Back pressure (core/backpressure.py): Exchange's EdgeTransport.exe.config names."""
+        return {
+            "enable_resource_monitoring": r.bool("EnableResourceMonitoring", True),
+            "resource_monitoring_interval": r.duration(
+                "ResourceMonitoringInterval", "1s", "1s", "1m"),
+            "queue_database_minimum_free_space": r.size(
+                "QueueDatabaseMinimumFreeSpace", 100 * MB, min=0, unlimited=False),
+            "percentage_database_disk_space_used": _thresholds(
+                r, "PercentageDatabaseDiskSpaceUsed", None),
+            "log_disk_minimum_free_space": r.size(
+                "LogDiskMinimumFreeSpace", 100 * MB, min=0, unlimited=False),
+            "percentage_log_disk_space_used": _thresholds(r, "PercentageLogDiskSpaceUsed", None),
+            "percentage_private_bytes_used": _thresholds(
+                r, "PercentagePrivateBytesUsed", PRIVATE_BYTES_THRESHOLDS),
+            "submission_queue_length": _thresholds(
+                r, "SubmissionQueueLength", SUBMISSION_QUEUE_THRESHOLDS, count=True),
+        }
 
     def _protocol_log_settings(self, r: FieldReader, state: Path) -> dict[str, Any]:
         """EXCHANGE §9: where the SMTP protocol logs go and how long they are kept."""
@@ -722,6 +866,9 @@ class _Loader:
                                                       min=1),
             "protocol_log_max_file_size": r.size("ProtocolLogMaxFileSize", 10 * MB, min=1,
                                                  max=4 * GB, unlimited=False),
+            "intra_org_connector_protocol_logging_level": r.string(
+                "IntraOrgConnectorProtocolLoggingLevel", default="None",
+                choices=("None", "Verbose")) or "None",
         }
 
     def _fqdn(self, reader: FieldReader, name: str) -> str:
@@ -1090,9 +1237,10 @@ def plugin_modules(path: Path | None) -> tuple[str, ...]:
     if path is None:
         return ()
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError):
+        # decoded as the full load decodes it (a BOM is allowed); a file that is not UTF-8
+        # is the full load's to report, with its line
+        data = tomllib.loads(Path(path).read_bytes().decode("utf-8-sig"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return ()
     table = data.get("hubport")
     if not isinstance(table, dict):

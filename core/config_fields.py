@@ -322,6 +322,26 @@ class FieldReader:
             return default
         return number
 
+    def percent(self, key: str, default: float, *, min: float = 0.0,
+                max: float = 100.0) -> float:
+        """A percentage: a number (`90`, `97.5`) or the same as a string, `%` allowed."""
+        value = self._take(key)
+        if value is _MISSING:
+            return default
+        number: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str) and re.fullmatch(r"\s*\d+(?:\.\d+)?\s*%?\s*", value):
+            number = float(value.strip().rstrip("%"))
+        if number is None or number != number:  # NaN
+            self._wrong_type(key, "a percentage (a number from 0 to 100)", value)
+            return default
+        problem = _range_problem(number, min, max, _num)
+        if problem:
+            self.error(key, problem)
+            return default
+        return number
+
     def size(
         self,
         key: str,
@@ -730,3 +750,8 @@ def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"{kind} ({str(value).lower()})"
     return f"{kind} ({_show(value) if isinstance(value, str) else value})"
+
+
+def _num(value: float) -> str:
+    """A number without a useless fraction: 90, 97.5."""
+    return f"{value:g}"

@@ -50,8 +50,9 @@ class Connector:
             "max_message_size": reader.size("MaxMessageSize", default=None),
         }
 
-    def next_hop_domain(self, space: AddressSpace) -> str:
-        """NextHopDomain of the queue a recipient matched through `space` lands in."""
+    def next_hop_domain(self, space: AddressSpace, address: str = "") -> str:
+        """NextHopDomain of the queue recipient `address` matched through `space` lands in
+        (a queue per value: one next hop whose failure puts the queue in Retry)."""
         return space.space if space.type == "SMTP" else space.type
 
 

@@ -12,6 +12,7 @@ import asyncio
 import fcntl
 import os
 import signal
+import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from core import queue as q
+from core.backpressure import BackPressure
 from core.config import Organization, load_organization, plugin_modules
 from core.config_fields import ConfigError
 from core.control import start_control
@@ -82,6 +84,12 @@ def load(config: Path | None, hooks: Hooks) -> Organization:
                            EXIT_CONFIG) from exc
 
 
+def warn_about(org: Organization) -> None:
+    """Log what the organization allows but an administrator should hear about."""
+    for warning in org.config_warnings:
+        log.warning("configuration warning", source=org.source, warning=warning)
+
+
 def pick_server(org: Organization, name: str | None) -> str:
     if name is None:
         return org.servers[0].name
@@ -114,8 +122,11 @@ class Daemon:
         self.server_arg = server
         self.hooks = make_hooks(self.config_path, extra_plugins)
         self.org = load(self.config_path, self.hooks)
+        warn_about(self.org)
         self.server_name = pick_server(self.org, server)
         self.pipeline: Pipeline | None = None
+        #: the resource monitor governing intake (core/backpressure.py), made by ``run``
+        self.backpressure: BackPressure | None = None
         self.folders: list[PickupDirectory] = []
         #: section -> the running service of a connector type that has one
         self.services: dict[str, ConnectorService] = {}
@@ -134,17 +145,30 @@ class Daemon:
         paths = prepare_state(server.state_directory)
         self._lock(paths.lock)
         store = Store(paths.queue)
-        await store.open(q.SCHEMA)
+        try:
+            await store.open(q.SCHEMA)
+        except sqlite3.DatabaseError as exc:  # not a database, torn, or unreadable
+            self._unlock()
+            raise StartupError(
+                f"the queue database {paths.queue} cannot be used ({exc}); it is left as it is:"
+                " move it aside (keep it, its messages can be recovered from it) and start"
+                " again with an empty queue", EXIT_FOLDER) from exc
         tracking = TrackingLog(_tracking_settings(server), server.fqdn)
+        # before anything can change the queue: the events a crash left in the outbox go to
+        # the tracking log first, so the log accounts for every committed message
+        await tracking.attach(store)
         flusher = asyncio.get_running_loop().create_task(tracking.run_flusher())
         self.pipeline = Pipeline(self.org, self.server_name, self.hooks, store, tracking)
+        self.backpressure = BackPressure(lambda: self.org, self.server_name, store)
         control = None
         try:
             recovery = await self.pipeline.start()
+            await self.backpressure.start()  # intake begins with real figures
             await self._start_folders()
             await self._start_services(tracking)
-            control = await start_control(server.state_directory,
-                                          QueueAdmin(self.pipeline).handle)
+            control = await start_control(
+                server.state_directory,
+                QueueAdmin(self.pipeline, backpressure=self.backpressure).handle)
             if self.signals:
                 self._install_signals()
             self._watch_config()
@@ -168,6 +192,15 @@ class Daemon:
             for folder in self.folders:
                 await folder.stop()
             await self.pipeline.stop()
+            for service in self.services.values():  # deliveries are over: final flushes
+                close = getattr(service, "close", None)
+                if close is None:
+                    continue
+                try:
+                    await close()
+                except Exception:
+                    log.exception("a connector service failed to close")
+            await self.backpressure.stop()
             if self._observer is not None:
                 self._observer.stop()
             flusher.cancel()
@@ -175,7 +208,7 @@ class Daemon:
                 await flusher
             except asyncio.CancelledError:
                 pass
-            tracking.close()
+            await asyncio.to_thread(tracking.close)
             await store.close()
             self._unlock()
             log.info("hubport stopped", server=self.server_name)
@@ -207,6 +240,7 @@ class Daemon:
             log.error("configuration change refused; the running configuration stays",
                       error=str(exc))
             return False
+        warn_about(org)
         old, new = self.server, org.server(self.server_name)
         folders_changed = (old.pickup_directory_path, old.replay_directory_path) != (
             new.pickup_directory_path, new.replay_directory_path)
@@ -244,7 +278,7 @@ class Daemon:
         """One service per connector type that has one (receive listeners, send pools)."""
         assert self.pipeline is not None
         runtime = ServiceRuntime(self.server_name, self.hooks, self.pipeline, tracking,
-                                 lambda: self.org)
+                                 lambda: self.org, backpressure=self.backpressure)
         for section, cls in self.hooks.registry.connector_types.items():
             create = getattr(cls, "create_service", None)
             if create is None:
@@ -263,7 +297,8 @@ class Daemon:
                           (ReplayDirectory, server.replay_directory_path)):
             if path is None:
                 continue
-            folder = cls(path, self.pipeline)  # type: ignore[arg-type]
+            folder = cls(path, self.pipeline,  # type: ignore[arg-type]
+                         pressure=self.backpressure)
             try:
                 await folder.start()
             except OSError as exc:

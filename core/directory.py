@@ -2,7 +2,8 @@
 
 Built once per organization config: every proxy address (primary and secondary SMTP
 addresses, non-SMTP addresses such as ``FAX:+15551234``) maps to the one recipient object
-that owns it. Lookups are case-insensitive, as in Exchange.
+that owns it. Lookups are case-insensitive, as in Exchange. postmaster@ an Authoritative
+domain that nobody holds resolves to the organization's postmaster recipient.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class RecipientDirectory:
         foreign = self.foreign(address)
         if foreign is not None:
             return self._by_address.get(_key(foreign.type, foreign.address))
-        return None
+        postmaster = self.org.postmaster_fallback(address)  # RFC 5321 §4.5.1
+        return self._by_name.get(postmaster.name.lower()) if postmaster is not None else None
 
     def member(self, reference: str) -> DirectoryEntry | None:
         """A group member given by name or by address."""

@@ -22,9 +22,13 @@ from email.utils import format_datetime
 
 from core.model import MailFrom
 
-__all__ = ["ACTIONS", "DsnRecipient", "build_dsn"]
+__all__ = ["ACTIONS", "MAX_LISTED_RECIPIENTS", "DsnRecipient", "build_dsn"]
 
 ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")
+#: a DSN lists at most this many recipients, whatever produced it (a Pickup file over its
+#: recipient limit, a 10,000-recipient Replay file the categorizer refuses): the sender
+#: learns what happened and to whom in the first ones; the tracking log has every one
+MAX_LISTED_RECIPIENTS = 100
 
 CRLF = "\r\n"
 _FOLD_WIDTH = 78
@@ -81,17 +85,22 @@ def build_dsn(
     message_id_domain: str,
     now: float | None = None,
     max_return_size: int = 10 * 1024 * 1024,
+    max_listed: int = MAX_LISTED_RECIPIENTS,
 ) -> tuple[bytes, str]:
     """Returns (the DSN message as CRLF bytes, its Message-ID header value '<...>').
 
-    Raises ValueError only for caller mistakes (null sender, no recipients, unknown
-    action); a malformed original always still yields a DSN.
+    Only the first `max_listed` recipients get their lines and per-recipient blocks; the
+    text says how many more there were. Raises ValueError only for caller mistakes (null
+    sender, no recipients, unknown action); a malformed original always still yields a DSN.
     """
     if _clean(mail_from.address) in ("", "<>"):
         raise ValueError("a DSN is never sent to the null sender")
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
-    actions = [_action(r.action) for r in recipients]
+    all_actions = [_action(r.action) for r in recipients]
+    total = len(recipients)
+    recipients = recipients[: max(1, max_listed)]
+    actions = all_actions[: len(recipients)]
     now = time.time() if now is None else now
 
     header_section = _header_section(original, max_return_size)
@@ -100,16 +109,16 @@ def build_dsn(
     message_id = f"<{uuid.uuid4().hex}@{_token(message_id_domain) or 'localhost'}>"
 
     parts = [
-        _text_part(recipients, actions, reporting_mta, subject, now),
+        _text_part(recipients, actions, reporting_mta, subject, now, total),
         _status_part(recipients, actions, mail_from, reporting_mta, arrival_date),
-        _returned_part(original, header_section, mail_from, actions, max_return_size),
+        _returned_part(original, header_section, mail_from, all_actions, max_return_size),
     ]
     boundary = _boundary(parts)
     headers = _top_headers(
         mail_from,
         postmaster,
         subject,
-        actions,
+        all_actions,
         fields,
         message_id,
         now,
@@ -329,6 +338,10 @@ _HEADINGS = {
 }
 
 
+_NOT_LISTED = (
+    "This report is about {total:,} recipients and lists the first {listed:,}; the other "
+    "{more:,} are in the message tracking log of {server}."
+)
 _STILL_TRYING = (
     "This message hasn't been delivered yet. Delivery will continue to be attempted."
 )
@@ -388,12 +401,17 @@ def _text_part(
     reporting_mta: str,
     subject: str,
     now: float,
+    total: int,
 ) -> _Part:
     lines: list[str] = []
     for action in ACTIONS:
         group = [r for r, a in zip(recipients, actions) if a == action]
         if group:
             lines += _section(action, group, subject, now)
+    if total > len(recipients):
+        lines += [_wrap(_NOT_LISTED.format(
+            more=total - len(recipients), total=total, listed=len(recipients),
+            server=_clean(reporting_mta))), ""]
     lines += [
         "",
         "Diagnostic information for administrators:",

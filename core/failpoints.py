@@ -5,6 +5,19 @@ SIGKILL itself the 3rd time ``failpoint("after_commit_before_unlink")`` is reach
 time when no count is given). A kill, not an exception: nothing may run after it (no
 ``finally``, no flush), exactly as when the machine loses power or the OOM killer strikes.
 Without the variable a failpoint costs one dictionary lookup.
+
+The failpoints, in the order a message meets them:
+
+* ``after_submit_commit``: a submission committed, not yet acknowledged to its source;
+* ``after_receive_commit_before_reply``: SMTP DATA committed, the ``250`` not yet sent;
+* ``after_claim_before_commit`` / ``after_commit_before_unlink``: a Pickup/Replay claim;
+* ``during_startup_recovery``: re-processing a message that was in flight at a crash;
+* ``after_intent_before_rename`` / ``after_rename_before_delivered``: a drop or Maildir write;
+* ``after_send_before_commit``: the Send connector's next hop accepted, not yet committed;
+* ``after_agent_before_commit``: a Delivery Agent connector delivered, not yet committed;
+* ``after_delivery_commit``: delivery results and their tracking events committed;
+* ``tracking_before_write`` / ``tracking_after_write``: copying committed tracking events
+  to the log file.
 """
 
 from __future__ import annotations

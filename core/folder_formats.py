@@ -1,4 +1,4 @@
-"""The Pickup and Replay file formats (EXCHANGE.md sections 1 and 2) and the Replay writer.
+"""The Pickup and Replay file formats (Exchange 2010's) and the Replay writer.
 
 Both readers work on raw bytes (core.headers): they take the envelope from the file, remove or
 add whole header fields and leave every other byte as it was. The Replay format is also the
@@ -16,11 +16,13 @@ from email.utils import parsedate_to_datetime
 
 from core.addresses import AddressError, normalize_address
 from core.headers import (
+    CRLF,
     HeaderField,
     MessageFormatError,
     ParsedMessage,
     canonicalize_line_endings,
     extract_addresses,
+    field_end,
     format_date,
     make_field,
     make_received,
@@ -34,8 +36,10 @@ __all__ = [
     "ContentRejected",
     "MessageFormatError",
     "format_replay",
+    "notice_envelope",
     "parse_pickup",
     "parse_replay",
+    "repair_header_section",
 ]
 
 DEFAULT_MAX_HEADER_SIZE = 65536
@@ -67,6 +71,10 @@ _XTEXT_RE = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})+\Z")
 _PARAM_RE = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=(.*))?\Z", re.DOTALL)
 _TOKEN_RE = re.compile(r"[^\s\x00-\x1f\x7f]+\Z")
 _HELO_RE = re.compile(r"[A-Za-z0-9.\-_:\[\]]{1,255}\Z")
+# an mbox separator line ("From sender date"), or one quoted by ">" (what Postfix's sendmail
+# drops from the top of its input)
+_MBOX_FROM_RE = re.compile(rb">*From ")
+_UNSAFE_IN_HEAD_RE = re.compile(rb"\x00|\r(?!\n)")
 
 
 class ContentRejected(MessageFormatError):
@@ -75,14 +83,98 @@ class ContentRejected(MessageFormatError):
     `enhanced` is the RFC 3463 status code the NDR should carry.
     """
 
-    def __init__(self, reason: str, *, sender: str, enhanced: str = "5.6.0") -> None:
+    def __init__(self, reason: str, *, sender: str, enhanced: str = "5.6.0",
+                 code: int = 550) -> None:
         super().__init__(reason)
         self.sender = sender
         self.enhanced = enhanced
+        self.code = code  # 552 for a size limit (RFC 1870), else 550
 
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces
+
+
+def _drop_mbox_from_lines(data: bytes, pos: int) -> tuple[bytes, int]:
+    """Remove the run of mbox `From ` / `>From ` lines that starts at `pos`."""
+    end = pos
+    count = 0
+    while _MBOX_FROM_RE.match(data, end):
+        newline = data.find(CRLF, end)
+        end = len(data) if newline < 0 else newline + 2
+        count += 1
+    return (data if count == 0 else data[:pos] + data[end:]), count
+
+
+def _injected_end(data: bytes) -> int:
+    """Where a Replay file's leading run of X- fields ends (just after the
+    X-EndOfInjectedXHeaders marker when there is one): the message's own header starts there."""
+    pos = 0
+    while data[pos : pos + 2].lower() == b"x-":
+        end = field_end(data, pos)
+        if end < 0:
+            break
+        name = data[pos:end].split(b":", 1)[0].strip(b" \t").lower()
+        pos = end
+        if name == b"x-endofinjectedxheaders":
+            break
+    return pos
+
+
+def repair_header_section(data: bytes, *, replay: bool = False) -> tuple[bytes, list[str]]:
+    """Repair the two faults real message files have that Postfix's sendmail and cleanup accept.
+
+    - Leading mbox `From ` lines (and `>From ` ones) are dropped: at the top of the file and,
+      in a Replay file, at the top of the message after the injected X-headers.
+    - When the header has no blank line after it, the first line that is neither a header
+      field nor a continuation line starts the body: the missing blank line is inserted there.
+      A file whose very first line is not a field is not repaired (it has no header at all).
+
+    `data` must have CRLF line endings. Returns the repaired data (every other byte kept)
+    and what was repaired, in words for the tracking log; no repair gives `(data, [])`.
+    """
+    repairs: list[str] = []
+    data, dropped = _drop_mbox_from_lines(data, 0)
+    if replay:
+        start = _injected_end(data)
+        if start:
+            data, more = _drop_mbox_from_lines(data, start)
+            dropped += more
+    if dropped:
+        repairs.append(f'removed {dropped} mbox "From " line{"s" if dropped > 1 else ""}')
+    pos = 0
+    while pos < len(data) and not data.startswith(CRLF, pos):
+        end = field_end(data, pos)
+        if end < 0:
+            if pos > 0:
+                line = data.count(CRLF, 0, pos) + 1 + dropped  # as numbered in the file
+                data = data[:pos] + CRLF + data[pos:]
+                repairs.append(f"inserted the missing blank line after the header "
+                               f"(before line {line})")
+            break
+        pos = end
+    return data, repairs
+
+
+def _parse_repaired(data: bytes, replay: bool,
+                    repairs: list[str] | None) -> tuple[bytes, ParsedMessage]:
+    """The header section of CRLF `data`, repaired as Postfix would when it does not parse.
+
+    Fast path: a well-formed file is parsed once and never copied.
+    """
+    try:
+        return data, parse_header_section(data)
+    except MessageFormatError:
+        fixed, done = repair_header_section(data, replay=replay)
+        if not done:
+            raise
+    try:
+        parsed = parse_header_section(fixed)
+    except MessageFormatError as exc:
+        raise MessageFormatError(f"{exc.reason} (after it {'; '.join(done)})") from None
+    if repairs is not None:
+        repairs.extend(done)
+    return fixed, parsed
 
 
 def _is_firewalled(field: HeaderField) -> bool:
@@ -141,7 +233,7 @@ def _dedupe(addresses: Iterable[str]) -> list[str]:
 
 
 def _pickup_sender(parsed: ParsedMessage) -> str:
-    """The envelope sender by the Exchange Pickup rules (EXCHANGE.md section 1)."""
+    """The envelope sender by the Exchange Pickup rules (Exchange 2010)."""
     from_addresses = extract_addresses(f.text for f in parsed.get_all("from"))
     sender_addresses = extract_addresses(f.text for f in parsed.get_all("sender"))
     if len(sender_addresses) > 1:
@@ -175,15 +267,18 @@ def parse_pickup(
     max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
     max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     now: float | None = None,
+    repairs: list[str] | None = None,
 ) -> tuple[Envelope, bytes]:
     """Read a Pickup file: the envelope comes from From/Sender and To/Cc/Bcc.
 
     Raises MessageFormatError (→ `.bad`) or its subclass ContentRejected (→ NDR to
-    `exc.sender`) for limits broken by a file whose sender is known and valid.
+    `exc.sender`) for limits broken by a file whose sender is known and valid. What
+    `repair_header_section` had to repair is appended to `repairs` when it is given.
     """
     now = time.time() if now is None else now
     data = canonicalize_line_endings(data)
-    parsed = parse_header_section(data)  # the size limit is checked once the sender is known
+    # the size limit is checked once the sender is known
+    data, parsed = _parse_repaired(data, False, repairs)
     raw_sender = _pickup_sender(parsed)
     sender = _normalize(raw_sender, "sender", smtputf8=not raw_sender.isascii())
     if parsed.header_bytes_size > max_header_size:
@@ -418,11 +513,13 @@ def parse_replay(
     server_name: str,
     local_stamp: str = "hubport",
     now: float | None = None,
+    repairs: list[str] | None = None,
 ) -> tuple[Envelope, bytes]:
-    """Read a Replay file: the envelope comes from X-Sender/X-Receiver; limits do not apply."""
+    """Read a Replay file: the envelope comes from X-Sender/X-Receiver; the Pickup limits do
+    not apply. `repairs` as for `parse_pickup`."""
     now = time.time() if now is None else now
     data = canonicalize_line_endings(data)
-    parsed = parse_header_section(data)
+    data, parsed = _parse_repaired(data, True, repairs)
     injected = _split_injected(parsed)
 
     senders = [f for f in injected if f.lname == "x-sender"]
@@ -457,6 +554,71 @@ def parse_replay(
     )
     stored = rebuild(parsed, remove=remove, prepend=[received], replace=replace, append=append)
     return Envelope(mail_from, recipients), stored
+
+
+# --------------------------------------------------------------------------------------------
+# The envelope of a refused file, for its NDR
+
+
+def _head_section(head: bytes, replay: bool) -> ParsedMessage:
+    """The header fields in the first bytes of a file (the rest may not have been read)."""
+    bad = _UNSAFE_IN_HEAD_RE.search(head)
+    if bad is not None:  # a NUL or bare CR past the header must not spoil the notice
+        head = head[: head.rfind(b"\n", 0, bad.start()) + 1]
+    data, _ = repair_header_section(canonicalize_line_endings(head), replay=replay)
+    blank = data.find(CRLF + CRLF)
+    if blank >= 0:
+        data = data[: blank + 4]  # the header and the blank line that ends it
+    return parse_header_section(data)
+
+
+def notice_envelope(head: bytes, *, replay: bool,
+                    truncated: bool = True) -> tuple[Envelope, bytes]:
+    """The envelope an NDR for a refused folder file reports on, and the header it returns.
+
+    `head` is the start of the file (`truncated`) or all of it: for a file over the size
+    limit only a bounded first part is read, so a cut-off last line is ignored. Addresses
+    are taken best effort (a malformed recipient is left out; with none left the sender
+    stands in, as a DSN needs one). The sender is what the file's own format names (Pickup:
+    From/Sender; Replay: X-Sender). Raises MessageFormatError when there is no sender to
+    notify: none, an invalid one, or the null sender (RFC 5321 §4.5.5: never a notification
+    to it); such a file goes to `.bad`.
+    """
+    if truncated and b"\n" in head and not head.endswith(b"\n"):
+        head = head[: head.rfind(b"\n") + 1]
+    parsed = _head_section(head, replay)
+    if replay:
+        injected = _split_injected(parsed)
+        senders = [f for f in injected if f.lname == "x-sender"]
+        if len(senders) != 1:
+            raise MessageFormatError("no X-Sender" if not senders else "duplicate X-Sender")
+        mail_from = _parse_x_sender(senders[0])
+        recipients = []
+        for field in injected:
+            if field.lname == "x-receiver":
+                try:
+                    recipients.append(_parse_x_receiver(field, mail_from.smtputf8))
+                except MessageFormatError:
+                    continue
+        dropped = {id(f) for f in injected}
+        header = rebuild(parsed, remove=lambda f: id(f) in dropped or f.lname == "bcc")
+    else:
+        raw_sender = _pickup_sender(parsed)
+        sender = _normalize(raw_sender, "sender", smtputf8=not raw_sender.isascii())
+        mail_from = MailFrom(sender, smtputf8=not sender.isascii())
+        recipients = []
+        for raw in _dedupe(extract_addresses(
+                f.text for f in parsed.fields if f.lname in ("to", "cc", "bcc"))):
+            try:
+                recipients.append(EnvelopeRecipient(normalize_address(raw, smtputf8=True)))
+            except AddressError:
+                continue
+        header = rebuild(parsed, remove=lambda f: f.lname == "bcc")
+    if not mail_from.address:
+        raise MessageFormatError("the null sender cannot be notified")
+    if not recipients:
+        recipients = [EnvelopeRecipient(mail_from.address)]
+    return Envelope(mail_from, recipients), header
 
 
 # --------------------------------------------------------------------------------------------

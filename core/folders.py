@@ -6,12 +6,16 @@ name; only after the commit is the claimed file deleted. On start, a claimed fil
 name the queue knows is deleted, one it does not know is ingested again. No file is
 ingested twice; none is lost.
 
-watchdog events are only a hint to look now (events get lost, RELIABILITY §3.3): the folder
+watchdog events are only a hint to look now (events get lost: inotify queues overflow): the folder
 is rescanned at start, every ``FolderRescanInterval`` and whenever the observer dies. A file
 is taken when a close-after-write or rename-in event announced it, or when no process holds
 it open for writing (a Linux read lease) and its mtime has been quiet for
 ``FolderSettleTime``. Bad files are renamed ``<name>.bad`` with a ``<name>.bad.reason``
 file beside them; a file we cannot read is left in place and retried.
+
+Memory is bounded: a file over the organization's size limit is never read past its header
+(``size_limit``), others are read in chunks, and a batch holds at most ``BATCH_BYTES`` of
+message data (a file that would not fit waits for the next batch).
 """
 
 from __future__ import annotations
@@ -41,21 +45,26 @@ except ImportError:  # pragma: no cover - other platforms use the generic Observ
     InotifyFD = None  # type: ignore[assignment,misc]
 
 from core import queue as q
-from core.addresses import AddressError, normalize_address
 from core.failpoints import failpoint
-from core.folder_formats import ContentRejected, parse_pickup, parse_replay
+from core.folder_formats import (
+    ContentRejected,
+    notice_envelope,
+    parse_pickup,
+    parse_replay,
+    repair_header_section,
+)
 from core.headers import (
     MessageFormatError,
     canonicalize_line_endings,
-    extract_addresses,
     message_id_of,
     parse_header_section,
     subject_of,
 )
-from core.model import Envelope, EnvelopeRecipient, MailFrom, SmtpResponse, Submission
+from core.model import Envelope, SmtpResponse, Submission
 from core.store import StoreError
 
 if TYPE_CHECKING:
+    from core.backpressure import BackPressure
     from core.pipeline import Pipeline
 
 log = structlog.get_logger("hubport.folders")
@@ -64,14 +73,24 @@ WORK = b".work"
 EML = b".eml"
 MAX_FILE_SIZE = 2 * 1024 * 1024 * 1024  # Exchange's 2 GB ceiling; the org limit is checked too
 BATCH = 500
+#: message bytes one batch may hold in memory (a single file over it is taken alone)
+BATCH_BYTES = 32 * 1024 * 1024
+#: what is read of a file over the size limit: its header, for the NDR (the body never is)
+HEAD_LIMIT = 1024 * 1024
+READ_CHUNK = 1024 * 1024
 BACKOFF_AFTER_STORE_ERROR = 5.0
+PAUSE_POLL = 1.0  # seconds between looks at the back-pressure level while paused
 MAX_BAD_STEM = 200  # + datetime, counter, ".bad.reason.tmp" and a dot stays under 255 bytes
 _claims = itertools.count()
 
 
 @dataclass(slots=True)
 class Claimed:
-    """A file renamed into ``.work``: its claim key, original name and content."""
+    """A file renamed into ``.work``: its claim key, original name and content.
+
+    ``oversize`` is the file's size when it is over the size limit: ``data`` then holds
+    only its first ``HEAD_LIMIT`` bytes, enough to find whom to send the NDR.
+    """
 
     key: str
     work_name: bytes
@@ -80,6 +99,15 @@ class Claimed:
     envelope: Envelope | None = None
     stored: bytes | None = None
     error: MessageFormatError | None = None
+    oversize: int | None = None
+    repairs: list[str] | None = None
+
+
+class _Later:
+    """``_claim_one``'s answer for a file left for the next batch (its bytes would not fit)."""
+
+
+LATER = _Later()
 
 
 class PickupDirectory:
@@ -88,12 +116,17 @@ class PickupDirectory:
     kind = "Pickup"
     source = "PICKUP"
     letter = "P"
+    replay = False  # the file format (folder_formats)
 
-    def __init__(self, path: Path, pipeline: Pipeline) -> None:
+    def __init__(self, path: Path, pipeline: Pipeline,
+                 pressure: BackPressure | None = None) -> None:
         self.path = path
         self.bpath = os.fsencode(path)
         self.work = self.bpath + b"/" + WORK
         self.pipeline = pipeline
+        #: back pressure (core/backpressure.py): at Medium or High the folder takes nothing
+        self.pressure = pressure
+        self._was_paused = False
         self._wake = asyncio.Event()
         #: names events announced: True when complete (closed after writing, renamed in),
         #: False when only seen created (taken only if a lease proves no writer has it open)
@@ -126,6 +159,25 @@ class PickupDirectory:
 
     def _per_minute(self) -> int | None:
         return self.server.pickup_directory_max_messages_per_minute
+
+    def size_limit(self) -> int:
+        """The largest message a folder file may hold: the organization's MaxSendSize and
+        MaxReceiveSize, the smaller of the two, and never over Exchange's 2 GB ceiling.
+
+        Exchange has no size limit of its own for the Pickup and Replay directories; the
+        organization limits apply to what they submit as to any other message. A folder
+        file is both sent and received inside the organization before any recipient is
+        known, so the smaller limit decides. A file over it is claimed, but only its header
+        is read (``HEAD_LIMIT`` bytes): a Pickup file's sender (From/Sender) or a Replay
+        file's X-Sender gets an NDR with ``552 5.3.4`` listing the recipients the header
+        names, and the file is removed once that NDR is committed (Exchange's NDR path for
+        a file whose limits are broken: the sender learns why, and the sender is who can
+        act on it). Without a sender to notify (none, invalid, or the null sender) the file
+        is moved to ``.bad`` with a reason file instead, never deleted silently.
+        """
+        config = self.pipeline.org.transport_config
+        limits = [v for v in (config.max_send_size, config.max_receive_size) if v is not None]
+        return min([MAX_FILE_SIZE, *limits])
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -168,7 +220,7 @@ class PickupDirectory:
         self._observer = observer
 
     def _overflowed(self) -> None:
-        """The kernel dropped events: rescan at once (RELIABILITY §3.3)."""
+        """The kernel dropped events: rescan at once (an inotify queue overflow)."""
         log.warning("folder events overflowed; rescanning", folder=self.kind)
         self._next_scan = 0.0
         self._wake.set()
@@ -203,6 +255,9 @@ class PickupDirectory:
                 log.error("folder observer died; restarting it and rescanning", folder=self.kind)
                 self._start_observer()
                 self._next_scan = 0.0
+            if self._paused():
+                await self._backoff(PAUSE_POLL)
+                continue
             now = time.monotonic()
             full = now >= self._next_scan
             if full:
@@ -222,6 +277,21 @@ class PickupDirectory:
                 continue
             await self._sleep(max(0.0, min(self._next_scan - time.monotonic(),
                                            self._throttle_wait())))
+
+    def _paused(self) -> bool:
+        """Back pressure at Medium or High: files stay in the folder, untouched, until it
+        falls (looked at every ``PAUSE_POLL`` seconds; announced names are kept)."""
+        paused = self.pressure is not None and self.pressure.intake_paused
+        if paused != self._was_paused:
+            self._was_paused = paused
+            if paused:
+                assert self.pressure is not None
+                log.warning("folder paused by back pressure; files stay in the folder",
+                            folder=self.kind, back_pressure=self.pressure.level.title)
+            else:
+                log.info("folder resumed after back pressure", folder=self.kind)
+                self._next_scan = 0.0  # look at everything that waited
+        return paused
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -272,7 +342,9 @@ class PickupDirectory:
         if not names:
             return False
         unsure = {n for n in names if announced.get(n) is False}
-        claimed = await asyncio.to_thread(self._claim_and_read, names, unsure)
+        claimed, later = await asyncio.to_thread(self._claim_and_read, names, unsure)
+        for name in later:  # over the batch's byte budget: the very next pass takes them
+            self._announced[name] = announced.get(name) is not False
         if claimed:
             await self._ingest(claimed)
         return bool(claimed)
@@ -299,7 +371,7 @@ class PickupDirectory:
                 except OSError:
                     continue
                 if stat.S_ISDIR(st.st_mode):
-                    continue  # a directory named *.eml is skipped (RELIABILITY §6, 71)
+                    continue  # a directory named *.eml is skipped (docs/reliability.md case 71)
                 if stat.S_ISREG(st.st_mode) and now - max(st.st_mtime, st.st_ctime) < settle:
                     fresh = True
                     continue
@@ -309,17 +381,34 @@ class PickupDirectory:
                     break
         return ready[:limit], fresh
 
-    def _claim_and_read(self, names: list[bytes], unsure: set[bytes]) -> list[Claimed]:
+    def _claim_and_read(self, names: list[bytes],
+                        unsure: set[bytes]) -> tuple[list[Claimed], list[bytes]]:
+        """Claim and read files until the batch holds ``BATCH_BYTES``; also returns the
+        names left for the next batch."""
+        limit = self.size_limit()
         dirfd = os.open(self.bpath, os.O_RDONLY | os.O_DIRECTORY)
+        claimed: list[Claimed] = []
+        later: list[bytes] = []
+        held = 0
         try:
-            claimed = (self._claim_one(dirfd, n, n in unsure) for n in names)
-            return [c for c in claimed if c is not None]
+            for name in names:
+                budget = BATCH_BYTES - held if claimed else None
+                c = self._claim_one(dirfd, name, name in unsure, limit, budget)
+                if c is LATER:
+                    later.append(name)
+                elif isinstance(c, Claimed):
+                    claimed.append(c)
+                    held += len(c.data or b"")
+            return claimed, later
         finally:
             os.close(dirfd)
 
-    def _claim_one(self, dirfd: int, name: bytes, need_proof: bool = False) -> Claimed | None:
+    def _claim_one(self, dirfd: int, name: bytes, need_proof: bool = False,
+                   limit: int = MAX_FILE_SIZE,
+                   budget: int | None = None) -> Claimed | _Later | None:
         """Claim one file; ``need_proof``: only seen created, so a lease must show that no
-        writer still has it open (else the settle-time rescan decides)."""
+        writer still has it open (else the settle-time rescan decides). A file that would
+        take more than ``budget`` bytes in memory is left alone (``LATER``)."""
         key = f"{self.key_prefix}{time.time_ns():x}-{next(_claims)}"
         work_name = _work_name(key, name)
         try:
@@ -339,7 +428,7 @@ class PickupDirectory:
         try:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
-                return None  # a directory named *.eml is skipped (RELIABILITY §6, 71)
+                return None  # a directory named *.eml is skipped (docs/reliability.md case 71)
             if not stat.S_ISREG(st.st_mode):
                 self._quarantine_in_place(dirfd, name, "not a regular file")
                 return None
@@ -347,9 +436,8 @@ class PickupDirectory:
                 self._quarantine_in_place(
                     dirfd, name, "hard link: refused (another name points at this file)")
                 return None
-            if st.st_size > MAX_FILE_SIZE:
-                self._quarantine_in_place(dirfd, name, f"size {st.st_size} exceeds {MAX_FILE_SIZE}")
-                return None
+            if budget is not None and _in_memory(st.st_size, limit) > budget:
+                return LATER
             writer = _writer_gone(fd)
             if writer is False or (writer is None and need_proof):
                 return None  # still open for writing (or cannot tell yet): a later pass
@@ -357,21 +445,32 @@ class PickupDirectory:
                 os.rename(name, work_name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
             except FileNotFoundError:
                 return None
-            data = _read_all(fd, st.st_size)
+            try:
+                return _take(fd, st.st_size, limit, Claimed(key, work_name, name))
+            except OSError:
+                self._unclaim(dirfd, work_name, name)
+                raise
         except OSError as exc:
             self._warn_unreadable(name, exc)
             return None
         finally:
             _release_lease(fd)
             os.close(fd)
-        return Claimed(key, work_name, name, data)
+
+    def _unclaim(self, dirfd: int, work_name: bytes, name: bytes) -> None:
+        """A claimed file that could not be read goes back under its name (retried later)."""
+        try:
+            os.rename(work_name, _free_name(dirfd, name), src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        except OSError as exc:
+            log.error("cannot return a claimed file; it stays in .work and is retried at the"
+                      " next start", file=display_name(work_name), error=exc.strerror)
 
     def _warn_unreadable(self, name: bytes, exc: OSError) -> None:
         now = time.monotonic()
         if now - self._warned.get(name, -1e9) > 300:
             self._warned[name] = now
             log.warning("cannot read file; left in place and retried", folder=self.kind,
-                        file=ascii(name), error=exc.strerror)
+                        file=display_name(name), error=exc.strerror)
 
     def _quarantine_in_place(self, dirfd: int, name: bytes, reason: str) -> None:
         """Rename the entry itself (never its target) to ``.bad`` with a reason file."""
@@ -383,33 +482,75 @@ class PickupDirectory:
             self._warn_unreadable(name, exc)
             return
         self.bad += 1
-        log.warning("bad file moved aside", folder=self.kind, file=ascii(name),
-                    bad=ascii(bad), reason=reason)
+        log.warning("bad file moved aside", folder=self.kind, file=display_name(name),
+                    bad=display_name(bad), reason=reason)
         self.pipeline.tracking.log("BADMAIL", self.source, custom_data={
-            "file": ascii(name), "reason": reason}, connector_id=self.kind)
+            "file": display_name(name), "reason": reason}, connector_id=self.kind)
 
     # -- parsing and submitting --------------------------------------------------------
 
-    def _parse(self, data: bytes) -> tuple[Envelope, bytes]:
+    def _parse(self, data: bytes, repairs: list[str]) -> tuple[Envelope, bytes]:
         server = self.server
         return parse_pickup(
             data, default_domain=self.pipeline.org.default_domain.domain_name,
             server_name=server.fqdn, max_header_size=server.pickup_directory_max_header_size,
-            max_recipients=server.pickup_directory_max_recipients_per_message)
+            max_recipients=server.pickup_directory_max_recipients_per_message, repairs=repairs)
 
     def _parse_all(self, claimed: list[Claimed]) -> None:
+        limit = self.size_limit()
         for c in claimed:
             try:
                 assert c.data is not None
-                c.envelope, c.stored = self._parse(c.data)
+                if c.oversize is not None:
+                    self._refuse_oversize(c, c.oversize, limit, c.data)
+                    continue
+                c.repairs = []
+                c.envelope, c.stored = self._parse(c.data, c.repairs)
+                if len(c.stored) > limit:  # the file fitted; as CRLF with our fields not
+                    self._refuse_oversize(c, len(c.stored), limit, c.stored, c.envelope)
             except ContentRejected as exc:
                 c.error = exc
-                c.envelope, c.stored = _rejected_envelope(c.data, exc.sender)
+                c.envelope, c.stored = self._rejected(c.data)
             except MessageFormatError as exc:
                 c.error = exc
             except Exception as exc:  # a parser bug must not lose the file
                 c.error = MessageFormatError(f"cannot parse: {type(exc).__name__}")
-            c.data = None
+            finally:
+                c.data = None
+
+    def _refuse_oversize(self, c: Claimed, size: int, limit: int, head: bytes,
+                         envelope: Envelope | None = None) -> None:
+        """Over the size limit: an NDR (returning the header only) to the file's sender, or
+        ``.bad`` when there is none to notify (see ``size_limit``). ``head`` is the file's
+        start, or the parsed message when ``envelope`` is known."""
+        reason = (f"message size {size} exceeds the organization's limit of {limit} bytes "
+                  "(MaxSendSize, MaxReceiveSize)")
+        c.envelope = None
+        c.stored = None
+        try:
+            if envelope is None:
+                envelope, header = notice_envelope(head, replay=self.replay)
+            elif not envelope.mail_from.address:
+                raise MessageFormatError("the null sender cannot be notified")
+            else:
+                header = head[: parse_header_section(head).body_offset]
+        except MessageFormatError as exc:
+            c.error = MessageFormatError(f"{reason}; no sender to notify: {exc.reason}")
+            return
+        c.error = ContentRejected(reason, sender=envelope.mail_from.address, enhanced="5.3.4",
+                                  code=552)
+        envelope.mail_from.ret = "HDRS"  # the NDR says it returns the header only, as it does
+        c.envelope, c.stored = envelope, header
+
+    def _rejected(self, data: bytes) -> tuple[Envelope | None, bytes | None]:
+        """The envelope and the whole message for the NDR of a file over a Pickup limit."""
+        try:
+            envelope, _ = notice_envelope(data, replay=self.replay, truncated=False)
+            message, _ = repair_header_section(canonicalize_line_endings(data),
+                                               replay=self.replay)
+        except MessageFormatError:
+            return None, None
+        return envelope, message
 
     async def _ingest(self, claimed: list[Claimed]) -> None:
         await asyncio.to_thread(self._parse_all, claimed)
@@ -429,6 +570,7 @@ class PickupDirectory:
                 back.append(c)
                 if isinstance(outcome, BaseException):
                     store_error = outcome
+            c.envelope = c.stored = None  # committed or not, the bytes are not needed now
         # the rate limit counts files taken (submitted or moved aside), not ones given back
         self._rate.extend([time.monotonic()] * (len(done) + len(bad)))
         if done:
@@ -449,7 +591,7 @@ class PickupDirectory:
 
         if c.error is not None:
             if isinstance(c.error, ContentRejected) and c.envelope is not None and c.stored:
-                response = SmtpResponse(550, c.error.enhanced, c.error.reason)
+                response = SmtpResponse(c.error.code, c.error.enhanced, c.error.reason)
                 await self.pipeline.bounce(self._submission(c, c.envelope, c.stored), response)
                 return True
             return c.error.reason
@@ -472,9 +614,13 @@ class PickupDirectory:
             message_id, subject = message_id_of(parsed), subject_of(parsed)
         except MessageFormatError:
             message_id, subject = "", ""
+        context = f"file={display_name(c.original)}"  # last: a name may hold anything
+        if c.repairs:
+            context = f"repaired={'; '.join(c.repairs)}; {context}"
         return Submission(envelope=envelope, data=data, source=self.source,
                           source_name=self.kind, message_id=message_id, subject=subject,
-                          client_ip="127.0.0.1", client_hostname="localhost", claim=c.key)
+                          client_ip="127.0.0.1", client_hostname="localhost", claim=c.key,
+                          context=context)
 
     async def _finish_batch(self, done: list[Claimed], back: list[Claimed],
                             bad: list[tuple[Claimed, str]]) -> None:
@@ -510,7 +656,8 @@ class PickupDirectory:
                               dst_dir_fd=dirfd)
                 except OSError as exc:
                     log.error("cannot return a claimed file; it stays in .work and is retried"
-                              " at the next start", file=ascii(c.work_name), error=exc.strerror)
+                              " at the next start", file=display_name(c.work_name),
+                              error=exc.strerror)
             for c, reason in bad:
                 self._move_bad(dirfd, c, reason)
         finally:
@@ -522,13 +669,15 @@ class PickupDirectory:
             _write_reason(dirfd, bad, reason)
             os.rename(c.work_name, bad, src_dir_fd=dirfd, dst_dir_fd=dirfd)
         except OSError as exc:
-            log.error("cannot move a bad file aside", file=ascii(c.original), error=exc.strerror)
+            log.error("cannot move a bad file aside", file=display_name(c.original),
+                      error=exc.strerror)
             return
         self.bad += 1
-        log.warning("bad file moved aside", folder=self.kind, file=ascii(c.original),
-                    bad=ascii(bad), reason=reason)
+        log.warning("bad file moved aside", folder=self.kind, file=display_name(c.original),
+                    bad=display_name(bad), reason=reason)
         self.pipeline.tracking.log("BADMAIL", self.source, connector_id=self.kind,
-                                   custom_data={"file": ascii(c.original), "reason": reason})
+                                   custom_data={"file": display_name(c.original),
+                                                "reason": reason})
 
     # -- recovery ------------------------------------------------------------------------
 
@@ -546,26 +695,44 @@ class PickupDirectory:
         await store.write(lambda c: q.forget_other_claims(c, prefix, keys))
         if again:
             log.info("ingesting files claimed before a stop", folder=self.kind, count=len(again))
-            claimed = await asyncio.to_thread(self._read_work, again)
-            for i in range(0, len(claimed), BATCH):
-                await self._ingest(claimed[i : i + BATCH])
+            while again:  # in batches bounded like the folder's own (files, bytes)
+                claimed, again = await asyncio.to_thread(self._read_work, again)
+                if claimed:
+                    await self._ingest(claimed)
         if committed:
             log.info("removed files committed before a stop", folder=self.kind,
                      count=len(committed))
 
-    def _read_work(self, entries: list[tuple[str, bytes]]) -> list[Claimed]:
-        out = []
-        for key, name in entries:
+    def _read_work(self, entries: list[tuple[str, bytes]]
+                   ) -> tuple[list[Claimed], list[tuple[str, bytes]]]:
+        """Read claimed files left by a stop, up to one batch (``BATCH`` files,
+        ``BATCH_BYTES``); returns them and the entries left for the next batch."""
+        limit = self.size_limit()
+        out: list[Claimed] = []
+        held = 0
+        for index, (key, name) in enumerate(entries):
+            if len(out) >= BATCH:
+                return out, entries[index:]
             path = self.work + b"/" + name
-            try:
-                with open(path, "rb") as fh:
-                    data = fh.read()
-            except OSError as exc:
-                log.error("cannot read a claimed file", file=ascii(path), error=exc.strerror)
-                continue
             original = name.split(b"~", 1)[1] if b"~" in name else name
-            out.append(Claimed(key, WORK + b"/" + name, original, data))
-        return out
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
+                        raise OSError(errno.EINVAL, "not a regular file")
+                    if out and held + _in_memory(st.st_size, limit) > BATCH_BYTES:
+                        return out, entries[index:]
+                    c = _take(fd, st.st_size, limit, Claimed(key, WORK + b"/" + name, original))
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.error("cannot read a claimed file", file=display_name(path),
+                          error=exc.strerror)
+                continue
+            out.append(c)
+            held += len(c.data or b"")
+        return out, []
 
 
 class ReplayDirectory(PickupDirectory):
@@ -574,13 +741,14 @@ class ReplayDirectory(PickupDirectory):
     kind = "Replay"
     source = "ADMIN"
     letter = "R"
+    replay = True
 
     def _per_minute(self) -> int | None:
         return self.server.pickup_directory_max_messages_per_minute
 
-    def _parse(self, data: bytes) -> tuple[Envelope, bytes]:
+    def _parse(self, data: bytes, repairs: list[str]) -> tuple[Envelope, bytes]:
         return parse_replay(data, default_domain=self.pipeline.org.default_domain.domain_name,
-                            server_name=self.server.fqdn)
+                            server_name=self.server.fqdn, repairs=repairs)
 
 
 class _InotifyWatch:
@@ -663,26 +831,6 @@ class _Handler(FileSystemEventHandler):
 
 
 # -- small filesystem helpers ------------------------------------------------------------
-
-
-def _rejected_envelope(data: bytes, sender: str) -> tuple[Envelope | None, bytes | None]:
-    """The envelope an NDR for a refused Pickup file reports on (recipients best effort)."""
-    try:
-        data = canonicalize_line_endings(data)
-        parsed = parse_header_section(data)
-    except MessageFormatError:
-        return None, None
-    recipients = []
-    for raw in extract_addresses(f.text for f in parsed.fields if f.lname in ("to", "cc", "bcc")):
-        try:
-            recipients.append(EnvelopeRecipient(normalize_address(raw, smtputf8=True)))
-        except AddressError:
-            continue
-        if len(recipients) >= 100:
-            break
-    if not recipients:
-        recipients = [EnvelopeRecipient(sender)]
-    return Envelope(MailFrom(sender), recipients), data
 
 
 def _work_name(key: str, original: bytes) -> bytes:
@@ -787,14 +935,52 @@ def _release_lease(fd: int) -> None:
         pass
 
 
-def _read_all(fd: int, size: int) -> bytes:
+def _in_memory(size: int, limit: int) -> int:
+    """The bytes a file of ``size`` takes in memory once claimed (only the head if too big)."""
+    return min(size, HEAD_LIMIT) if size > limit else size
+
+
+def _read_bounded(fd: int, most: int, expect: int) -> bytes:
+    """At most ``most`` bytes from ``fd``, read in pieces of at most ``READ_CHUNK``: a file
+    that grows while it is read never makes us hold more than asked for. ``expect`` (the
+    size fstat gave) sizes the reads, so a small file costs no large buffer."""
     chunks = []
-    while True:
-        chunk = os.read(fd, max(size, 65536))
+    left = most
+    want = expect + 1  # one byte more shows a file that grew
+    while left > 0:
+        chunk = os.read(fd, min(READ_CHUNK, left, max(want, 4096)))
         if not chunk:
             break
         chunks.append(chunk)
+        left -= len(chunk)
+        want -= len(chunk)
     return b"".join(chunks)
+
+
+def _take(fd: int, size: int, limit: int, claimed: Claimed) -> Claimed:
+    """Read a claimed file: whole when it is within ``limit``, else only its head."""
+    if size <= limit:
+        data = _read_bounded(fd, limit + 1, size)
+        if len(data) <= limit:
+            claimed.data = data
+            return claimed
+        size = max(len(data), os.fstat(fd).st_size)  # it grew after fstat
+        data = data[:HEAD_LIMIT]
+    else:
+        data = _read_bounded(fd, HEAD_LIMIT, HEAD_LIMIT)
+    claimed.data = data
+    claimed.oversize = size
+    return claimed
+
+
+_UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def display_name(name: bytes) -> str:
+    """A file name as text for the logs: UTF-8 shown as it is, other bytes and control
+    characters as ``\\xNN`` escapes (readable, one line, never a Python ``b'...'``)."""
+    text = name.decode("utf-8", "backslashreplace")
+    return _UNPRINTABLE_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def folder_types() -> dict[str, Callable[..., PickupDirectory]]:

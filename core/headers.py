@@ -196,6 +196,13 @@ def parse_header_section(data: bytes, max_header_size: int | None = None) -> Par
     return ParsedMessage(fields, body_offset, data)
 
 
+def field_end(data: bytes, pos: int) -> int:
+    """The offset after the header field (with its continuation lines) starting at `pos`
+    in CRLF data, or -1 when the line at `pos` does not start a field."""
+    match = _FIELD_RE.match(data, pos)
+    return -1 if match is None else match.end()
+
+
 def rebuild(
     parsed: ParsedMessage,
     *,

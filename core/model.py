@@ -124,8 +124,12 @@ class Submission:
     subject: str = ""
     client_ip: str = ""
     client_hostname: str = ""
+    #: the local address of the connection it came in on ('' for Pickup, Replay, DSNs)
+    server_ip: str = ""
     claim: str | None = None
     reference: str | None = None  # for a DSN: the Message-Id it reports on
+    #: the RECEIVE event's source-context (a folder file's name and what was repaired in it)
+    context: str = ""
 
 
 @dataclass(slots=True)

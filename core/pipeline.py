@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from agents.api import (
+    DEFERRED,
     DELIVERED,
     FAILED,
     LOCAL_ERROR,
@@ -43,6 +44,7 @@ from core import queue as q
 from core.categorizer import EXPANDED, FAIL, ROUTE, UNREACHABLE, Categorized, Categorizer
 from core.directory import RecipientDirectory
 from core.dsn import DsnRecipient, build_dsn
+from core.failpoints import failpoint
 from core.headers import parse_header_section, subject_of
 from core.model import (
     Envelope,
@@ -86,6 +88,16 @@ class Rejected(Exception):
         self.response = response
 
 
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    """Both ends of an SMTP connection, for the tracking log's client-*/server-* fields."""
+
+    client_ip: str = ""
+    client_hostname: str = ""
+    server_ip: str = ""
+    server_hostname: str = ""
+
+
 @dataclass(slots=True)
 class Event:
     """A tracking event waiting for its commit."""
@@ -99,6 +111,12 @@ class Event:
     connector: str = ""
     reference: str = ""
     context: str = ""
+    #: the connection the event is about (client and server ends), when there was one
+    endpoints: Endpoints | None = None
+
+
+def _received_over(sub: Submission) -> Endpoints:
+    return Endpoints(sub.client_ip, sub.client_hostname, sub.server_ip)
 
 
 class Pipeline:
@@ -176,17 +194,21 @@ class Pipeline:
         added = await self.store.write(q.upgrade)
         if added:
             log.info("queue database upgraded", added=added)
-        recovery = await self.store.write(lambda c: q.recover(c, poison, enabled))
+
+        def recover(conn: sqlite3.Connection) -> tuple[q.Recovery, list[QueuedMessage]]:
+            found = q.recover(conn, poison, enabled)
+            poisoned = q.load_messages(conn, found.poisoned, with_data=False)
+            for m in poisoned:
+                self._track(conn, "POISONMESSAGE", "POISONMESSAGE", m,
+                            [r.address for r in m.recipients], ["Poison"] * len(m.recipients))
+            return found, poisoned
+
+        recovery, poisoned = await self.store.write(recover)
         self.store_id = await self.store.write(_store_id)
         self._hops = await self.store.read(q.queue_hops)
-        for msg_id in recovery.poisoned:
-            messages = await self.store.read(
-                lambda c, i=msg_id: q.load_messages(c, [i], with_data=False))
-            for m in messages:
-                self._track("POISONMESSAGE", "POISONMESSAGE", m, [r.address for r in m.recipients],
-                            ["Poison"] * len(m.recipients))
-                log.error("message moved to Poison", internal_message_id=m.id,
-                          message_id=m.message_id, crashes=m.crash_count)
+        for m in poisoned:
+            log.error("message moved to Poison", internal_message_id=m.id,
+                      message_id=m.message_id, crashes=m.crash_count)
         if recovery.crashed:
             log.warning("messages were in flight when the process stopped",
                         count=len(recovery.crashed), poisoned=len(recovery.poisoned))
@@ -216,6 +238,7 @@ class Pipeline:
             "SELECT state FROM message WHERE id=?", (msg_id,)).fetchone())
         if state is None or state[0] == "poison":
             return
+        failpoint("during_startup_recovery")  # crash tests: die again while recovering
         if state[0] == "submitted":
             await self._categorize_batch([msg_id])
         queues = await self.store.read(lambda c: [r[0] for r in c.execute(
@@ -270,9 +293,9 @@ class Pipeline:
         """Track failures and commit the NDR when one is due (Remove-Message -WithNDR)."""
         return self._fail_in_conn(conn, message, failures)
 
-    def emit(self, events: Iterable[Event]) -> None:
-        """Write committed events to the tracking log."""
-        self._emit(events)
+    def emit(self, conn: sqlite3.Connection, events: Iterable[Event]) -> None:
+        """Commit tracking events with the transaction of ``conn`` (Remove-Message)."""
+        self._emit(conn, events)
 
     # -- submission --------------------------------------------------------------------
 
@@ -287,10 +310,18 @@ class Pipeline:
             raise Rejected(verdict)
         now = self.clock()
         expires = now + self.server.message_expiration_timeout
-        msg_id = await self.store.write(lambda c: q.insert_submission(c, sub, now, expires))
-        message = _message_of(msg_id, sub, now, expires)
-        self._track("RECEIVE", sub.source, message, [r.address for r in sub.envelope.recipients],
-                    [], connector=sub.source_name, reference=sub.reference or "")
+
+        def work(conn: sqlite3.Connection) -> QueuedMessage:
+            message = _message_of(q.insert_submission(conn, sub, now, expires), sub, now, expires)
+            self._track(conn, "RECEIVE", sub.source, message,
+                        [r.address for r in sub.envelope.recipients],
+                        [], connector=sub.source_name, reference=sub.reference or "",
+                        context=sub.context, endpoints=_received_over(sub))
+            return message
+
+        message = await self.store.write(work)
+        failpoint("after_submit_commit")  # crash tests: committed, not yet acknowledged
+        msg_id = message.id
         self._categorizer_wake.set()
         await self.hooks.notify("on_submitted", message=message)
         return msg_id
@@ -306,18 +337,17 @@ class Pipeline:
         recipients = [QueuedRecipient(0, 0, r.address, S.FAILED, r.notify, r.orcpt)
                       for r in sub.envelope.recipients]
 
-        def work(conn: sqlite3.Connection) -> list[Event]:
-            events = self._fail_in_conn(conn, message,
-                                        [(r, response, "PICKUP") for r in recipients])
+        def work(conn: sqlite3.Connection) -> None:
+            self._track(conn, "RECEIVE", sub.source, message, [r.address for r in recipients],
+                        [str(response)] * len(recipients), connector=sub.source_name,
+                        context=sub.context, endpoints=_received_over(sub))
+            self._emit(conn, self._fail_in_conn(conn, message,
+                                                [(r, response, "PICKUP") for r in recipients]))
             if sub.claim is not None:
                 conn.execute("INSERT OR REPLACE INTO claim (name, message, at) VALUES (?,?,?)",
                              (sub.claim, None, now))
-            return events
 
-        events = await self.store.write(work)
-        self._track("RECEIVE", sub.source, message, [r.address for r in recipients],
-                    [str(response)] * len(recipients), connector=sub.source_name)
-        self._emit(events)
+        await self.store.write(work)
 
     # -- categorizer -------------------------------------------------------------------
 
@@ -327,6 +357,10 @@ class Pipeline:
             self._categorizer_wake.clear()
             while not self._stopping:
                 try:
+                    # a batch whose commit and release failed left in-flight marks: clear
+                    # them first (retried each second while the disk fails), or those
+                    # messages would wait for the sweeper
+                    await self._release_stranded()
                     ids = await self.store.read(lambda c: q.submitted_message_ids(
                         c, self.CATEGORIZE_BATCH, self.clock()))
                     if not ids:
@@ -376,19 +410,25 @@ class Pipeline:
             for r in results), return_exceptions=True)
         touched: set[int] = set()
         for result, outcome in zip(results, committed):
-            self._in_flight.discard(result.message.id)
             if isinstance(outcome, BaseException):
+                # nothing of it is durable: it goes back to Submission with the leftovers
+                # below (left marked in flight, it would wait for a restart and count a crash)
                 log.error("committing categorizer results failed", error=str(outcome),
                           internal_message_id=result.message.id)
                 continue
-            events, queue_ids = outcome
+            self._in_flight.discard(result.message.id)
+            _, queue_ids = outcome
             touched.update(queue_ids)
-            self._emit(events)
             await self.hooks.notify("on_categorized", message=result.message,
                                     recipients=result.decisions)
         leftover = [i for i in ids if i in self._in_flight]
         if leftover:
-            await self._release(leftover)
+            try:
+                await self._release(leftover)
+            except Exception:  # the disk still fails: the sweeper clears the marks later
+                self._in_flight.difference_update(leftover)
+                self._stranded.update(leftover)
+                raise
         for queue_id in touched:
             self._wake_queue(queue_id)
 
@@ -444,6 +484,7 @@ class Pipeline:
         if resubmit:
             self._loop.call_soon_threadsafe(self._categorizer_wake.set)
         q.finish_if_done(conn, message.id)
+        self._emit(conn, events)
         return events, set(hops.values())
 
     # -- delivery ----------------------------------------------------------------------
@@ -472,7 +513,8 @@ class Pipeline:
 
         Up to ``BATCHES_IN_FLIGHT`` batches overlap, so one batch's file and network waits
         do not hold up the next; a message is reserved before it is read as due, so two
-        batches never hold the same message.
+        batches never hold the same message. A queue whose next hop failed waits in Retry
+        for its next attempt, then tries one batch at a time until the next hop answers.
         """
         wake = self._queue_wake[queue_id]
         running: set[asyncio.Task[None]] = set()
@@ -487,10 +529,13 @@ class Pipeline:
                     await self._pause(backoff)
                     continue
                 try:
-                    ids, later, suspended = await self._due(queue_id)
+                    ids, later, suspended, probing = await self._due(queue_id)
                 except Exception:
                     log.exception("reading delivery queue failed; retrying", queue=queue_id)
                     self._queue_backoff[queue_id] = time.monotonic() + 1.0
+                    continue
+                if ids and probing and running:  # one attempt at a dead next hop at a time
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 if ids:
                     self._in_flight.update(ids)
@@ -523,16 +568,25 @@ class Pipeline:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
 
-    async def _due(self, queue_id: int) -> tuple[list[int], float | None, bool]:
+    async def _due(self, queue_id: int) -> tuple[list[int], float | None, bool, bool]:
         """The next batch of due messages not held by another batch, the next retry time
-        after that, and whether the queue is suspended."""
+        after that, whether the queue is suspended, and whether its next hop failed last
+        time (then batches go one at a time).
+
+        A queue in Retry has nothing due before its next attempt, whatever its messages'
+        own times: mail that arrives meanwhile waits for that attempt too (EXCHANGE §8).
+        """
         now = self.clock()
-        if await self.store.read(lambda c: q.queue_suspended(c, queue_id)):
-            return [], None, True
+        state = await self.store.read(lambda c: q.queue_state(c, queue_id))
+        if state.suspended:
+            return [], None, True, False
+        if state.next_retry is not None and state.next_retry > now:
+            return [], state.next_retry, False, True
         busy = set(self._in_flight)
         ids, later = await self.store.read(lambda c: q.due_for_delivery(
             c, queue_id, now, self.DELIVERY_BATCH, exclude=busy))
-        return [i for i in ids if i not in self._in_flight], later, False
+        return ([i for i in ids if i not in self._in_flight], later, False,
+                state.retry_count > 0)
 
     async def _guarded_batch(self, queue_id: int, ids: list[int], now: float) -> None:
         """A batch that fails outside the deliver hook (the queue could not commit) gives
@@ -570,21 +624,39 @@ class Pipeline:
             error = str(outcome.response)
         else:
             results = outcome
-            error = None
-        queue_level = isinstance(outcome, DeferQueue)
-        writes = [self.store.write(lambda c: q.set_queue_error(c, queue_id, error))]
+            # a recipient the next hop deferred (a read-only or full mailbox or drop folder,
+            # a 4xx reply) is why the queue still holds mail: Get-Queue's LastError says so
+            deferrals = [r.response for result in results if isinstance(result, ItemResult)
+                         for r in result.recipients.values() if r.kind == DEFERRED]
+            error = str(deferrals[-1]) if deferrals else None
+        retry_at: float | None = None
+        writes = []
+        if items and isinstance(outcome, DeferQueue):
+            # the next hop failed as a whole: the queue goes to Retry, and its messages
+            # (these and any that arrive meanwhile) wait for the queue's next attempt
+            delay = self._queue_delay(outcome)
+            retry_at = await self.store.write(lambda c: q.queue_deferred(
+                c, queue_id, now, self.clock(), error or "", delay))
+            log.info("queue in Retry: its next hop failed", queue=queue_id,
+                     next_hop=hop.domain, connector=hop.connector, error=error,
+                     next_retry=retry_at)
+        elif items:  # the next hop answered: the queue leaves Retry
+            writes.append(self.store.write(
+                lambda c: q.queue_attempted(c, queue_id, self.clock(), error)))
         writes += [self.store.write(lambda c, i=item, r=result: self._commit_delivery(
-            c, i, r, queue_level=queue_level)) for item, result in zip(items, results)]
+            c, i, r, retry_at=retry_at)) for item, result in zip(items, results)]
         committed = await asyncio.gather(*writes, return_exceptions=True)
+        committed = committed[len(committed) - len(items):]
+        if items:
+            failpoint("after_delivery_commit")  # crash tests: results and events are durable
         leftover = [m.id for m in messages if not m.recipients]
-        for item, events in zip(items, committed[1:]):
+        for item, events in zip(items, committed):
             if isinstance(events, BaseException):
                 log.error("committing delivery results failed", error=str(events),
                           internal_message_id=item.message.id)
                 leftover.append(item.message.id)  # not held in flight until a restart
                 continue
             self._in_flight.discard(item.message.id)
-            self._emit(events)
         if leftover:
             await self._release(leftover)
         # other queues skipped these messages while they were in flight here: wake them
@@ -612,6 +684,16 @@ class Pipeline:
             return DeferQueue(LOCAL_ERROR)
         return outcome
 
+    def _queue_delay(self, outcome: DeferQueue) -> Callable[[int], float]:
+        """The wait after a queue's n-th failure in a row: the agent's ``retry_in``, else
+        the ladder (QueueGlitchRetry…, TransientFailureRetry…, then
+        OutboundConnectionFailureRetryInterval)."""
+        if outcome.retry_in is not None:
+            fixed = outcome.retry_in
+            return lambda _failures: fixed
+        server = self.server
+        return lambda failures: retry_delay(server, failures, queue_level=True)
+
     @staticmethod
     def _queue_outcome(item: MailItem, outcome: DeferQueue | FailQueue) -> ItemResult:
         if isinstance(outcome, FailQueue):
@@ -624,7 +706,9 @@ class Pipeline:
         await self.store.write(lambda c: q.record_intent(c, intents))
 
     def _commit_delivery(self, conn: sqlite3.Connection, item: MailItem, result: ItemResult,
-                         queue_level: bool) -> list[Event]:
+                         retry_at: float | None = None) -> list[Event]:
+        """Commit one item's results; ``retry_at`` is set when its queue went to Retry (its
+        deferred recipients wait for the queue's next attempt, not their own ladder)."""
         message = item.message
         now = self.clock()
         events: list[Event] = []
@@ -648,21 +732,29 @@ class Pipeline:
                                                last_response=str(EXPIRED)))
                 failures.append((r, EXPIRED, "QUEUE"))
             else:
-                delay = outcome.retry_in if outcome.retry_in is not None else retry_delay(
-                    self.server, attempts, queue_level=queue_level)
+                if retry_at is not None:
+                    next_retry = retry_at
+                else:
+                    next_retry = now + (outcome.retry_in if outcome.retry_in is not None
+                                        else retry_delay(self.server, attempts,
+                                                         queue_level=False))
                 updates.append(RecipientUpdate(
                     r.id, S.RETRY, attempts=attempts, last_response=str(outcome.response),
-                    next_retry=now + delay, first_attempt=r.first_attempt or now,
+                    next_retry=next_retry, first_attempt=r.first_attempt or now,
                     clear_intent=r.id in result.void_intents))
                 events.append(Event("DEFER", "QUEUE", message, [r.address],
                                     [str(outcome.response)], connector=item.next_hop.connector))
         q.update_recipients(conn, updates)
         if delivered:
             event_id = "DELIVER" if source in ("STOREDRIVER", "GATEWAY", "AGENT") else "SEND"
+            # over a connection (SMTP), Exchange's SEND names the remote end as the server
+            ends = Endpoints(result.local_ip, self.server.fqdn, result.remote_ip,
+                             result.remote_host) if result.remote_ip else None
             events.append(Event(event_id, source, message, [r.address for r in delivered],
                                 ["250 2.0.0 " + (result.detail or "OK")] * len(delivered),
-                                connector=item.next_hop.connector, context=result.detail))
-            events.extend(self._success_dsn(conn, message, item, delivered))
+                                connector=item.next_hop.connector, context=result.detail,
+                                endpoints=ends))
+            events.extend(self._success_dsn(conn, message, item, delivered, result))
         events.extend(self._fail_in_conn(conn, message, failures))
         conn.execute("UPDATE message SET in_flight=0, suspect=0 WHERE id=?", (message.id,))
         if result.crashed:
@@ -670,6 +762,7 @@ class Pipeline:
         elif message.crash_count:
             conn.execute("UPDATE message SET crash_count=0 WHERE id=?", (message.id,))
         q.finish_if_done(conn, message.id)
+        self._emit(conn, events)
         return events
 
     def _count_crash(self, conn: sqlite3.Connection, item: MailItem) -> list[Event]:
@@ -714,13 +807,15 @@ class Pipeline:
         return events
 
     def _success_dsn(self, conn: sqlite3.Connection, message: QueuedMessage, item: MailItem,
-                     delivered: list[QueuedRecipient]) -> list[Event]:
+                     delivered: list[QueuedRecipient], result: ItemResult) -> list[Event]:
         """NOTIFY=SUCCESS: 'delivered' for final delivery (a mailbox, an agent), 'relayed'
         for a hand-off to a system that sends no DSNs itself: a Foreign connector's drop
-        folder, only when that connector has RelayDsnRequired (EXCHANGE §2)."""
+        folder, only when that connector has RelayDsnRequired (EXCHANGE §2), or a next hop
+        whose result says ``relayed`` (an SMTP server without DSN, RFC 3461 §5.2.2)."""
         wanted = [r for r in delivered if r.wants(Notify.SUCCESS)]
         if not wanted or not message.mail_from.address:
             return []
+        flagged = {rid for rid, res in result.recipients.items() if res.relayed}
         if item.next_hop.delivery_type == "NonSmtpGatewayDelivery":
             connector = self.connectors.get(item.next_hop.connector.lower())
             if not getattr(connector, "relay_dsn_required", False):
@@ -728,13 +823,18 @@ class Pipeline:
             action = "relayed"
         elif item.next_hop.delivery_type in ("MapiDelivery", "DeliveryAgent"):
             action = "delivered"
-        else:
-            return []  # an SMTP next hop that takes the message owns the DSN from now on
+        else:  # an SMTP next hop with DSN got the NOTIFY and owns the DSN from now on
+            wanted = [r for r in wanted if r.id in flagged]
+            if not wanted:
+                return []
+            action = "relayed"
+        actions = ["relayed" if r.id in flagged else action for r in wanted]
         _, ref = self._insert_dsn(conn, message, [
-            DsnRecipient(final_recipient=r.address, original_recipient=r.orcpt, action=action,
-                         status="2.0.0", last_attempt=self.clock()) for r in wanted])
-        return [Event("DSN", "DSN", message, [r.address for r in wanted],
-                      [action] * len(wanted), reference=ref)]
+            DsnRecipient(final_recipient=r.address, original_recipient=r.orcpt, action=a,
+                         status="2.0.0", last_attempt=self.clock())
+            for r, a in zip(wanted, actions, strict=True)])
+        return [Event("DSN", "DSN", message, [r.address for r in wanted], actions,
+                      reference=ref)]
 
     def _insert_dsn(self, conn: sqlite3.Connection, message: QueuedMessage,
                     recipients: list[DsnRecipient]) -> tuple[int, str]:
@@ -763,14 +863,10 @@ class Pipeline:
                            self.server.delay_notification_timeout / 4)
             interval = min(30.0, max(0.2, interval))
             try:
-                events = await self.store.write(self._sweep)
-                self._emit(events)
+                await self.store.write(self._sweep)
                 self._categorizer_wake.set()  # picks up Submission items whose retry came due
                 self._dispatch_wake.set()  # revives a queue worker that died or went idle
-                if self._stranded:  # in-flight marks a failed release left in the database
-                    ids = list(self._stranded)
-                    await self.store.write(lambda c, ids=ids: q.release(c, ids, None))
-                    self._stranded.difference_update(ids)
+                await self._release_stranded()
             except Exception:
                 log.exception("sweeper failed")
             try:
@@ -794,18 +890,26 @@ class Pipeline:
             conn.execute("UPDATE message SET state='active' WHERE id=?", (message.id,))
             q.finish_if_done(conn, message.id)
         if self.server.delay_notification_timeout and self._delay_dsn_enabled():
+            # delayed: deferred, unreachable, or never tried because its queue is in Retry
+            waiting = ("(r.status IN ('Retry','Unreachable') OR (r.status='Ready' AND r.queue"
+                       " IN (SELECT id FROM delivery_queue WHERE next_retry IS NOT NULL)))"
+                       " AND r.delay_notified=0")
+            queue_errors: dict[int, str] = dict(conn.execute(
+                "SELECT id, last_error FROM delivery_queue WHERE next_retry IS NOT NULL"
+                " AND last_error IS NOT NULL").fetchall())
             due = [r[0] for r in conn.execute(
                 "SELECT DISTINCT m.id FROM message m JOIN recipient r ON r.message=m.id"
-                " WHERE m.state='active' AND m.sender<>'' AND m.received_at<=?"
-                " AND r.status IN ('Retry','Unreachable') AND r.delay_notified=0",
+                f" WHERE m.state='active' AND m.sender<>'' AND m.received_at<=? AND {waiting}",
                 (now - self.server.delay_notification_timeout,))]
-            for message in q.load_messages(conn, due, recipient_filter=(
-                    "r.status IN ('Retry','Unreachable') AND r.delay_notified=0")):
+            for message in q.load_messages(conn, due, recipient_filter=waiting):
                 wanted = [r for r in message.recipients if r.wants(Notify.DELAY)]
                 conn.executemany("UPDATE recipient SET delay_notified=1 WHERE id=?",
                                  [(r.id,) for r in message.recipients])
                 if not wanted:
                     continue
+                for r in wanted:  # never tried: its queue's last error says why
+                    if not r.last_response and r.queue_id in queue_errors:
+                        r.last_response = queue_errors[r.queue_id]
                 _, ref = self._insert_dsn(conn, message, [
                     DsnRecipient(final_recipient=r.address, original_recipient=r.orcpt,
                                  action="delayed", status=_delay_status(r),
@@ -813,6 +917,7 @@ class Pipeline:
                                  will_retry_until=message.expires_at) for r in wanted])
                 events.append(Event("DSN", "DSN", message, [r.address for r in wanted],
                                     ["delayed"] * len(wanted), reference=ref))
+        self._emit(conn, events)
         return events
 
     def _delay_dsn_enabled(self) -> bool:
@@ -825,28 +930,43 @@ class Pipeline:
         await self.store.write(lambda c: q.set_in_flight(c, ids, True))
         self._in_flight.update(ids)
 
+    async def _release_stranded(self) -> None:
+        """Clear the in-flight marks a failed release left in the database."""
+        if self._stranded:
+            ids = list(self._stranded)
+            await self.store.write(lambda c: q.release(c, ids, None))
+            self._stranded.difference_update(ids)
+
     async def _release(self, ids: list[int], retry_in: float | None = None) -> None:
         """Clear the in-flight mark; ``retry_in`` keeps a Submission item back that long."""
         not_before = None if retry_in is None else self.clock() + retry_in
         await self.store.write(lambda c: q.release(c, ids, not_before))
         self._in_flight.difference_update(ids)
 
-    def _track(self, event_id: str, source: str, message: QueuedMessage, recipients: list[str],
+    def _track(self, conn: sqlite3.Connection, event_id: str, source: str,
+               message: QueuedMessage, recipients: list[str],
                statuses: list[str], *, related: str = "", connector: str = "",
-               reference: str = "", context: str = "") -> None:
+               reference: str = "", context: str = "",
+               endpoints: Endpoints | None = None) -> None:
+        """Record one event in the transaction of the queue change it describes (``conn``):
+        the outbox of the tracking log keeps it through a crash (``core.tracking``)."""
+        ends = endpoints or Endpoints()
         self.tracking.log(
             event_id, source, internal_message_id=str(message.id),
             message_id=message.message_id, recipients=recipients, recipient_status=statuses,
             total_bytes=message.size, related_recipient_address=related, reference=reference,
             subject=message.subject, sender=message.mail_from.address,
             return_path=message.mail_from.address or "<>", connector_id=connector,
-            source_context=context, when=self.clock())
+            source_context=context, client_ip=ends.client_ip,
+            client_hostname=ends.client_hostname, server_ip=ends.server_ip,
+            server_hostname=ends.server_hostname, when=self.clock(), conn=conn)
 
-    def _emit(self, events: Iterable[Event]) -> None:
+    def _emit(self, conn: sqlite3.Connection, events: Iterable[Event]) -> None:
+        """Commit ``events`` with the transaction of ``conn`` (in the database thread)."""
         for e in events:
-            self._track(e.event_id, e.source, e.message, e.recipients, e.statuses,
+            self._track(conn, e.event_id, e.source, e.message, e.recipients, e.statuses,
                         related=e.related, connector=e.connector, reference=e.reference,
-                        context=e.context)
+                        context=e.context, endpoints=e.endpoints)
 
 
 def _store_id(conn: sqlite3.Connection) -> str:

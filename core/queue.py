@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from core.model import (
@@ -80,7 +80,11 @@ CREATE TABLE IF NOT EXISTS delivery_queue (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     delivery_type TEXT NOT NULL, domain TEXT NOT NULL, connector TEXT NOT NULL,
     suspended INTEGER NOT NULL DEFAULT 0,
+    -- queue Retry after a connection failure (EXCHANGE §8): next_retry is set while the
+    -- queue waits for its next attempt; retry_count counts the failures in a row
     last_error TEXT, next_retry REAL,
+    retry_count INTEGER NOT NULL DEFAULT 0,
+    last_retry REAL,
     UNIQUE (delivery_type, domain, connector)
 );
 CREATE TABLE IF NOT EXISTS queue_flag (name TEXT PRIMARY KEY, suspended INTEGER NOT NULL);
@@ -93,6 +97,8 @@ CREATE TABLE IF NOT EXISTS claim (
 #: (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it was)
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("recipient", "suspended", "INTEGER NOT NULL DEFAULT 0"),
+    ("delivery_queue", "retry_count", "INTEGER NOT NULL DEFAULT 0"),
+    ("delivery_queue", "last_retry", "REAL"),
 )
 
 MESSAGE_COLUMNS = (
@@ -318,9 +324,51 @@ def queue_hops(conn: sqlite3.Connection) -> dict[int, NextHop]:
         "SELECT id, delivery_type, domain, connector FROM delivery_queue")}
 
 
-def queue_suspended(conn: sqlite3.Connection, queue_id: int) -> bool:
-    row = conn.execute("SELECT suspended FROM delivery_queue WHERE id=?", (queue_id,)).fetchone()
-    return bool(row and row[0])
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """What a delivery queue's worker needs to know before it takes a batch."""
+
+    suspended: bool = False
+    #: while the queue is in Retry (its next hop failed as a whole): its next attempt
+    next_retry: float | None = None
+    #: connection failures in a row; a queue that failed tries one batch at a time
+    retry_count: int = 0
+
+
+def queue_state(conn: sqlite3.Connection, queue_id: int) -> QueueState:
+    row = conn.execute("SELECT suspended, next_retry, retry_count FROM delivery_queue"
+                       " WHERE id=?", (queue_id,)).fetchone()
+    if row is None:
+        return QueueState()
+    return QueueState(bool(row[0]), row[1], int(row[2] or 0))
+
+
+def queue_deferred(conn: sqlite3.Connection, queue_id: int, started: float, now: float,
+                   error: str, delay: Callable[[int], float]) -> float:
+    """The queue's next hop failed as a whole (DeferQueue): the queue goes to Retry.
+
+    ``delay(n)`` is the wait after the n-th failure in a row. Returns the time of the
+    queue's next attempt. A batch taken before another batch already put the queue in Retry
+    failed in the same outage: it takes that retry time and is not counted again.
+    """
+    row = conn.execute("SELECT retry_count, next_retry FROM delivery_queue WHERE id=?",
+                       (queue_id,)).fetchone()
+    count, current = (int(row[0] or 0), row[1]) if row else (0, None)
+    if current is not None and current > started:
+        conn.execute("UPDATE delivery_queue SET last_error=? WHERE id=?", (error, queue_id))
+        return float(current)
+    count += 1
+    at = now + delay(count)
+    conn.execute("UPDATE delivery_queue SET retry_count=?, next_retry=?, last_retry=?,"
+                 " last_error=? WHERE id=?", (count, at, now, error, queue_id))
+    return at
+
+
+def queue_attempted(conn: sqlite3.Connection, queue_id: int, now: float,
+                    error: str | None) -> None:
+    """The next hop answered (or failed every item for good): the queue leaves Retry."""
+    conn.execute("UPDATE delivery_queue SET retry_count=0, next_retry=NULL, last_retry=?,"
+                 " last_error=? WHERE id=?", (now, error, queue_id))
 
 
 def _flag(conn: sqlite3.Connection, name: str) -> bool:
@@ -497,8 +545,9 @@ def queue_summary(conn: sqlite3.Connection, now: float | None = None,
     """One row per queue: identity parts, status, message count, next retry, last error.
 
     ``active`` names the queues with a batch in progress (only the running pipeline knows).
-    A queue is Suspended, else Active, else Ready when something in it is due, else Retry
-    when it waits for a retry time.
+    A delivery queue is Suspended, else Active, else Retry while it waits for its next
+    attempt after its next hop failed (``queue_deferred``), else Ready. Messages deferred on
+    their own (a 4xx to one recipient) are in Retry as messages (Get-Message), not the queue.
     """
     now = time.time() if now is None else now
     busy = set(active)
@@ -511,23 +560,21 @@ def queue_summary(conn: sqlite3.Connection, now: float | None = None,
                 "message_count": submitted, "next_retry": None, "last_error": None})
     for row in conn.execute(
         "SELECT q.id, q.delivery_type, q.domain, q.connector, q.suspended, q.last_error,"
-        " COUNT(DISTINCT r.message) AS n,"
-        " MIN(CASE WHEN r.status='Retry' AND r.suspended=0 AND m.suspended=0"
-        "     THEN r.next_retry END) AS nr,"
-        " SUM(r.suspended=0 AND m.suspended=0 AND (r.status='Ready'"
-        "     OR COALESCE(r.next_retry,0)<=?)) AS due"
+        " q.next_retry, q.retry_count, q.last_retry, COUNT(DISTINCT r.message) AS n"
         " FROM delivery_queue q LEFT JOIN recipient r"
         " ON r.queue=q.id AND r.status IN ('Ready','Retry')"
         # a poisoned message shows in Poison only, not also in the queue it was taken from
         " AND r.message NOT IN (SELECT id FROM message WHERE state='poison')"
-        " LEFT JOIN message m ON m.id=r.message"
-        " GROUP BY q.id ORDER BY q.id", (now,)):
+        " GROUP BY q.id ORDER BY q.id"):
         name = str(row["id"])
+        in_retry = row["next_retry"] is not None and row["next_retry"] > now
         status = ("Suspended" if row["suspended"] else "Active" if name in busy else
-                  "Retry" if not row["due"] and row["nr"] is not None else "Ready")
+                  "Retry" if in_retry else "Ready")
         out.append({"queue": name, "delivery_type": row["delivery_type"],
                     "next_hop": row["domain"], "connector": row["connector"], "status": status,
-                    "message_count": row["n"], "next_retry": row["nr"],
+                    "message_count": row["n"],
+                    "next_retry": row["next_retry"] if in_retry else None,
+                    "last_retry": row["last_retry"], "retry_count": row["retry_count"],
                     "last_error": row["last_error"]})
     unreachable = conn.execute(
         "SELECT COUNT(DISTINCT message) FROM recipient WHERE status='Unreachable'"
@@ -554,6 +601,12 @@ def queue_items(conn: sqlite3.Connection, queue: str, now: float,
         f" WHERE {clause} ORDER BY m.id LIMIT ?", [*params, limit])]
     if not ids:
         return []
+    held_until = None  # a delivery queue in Retry holds every item until its next attempt
+    if queue.isdigit():
+        row = conn.execute("SELECT next_retry FROM delivery_queue WHERE id=?",
+                           (int(queue),)).fetchone()
+        if row and row[0] is not None and row[0] > now:
+            held_until = float(row[0])
     marks = ",".join("?" * len(ids))
     rows = conn.execute(
         f"SELECT m.id, m.message_id, m.sender, m.subject, m.size, m.source, m.received_at,"
@@ -574,11 +627,13 @@ def queue_items(conn: sqlite3.Connection, queue: str, now: float,
             "address": row["address"], "status": row["status"],
             "suspended": bool(row["r_suspended"]), "attempts": row["attempts"],
             "last_error": row["last_response"], "next_retry": row["next_retry"]})
-    return [_finish_item(item, queue, now) for item in items.values()]
+    return [_finish_item(item, queue, now, held_until) for item in items.values()]
 
 
-def _finish_item(item: dict[str, object], queue: str, now: float) -> dict[str, object]:
-    """Status, last error and next retry of one queued item from its recipients."""
+def _finish_item(item: dict[str, object], queue: str, now: float,
+                 held_until: float | None = None) -> dict[str, object]:
+    """Status, last error and next retry of one queued item from its recipients (and from
+    its queue: in a queue in Retry, ``held_until`` is the queue's next attempt)."""
     m = item.pop("_m")
     recipients: list[dict[str, object]] = item["recipients"]  # type: ignore[assignment]
     waiting = [r for r in recipients if not r["suspended"]]
@@ -593,6 +648,8 @@ def _finish_item(item: dict[str, object], queue: str, now: float) -> dict[str, o
     elif queue == "Submission":
         not_before = m["not_before"]  # type: ignore[index]
         status = "Retry" if not_before and not_before > now else "Ready"
+    elif held_until is not None:
+        status = "Retry"
     elif queue == "Unreachable" or due:
         status = "Ready"
     else:
@@ -600,7 +657,13 @@ def _finish_item(item: dict[str, object], queue: str, now: float) -> dict[str, o
     errors = [r["last_error"] for r in recipients if r["last_error"]]
     item["status"] = status
     item["last_error"] = errors[-1] if errors else None
-    item["next_retry"] = min(retries) if retries and status == "Retry" else None
+    own = min(retries) if retries and not due else None
+    if status != "Retry":
+        item["next_retry"] = None
+    elif held_until is not None:
+        item["next_retry"] = max(held_until, own if own is not None else held_until)
+    else:
+        item["next_retry"] = own
     return item
 
 
@@ -681,8 +744,17 @@ def set_queue_suspended(conn: sqlite3.Connection, queue: str, suspended: bool) -
                      (int(suspended), int(queue)))
 
 
+def retry_pending(conn: sqlite3.Connection, queue_id: int, now: float) -> bool:
+    """True when messages of the queue wait on their own retry time (a per-message 4xx)."""
+    return conn.execute(
+        "SELECT 1 FROM recipient WHERE queue=? AND status='Retry' AND suspended=0"
+        " AND next_retry>? LIMIT 1", (queue_id, now)).fetchone() is not None
+
+
 def retry_now(conn: sqlite3.Connection, queue_id: int, now: float) -> int:
-    """Retry-Queue: every waiting item of the queue is due now."""
+    """Retry-Queue: the queue leaves Retry and every waiting item of it is due now (its
+    retry count stays: a failing forced attempt goes on along the retry ladder)."""
+    conn.execute("UPDATE delivery_queue SET next_retry=NULL WHERE id=?", (queue_id,))
     return conn.execute(
         "UPDATE recipient SET next_retry=? WHERE queue=? AND status='Retry' AND suspended=0"
         " AND next_retry>?", (now, queue_id, now)).rowcount
@@ -694,10 +766,6 @@ def settle_submitted(conn: sqlite3.Connection, message_id: int) -> None:
         "UPDATE message SET state='active' WHERE id=? AND state='submitted' AND NOT EXISTS"
         " (SELECT 1 FROM recipient WHERE message=? AND status='Submitted')",
         (message_id, message_id))
-
-
-def set_queue_error(conn: sqlite3.Connection, queue_id: int, error: str | None) -> None:
-    conn.execute("UPDATE delivery_queue SET last_error=? WHERE id=?", (error, queue_id))
 
 
 def dumps(value: object) -> str:

@@ -1,7 +1,8 @@
 """The queue cmdlets' operations on a running pipeline (EXCHANGE §8).
 
 ``QueueAdmin`` is what the control socket (``core.control``) exposes: Get-Queue, Retry-,
-Suspend-, Resume-Queue, Get-, Suspend-, Resume-, Remove- and Export-Message. It runs in the
+Suspend-, Resume-Queue, Get-, Suspend-, Resume-, Remove- and Export-Message, and the back
+pressure state (``get-backpressure``, core/backpressure.py). It runs in the
 daemon's event loop and changes the queue only through the store's group-committed writes,
 then wakes the stage that must act on the change.
 
@@ -43,6 +44,7 @@ from core.model import RecipientStatus, SmtpResponse
 from core.queue import RecipientUpdate
 
 if TYPE_CHECKING:
+    from core.backpressure import BackPressure
     from core.pipeline import Pipeline
 
 log = structlog.get_logger("hubport.queue_admin")
@@ -83,7 +85,8 @@ _AND = re.compile(r"\s+-and\s+", re.IGNORECASE)
 
 QUEUE_FIELDS = {"identity": "identity", "status": "status", "nexthopdomain": "next_hop",
                 "deliverytype": "delivery_type", "messagecount": "message_count",
-                "lasterror": "last_error", "nexthopconnector": "connector"}
+                "lasterror": "last_error", "nexthopconnector": "connector",
+                "retrycount": "retry_count"}
 MESSAGE_FIELDS = {"identity": "identity", "status": "status", "fromaddress": "from",
                   "subject": "subject", "size": "size", "queue": "queue_identity",
                   "lasterror": "last_error", "internetmessageid": "message_id",
@@ -139,8 +142,10 @@ def _term(key: str, op: str, value: str) -> Predicate:
 class QueueAdmin:
     """The queue cmdlets against one running pipeline."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, *,
+                 backpressure: BackPressure | None = None) -> None:
         self.pipeline = pipeline
+        self.backpressure = backpressure
 
     @property
     def server(self) -> str:
@@ -245,10 +250,13 @@ class QueueAdmin:
             return {**await self._queue_row(name), "resubmitted": moved}
         if name == "Unreachable":
             raise AdminError("the Unreachable queue is retried with -Resubmit")
-        if row["status"] != "Retry":
+        now = self.pipeline.clock()
+        # the queue in Retry, or (an Active/Ready queue) messages waiting on their own retry
+        if row["status"] != "Retry" and (row["status"] == "Suspended" or not await
+                                         self.pipeline.store.read(lambda c: q.retry_pending(
+                                             c, int(name), now))):
             raise AdminError(f"queue {row['identity']} is {row['status']}, not in Retry;"
                              " Retry-Queue only acts on queues in Retry")
-        now = self.pipeline.clock()
         count = await self.pipeline.store.write(lambda c: q.retry_now(c, int(name), now))
         self.pipeline.wake_queue(int(name), retry_now=True)
         log.info("queue retried", queue=row["identity"], recipients=count)
@@ -326,7 +334,6 @@ class QueueAdmin:
             if loop.time() > deadline:
                 raise AdminError(f"message {identity} is being processed; try again")
             await asyncio.sleep(0.1)
-        self.pipeline.emit(events)
         log.info("message removed", message=identity, with_ndr=with_ndr, recipients=len(removed))
         return {"identity": identity, "removed": removed, "with_ndr": with_ndr,
                 "ndr_sent": any(e.event_id == "DSN" for e in events)}
@@ -353,6 +360,7 @@ class QueueAdmin:
                             [str(REMOVED)] * len(addresses))]
         q.settle_submitted(conn, number)
         q.finish_if_done(conn, number)
+        self.pipeline.emit(conn, events)  # tracked in the same transaction
         return events, addresses
 
     async def export_message(self, identity: str) -> dict[str, Any]:
@@ -385,7 +393,15 @@ class QueueAdmin:
                 "suspend-queue": self.suspend_queue, "resume-queue": self.resume_queue,
                 "get-message": self.get_message, "suspend-message": self.suspend_message,
                 "resume-message": self.resume_message, "remove-message": self.remove_message,
-                "export-message": self.export_message}
+                "export-message": self.export_message,
+                "get-backpressure": self.get_backpressure}
+
+    async def get_backpressure(self) -> dict[str, Any]:
+        """Get-BackPressure: the level of each watched resource, as Exchange's
+        ``Get-ExchangeDiagnosticInfo -Component ResourceThrottling`` lists them."""
+        if self.backpressure is None:
+            raise AdminError("this daemon runs no resource monitor")
+        return self.backpressure.snapshot()
 
     async def handle(self, request: dict[str, Any]) -> Any:
         """Run one control request ``{"op": ..., "args": {...}}``; AdminError when refused."""

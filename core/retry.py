@@ -1,10 +1,14 @@
 """The retry ladder and expiry (EXCHANGE §8).
 
-After a connection-level failure a queue retries ``QueueGlitchRetryCount`` times at
+After a connection-level failure (the next hop as a whole failed: ``DeferQueue``) the
+queue goes to Retry and retries ``QueueGlitchRetryCount`` times at
 ``QueueGlitchRetryInterval``, then ``TransientFailureRetryCount`` times at
 ``TransientFailureRetryInterval``, then every ``OutboundConnectionFailureRetryInterval``
-until the message expires. A message-level deferral (a 4xx for one message or recipient)
-waits ``MessageRetryInterval``. Every interval is configurable, so tests compress them.
+until its messages expire; ``attempts`` then counts the queue's failures in a row, and the
+queue's messages wait for its next attempt together (``core.queue.queue_deferred``). A
+message-level deferral (a 4xx for one message or recipient while the next hop works) waits
+``MessageRetryInterval`` for that message alone. Every interval is configurable, so tests
+compress them.
 """
 
 from __future__ import annotations

@@ -5,9 +5,11 @@ day of their entries, a block of ``#`` header lines, a new number when a file wo
 limit, and pruning by age and by total folder size. `RotatingLog` is that machinery; a subclass
 only says how one buffered entry becomes one line (`_encode`).
 
-Logging is best-effort and runs next to the event loop: `_append()` only touches an in-memory
-buffer, and `flush()` does all disk work from a worker thread. A disk error never propagates:
-the entries stay buffered (bounded) and the error is reported through `last_error`.
+Logging runs next to the event loop: `_append()` only touches an in-memory buffer, and
+`flush()` does all disk work from a worker thread. A disk error never propagates: the entries
+stay buffered (bounded) and the error is reported through `last_error`. What is buffered is
+best-effort (a crash loses it); a subclass with a durable source of its own (the tracking log's
+outbox) overrides `_flush_pending` and writes with `_write(..., sync=True)`.
 """
 
 from __future__ import annotations
@@ -176,6 +178,7 @@ class RotatingLog:
         self._closed = False
         self._started = False  # first flush prunes, as Exchange does at service start
         self._error: Exception | None = None  # first error of the flush in progress
+        self._sync_failed = False  # set by _write(sync=True) when an fsync failed
         # The file being appended to: its UTC day (yyyymmdd) and number (0 = none yet).
         self._day = ""
         self._n = 0
@@ -230,22 +233,30 @@ class RotatingLog:
     def flush(self) -> None:
         """Write buffered entries to disk; on failure keep them buffered and set last_error."""
         with self._flush_lock:
-            with self._lock:
-                batch = list(self._buffer)
-                self._buffer.clear()
             self._error = None
-            try:
-                if not self._started:
-                    self.directory.mkdir(parents=True, exist_ok=True)
-                    self._prune(current=None)
-                    self._started = True
-                lines = self._serialize(batch)
-                written = self._write(lines)
-                self._requeue([entry for entry, _, _ in lines[written:]])
-            except OSError as exc:
-                self._note(exc)
-                self._requeue(batch)
+            self._flush_pending()
             self._report()
+
+    def _flush_pending(self) -> None:
+        """Write what is waiting (the flush lock is held); a subclass may add a source."""
+        with self._lock:
+            batch = list(self._buffer)
+            self._buffer.clear()
+        try:
+            self._start()
+            lines = self._serialize(batch)
+            written = self._write(lines)
+            self._requeue([entry for entry, _, _ in lines[written:]])
+        except OSError as exc:
+            self._note(exc)
+            self._requeue(batch)
+
+    def _start(self) -> None:
+        """Create the folder and prune, once (Exchange prunes at service start)."""
+        if not self._started:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._prune(current=None)
+            self._started = True
 
     def close(self) -> None:
         """Flush what is buffered; later entries are ignored."""
@@ -302,10 +313,12 @@ class RotatingLog:
         ]
         return ("\n".join(lines) + "\n").encode("ascii")
 
-    def _write(self, lines: list[tuple[Entry, str, bytes]]) -> int:
+    def _write(self, lines: list[tuple[Entry, str, bytes]], sync: bool = False) -> int:
         """Append lines, rolling by day and size; returns how many were written.
 
         A failure stops the batch (the caller requeues the rest) and is noted for last_error.
+        With `sync` every file is fsynced before it is closed (and the folder when a file was
+        created), so a caller that counts lines as durable may; a failed fsync is noted too.
         """
         written = 0
         out: _OpenFile | None = None
@@ -314,24 +327,46 @@ class RotatingLog:
                 if out is None or day != self._day:
                     if out is not None:
                         written += out.commit()
-                        out.close()
+                        self._done_with(out, sync)
                         out = None
                     out = self._open_day(day, entry[0])
                 while out.full_for(len(line), self.max_file_size):
                     written += out.commit()
-                    out.close()
+                    self._done_with(out, sync)
                     out = None
                     self._n += 1
                     out = self._open_current(entry[0])
                 out.add(line)
             if out is not None:
                 written += out.commit()
+                self._done_with(out, sync)
+                out = None
         except OSError as exc:
             self._note(exc)
         finally:
             if out is not None:
                 out.close()
         return written
+
+    def _done_with(self, out: _OpenFile, sync: bool) -> None:
+        """Close a file after its commit; with `sync`, make it (and a new name) durable first.
+
+        A failed fsync sets `_sync_failed`: the lines are in the file but maybe not on disk.
+        """
+        try:
+            if sync:
+                os.fsync(out.fd)
+                if out.header_len:  # created by this flush: its directory entry is new
+                    dirfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(dirfd)
+                    finally:
+                        os.close(dirfd)
+        except OSError:
+            self._sync_failed = True
+            raise
+        finally:
+            out.close()
 
     def _open_day(self, day: str, ts: float) -> _OpenFile:
         """Open the file for `day`: the current one, else that day's newest, else number 1."""
@@ -361,6 +396,10 @@ class RotatingLog:
         if st_size == 0:
             out.add_header(self._header(ts))
             self._prune(current=path)
+        elif _torn(fd, st_size):
+            # a line cut short by a crash (power loss): end it, so the next entry starts
+            # on a line of its own and readers skip only the torn one
+            out.pending += b"\n"
         return out
 
     def _prune(self, current: Path | None) -> None:
@@ -387,9 +426,20 @@ class RotatingLog:
             total -= f.size
 
 
+def _torn(fd: int, size: int) -> bool:
+    """Does the file end in the middle of a line? (Checked once per open: one small read.)"""
+    try:
+        return os.pread(fd, 1, size - 1) != b"\n"
+    except OSError:
+        return False
+
+
 def _open_regular_for_append(path: Path) -> int | None:
-    """An append descriptor for `path`, or None when the name is taken by a non-regular file."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    """An append descriptor for `path`, or None when the name is taken by a non-regular file.
+
+    Read-write, so the end of an existing file can be checked for a torn line (`_torn`).
+    """
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:

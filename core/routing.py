@@ -89,8 +89,8 @@ class RoutingTable:
             if not via:  # no site link reaches any source server: it cannot serve us
                 continue
             if proximity == 0:
-                hop = NextHop(connector.delivery_type, connector.next_hop_domain(space),
-                              connector.name)
+                hop = NextHop(connector.delivery_type,
+                              connector.next_hop_domain(space, address), connector.name)
             else:  # another hub hosts the connector: relay the message to it
                 relay = "SmtpRelayWithinAdSite" if proximity == 1 else "SmtpRelayToRemoteAdSite"
                 hop = NextHop(relay, via, connector.name)

@@ -5,7 +5,9 @@ listens on its bindings, a Send connector may keep a pool of outbound connection
 type defines ``create_service(runtime)`` (a classmethod) returning a ``ConnectorService``;
 the daemon creates one service per type at start, hands it the type's connectors from the
 organization (``apply``) at start and after every accepted configuration change, and stops
-it before the pipeline drains. The service decides which of the connectors are scoped to
+it before the pipeline drains. A service that also defines ``async def close()`` has it
+called once the pipeline has drained, for what deliveries use until their end (the Send
+protocol log's last lines). The service decides which of the connectors are scoped to
 this server (``Server`` for receive connectors, ``SourceTransportServers`` for send ones).
 
 The core knows the service only through this contract and offers it the ``ServiceRuntime``:
@@ -14,12 +16,12 @@ the pipeline's ``submit``, the hooks, the current organization and a back-pressu
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from core.backpressure import INSUFFICIENT_RESOURCES, BackPressure
 from core.model import SmtpResponse, Submission
 
 if TYPE_CHECKING:
@@ -27,10 +29,6 @@ if TYPE_CHECKING:
     from core.hooks import Hooks
     from core.pipeline import Pipeline
     from core.tracking import TrackingLog
-
-#: the reply for new mail while the queue cannot take it (RELIABILITY G53/G54)
-INSUFFICIENT_STORAGE = SmtpResponse(452, "4.3.1", "Insufficient system storage")
-
 
 class ServiceError(Exception):
     """A service could not start or apply its connectors (a port in use, a bad certificate)."""
@@ -61,8 +59,8 @@ class ServiceRuntime:
     #: the organization in force (it changes on a reload)
     organization_of: Callable[[], Organization]
     clock: Callable[[], float] = time.time
-    _free_checked: float = field(default=0.0, repr=False)
-    _free_ok: bool = field(default=True, repr=False)
+    #: the daemon's resource monitor (None: only the store's health is looked at)
+    backpressure: BackPressure | None = None
 
     @property
     def organization(self) -> Organization:
@@ -80,24 +78,15 @@ class ServiceRuntime:
         """
         return await self.pipeline.submit(submission)
 
-    def admission(self) -> SmtpResponse | None:
-        """``None`` when new mail may come in, else the 4xx to answer (back pressure).
+    def admission(self, sender: str | None = None, *, internal: bool = False
+                  ) -> SmtpResponse | None:
+        """``None`` when a new message may come in, else the 452 4.3.1 to answer at MAIL.
 
-        New mail is refused while the queue database cannot commit or its volume has less
-        free space than ``QueueDatabaseMinimumFreeSpace``; delivery of queued mail goes on.
-        The free space is looked at most once a second.
+        Back pressure (``core.backpressure``): at High every sender is refused, at Medium a
+        ``sender`` outside the authoritative domains unless the session is ``internal`` (an
+        authenticated user or another hub). ``sender`` None asks before the sender is known.
+        Queued mail is delivered whatever this says. Costs no I/O: the monitor samples.
         """
-        if not self.pipeline.store.healthy:
-            return INSUFFICIENT_STORAGE
-        minimum = self.server.queue_database_minimum_free_space
-        if minimum is None:
-            return None
-        now = time.monotonic()
-        if now - self._free_checked >= 1.0:
-            self._free_checked = now
-            try:
-                st = os.statvfs(self.pipeline.store.path.parent)
-                self._free_ok = st.f_bavail * st.f_frsize >= minimum
-            except OSError:
-                self._free_ok = False
-        return None if self._free_ok else INSUFFICIENT_STORAGE
+        if self.backpressure is not None:
+            return self.backpressure.admission(sender, internal=internal)
+        return None if self.pipeline.store.healthy else INSUFFICIENT_RESOURCES

@@ -1,9 +1,19 @@
 """The message tracking log: Exchange's MSGTRK files, written as JSON lines, and their searcher.
 
-Tracking is best-effort: the durable queue is the record of truth. So `TrackingLog.log()` only
-appends to an in-memory buffer (it runs on the event loop for every message event), and
-`flush()` does all disk work from a worker thread. A disk error never propagates: the events stay
-buffered (bounded) and the error is reported through `last_error`.
+The log must account for every message even after a crash, so an event that describes a queue
+change is committed with it: `TrackingLog.log(conn=...)`, called inside the group-committed
+transaction, adds the encoded line to the ``tracking_outbox`` table of the queue database and
+costs no fsync of its own. The flusher (a worker thread, every half second) copies new outbox
+rows to the files in sequence order, fsyncs the files, and only then deletes the rows it copied,
+in a later group commit. Each such line carries its ``sequence-number``; at start, before
+anything else runs, the rows a crash left in the outbox are copied unless their number is
+already in that day's files, so no event is lost and none is written twice.
+
+Events that go with no queue commit (`log()` without `conn`: the BADMAIL of a folder file)
+stay best-effort, as the protocol logs are: they are buffered in memory (bounded) and lost if
+the process dies before the next flush; their ``sequence-number`` is null. A disk error never
+propagates: the events stay buffered (or in the outbox) and the error is reported through
+`last_error`.
 
 Every event is written to the file named after its own UTC date, so the searcher can skip
 files by name without missing events.
@@ -11,23 +21,31 @@ files by name without missing events.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
+import sqlite3
 import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from core.rotating_log import LogFile, RotatingLog, day_of, list_files
+from core.failpoints import failpoint
+from core.rotating_log import Entry, LogFile, RotatingLog, day_of, list_files
 from core.rotating_log import iso_ms as _iso_ms
+
+if TYPE_CHECKING:
+    from core.store import Store
 
 __all__ = [
     "EVENT_IDS",
     "FIELDS",
     "MAX_BUFFERED_EVENTS",
+    "OUTBOX_SCHEMA",
     "SOURCES",
     "TrackingLog",
     "TrackingSettings",
@@ -35,6 +53,8 @@ __all__ = [
     "search",
 ]
 
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "MSGTRK"
 LOG_TYPE = "Message Tracking Log"
@@ -63,13 +83,15 @@ SOURCES = frozenset(
 )  # fmt: skip
 
 # Exchange's field names, in Exchange's order (the 2010-era set minus tenant-id and the
-# original-client-ip/original-server-ip pair, which hubport has no use for).
+# original-client-ip/original-server-ip pair, which hubport has no use for), then hubport's
+# sequence-number: the event's number in the outbox (null for a best-effort event). It is how
+# recovery after a crash knows which committed events are already in the files.
 FIELDS: tuple[str, ...] = (
     "date-time", "client-ip", "client-hostname", "server-ip", "server-hostname",
     "source-context", "connector-id", "source", "event-id", "internal-message-id",
     "message-id", "recipient-address", "recipient-status", "total-bytes", "recipient-count",
     "related-recipient-address", "reference", "message-subject", "sender-address",
-    "return-path", "message-info", "directionality", "custom-data",
+    "return-path", "message-info", "directionality", "custom-data", "sequence-number",
 )  # fmt: skip
 
 # Beyond this many unflushed events (disk failing for a long time) the oldest are dropped:
@@ -78,6 +100,27 @@ MAX_BUFFERED_EVENTS = 100_000
 
 # The searcher never holds more than this of one line in memory (a corrupt file may lack newlines).
 MAX_LINE_BYTES = 16 * 1024 * 1024
+
+# The outbox, in the queue database. `line` is the event's JSON line up to its last field (the
+# sequence number, which is the row's key, is added when the line is copied to a file).
+# AUTOINCREMENT: a number is never used twice, even after the rows have been deleted.
+OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tracking_outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    line BLOB NOT NULL
+);
+"""
+
+# Outbox rows copied per read (bounds the flusher's memory after a long disk outage).
+OUTBOX_BATCH = 5000
+
+# Tail of a log file read per step while looking for its last sequence number.
+_TAIL_CHUNK = 64 * 1024
+
+# Marks an outbox entry in the writer's batches: (at, _OUTBOX, seq, line without its end).
+_OUTBOX = object()
+_SEQUENCE_KEY = b'"sequence-number":'
 
 
 @dataclass(frozen=True)
@@ -101,6 +144,21 @@ class TrackingSettings:
 
 # One buffered event: the raw arguments of log(), serialized later by flush() off the loop.
 _Event = tuple[Any, ...]
+
+
+def _create_outbox(conn: sqlite3.Connection) -> None:
+    """Create the outbox; a new one numbers from the current time in microseconds.
+
+    So the numbers of a queue database created afresh (deleted, restored) stay above those an
+    earlier one left in the log files, and recovery never takes a new event for an old one.
+    (At fewer than a million events a second, numbers never catch up with the clock.)
+    """
+    conn.execute(OUTBOX_SCHEMA)
+    conn.execute(
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'tracking_outbox', ?"
+        " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name='tracking_outbox')",
+        (int(time.time() * 1_000_000),),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +198,8 @@ def _json_line(obj: Any) -> bytes:
 
 
 class TrackingLog(RotatingLog):
-    """Buffers tracking events on the event loop and writes them to rotating MSGTRK files."""
+    """Writes tracking events to rotating MSGTRK files: from the queue database's outbox
+    (events committed with queue changes) and from a memory buffer (best-effort events)."""
 
     def __init__(
         self,
@@ -161,6 +220,17 @@ class TrackingLog(RotatingLog):
         self.settings = settings
         self.server_hostname = server_hostname
         self.server_ip = server_ip
+        # The outbox side (see attach): the queue database, a reading connection of the
+        # flusher's own, the highest number copied to the files, the highest known to be on
+        # disk (fsynced; rows up to it may go) and the highest deleted from the outbox.
+        self._store: Store | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._copied = 0
+        self._synced = 0
+        self._trimmed = 0
+        # After a crash, until the leftovers are copied: per UTC day (yyyymmdd), the highest
+        # number already in that day's files.
+        self._in_log: dict[str, int] | None = None
 
     @property
     def max_buffered(self) -> int:
@@ -187,17 +257,29 @@ class TrackingLog(RotatingLog):
         source_context: str = "",
         client_ip: str = "",
         client_hostname: str = "",
+        server_ip: str = "",
+        server_hostname: str = "",
         message_info: str = "",
         directionality: str = "",
         custom_data: dict[str, Any] | None = None,
         when: float | None = None,
+        conn: sqlite3.Connection | None = None,
     ) -> None:
-        """Record one event in memory; no disk I/O, so it is safe on the event loop."""
+        """Record one event; no disk I/O of its own, so it is safe on the event loop.
+
+        `server_ip`/`server_hostname` name the server end of the connection the event is
+        about (the local socket of a RECEIVE over SMTP, the remote host of a SEND); left
+        empty, they are this server's own.
+
+        With `conn` (a queue transaction, in the database thread) the event is committed with
+        that transaction and survives a crash; without it, it is buffered in memory and is
+        best-effort.
+        """
         if event_id not in EVENT_IDS:
             raise ValueError(f"unknown tracking event id {event_id!r}")
         if source not in SOURCES:
             raise ValueError(f"unknown tracking source {source!r}")
-        if not self.settings.enabled or self._closed:
+        if not self.settings.enabled or (self._closed and conn is None):
             return
         event = (
             time.time() if when is None else when,
@@ -220,23 +302,158 @@ class TrackingLog(RotatingLog):
             message_info,
             directionality,
             dict(custom_data) if custom_data else {},
+            server_ip or self.server_ip,
+            server_hostname or self.server_hostname,
         )
-        self._append(event)
+        if conn is None:
+            self._append(event)
+            return
+        try:
+            line = _json_line(self._record(event))
+        except (TypeError, ValueError, OverflowError):  # never let tracking undo a queue change
+            with self._lock:
+                self.dropped += 1
+            logger.warning("%s: unencodable %s event dropped", self.label, event_id)
+            return
+        # the line up to its last field: the flusher appends the sequence number
+        conn.execute(
+            "INSERT INTO tracking_outbox (at, line) VALUES (?, ?)", (event[0], line[:-2])
+        )
+
+    # -- the outbox (the event loop side) ---------------------------------------------------
+
+    async def attach(self, store: Store) -> None:
+        """Take committed events from `store`'s outbox from now on; first copy what a crash
+        left there. Call it at start, before anything can log (the daemon does)."""
+        await store.write(_create_outbox)
+        await asyncio.to_thread(self._open_outbox, store.path)
+        self._store = store
+        await self._flush_in_thread()
+        await self._trim()
+
+    async def run_flusher(self, interval: float = 0.5) -> None:
+        """Flush every `interval` seconds and trim the outbox, until cancelled; then once more."""
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                await self._flush_in_thread()
+                await self._trim()
+        except asyncio.CancelledError:
+            await self._flush_in_thread()
+            await self._trim()
+            raise
+
+    async def _trim(self) -> None:
+        """Delete the outbox rows that are on disk in the files (joins the next group commit)."""
+        upto = self._synced
+        if self._store is None or upto <= self._trimmed:
+            return
+        try:
+            await self._store.write(
+                lambda c: c.execute("DELETE FROM tracking_outbox WHERE seq<=?", (upto,))
+            )
+        except Exception as exc:  # the queue cannot commit now: the rows go next time
+            logger.debug("%s: outbox not trimmed: %s", self.label, exc)
+            return
+        self._trimmed = upto
+
+    def close(self) -> None:
+        """Final flush (the outbox too); later best-effort events are ignored."""
+        super().close()
+        with self._flush_lock:
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
 
     # -- worker thread side (called by RotatingLog.flush) -----------------------------------
 
+    def _open_outbox(self, path: Path) -> None:
+        """Open the flusher's connection; note what of the outbox the files already hold.
+
+        After a crash the outbox holds rows not yet copied and rows copied but not yet
+        deleted. The files of one day receive that day's events in sequence order, so the
+        last numbered line of the day's newest files says which of its rows are there.
+        """
+        reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        reader.execute("PRAGMA query_only=1")
+        reader.execute("PRAGMA busy_timeout=5000")
+        days = {day_of(_iso_ms(at)) for (at,) in reader.execute("SELECT at FROM tracking_outbox")}
+        self._in_log = {day: _highest_in_day(self.directory, day) for day in days} or None
+        with self._flush_lock:
+            self._reader = reader
+
+    def _flush_pending(self) -> None:
+        if self._reader is not None:
+            self._copy_outbox(self._reader)
+        super()._flush_pending()
+
+    def _copy_outbox(self, reader: sqlite3.Connection) -> None:
+        """Append the committed events not yet copied, in sequence order, and fsync them.
+
+        What is copied is never copied again in this process (`_copied`); what is fsynced
+        may leave the outbox (`_synced`). A failure leaves the rest for the next flush.
+        """
+        while True:
+            try:
+                rows = reader.execute(
+                    "SELECT seq, at, line FROM tracking_outbox WHERE seq>? ORDER BY seq LIMIT ?",
+                    (self._copied, OUTBOX_BATCH),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                self._note(exc)
+                return
+            if not rows:
+                break
+            entries: list[Entry] = [
+                (at, _OUTBOX, seq, bytes(line))
+                for seq, at, line in rows
+                if not self._already_in_log(seq, at)
+            ]
+            if entries:
+                lines = self._serialize(entries)
+                failpoint("tracking_before_write")
+                self._sync_failed = False
+                try:
+                    self._start()
+                    written = self._write(lines, sync=True)
+                except OSError as exc:
+                    self._note(exc)
+                    written = 0
+                if written:
+                    self._copied = lines[written - 1][0][2]
+                if written < len(lines) or self._sync_failed:
+                    return
+                failpoint("tracking_after_write")
+            self._copied = rows[-1][0]
+            if len(rows) < OUTBOX_BATCH:
+                break
+        self._in_log = None  # whatever a crash left behind is in the files now
+        self._synced = self._copied
+
+    def _already_in_log(self, seq: int, at: float) -> bool:
+        return self._in_log is not None and seq <= self._in_log.get(day_of(_iso_ms(at)), 0)
+
     def _encode(self, event: _Event) -> tuple[str, bytes]:
+        if event[1] is _OUTBOX:
+            at, _, seq, line = event
+            return day_of(_iso_ms(at)), b"%s,%s%d}\n" % (line, _SEQUENCE_KEY, seq)
+        record = self._record(event)
+        record["sequence-number"] = None
+        return day_of(record["date-time"]), _json_line(record)
+
+    def _record(self, event: _Event) -> dict[str, Any]:
+        """The Exchange fields of an event (all but the sequence number), in their order."""
         (ts, client_ip, client_hostname, source_context, connector_id, source, event_id,
          internal_message_id, message_id, recipients, recipient_status, total_bytes,
          related, reference, subject, sender, return_path, message_info, directionality,
-         custom_data) = event  # fmt: skip
+         custom_data, server_ip, server_hostname) = event  # fmt: skip
         stamp = _iso_ms(ts)
         record = {
             "date-time": stamp,
             "client-ip": client_ip,
             "client-hostname": client_hostname,
-            "server-ip": self.server_ip,
-            "server-hostname": self.server_hostname,
+            "server-ip": server_ip,
+            "server-hostname": server_hostname,
             "source-context": source_context,
             "connector-id": connector_id,
             "source": source,
@@ -256,7 +473,65 @@ class TrackingLog(RotatingLog):
             "directionality": directionality,
             "custom-data": custom_data,
         }
-        return day_of(stamp), _json_line(record)
+        return record
+
+
+def _highest_in_day(directory: Path, day: str) -> int:
+    """The highest sequence number in the files of UTC `day` (yyyymmdd); 0 when none.
+
+    A day's files are appended to in sequence order, newest number last, so the answer is the
+    last numbered line of the newest file that has one.
+    """
+    files = [f for f in list_files(directory, PREFIX) if f.day.strftime("%Y%m%d") == day]
+    for f in sorted(files, key=lambda f: f.n, reverse=True):
+        found = _last_sequence(f.path)
+        if found:
+            return found
+    return 0
+
+
+def _last_sequence(path: Path) -> int:
+    """The sequence number of the last numbered line of a file, read backwards; 0 when none.
+
+    A torn last line (a crash in the middle of a write) is not valid JSON and is passed over.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    with open(fd, "rb") as fh:
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return 0
+            pos = os.fstat(fd).st_size
+            head = b""  # the start of the file's next line, whose beginning is further back
+            while pos > 0:
+                step = min(_TAIL_CHUNK, pos)
+                pos -= step
+                fh.seek(pos)
+                pieces = (fh.read(step) + head).split(b"\n")
+                head = pieces[0] if pos > 0 else b""
+                complete = pieces[1:] if pos > 0 else pieces
+                for raw in reversed(complete):
+                    found = _sequence_of(raw)
+                    if found:
+                        return found
+                if len(head) > MAX_LINE_BYTES:  # a monster line: not one of ours
+                    head = b""
+        except OSError:
+            return 0
+    return 0
+
+
+def _sequence_of(raw: bytes) -> int:
+    if _SEQUENCE_KEY not in raw:  # cheap test first: most old lines have no number
+        return 0
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        return 0
+    value = event.get("sequence-number") if isinstance(event, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,6 +770,7 @@ _PROPERTY_NAMES: tuple[tuple[str, str], ...] = (
     ("MessageSubject", "message-subject"), ("Sender", "sender-address"),
     ("ReturnPath", "return-path"), ("MessageInfo", "message-info"),
     ("Directionality", "directionality"), ("CustomData", "custom-data"),
+    ("SequenceNumber", "sequence-number"),
 )  # fmt: skip
 
 _TABLE_COLUMNS = (

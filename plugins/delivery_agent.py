@@ -22,6 +22,7 @@ from agents.runner import run_connections
 from core import hookimpl
 from core.config_fields import ConfigContext, FieldReader
 from core.connectors import Connector
+from core.failpoints import failpoint
 from core.model import NextHop
 
 
@@ -83,7 +84,10 @@ async def deliver(next_hop: NextHop, connector: Any, items: list[MailItem],
                   context: DeliveryContext) -> Any:
     if not isinstance(connector, DeliveryAgentConnector) or connector.agent is None:
         return None
-    return await run_connections(
+    outcome = await run_connections(
         connector.agent, connector, next_hop, items, context,
         per_connection=connector.max_messages_per_connection,
         semaphore=connection_limit(connector), timeout=connector.connection_timeout)
+    # crash tests: the agent has delivered, the queue does not know it yet
+    failpoint("after_agent_before_commit")
+    return outcome

@@ -9,6 +9,10 @@ prefixed ``hubport_`` so they never clash with a project's own):
   scripted per command;
 * ``hubport_clock`` — a retry clock the test moves forward (``advance(seconds)``).
 
+``running_daemon(config, clock=..., plugins=...)`` is the same in-process daemon on an
+organization file of your own (``async with ... as daemon:``; ``Hub(root, daemon)`` gives the
+helpers below).
+
 Helpers (plain functions and ``Hub`` methods): ``drop_in``/``hub.drop_pickup``,
 ``replay_file``/``hub.drop_replay``, ``drop_files``, ``maildir``, ``events``/``event_ids``
 (message tracking), ``wait_for``.
@@ -25,11 +29,14 @@ from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from core.tracking import search
+
+if TYPE_CHECKING:  # the daemon is imported only when a test starts one
+    from core.daemon import Daemon
 
 BASE_ORG = """
 [transport_config]
@@ -258,12 +265,16 @@ class Hub:
 
 
 @asynccontextmanager
-async def running_hub(root: Path, *, clock: RetryClock | None = None,
-                      plugins: tuple[str, ...] = (), **org: str) -> AsyncIterator[Hub]:
-    """Start a daemon on the test organization in ``root``; stop it (draining) at exit."""
+async def running_daemon(config: Path, *, clock: RetryClock | None = None,
+                         plugins: tuple[str, ...] = ()) -> AsyncIterator[Daemon]:
+    """Run an in-process daemon (``core.daemon.Daemon``) on any organization file.
+
+    For a test whose organization is not ``BASE_ORG``: it yields once the daemon is ready (a
+    start-up error is raised here instead), attaches ``clock`` to its pipeline, and at exit
+    stops it, waits for the drain and restores the working directory.
+    """
     from core.daemon import Daemon
 
-    config = write_org(root, **org)
     cwd = os.getcwd()
     daemon = Daemon(config, signals=False, extra_plugins=plugins)
     task = asyncio.get_running_loop().create_task(daemon.run())
@@ -275,11 +286,19 @@ async def running_hub(root: Path, *, clock: RetryClock | None = None,
     if clock is not None:
         clock.attach(daemon.pipeline)
     try:
-        yield Hub(root, daemon)
+        yield daemon
     finally:
         daemon.stop()
         await asyncio.wait_for(task, 30)
         os.chdir(cwd)
+
+
+@asynccontextmanager
+async def running_hub(root: Path, *, clock: RetryClock | None = None,
+                      plugins: tuple[str, ...] = (), **org: str) -> AsyncIterator[Hub]:
+    """Start a daemon on the test organization in ``root``; stop it (draining) at exit."""
+    async with running_daemon(write_org(root, **org), clock=clock, plugins=plugins) as daemon:
+        yield Hub(root, daemon)
 
 
 @pytest.fixture

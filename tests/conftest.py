@@ -6,13 +6,25 @@ The hub itself is the one hubport's pytest plugin gives plugin authors
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from plugins.pytest_plugin import Hub, running_hub
+from tests.fuzzing import LONG_EXAMPLES, LONG_PROFILE
 from tests.support import CORPUS_DIR
+
+# HYPOTHESIS_PROFILE=long: the fuzz tests (test_fuzz_*.py) run LONG_EXAMPLES examples each
+# from fresh random seeds and keep failures in .hypothesis/ (see docs/reliability.md)
+settings.register_profile(
+    LONG_PROFILE, max_examples=LONG_EXAMPLES, deadline=None, derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.filter_too_much])
+if os.environ.get("HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
 
 CORPUS = CORPUS_DIR
 __all__ = ["Hub", "running_hub"]

@@ -4,7 +4,9 @@
   a drop after the final dot, STARTTLS with a trustme CA, AUTH PLAIN/LOGIN);
 * ``silent_server``: accepts connections and never says a word (timeouts);
 * ``smtp_sink``: Postfix's smtp-sink as a foreign peer;
-* ``dnsmasq``: a real DNS server answering from its command line.
+* ``dnsmasq``: a real DNS server answering from its command line;
+* ``ScriptedDns``: a tiny authoritative server answering per name and type, as broken
+  servers do (NXDOMAIN for one type, SERVFAIL, silence).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -69,8 +72,9 @@ class Script:
 
 
 class _Handler:
-    def __init__(self, script: Script) -> None:
+    def __init__(self, script: Script, dsn: bool = False) -> None:
         self.script = script
+        self.dsn = dsn
         self.received: list[Received] = []
         self.connections = 0
 
@@ -81,7 +85,10 @@ class _Handler:
             session.counted = True  # type: ignore[attr-defined]
             self.connections += 1
         removed = {e.upper() for e in self.script.ehlo_extensions_removed}
-        return [r for r in responses if r[4:].split(" ")[0].upper() not in removed]
+        kept = [r for r in responses if r[4:].split(" ")[0].upper() not in removed]
+        if self.dsn:
+            kept.insert(len(kept) - 1, "250-DSN")
+        return kept
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -106,15 +113,38 @@ class _Handler:
         return self.script.data_reply
 
 
+class _DsnSMTP(SMTP):
+    """aiosmtpd taking the DSN parameters (RFC 3461) it would otherwise refuse with 555.
+
+    They stay in the options the handler and the envelope record, upper-cased as aiosmtpd
+    gives every option.
+    """
+
+    def _getparams(self, params: Any) -> Any:
+        result = super()._getparams(params)
+        if result is not None:
+            for key in ("RET", "ENVID", "NOTIFY", "ORCPT"):
+                result.pop(key, None)
+        return result
+
+
+class _DsnController(Controller):
+    def factory(self) -> SMTP:
+        return _DsnSMTP(self.handler, **self.SMTP_kwargs)
+
+
 class ScriptedSink:
-    """An aiosmtpd sink in its own thread; ``received`` lists what was accepted."""
+    """An aiosmtpd sink in its own thread; ``received`` lists what was accepted.
+
+    ``dsn=True`` announces DSN and takes RET/ENVID and NOTIFY/ORCPT.
+    """
 
     def __init__(self, *, host: str = "127.0.0.1", script: Script | None = None,
                  tls: ssl.SSLContext | None = None,
                  users: dict[str, str] | None = None, auth_require_tls: bool = False,
-                 smtputf8: bool = False) -> None:
+                 smtputf8: bool = False, dsn: bool = False) -> None:
         self.script = script or Script()
-        self.handler = _Handler(self.script)
+        self.handler = _Handler(self.script, dsn)
         self.host = host
         self.port = free_port(host)
         self.users = users
@@ -124,7 +154,8 @@ class ScriptedSink:
         if users is not None:
             kwargs["authenticator"] = self._authenticate
             kwargs["auth_require_tls"] = auth_require_tls
-        self.controller = Controller(self.handler, hostname=host, port=self.port, **kwargs)
+        controller = _DsnController if dsn else Controller
+        self.controller = controller(self.handler, hostname=host, port=self.port, **kwargs)
 
     def _authenticate(self, server: SMTP, session: Session, envelope: Envelope,
                       mechanism: str, auth_data: Any) -> AuthResult:
@@ -238,3 +269,73 @@ def _wait_dns(host: str, port: int, proc: subprocess.Popen[bytes]) -> None:
         except Exception:
             if time.monotonic() > deadline:
                 raise
+
+
+class ScriptedDns:
+    """A tiny authoritative DNS server on a real UDP socket, speaking DNS wire format.
+
+    It answers each (name, type) as scripted, including the ways broken servers answer:
+    ``answers[("host.test", "A")]`` is a list of record texts (empty: NOERROR, no data),
+    or ``"NXDOMAIN"``, ``"SERVFAIL"``, ``"REFUSED"``, or ``"DROP"`` (never answer). Names
+    not scripted get NXDOMAIN. ``queries`` records what was asked.
+    """
+
+    def __init__(self, answers: dict[tuple[str, str], list[str] | str],
+                 host: str = "127.0.0.1") -> None:
+        self.answers = {(n.lower().rstrip("."), t.upper()): v for (n, t), v in answers.items()}
+        self.queries: list[tuple[str, str]] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.1)
+        self.port = int(self.sock.getsockname()[1])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="scripted-dns", daemon=True)
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                wire, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            reply = self._answer(wire)
+            if reply is not None:
+                with contextlib.suppress(OSError):
+                    self.sock.sendto(reply, peer)
+
+    def _answer(self, wire: bytes) -> bytes | None:
+        import dns.flags
+        import dns.message
+        import dns.rcode
+        import dns.rdataclass
+        import dns.rdatatype
+        import dns.rrset
+        try:
+            query = dns.message.from_wire(wire)
+        except Exception:
+            return None
+        question = query.question[0]
+        name = question.name.to_text(omit_final_dot=True).lower()
+        rdtype = dns.rdatatype.to_text(question.rdtype)
+        self.queries.append((name, rdtype))
+        scripted = self.answers.get((name, rdtype), "NXDOMAIN")
+        if scripted == "DROP":
+            return None
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        if isinstance(scripted, str):
+            response.set_rcode(dns.rcode.from_text(scripted))
+        elif scripted:
+            response.answer.append(dns.rrset.from_text_list(
+                question.name, 60, dns.rdataclass.IN, question.rdtype, scripted))
+        return response.to_wire()
+
+    def __enter__(self) -> ScriptedDns:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()

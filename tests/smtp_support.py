@@ -1,7 +1,7 @@
 """Test helpers for receive connectors: free ports, connector TOML and a byte-exact client.
 
 The client speaks raw bytes over a real socket, so a test can send exactly the sequences
-RELIABILITY §2 lists (bare LF, smuggling vectors, pipelined DATA) and read every reply.
+docs/reliability.md lists (bare LF, smuggling vectors, pipelined DATA) and read every reply.
 """
 
 from __future__ import annotations

@@ -7,8 +7,10 @@ re-exported here; this module keeps what only hubport's own suite needs.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from core.config_fields import ConfigContext, FieldReader
 from core.connectors import Connector
@@ -29,6 +31,38 @@ from plugins.pytest_plugin import (  # noqa: F401
     wait_for_sync,
     write_org,
 )
+
+T = TypeVar("T")
+
+
+async def wait_for_value(read: Callable[[], T], enough: Callable[[T], bool], what: str,
+                         timeout: float = 30.0) -> T:
+    """Poll ``read()`` until ``enough`` says yes to its value and return that value; on
+    timeout fail naming ``what`` was awaited and the value last read."""
+    seen: list[T] = []
+
+    def check() -> bool:
+        seen[:] = [read()]
+        return enough(seen[0])
+
+    try:
+        await wait_for(check, timeout=timeout)
+    except AssertionError:
+        last = seen[0] if seen else None
+        raise AssertionError(f"{what} not seen within {timeout}s; last seen: {last!r}") from None
+    return seen[0]
+
+
+def base_org_text(server: dict[str, str] | None = None, extra: str = "") -> str:
+    """``BASE_ORG`` with ``extra`` tables and HUB01's ``server`` keys (TOML values): a key the
+    test organization already sets is replaced, any other is added."""
+    text = BASE_ORG.format(server_extra="", foreign_extra="", extra=extra)
+    for key, value in (server or {}).items():
+        line = f"{key} = {value}"
+        text, found = re.subn(rf"(?m)^{key} = .*$", line, text, count=1)
+        if not found:
+            text = text.replace("[[transport_server]]\n", f"[[transport_server]]\n{line}\n", 1)
+    return text
 
 
 class PlainConnector(Connector):

@@ -70,7 +70,7 @@ noisy = st.one_of(
 )
 
 # ---------------------------------------------------------------------------------------------
-# syntax (EXCHANGE.md §3)
+# syntax (Exchange 2010 address space syntax)
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,7 @@ def test_normalize_accepts(text: str, expected: str) -> None:
     assert normalize_address(text) == expected
 
 
-# RELIABILITY.md catalogue E 37-43
+# docs/reliability.md cases 37–43
 def test_e37_percent_hack_is_an_ordinary_local_part() -> None:
     address = normalize_address("<x%external.example@our.domain>")
     assert split_address(address) == ("x%external.example", "our.domain")

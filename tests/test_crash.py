@@ -1,10 +1,11 @@
 """Crash tests: SIGKILL the real daemon while mail flows, then prove nothing was lost,
-nothing was delivered twice and every body arrived byte for byte (RELIABILITY §5.2).
+nothing was delivered twice and every body arrived byte for byte (docs/reliability.md, Crash soak).
 
 The harness keeps its own ledger of every file it handed to Pickup or Replay (each with a
 unique Message-ID and a random body); after the last daemon has drained, ``check_exactly_once``
 reads the destinations (the Maildirs, the Foreign connector's drop folder) and counts, per
-(destination, Message-ID), how often it arrived. The failpoint tests kill at the exact steps
+(destination, Message-ID), how often it arrived (``tests.ledger``, shared with the crash
+soak ``tests/soak.py``). The failpoint tests kill at the exact steps
 of the folder-claim and drop-write protocols (``core.failpoints``).
 """
 
@@ -13,20 +14,29 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import sqlite3
-import string
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.daemon_process import Daemon, DaemonPool, daemon_pool, hubport, queue_counts
+from tests.ledger import (
+    Key,
+    Report,
+    Seen,
+    folders_empty,
+    leftover_files,
+    listing,
+    observed_files,
+    random_body,
+    recovery_counts,
+    tally,
+)
 from tests.support import drop_in, replay_file, write_org
 
 #: HUBPORT_CRASH_SEED replays another schedule (the summary line prints the seed used)
@@ -74,27 +84,6 @@ class Sent:
                 for r in self.recipients]
 
 
-def random_body(rng: random.Random, n: int) -> bytes:
-    """Printable lines of random length, with the lines that trip naive writers:
-    a lone dot, leading dots, ``From `` at the start, trailing blanks, empty lines."""
-    alphabet = string.ascii_letters + string.digits + string.punctuation + "    "
-    lines = [f"body of message {n}"]
-    for _ in range(rng.randint(1, 60)):
-        pick = rng.random()
-        if pick < 0.05:
-            lines.append(".")
-        elif pick < 0.1:
-            lines.append(".." + "".join(rng.choices(alphabet, k=rng.randint(0, 30))))
-        elif pick < 0.13:
-            lines.append("From the harness, with love")
-        elif pick < 0.2:
-            lines.append("")
-        else:
-            lines.append("".join(rng.choices(alphabet, k=rng.randint(1, 200))) + " " * (
-                rng.random() < 0.1))
-    return ("\n".join(lines) + "\n").encode()
-
-
 def make_ledger(rng: random.Random, count: int, mixes: tuple[tuple[str, ...], ...] = MIXES,
                 tag: str = "crash") -> list[Sent]:
     return [Sent(f"<{tag}-{n:04d}.{rng.getrandbits(32):08x}@harness.test>",
@@ -109,83 +98,12 @@ def drop_file(root: Path, sent: Sent, index: int) -> None:
 
 # -- the checker ---------------------------------------------------------------------------
 
-_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(\S+)", re.IGNORECASE | re.MULTILINE)
-_RECEIVER = re.compile(rb"^x-receiver:[ \t]*<([^>]*)>", re.IGNORECASE | re.MULTILINE)
+DROP_FOLDER = ("drop", "Fax Gateway")
 
 
-@dataclass
-class Report:
-    """RELIABILITY §5.2 in numbers; ``ok`` when nothing is lost, doubled, invented or bent."""
-
-    expected: int = 0
-    delivered: int = 0
-    lost: list[tuple[str, str, str]] = field(default_factory=list)
-    duplicates: list[tuple[str, str, str, int]] = field(default_factory=list)
-    phantoms: list[str] = field(default_factory=list)
-    corrupt: list[str] = field(default_factory=list)
-    bad_files: list[str] = field(default_factory=list)
-    leftovers: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.lost or self.duplicates or self.phantoms or self.corrupt
-                    or self.bad_files or self.leftovers)
-
-    def summary(self) -> str:
-        return (f"expected={self.expected} delivered={self.delivered} lost={len(self.lost)} "
-                f"duplicates={len(self.duplicates)} phantoms={len(self.phantoms)} "
-                f"corrupt={len(self.corrupt)} bad={len(self.bad_files)} "
-                f"leftovers={len(self.leftovers)}")
-
-    def details(self, limit: int = 20) -> str:
-        parts = [self.summary()]
-        for name in ("lost", "duplicates", "phantoms", "corrupt", "bad_files", "leftovers"):
-            items = getattr(self, name)
-            if items:
-                parts.append(f"{name}: {items[:limit]}")
-        return "\n".join(parts)
-
-
-def listing(folder: Path) -> list[Path]:
-    return sorted(folder.iterdir()) if folder.is_dir() else []
-
-
-def _split(data: bytes, blank: bytes) -> tuple[bytes, bytes]:
-    head, sep, body = data.partition(blank)
-    if not sep:
-        raise ValueError("no header/body separator")
-    return head, body
-
-
-def observed_deliveries(root: Path) -> tuple[dict[tuple[str, str, str], list[bytes]], list[str]]:
+def observed_deliveries(root: Path) -> tuple[Seen, list[str]]:
     """Every delivered copy: (kind, destination, Message-ID) → bodies; and unreadable files."""
-    seen: dict[tuple[str, str, str], list[bytes]] = defaultdict(list)
-    unreadable: list[str] = []
-    for alias in sorted(set(MAILBOXES.values())):
-        box = root / "var" / "mailboxes" / alias
-        for sub in ("new", "cur"):
-            for path in listing(box / sub):
-                try:
-                    head, body = _split(path.read_bytes(), b"\n\n")  # Maildir stores LF
-                    found = _MESSAGE_ID.search(head)
-                    assert found is not None
-                except (ValueError, AssertionError):
-                    unreadable.append(str(path))
-                    continue
-                seen[("maildir", alias, found.group(1).decode())].append(body)
-    drop = root / "drop" / "Fax Gateway"
-    for path in sorted(drop.glob("*.eml")) if drop.is_dir() else []:
-        data = path.read_bytes()
-        try:
-            head, body = _split(data, b"\r\n\r\n")  # the drop file keeps CRLF
-            found = _MESSAGE_ID.search(head)
-            assert found is not None
-        except (ValueError, AssertionError):
-            unreadable.append(str(path))
-            continue
-        for receiver in _RECEIVER.findall(head):
-            seen[("drop", receiver.decode().lower(), found.group(1).decode())].append(body)
-    return seen, unreadable
+    return observed_files(root, MAILBOXES.values(), root.joinpath(*DROP_FOLDER))
 
 
 def check_exactly_once(root: Path, ledger: list[Sent]) -> Report:
@@ -194,46 +112,18 @@ def check_exactly_once(root: Path, ledger: list[Sent]) -> Report:
     report = Report()
     seen, unreadable = observed_deliveries(root)
     report.phantoms.extend(unreadable)
-    expected: dict[tuple[str, str, str], bytes] = {}
+    expected: dict[Key, bytes] = {}
     for sent in ledger:
         for kind, dest in sent.destinations():
             body = sent.body if kind == "maildir" else sent.body.replace(b"\n", b"\r\n")
             expected[(kind, dest, sent.message_id)] = body
-    report.expected = len(expected)
-    for key, body in expected.items():
-        copies = seen.get(key, [])
-        if not copies:
-            report.lost.append(key)
-            continue
-        report.delivered += 1
-        if len(copies) > 1:
-            report.duplicates.append((*key, len(copies)))
-        if any(copy != body for copy in copies):
-            report.corrupt.append(key[2])
-    report.phantoms.extend(f"{k}:{d}:{m}" for (k, d, m) in seen if (k, d, m) not in expected)
-    for folder in ("pickup", "replay"):
-        report.bad_files.extend(str(p) for p in (root / folder).glob("*.bad"))
-        report.leftovers.extend(str(p) for p in (root / folder).glob("*.eml"))
-        report.leftovers.extend(str(p) for p in listing(root / folder / ".work"))
-    report.leftovers.extend(str(p) for p in (root / "drop" / "Fax Gateway").glob(".*.tmp"))
-    for alias in set(MAILBOXES.values()):
-        report.leftovers.extend(str(p) for p in listing(root / "var" / "mailboxes" / alias
-                                                        / "tmp"))
+    tally(expected, seen, report=report)
+    report.bad_files, report.leftovers = leftover_files(
+        root, MAILBOXES.values(), root.joinpath(*DROP_FOLDER))
     return report
 
 
 # -- draining -----------------------------------------------------------------------------
-
-
-def folders_empty(root: Path) -> bool:
-    for folder in ("pickup", "replay"):
-        # a kill between the daemon's write-probe and its removal leaves the (ignored) probe
-        if any(p.name != ".work" and not p.name.startswith(".hubport-probe-")
-               for p in listing(root / folder)):
-            return False
-        if listing(root / folder / ".work"):
-            return False
-    return True
 
 
 def drain(root: Path, daemon: Daemon, timeout: float = 60.0) -> None:
@@ -258,27 +148,6 @@ def queues_listed(root: Path) -> list[dict[str, object]]:
     assert done.returncode == 0, done.stderr
     rows: list[dict[str, object]] = json.loads(done.stdout)
     return rows
-
-
-def recovery_counts(daemons: list[Daemon]) -> dict[str, int]:
-    """What the restarts found: messages in flight, claimed files re-ingested or removed."""
-    counts = {"in_flight": 0, "reingested": 0, "removed": 0}
-    for daemon in daemons:
-        for line in daemon.log_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(entry, dict):
-                continue
-            event = entry.get("event")
-            if event == "hubport running":
-                counts["in_flight"] += int(entry.get("recovered", 0))
-            elif event == "ingesting files claimed before a stop":
-                counts["reingested"] += int(entry.get("count", 0))
-            elif event == "removed files committed before a stop":
-                counts["removed"] += int(entry.get("count", 0))
-    return counts
 
 
 def stop(daemon: Daemon) -> None:
@@ -394,7 +263,7 @@ def test_sigkill_at_random_moments_delivers_every_message_exactly_once(
 
     report = check_exactly_once(tmp_path, ledger)
     elapsed = time.monotonic() - started
-    recovered = recovery_counts(pool.started)
+    recovered = recovery_counts(d.log_text() for d in pool.started)
     with capsys.disabled():
         print(f"\ncrash test: seed={SEED} files={FILES} kills={len(landed)} "
               f"({', '.join(f'{k}={landed.count(k)}' for k in sorted(set(landed)))}) "

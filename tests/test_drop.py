@@ -1,6 +1,6 @@
 """Foreign connector Drop folders: missing folder, quota, file format, exactly-once, disk full.
 
-The daemon cases run a real in-process hub (RELIABILITY §4, §6 item 72); the recovery
+The daemon cases run a real in-process hub (docs/reliability.md case 72); the recovery
 protocol of ``agents.file_commit`` is also checked on its own with a fake delivery context.
 """
 

@@ -227,6 +227,39 @@ def test_one_block_per_recipient_in_order() -> None:
     assert [b["Action"] for b in blocks[1:]] == ["failed", "delayed", "delivered"]
 
 
+def test_recipients_listed_are_capped_and_the_rest_counted() -> None:
+    """A 10,000-recipient NDR was 3.9 MB (issue 10, finding 11): one cap for every DSN."""
+    many = [DsnRecipient(f"user{i}@remote.example", None, "failed", "5.5.3",
+                         "550 5.5.3 RESOLVER.ADR.RecipLimit; too many recipients")
+            for i in range(10_000)]
+    data, _ = make(many)
+    msg = parse(data)
+    blocks = status_blocks(msg)[1:]
+    assert dsn_module.MAX_LISTED_RECIPIENTS == 100
+    assert [b["Final-Recipient"] for b in blocks] == [
+        f"rfc822;user{i}@remote.example" for i in range(100)]
+    text = " ".join(human_text(msg).split())
+    assert ("This report is about 10,000 recipients and lists the first 100; the other 9,900"
+            " are in the message tracking log of hub1.example.com.") in text
+    assert "user100@remote.example" not in data.decode()
+    assert len(data) < 60_000
+    assert msg["Subject"] == "Undeliverable: Quarterly report"
+
+
+def test_at_the_cap_nothing_is_left_out() -> None:
+    exact = [DsnRecipient(f"u{i}@remote.example", None, "failed", "5.1.1") for i in range(100)]
+    msg = parse(make(exact)[0])
+    assert len(status_blocks(msg)) == 101
+    assert "lists the first" not in human_text(msg)
+
+
+def test_subject_reflects_recipients_beyond_the_cap() -> None:
+    mixed = [DELIVERED] * 100 + [NOT_FOUND]
+    msg = parse(make(mixed)[0])
+    assert msg["Subject"].startswith("Undeliverable:")
+    assert len(status_blocks(msg)) == 101  # the per-message block and the first 100
+
+
 def test_delayed_dsn_has_will_retry_until() -> None:
     msg = parse(make([DELAYED])[0])
     rcpt = status_blocks(msg)[1]

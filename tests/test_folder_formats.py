@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from core.folder_formats import (
     ContentRejected,
     format_replay,
+    notice_envelope,
     parse_pickup,
     parse_replay,
+    repair_header_section,
 )
 from core.headers import (
     HeaderField,
@@ -273,8 +275,10 @@ def test_pickup_keeps_short_but_valid_date() -> None:
         (b"\x7fELF\x02\x01\x01\xff\xfe\n\x01\x02", "not an RFC 5322 header line: line 1"),
         (b"From: a@x.example\nTo: b@y.example\n\nbo\x00dy\n", "NUL byte at offset 37"),
         (b"From: a@x.example\rTo: b@y.example\n\nbody\n", "bare CR in line 1"),
-        (b"From a@x.example Mon Jan  1 00:00:00 2001\nFrom: a@x.example\n\n", "not an RFC 5322"),
-        (b"From: a@x.example\nTo: b@y.example\njunk\n", "not an RFC 5322 header line: line 3"),
+        # repaired (the mbox line dropped), then refused for what is left
+        (b"From a@x.example Mon Jan  1 00:00:00 2001\nFrom: a@x.example\n\n", "no recipient"),
+        (b" folded first\nFrom: a@x.example\nTo: b@y.example\n\n",
+         "not an RFC 5322 header line: line 1"),
     ],
 )
 def test_pickup_hostile_inputs(data: bytes, reason: str) -> None:
@@ -346,7 +350,7 @@ def test_pickup_shuffled_lines_only_raise_message_format_error(
         envelope, stored = pickup(data)
     except MessageFormatError:
         return
-    canonical = canonicalize_line_endings(data)
+    canonical, _ = repair_header_section(canonicalize_line_endings(data))
     assert body(stored) == canonical[parse_header_section(canonical).body_offset :]
     assert envelope.recipients
 
@@ -359,7 +363,7 @@ def test_pickup_corpus_succeeds_or_is_bad_and_keeps_body(path: Path) -> None:
     except MessageFormatError as exc:
         assert exc.reason
         return
-    canonical = canonicalize_line_endings(data)
+    canonical, _ = repair_header_section(canonicalize_line_endings(data))
     original = parse_header_section(canonical)
     result = parse_header_section(stored)
     assert stored[result.body_offset :] == canonical[original.body_offset :]
@@ -388,8 +392,9 @@ def test_pickup_corpus_succeeds_or_is_bad_and_keeps_body(path: Path) -> None:
         ("php-imap__bcc.eml", "ok"),
         ("php-imap__undisclosed_recipients.eml", "no recipient"),
         ("haraka__base64-root-part.eml", "no sender"),
-        ("rustpython__msg_25.eml", "not an RFC 5322 header line: line 1"),
-        ("cpython__msg_35.eml", "not an RFC 5322 header line: line 4"),
+        ("rustpython__msg_25.eml", "ok"),  # a leading mbox "From " line is dropped
+        ("cpython__msg_35.eml", "ok"),  # the missing blank line after the header is added
+        ("flanker__enclosed-bad-encoding.eml", "not an RFC 5322 header line: line 1"),
         ("flanker__mailformed-headers.eml", "bad recipient address"),
     ],
 )
@@ -413,6 +418,165 @@ def test_pickup_bcc_corpus_file() -> None:
 def test_pickup_msg47_gets_a_new_date() -> None:
     _, stored = pickup((CORPUS_DIR / "cpython__msg_47.eml").read_bytes())
     assert parsedate_to_datetime(header(stored, "date")).timestamp() == NOW
+
+
+# --------------------------------------------------------------------------------------------
+# Repairs Postfix's sendmail and cleanup make (issue 10, finding 7)
+
+
+MBOX = b"From alice@x.example  Mon Mar 18 11:39:41 2013\n"
+HEADER = b"From: a@x.example\nTo: b@y.example\nSubject: s\n"
+
+
+@pytest.mark.parametrize("prefix", [MBOX, MBOX + b">From old\n>>From older\n", b">From x\n"])
+def test_leading_mbox_from_lines_are_dropped(prefix: bytes) -> None:
+    repairs: list[str] = []
+    envelope, stored = pickup(prefix + HEADER + b"\nFrom here on, a body line.\n",
+                              repairs=repairs)
+    assert envelope.mail_from.address == "a@x.example" and rcpts(envelope) == ["b@y.example"]
+    assert body(stored) == b"From here on, a body line.\r\n"  # never a body's From line
+    assert names(stored)[:4] == ["received", "from", "to", "subject"]
+    count = prefix.count(b"\n")
+    assert repairs == [f'removed {count} mbox "From " line{"s" if count > 1 else ""}']
+
+
+def test_missing_blank_line_after_the_header_is_inserted() -> None:
+    repairs: list[str] = []
+    data = HEADER + b"X-Folded: one\n two\ncounter to RFC 5322, no blank line\nmore: body\n"
+    envelope, stored = pickup(data, repairs=repairs)
+    assert body(stored) == b"counter to RFC 5322, no blank line\r\nmore: body\r\n"
+    assert header(stored, "x-folded") == "one two"  # a continuation line stays a header line
+    assert repairs == ["inserted the missing blank line after the header (before line 6)"]
+    assert rcpts(envelope) == ["b@y.example"]
+
+
+def test_both_repairs_count_lines_as_in_the_file() -> None:
+    data, repairs = repair_header_section(b"From x\r\nFrom: a@x\r\nbody\r\n")
+    assert data == b"From: a@x\r\n\r\nbody\r\n"
+    assert repairs == ['removed 1 mbox "From " line',
+                       "inserted the missing blank line after the header (before line 3)"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"From: a@x\r\nTo: b@y\r\n\r\nbody\r\n",  # well formed
+        b"From: a@x\r\nTo: b@y\r\n",  # headers only
+        b"From: a@x\r\nTo: b@y",  # headers only, no final line break
+        b"not a header\r\nFrom: a@x\r\n\r\n",  # no header at all: nothing to repair
+        b" continuation first\r\nFrom: a@x\r\n\r\n",
+        b"",
+    ],
+)
+def test_nothing_to_repair(data: bytes) -> None:
+    assert repair_header_section(data) == (data, [])
+
+
+def test_well_formed_file_is_not_copied_or_reported() -> None:
+    repairs: list[str] = []
+    _, stored = pickup(SIMPLE, repairs=repairs)
+    assert repairs == []
+    assert body(stored) == canonicalize_line_endings(SIMPLE).split(b"\r\n\r\n", 1)[1]
+
+
+def test_replay_mbox_line_after_the_envelope_lines_is_dropped() -> None:
+    message = MBOX + HEADER + b"\nbody\n"
+    for head in (b"X-Sender: <s@x.example>\nX-Receiver: <r@y.example>\n",
+                 b"X-Sender: <s@x.example>\nX-Receiver: <r@y.example>\n"
+                 b"X-EndOfInjectedXHeaders: 60\n"):
+        for data in (head + message, MBOX + head + message):
+            repairs: list[str] = []
+            envelope, stored = replay(data, repairs=repairs)
+            assert envelope.mail_from.address == "s@x.example"
+            assert rcpts(envelope) == ["r@y.example"]
+            assert names(stored)[:4] == ["received", "from", "to", "subject"]
+            assert body(stored) == b"body\r\n"
+            dropped = data.count(b"From alice")
+            assert repairs == [f'removed {dropped} mbox "From " line'
+                               f'{"s" if dropped > 1 else ""}']
+
+
+def test_replay_missing_blank_line() -> None:
+    repairs: list[str] = []
+    data = b"X-Sender: <s@x.example>\nX-Receiver: <r@y.example>\n" + HEADER + b"body\n"
+    _, stored = replay(data, repairs=repairs)
+    assert body(stored) == b"body\r\n"
+    assert repairs == ["inserted the missing blank line after the header (before line 6)"]
+
+
+def test_an_error_after_a_repair_says_so() -> None:
+    error = reason_of(pickup, MBOX + b"\n\nbody\n")
+    assert error.reason.startswith("no header section")
+    error = reason_of(pickup, MBOX + b"Subject: no sender\n\nbody\n")
+    assert error.reason == "no sender: From or Sender required"
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.name)
+def test_every_corpus_file_is_taken_by_replay(path: Path) -> None:
+    data = b"X-Sender: <s@x.example>\nX-Receiver: <r@y.example>\n" + path.read_bytes()
+    repairs: list[str] = []
+    envelope, stored = replay(data, repairs=repairs)
+    assert rcpts(envelope) == ["r@y.example"]
+    original = canonicalize_line_endings(path.read_bytes())
+    if repairs:  # the five mbox files and the one without a blank line
+        assert path.name in {
+            "flanker__torture-part.eml", "mailman2__newmailru_01.eml", "mailman2__qmail_08.eml",
+            "rustpython__msg_25.eml", "rustpython__msg_43.eml", "cpython__msg_35.eml"}
+        original = repair_header_section(original)[0]
+    assert body(stored) == original.split(b"\r\n\r\n", 1)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# The envelope of a refused file (its NDR)
+
+
+def test_notice_envelope_of_a_pickup_head_cut_mid_line() -> None:
+    head = MBOX + b"From: A <a@x.example>\nTo: b@y.example, bad@@y, c@y.example\nBcc: d@y\n"
+    head += b"Subject: big\n\n" + b"body " * 100
+    envelope, header_block = notice_envelope(head[:-7], replay=False)
+    assert envelope.mail_from == MailFrom("a@x.example", smtputf8=False)
+    assert rcpts(envelope) == ["b@y.example", "c@y.example", "d@y"]  # bad@@y left out
+    assert header_block == b"From: A <a@x.example>\r\nTo: b@y.example, bad@@y, c@y.example\r\n" \
+        b"Subject: big\r\n\r\n"  # no Bcc, no body
+
+
+def test_notice_envelope_ignores_bad_bytes_after_the_header() -> None:
+    head = b"From: a@x.example\nTo: b@y.example\n\nbinary \x00 and \r bare\n"
+    envelope, _ = notice_envelope(head, replay=False)
+    assert rcpts(envelope) == ["b@y.example"]
+
+
+def test_notice_envelope_of_a_replay_head() -> None:
+    head = (b"X-Sender: <s@x.example> RET=FULL\nX-Receiver: <r1@y.example> NOTIFY=NEVER\n"
+            b"X-Receiver: <@@>\nX-Receiver: <r2@y.example>\nFrom: v@x.example\n\nbody")
+    envelope, header_block = notice_envelope(head, replay=True)
+    assert envelope.mail_from.address == "s@x.example"
+    assert envelope.recipients == [
+        EnvelopeRecipient("r1@y.example", frozenset({Notify.NEVER})),
+        EnvelopeRecipient("r2@y.example")]
+    assert header_block == b"From: v@x.example\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("head", "replay_format", "reason"),
+    [
+        (b"X-Sender: <>\nX-Receiver: <r@y.example>\n\n", True, "null sender"),
+        (b"X-Receiver: <r@y.example>\n\n", True, "no X-Sender"),
+        (b"To: r@y.example\n\n", False, "no sender"),
+        (b"From: <>\nTo: r@y.example\n\n", False, "no sender"),
+        (b"\x00\x01\x02", False, "no header section"),
+    ],
+)
+def test_notice_envelope_without_a_sender_to_notify(
+        head: bytes, replay_format: bool, reason: str) -> None:
+    with pytest.raises(MessageFormatError) as info:
+        notice_envelope(head, replay=replay_format)
+    assert reason in info.value.reason
+
+
+def test_notice_envelope_without_recipients_reports_on_the_sender() -> None:
+    envelope, _ = notice_envelope(b"From: a@x.example\nSubject: s\n\n", replay=False)
+    assert rcpts(envelope) == ["a@x.example"]
 
 
 # --------------------------------------------------------------------------------------------

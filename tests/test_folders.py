@@ -1,4 +1,4 @@
-"""Hostile input in the Pickup and Replay folders (RELIABILITY §4, §6 items 69–71).
+"""Hostile input in the Pickup and Replay folders (docs/reliability.md cases 69–71).
 
 Every case runs against a real in-process daemon and checks the exact outcome: where the
 file went (``name.bad`` + ``name.bad.reason``, left in place, or gone after commit), what
@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import core.folders as folders_module
+from core.folders import display_name
 from plugins import pytest_plugin
 from tests import support
 from tests.support import (
@@ -72,7 +73,8 @@ def reason_of(folder: Path, stem: bytes) -> str | None:
 
 
 def badmail(root: Path) -> dict[str, str]:
-    """BADMAIL events keyed by the ``ascii()`` of the file name: the reason."""
+    """BADMAIL events keyed by the file name as the log shows it (``display_name``): the
+    reason."""
     return {e["custom-data"]["file"]: e["custom-data"]["reason"]
             for e in events(root, event_id="BADMAIL")}
 
@@ -84,7 +86,7 @@ async def expect_bad(hub: Any, folder: Path, name: bytes, reason: str) -> str:
     assert reason in text, (name, text)
     assert text.endswith("\n") and text.count("\n") == 1  # one line, even for odd names
     assert not os.path.lexists(bpath(folder, name))
-    tracked = await wait_for(lambda: badmail(hub.root).get(ascii(name)))
+    tracked = await wait_for(lambda: badmail(hub.root).get(display_name(name)))
     assert reason in tracked
     return text
 
@@ -260,7 +262,7 @@ async def test_long_named_bad_file_is_moved_aside(hub_factory: HubFactory, tmp_p
         assert sorted(os.listdir(os.fsencode(hub.pickup))) == [
             b".work", stem + b".bad", stem + b".bad.reason"]
         assert work_entries(hub.pickup) == []  # not stuck in .work
-        await wait_for(lambda: badmail(hub.root).get(ascii(long_name)))
+        await wait_for(lambda: badmail(hub.root).get(display_name(long_name)))
 
 
 async def test_directory_named_eml_is_skipped(hub_factory: HubFactory) -> None:
@@ -317,7 +319,27 @@ async def test_newline_in_file_name(hub_factory: HubFactory) -> None:
         await expect_bad(hub, hub.pickup, b"bad\nname.eml", "not an RFC 5322 header line")
         bad = events(hub.root, event_id="BADMAIL")[0]
         assert "\n" not in bad["custom-data"]["file"]  # escaped, never a raw newline
-        assert bad["custom-data"]["file"] == ascii(b"bad\nname.eml")
+        assert bad["custom-data"]["file"] == "bad\\x0aname.eml"
+        receive = await wait_for(lambda: events(hub.root, event_id="RECEIVE"))
+        assert receive[0]["source-context"] == "file=new\\x0aline.eml"
+
+
+async def test_file_names_are_logged_as_readable_text(hub_factory: HubFactory) -> None:
+    """Finding 4 of issue 10: names were written as Python ``b'...'`` reprs."""
+    async with hub_factory() as hub:
+        drop_in_bytes(hub.pickup, "naïve €.eml".encode(), message(subject="utf-8 name"))
+        drop_in_bytes(hub.replay, b"latin-\xe9.eml",
+                      replay_file("alice@contoso.test", ["bob@contoso.test"],
+                                  message(subject="latin-1 name")))
+        drop_in_bytes(hub.pickup, b"junk-\xe9.eml", b"no header at all\n")
+        await expect_bad(hub, hub.pickup, b"junk-\xe9.eml", "not an RFC 5322 header line")
+        received = await wait_for(lambda: len(events(hub.root, event_id="RECEIVE")) == 2
+                                  and events(hub.root, event_id="RECEIVE"))
+        assert sorted(e["source-context"] for e in received) == [
+            "file=latin-\\xe9.eml", "file=naïve €.eml"]
+        assert list(badmail(hub.root)) == ["junk-\\xe9.eml"]
+        for record in [*received, *events(hub.root, event_id="BADMAIL")]:
+            assert "b'" not in str(record) and 'b"' not in str(record)
 
 
 # -- timing and races ---------------------------------------------------------------------------
@@ -543,7 +565,7 @@ async def test_file_renamed_in_from_another_folder_is_taken_before_the_rescan(
 async def test_two_hubs_sharing_a_pickup_folder_take_each_file_once(tmp_path: Path) -> None:
     """HUB01 and HUB02 watch the same Pickup and Replay folders (each with its own queue):
     every file is ingested by exactly one of them, and a restart of one never re-ingests the
-    other's claims (RELIABILITY §6, 72)."""
+    other's claims (docs/reliability.md case 72)."""
     import asyncio
 
     from core.daemon import Daemon

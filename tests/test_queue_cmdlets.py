@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import stat
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -24,7 +28,14 @@ import pytest
 
 from core import queue as q
 from core.queue_admin import QUEUE_FIELDS, AdminError, parse_filter
-from tests.daemon_process import Daemon, DaemonPool, daemon_pool, hubport
+from tests.daemon_process import (
+    Daemon,
+    DaemonPool,
+    child_env,
+    daemon_pool,
+    hubport,
+    hubport_command,
+)
 from tests.support import BASE_ORG, events, maildir, message, replay_file, wait_for_sync
 
 PLUGIN = '''
@@ -307,6 +318,9 @@ def test_exported_message_dropped_into_replay_is_delivered(tmp_path: Path,
     cmd(tmp_path, "remove-message", "--identity", ident)
     mode(tmp_path, "deliver")
     os.rename(out, tmp_path / "replay" / "saved.eml")
+    # the copy waits in the queue, which stays in Retry (10 minutes) until retried
+    wait_for_sync(lambda: (r := hop_queue(tmp_path)) and r["message_count"] == 1, timeout=20)
+    cmd(tmp_path, "retry-queue", "--identity", hop_queue(tmp_path)["identity"])
     wait_for_sync(lambda: delivered(tmp_path) == ["x@example.net exported"], timeout=20)
 
 
@@ -332,6 +346,36 @@ def test_no_daemon_is_a_clear_error(tmp_path: Path, pool: DaemonPool) -> None:
     assert "is stale" in refused(tmp_path, "get-queue")
     start(pool, tmp_path)  # the next daemon replaces the stale socket
     assert "HUB01\\Submission" in queue_rows(tmp_path)
+
+
+def test_another_user_is_told_permission_denied_not_no_daemon(pool: DaemonPool) -> None:
+    """The owner-only state folder hides the socket from other users: say so, not "no daemon"."""
+    if os.getuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the command as another user")
+    root = Path(tempfile.mkdtemp(prefix="hubport-perm-"))
+    daemon = None
+    try:
+        os.chmod(root, 0o755)
+        daemon = start(pool, root)
+        for name in ("org.toml", "hophook.py", "hop-mode"):
+            os.chmod(root / name, 0o644)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        probe = subprocess.run([*as_nobody, sys.executable, "-c", "import core.control"],
+                               cwd=root, capture_output=True, text=True, check=False)
+        if probe.returncode != 0:
+            pytest.skip(f"this interpreter cannot run as another user: {probe.stderr[-200:]}")
+        done = subprocess.run([*as_nobody, *hubport_command(), "get-queue", "--config",
+                               str(root / "org.toml")], cwd=root, env=child_env(),
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert "permission denied" in done.stderr and "no hubport daemon" not in done.stderr, (
+            done.stderr)
+        assert "HUB01\\Submission" in queue_rows(root)  # the owner still gets through
+    finally:
+        if daemon is not None and daemon.alive():
+            daemon.kill()
+            daemon.wait(30)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_control_socket_is_owner_only(tmp_path: Path, pool: DaemonPool) -> None:

@@ -45,7 +45,17 @@ from core.model import (
     SmtpResponse,
     Submission,
 )
-from tests.support import BASE_ORG, PlainConnector, drop_in, events, maildir, message, wait_for
+from core.pipeline import Pipeline
+from plugins.pytest_plugin import running_daemon
+from tests.support import (
+    PlainConnector,
+    base_org_text,
+    drop_in,
+    events,
+    maildir,
+    message,
+    wait_for,
+)
 
 TEMP = SmtpResponse(451, "4.4.1", "Connection timed out (scripted next hop)")
 BUSY = SmtpResponse(452, "4.2.2", "Mailbox busy, try later (scripted)")
@@ -117,32 +127,12 @@ def hop(monkeypatch: pytest.MonkeyPatch) -> ScriptedHop:
     return plugin
 
 
-def org_text(server: dict[str, str] | None = None, extra: str = "") -> str:
-    """The shared test organization plus the scripted connector; ``server`` overrides keys."""
-    text = BASE_ORG.format(server_extra="", foreign_extra="", extra=SCRIPTED + extra)
-    for key, value in (server or {}).items():
-        line = f"{key} = {value}"
-        text, found = re.subn(rf"(?m)^{key} = .*$", line, text, count=1)
-        if not found:
-            text = text.replace("[[transport_server]]\n", f"[[transport_server]]\n{line}\n", 1)
-    return text
-
-
 @asynccontextmanager
 async def running(root: Path, server: dict[str, str] | None = None) -> AsyncIterator[Daemon]:
-    (root / "org.toml").write_text(org_text(server))
-    daemon = Daemon(root / "org.toml", signals=False)
-    task = asyncio.get_running_loop().create_task(daemon.run())
-    ready = asyncio.ensure_future(daemon.ready.wait())
-    await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        ready.cancel()
-        task.result()
-    try:
+    """The shared test organization plus the scripted connector; ``server`` overrides keys."""
+    (root / "org.toml").write_text(base_org_text(server, extra=SCRIPTED))
+    async with running_daemon(root / "org.toml") as daemon:
         yield daemon
-    finally:
-        daemon.stop()
-        await asyncio.wait_for(task, 30)
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -294,6 +284,26 @@ async def test_queue_level_deferrals_climb_the_retry_ladder(tmp_path: Path,
     assert recipient["status"] == "Retry" and recipient["attempts"] >= 5
 
 
+async def test_a_queue_in_retry_makes_one_attempt_per_retry_whatever_its_length(
+        tmp_path: Path, hop: ScriptedHop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its messages fill three batches, but a queue whose next hop failed tries one batch
+    per retry (the others would only fail the same way): each deliver call is one failure
+    of the queue, counted in its RetryCount."""
+    monkeypatch.setattr(Pipeline, "DELIVERY_BATCH", 2)
+    hop.respond = lambda items: DeferQueue(TEMP)
+    async with running(tmp_path):
+        replay(tmp_path, "0.eml", "alice@contoso.test", ["<r0@example.net>"], "first")
+        await wait_for(lambda: (r := queues(tmp_path).get("Scripted")) and
+                       r["status"] == "Retry")
+        for n in range(1, 6):
+            replay(tmp_path, f"{n}.eml", "alice@contoso.test", [f"<r{n}@example.net>"],
+                   f"more {n}")
+        await wait_for(lambda: queues(tmp_path)["Scripted"]["retry_count"] >= 4, timeout=30)
+    [row] = sql(tmp_path, "SELECT retry_count FROM delivery_queue WHERE connector='Scripted'")
+    assert len(hop.calls) == row["retry_count"], [c.items for c in hop.calls]
+    assert max(len(c.items) for c in hop.calls) == 2  # full batches were tried
+
+
 @pytest.mark.parametrize("level", ["queue", "recipient"])
 async def test_retry_in_from_the_agent_overrides_the_ladder(tmp_path: Path, hop: ScriptedHop,
                                                             level: str) -> None:
@@ -410,7 +420,8 @@ async def test_messages_in_flight_at_a_crash_are_retried_alone_then_cleared(
     on its own before normal work starts; surviving it clears its count, so a batch-mate
     of the real culprit never reaches Poison (the kill test in test_daemon_e2e.py shows the
     culprit itself going there)."""
-    hop.respond = lambda items: DeferQueue(TEMP, retry_in=3600)
+    # per-message deferrals: a queue-level one would hold later arrivals for the hour too
+    hop.respond = lambda items: [ItemResult.defer(item, TEMP, retry_in=3600) for item in items]
     async with running(tmp_path):
         for name in ("a", "b", "c"):
             replay(tmp_path, f"{name}.eml", "alice@contoso.test", [f"<{name}@example.net>"],

@@ -1,4 +1,4 @@
-"""DATA framing: only <CRLF>.<CRLF> ends a message, at any block boundary (RELIABILITY §2.1)."""
+"""DATA framing: only <CRLF>.<CRLF> ends a message, at any block boundary (docs/reliability.md cases 1–4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Receive connectors against hostile bytes: framing, smuggling, relay, sizes (RELIABILITY §2).
+"""Receive connectors against hostile bytes: framing, smuggling, relay, sizes (docs/reliability.md, cases 1–45).
 
 Every test runs a real daemon with a receive connector on a loopback port and talks to it
 over a real socket, byte for byte.
@@ -117,6 +117,10 @@ async def test_dot_stuffing_and_received_field(hub_factory, port: int) -> None:
     (b"MAIL FROM:<a@example.org> SIZE=999999999\r\n", 552, "5.3.4"),
     (b"MAIL FROM:<a@example.org> SMTPUTF8\r\n", 555, "5.5.4"),
     (b"MAIL FROM:<J\xc3\xb6rg@example.org>\r\n", 553, "5.6.7"),
+    # SMTPUTF8 is judged before the address (docs/reliability.md case 80, RFC 6531 §3.5)
+    (b"MAIL FROM:<\xc3\xa9t\xc3\xa9@example.org> SMTPUTF8\r\n", 555, "5.5.4"),
+    (b"RCPT TO:<j\xc3\xb6rg@contoso.test>\r\n", 553, "5.6.7"),
+    (b"MAIL FROM:<J\xf6rg@example.org>\r\n", 553, "5.6.7"),  # Latin-1, not UTF-8
     (b"MAIL FROM:<\"a\rb\"@example.com>\r\n", 501, "5.1.7"),
     (b"MAIL FROM:<a@example.org> FOO=bar\r\n", 555, "5.5.4"),
 ])
@@ -131,6 +135,43 @@ async def test_byte_exact_command_replies(hub_factory, port: int, line: bytes, c
         reply = await client.reply()
         assert (reply.code, reply.enhanced) == (code, enhanced), reply
         assert (await client.cmd("NOOP")).code == 250  # the session is still usable
+
+
+@pytest.mark.parametrize(("line", "code", "enhanced"), [
+    (b"MAIL FROM:<\xc3\xa9t\xc3\xa9@example.org> SMTPUTF8\r\n", 250, "2.1.0"),
+    (b"MAIL FROM:<\xc3\xa9t\xc3\xa9@example.org>\r\n", 553, "5.6.7"),
+    (b"MAIL FROM:<\xe9t\xe9@example.org> SMTPUTF8\r\n", 501, "5.1.7"),  # not UTF-8
+    # ESMTP parameters are ASCII: Python's isdigit() and upper() would read these as
+    # SIZE=12 and BODY=8BITMIME
+    (b"MAIL FROM:<a@example.org> SIZE=\xd9\xa1\xd9\xa2\r\n", 501, "5.5.4"),
+    (b"MAIL FROM:<a@example.org> BODY=8bitm\xc4\xb1me\r\n", 501, "5.5.4"),
+])
+async def test_smtputf8_connector_replies(hub_factory, port: int, line: bytes, code: int,
+                                          enhanced: str) -> None:
+    extra = receive_connector("Default", [f"127.0.0.1:{port}"], SmtpUtf8Enabled=True,
+                              **ANONYMOUS)
+    async with hub_factory(extra=extra), connected(port) as client:
+        assert "SMTPUTF8" in (await client.hello()).lines
+        await client.send(line)
+        reply = await client.reply()
+        assert (reply.code, reply.enhanced) == (code, enhanced), reply
+        assert (await client.cmd("NOOP")).code == 250
+
+
+async def test_smtputf8_sender_is_queued_as_given(hub_factory, port: int) -> None:
+    extra = receive_connector("Default", [f"127.0.0.1:{port}"], SmtpUtf8Enabled=True,
+                              **ANONYMOUS)
+    async with hub_factory(extra=extra) as hub, connected(port) as client:
+        await client.hello()
+        reply = await client.cmd("MAIL FROM:<été@example.org> SMTPUTF8".encode())
+        assert reply.code == 250, reply
+        assert (await client.cmd("RCPT TO:<alice@contoso.test>")).code == 250
+        assert (await client.cmd("DATA")).code == 354
+        await client.send(body("utf8") + b"\r\n.\r\n")
+        assert (await client.reply()).code == 250
+        sender = await hub.store.read(lambda c: c.execute(
+            "SELECT sender, smtputf8 FROM message").fetchone())
+        assert tuple(sender) == ("été@example.org", 1)
 
 
 async def test_bare_lf_commands_end_the_session_after_three(hub_factory, port: int) -> None:

@@ -2,7 +2,7 @@
 
 Real clients (aiosmtplib, smtplib in a thread, Debian's swaks) where the bytes do not
 matter; the raw ``Client`` of ``tests.smtp_support`` where they do (EXCHANGE §5,
-RELIABILITY §2 catalogue C, D, F, G). Limits, connector choice and local faults are in
+docs/reliability.md groups C, D, F, G). Limits, connector choice and local faults are in
 ``test_receive_limits.py``; framing and smuggling in ``test_receive_protocol.py``.
 """
 
@@ -504,3 +504,29 @@ async def test_header_firewall_strips_organization_headers_of_anonymous(hub_fact
         assert b"Received: from evil.example" in data  # AnonymousUsers may bring routing
         assert b"Subject: test" in data
 
+
+
+async def test_tracking_records_both_ends_of_the_smtp_connection(hub_factory) -> None:
+    """RECEIVE names the client (address and HELO) and the listener's own address: a
+    listener on 127.0.0.2 is not 127.0.0.1 (issue 10, finding 4)."""
+    port = free_port("127.0.0.2")
+    extra = receive_connector("Second address", [f"127.0.0.2:{port}"],
+                              PermissionGroups=["AnonymousUsers"])
+    async with hub_factory(extra=extra) as hub:
+        async with connected(port, host="127.0.0.2", source="127.0.0.3") as client:
+            await client.hello("sender.example")
+            reply = await client.transaction("someone@example.org", ["alice@contoso.test"],
+                                             body("ends"))
+            assert reply.code == 250, reply
+        seen: list[dict[str, Any]] = []
+
+        def received() -> bool:
+            seen[:] = hub.events(event_id="RECEIVE")
+            return bool(seen)
+
+        await wait_for(received, timeout=30)
+        (event,) = seen
+        assert (event["client-ip"], event["client-hostname"]) == ("127.0.0.3", "sender.example")
+        assert event["server-ip"] == "127.0.0.2"
+        assert event["server-hostname"] == hub.daemon.server.fqdn
+        assert (event["source"], event["connector-id"]) == ("SMTP", "Second address")

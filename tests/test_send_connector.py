@@ -431,6 +431,22 @@ async def test_pickup_to_smart_host_end_to_end(hub_factory: Any) -> None:
     assert sink.received[0].mail_from == "alice@contoso.test"
 
 
+async def test_send_event_names_the_remote_server(hub_factory: Any) -> None:
+    """SEND is tracked as Exchange does: server-ip/-hostname are the smart host's, client-ip
+    our end of the connection (issue 10, finding 4): never the default 127.0.0.1."""
+    with ScriptedSink(host="127.0.0.2") as sink:
+        async with hub_factory(extra=smart_host(sink.port, hosts='"[127.0.0.2]"')) as hub:
+            hub.drop_pickup(message(to="carol@partner.example"))
+            await wait_for(lambda: sink.received, timeout=30)
+            [event] = await wait_for(lambda: hub.events(event_id="SEND"), timeout=30)
+            [receive] = hub.events(event_id="RECEIVE")
+    assert (event["server-ip"], event["connector-id"]) == ("127.0.0.2", "Smart")
+    assert event["server-hostname"] in ("127.0.0.2", "[127.0.0.2]")
+    assert event["client-ip"].startswith("127.")
+    assert event["client-hostname"] == "hub01.contoso.test"
+    assert receive["server-ip"] == "127.0.0.1"  # Pickup: no connection, the server's own
+
+
 async def test_remote_failure_makes_an_ndr(hub_factory: Any, tmp_path: Path) -> None:
     script = Script(rcpt={"gone@partner.example": "550 5.1.1 <gone@partner.example> unknown"})
     with ScriptedSink(script=script) as sink:

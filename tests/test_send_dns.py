@@ -12,7 +12,7 @@ from agents.api import DELIVERED, FAILED, DeferQueue
 from core.model import NextHop
 from plugins.smtp_send import resolver
 from plugins.smtp_send.resolver import LocalIdentity, make_resolver, order_mx, resolve_mx
-from tests.send_peers import ScriptedSink, dnsmasq, free_port
+from tests.send_peers import ScriptedDns, ScriptedSink, dnsmasq, free_port
 from tests.test_send_connector import context, item, kinds, load_org
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,6 +24,9 @@ RECORDS = (
     "--mx-host=loop.test,hub01.contoso.test,10", "--host-record=hub01.contoso.test,127.0.0.9",
     "--mx-host=half.test,hub01.contoso.test,20", "--mx-host=half.test,mx1.example.test,10",
     "--mx-host=backup.test,hub01.contoso.test,10", "--mx-host=backup.test,mx1.example.test,20",
+    # --address answers its own type and NXDOMAIN for every other one (MX, AAAA or A)
+    "--address=/aonly.test/127.0.0.2", "--address=/v6only.test/::1",
+    "--mx-host=viaaonly.test,mx.aonly.test,10",
 )
 NOBODY = LocalIdentity(frozenset({"hub01.contoso.test"}), frozenset())
 
@@ -109,3 +112,89 @@ async def test_mx_delivery_with_failover(tmp_path: Path, dns_port: int) -> None:
     assert sink.received[0].rcpt_tos == ["a@example.test"]
     assert isinstance(outcome, DeferQueue)  # amx.test -> 127.0.0.3: refused, retry later
     assert kinds(result).count(DELIVERED) == 1
+
+
+# -- A and AAAA judged together (issue 10, finding 3) --------------------------------------
+
+
+@pytest.mark.parametrize("domain, host, addresses", [
+    ("aonly.test", "aonly.test", ("127.0.0.2",)),  # MX and AAAA NXDOMAIN, A answers
+    ("viaaonly.test", "mx.aonly.test", ("127.0.0.2",)),  # the MX target's AAAA: NXDOMAIN
+    ("v6only.test", "v6only.test", ("::1",)),  # A NXDOMAIN, AAAA answers
+])
+async def test_nxdomain_for_one_family_is_no_address_of_that_family(
+        dns_port: int, domain: str, host: str, addresses: tuple[str, ...]) -> None:
+    r = await resolve_mx(domain, make_resolver([("127.0.0.1", dns_port)]), 25, NOBODY)
+    assert r.failure is None, r.failure
+    assert hosts(r) == [host] and r.targets[0].addresses == addresses
+
+
+async def test_a_host_whose_aaaa_says_nxdomain_gets_its_mail(tmp_path: Path,
+                                                              dns_port: int) -> None:
+    """dnsmasq's --address answers A and NXDOMAIN for AAAA and MX: the mail is delivered."""
+    with ScriptedSink(host="127.0.0.2") as sink:
+        org = load_org(tmp_path, mx_connector(sink.port),
+                       server_extra=f'ExternalDnsServers = ["127.0.0.1:{dns_port}"]')
+        hop = NextHop("DnsConnectorDelivery", "*", "Internet")
+        from plugins.smtp_send.delivery import deliver_items
+        it = item(["a@aonly.test", "b@viaaonly.test"])
+        [result] = await deliver_items(hop, org.connector("Internet"), [it], context(org))
+    assert kinds(result) == [DELIVERED, DELIVERED], result
+    assert sorted(a for r in sink.received for a in r.rcpt_tos) == ["a@aonly.test",
+                                                                    "b@viaaonly.test"]
+
+
+MX = ("mail.test", "MX")
+
+
+@pytest.mark.parametrize("script, outcome", [
+    # the other family's failure does not hide the addresses found
+    ({("mx.mail.test", "A"): ["127.0.0.2"], ("mx.mail.test", "AAAA"): "SERVFAIL"},
+     ["127.0.0.2"]),
+    ({("mx.mail.test", "A"): "SERVFAIL", ("mx.mail.test", "AAAA"): ["::1"]}, ["::1"]),
+    ({("mx.mail.test", "A"): ["127.0.0.2"], ("mx.mail.test", "AAAA"): "DROP"},
+     ["127.0.0.2"]),
+    ({("mx.mail.test", "A"): ["127.0.0.2"], ("mx.mail.test", "AAAA"): "REFUSED"},
+     ["127.0.0.2"]),
+    ({("mx.mail.test", "A"): ["127.0.0.2"], ("mx.mail.test", "AAAA"): []}, ["127.0.0.2"]),
+    # no address, and one family failed: try later, never bounce
+    ({("mx.mail.test", "A"): "SERVFAIL", ("mx.mail.test", "AAAA"): "NXDOMAIN"}, "4.4.3"),
+    ({("mx.mail.test", "A"): [], ("mx.mail.test", "AAAA"): "DROP"}, "4.4.3"),
+    # the name has no address at all: permanent
+    ({("mx.mail.test", "A"): "NXDOMAIN", ("mx.mail.test", "AAAA"): "NXDOMAIN"}, "5.4.4"),
+    ({("mx.mail.test", "A"): [], ("mx.mail.test", "AAAA"): "NXDOMAIN"}, "5.4.4"),
+], ids=["aaaa-servfail", "a-servfail", "aaaa-silent", "aaaa-refused", "aaaa-nodata",
+        "a-servfail-aaaa-nxdomain", "a-nodata-aaaa-silent", "both-nxdomain",
+        "a-nodata-aaaa-nxdomain"])
+async def test_mx_target_families_judged_together(monkeypatch: pytest.MonkeyPatch,
+                                                  script: dict, outcome: object) -> None:
+    monkeypatch.setattr(resolver, "DNS_TIMEOUT", 0.3)
+    monkeypatch.setattr(resolver, "DNS_LIFETIME", 1.0)
+    monkeypatch.setattr(resolver, "ADDRESS_GRACE", 0.5, raising=False)
+    with ScriptedDns({MX: ["10 mx.mail.test."], **script}) as dns:
+        r = await resolve_mx("mail.test", make_resolver([("127.0.0.1", dns.port)]), 25, NOBODY)
+    if isinstance(outcome, list):
+        assert r.failure is None, r.failure
+        assert hosts(r) == ["mx.mail.test"] and list(r.targets[0].addresses) == outcome
+    else:
+        assert r.failure is not None and r.failure.enhanced == outcome, r.failure
+    assert ("mx.mail.test", "A") in dns.queries and ("mx.mail.test", "AAAA") in dns.queries
+
+
+@pytest.mark.parametrize("script, outcome", [
+    ({("mail.test", "A"): ["127.0.0.2"]}, ["127.0.0.2"]),  # MX NXDOMAIN, yet an address
+    ({("mail.test", "A"): "SERVFAIL"}, "4.4.3"),  # MX NXDOMAIN, A unknown: try later
+    ({}, "5.4.4"),  # NXDOMAIN for everything: the domain does not exist
+], ids=["a-answers", "a-servfail", "all-nxdomain"])
+async def test_mx_nxdomain_is_checked_against_the_addresses(
+        monkeypatch: pytest.MonkeyPatch, script: dict, outcome: object) -> None:
+    monkeypatch.setattr(resolver, "DNS_TIMEOUT", 0.3)
+    monkeypatch.setattr(resolver, "DNS_LIFETIME", 1.0)
+    with ScriptedDns({MX: "NXDOMAIN", **script}) as dns:
+        r = await resolve_mx("mail.test", make_resolver([("127.0.0.1", dns.port)]), 25, NOBODY)
+    if isinstance(outcome, list):
+        assert r.failure is None and hosts(r) == ["mail.test"], r
+        assert list(r.targets[0].addresses) == outcome
+        assert dns.queries.count(("mail.test", "A")) == 1  # looked up once, not twice
+    else:
+        assert r.failure is not None and r.failure.enhanced == outcome, r.failure

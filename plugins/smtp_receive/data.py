@@ -1,7 +1,7 @@
 """Reading the DATA phase: framing that one DATA can never turn into two messages.
 
 The message ends only at ``<CRLF>.<CRLF>`` (RFC 5321 §4.1.1.4); every other newline-dot
-variant of the smuggling vectors (RELIABILITY §2.1) stays inside the content, and a content
+variant of the smuggling vectors (docs/reliability.md 1–4) stays inside the content, and a content
 holding a lone CR or LF is then refused as a whole (or normalized where the connector says
 so). The reader works on blocks, not lines: it keeps at most ``max_size`` bytes, and past
 that only looks for the terminator, so an oversized upload costs no memory.

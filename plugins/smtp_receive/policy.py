@@ -32,7 +32,7 @@ _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 def check_recipient(org: Organization, address: str,
                     rights: frozenset[Right]) -> SmtpResponse | None:
-    """None when RCPT may be accepted; else the refusal (EXCHANGE §5, RELIABILITY §2.7).
+    """None when RCPT may be accepted; else the refusal (Exchange permission groups).
 
     The domain is whatever follows the last unquoted ``@`` of the normalized address, so
     the percent hack, bang paths and quoted local parts stay local parts of our domain.

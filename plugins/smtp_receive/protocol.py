@@ -2,7 +2,7 @@
 
 aiosmtpd gives the transport plumbing: the stream reader/writer, the STARTTLS upgrade that
 discards plaintext sent behind the command (CVE-2024-34083, fixed in 1.4.6) and resets the
-session (RFC 3207 §4.2), and the timer. Everything RELIABILITY §2 asks beyond that is here:
+session (RFC 3207 §4.2), and the timer. Everything docs/reliability.md asks beyond that is here:
 commands must end in CRLF and carry no control characters, DATA is framed by
 ``plugins.smtp_receive.data`` (no smuggling), pipelining into DATA is refused, every reply
 carries an enhanced status code, a local fault answers ``451 4.3.0`` (never a 5xx, never
@@ -24,6 +24,7 @@ import structlog
 from aiosmtpd.smtp import SMTP
 
 from core.addresses import AddressError, normalize_address
+from core.failpoints import failpoint
 from core.headers import (
     MessageFormatError,
     message_id_of,
@@ -78,6 +79,7 @@ AUTH_INVALID = R(535, "5.7.8", "Authentication credentials invalid")
 AUTH_NEEDS_TLS = R(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_UNKNOWN = R(504, "5.7.4", "Unrecognized authentication type")
 BAD_BASE64 = R(501, "5.5.2", "Cannot decode base64")
+AUTH_LINE_TOO_LONG = R(500, "5.5.6", "Authentication Exchange line is too long")  # RFC 4954
 TOO_MANY_RECIPIENTS = R(452, "4.5.3", "Too many recipients")
 TIMEOUT = R(421, "4.4.2", "Connection timed out")
 TOO_MANY_ERRORS = R(421, "4.7.0", "Too many errors on this connection, closing transmission"
@@ -213,7 +215,10 @@ class ReceiveProtocol(SMTP):
         (aiosmtpd cancels the session task here, which could cut a queue commit short and
         leaves a half-open connection counted against the limits.)
         """
-        return asyncio.StreamReaderProtocol.eof_received(self)
+        keep_open = asyncio.StreamReaderProtocol.eof_received(self)
+        # TLS has no half-close: after STARTTLS asking to keep the transport open only
+        # earns an asyncio warning in the log (the stream reader judged it before TLS)
+        return False if self._tls_protocol is not None else keep_open
 
     async def _handle_client(self) -> None:
         try:
@@ -288,7 +293,7 @@ class ReceiveProtocol(SMTP):
         self._reset_timeout(min(connector.connection_inactivity_timeout, left))
         return True
 
-    async def _read_line(self) -> bytes | None:
+    async def _read_line(self, too_long: SmtpResponse = LINE_TOO_LONG) -> bytes | None:
         """One command line with its line ending; b'' after a handled over-long line."""
         try:
             return await self._reader.readuntil(b"\n")
@@ -304,7 +309,7 @@ class ReceiveProtocol(SMTP):
                     await self._reader.read(more.consumed)
                 except asyncio.IncompleteReadError:
                     return None
-            await self.protocol_error(LINE_TOO_LONG)
+            await self.protocol_error(too_long)
             return b""
 
     async def _dispatch(self, line: bytes) -> None:
@@ -342,18 +347,21 @@ class ReceiveProtocol(SMTP):
         await self._run(command, arg)
 
     async def _decode_argument(self, command: str, raw: bytes) -> str | None:
+        """The argument as text. UTF-8 in MAIL and RCPT goes on to be judged with its
+        parameters, so that `SMTPUTF8` on a connector without it gets its own 555 5.5.4
+        and an address without it 553 5.6.7 (RFC 6531 §3.5); other bytes are refused."""
         try:
             return raw.decode("ascii")
         except UnicodeDecodeError:
             pass
         assert self.connector is not None
         if command in ("MAIL", "RCPT"):
-            if not self.connector.smtp_utf8_enabled:
-                await self.reply(NON_ASCII)
-                return None
             try:
                 return raw.decode("utf-8")
             except UnicodeDecodeError:
+                if not self.connector.smtp_utf8_enabled:
+                    await self.reply(NON_ASCII)
+                    return None
                 await self.protocol_error(BAD_SENDER if command == "MAIL" else BAD_RECIPIENT)
                 return None
         await self.protocol_error(R(501, "5.5.2", "Syntax error: 8-bit characters in command"))
@@ -437,8 +445,8 @@ class ReceiveProtocol(SMTP):
 
     def _close(self) -> None:
         transport = self.transport
-        if transport is None:
-            return
+        if transport is None or transport.is_closing():
+            return  # closing a TLS transport twice drops its protocol: it then raises
         transport.close()
         if transport.get_write_buffer_size():  # type: ignore[attr-defined]
             # a client that does not read would keep the connection (and its slot) open
@@ -477,6 +485,13 @@ class ReceiveProtocol(SMTP):
     def rights(self) -> frozenset[Right]:
         assert self.info is not None
         return self.info.rights  # type: ignore[return-value]
+
+    def _own_session(self) -> bool:
+        """The organization's own session, let in at Medium back pressure whatever the
+        sender: an authenticated user, or another hub (the ExchangeServers principals)."""
+        assert self.info is not None
+        return self.info.authenticated_as is not None or self.info.principal in (
+            Principal.EXCHANGE_SERVER.value, Principal.EXTERNALLY_SECURED.value)
 
     def _reset_transaction(self) -> None:
         assert self.info is not None
@@ -589,6 +604,11 @@ class ReceiveProtocol(SMTP):
             log.info("TLS handshake failed", session=self.info and self.info.session_id,
                      error=str(exc))
             self._close()
+            # the TLS layer reports a lost connection only once its handshake is done, and
+            # it has closed the TCP one: say so ourselves, or the session stays counted
+            # against the connection limits forever
+            if self.transport is not None:
+                self.connection_lost(exc)
             return False
         return True
 
@@ -657,10 +677,11 @@ class ReceiveProtocol(SMTP):
         assert self.connector is not None
         if not self._arm_command_timer(self.connector):
             return None
-        try:
-            line = await self._reader.readuntil(b"\n")
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        line = await self._read_line(AUTH_LINE_TOO_LONG)
+        if line is None:  # the client left
             self._close()
+            return None
+        if not line:  # over-long, answered (a silent close left the client waiting)
             return None
         if self.plog is not None:
             self.plog.received(b"", secret=True)
@@ -736,6 +757,11 @@ class ReceiveProtocol(SMTP):
         except AddressError as exc:
             await self.protocol_error(NON_ASCII if "SMTPUTF8" in str(exc) else BAD_SENDER)
             return
+        pressure = self.service.runtime.admission(mail_from.address,
+                                                  internal=self._own_session())
+        if pressure is not None:  # Medium back pressure: outside senders wait
+            await self.reply(pressure)
+            return
         org = self.service.runtime.organization
         refusal = policy.check_sender(org, mail_from.address, self.rights,
                                       self.own_addresses)
@@ -791,22 +817,35 @@ class ReceiveProtocol(SMTP):
             return
         path, params = parsed
         org = self.service.runtime.organization
-        if path.strip("<>").lower() == "postmaster":
-            path = org.postmaster
+        # RFC 5321 §4.5.1: <Postmaster> (any case, no domain) is accepted from anyone who
+        # may send at all, and so is postmaster@ the name this connector greets with
+        postmaster = path.strip("<>").lower() == "postmaster"
+        if postmaster:
+            path = org.postmaster_delivery_address
         try:
             address = normalize_address(_without_root_dot(path),
                                         smtputf8=info.mail_from.smtputf8)
         except AddressError as exc:
             await self.protocol_error(NON_ASCII if "SMTPUTF8" in str(exc) else BAD_RECIPIENT)
             return
+        original = address
+        greeted = address.lower() == f"postmaster@{connector.fqdn}".lower() and \
+            org.accepted_domain_for(connector.fqdn) is None
+        if greeted:
+            postmaster, address = True, org.postmaster_delivery_address
         recipient = _recipient(address, params, connector)
         if isinstance(recipient, SmtpResponse):
             await self.protocol_error(recipient)
             return
+        if greeted and recipient.orcpt is None:  # a DSN names the address the client gave
+            recipient.orcpt = f"rfc822;{original}"
         if len(info.recipients) >= connector.max_recipients_per_message:
             await self.reply(TOO_MANY_RECIPIENTS)
             return
-        refusal = policy.check_recipient(org, address, self.rights)
+        # the postmaster needs no relay right; policy still refuses it (550 5.1.1) when the
+        # organization has no postmaster recipient at all, which is warned about at load
+        rights = self.rights | {Right.ACCEPT_ANY_RECIPIENT} if postmaster else self.rights
+        refusal = policy.check_recipient(org, address, rights)
         if refusal is None:
             refusal = await self.service.event("on_rcpt_to", session=info,
                                                recipient=recipient)
@@ -920,7 +959,8 @@ class ReceiveProtocol(SMTP):
         submission = Submission(
             Envelope(info.mail_from, list(info.recipients)), data, source="SMTP",
             source_name=connector.name, message_id=message_id_of(parsed),
-            subject=subject_of(parsed), client_ip=info.remote_ip, client_hostname=info.helo)
+            subject=subject_of(parsed), client_ip=info.remote_ip,
+            client_hostname=policy.helo_for_header(info.helo), server_ip=info.local_ip)
         verdict = await self.service.event("on_end_of_data", session=info,
                                            submission=submission)
         if verdict is not None:
@@ -936,6 +976,7 @@ class ReceiveProtocol(SMTP):
                       session=info.session_id)
             return LOCAL_ERROR
         info.messages += 1
+        failpoint("after_receive_commit_before_reply")  # crash tests: queued, 250 never sent
         ident = f"<{submission.message_id.strip('<>')}> " if submission.message_id else ""
         return R(250, "2.6.0", f"{ident}[InternalId={internal}] Queued mail for delivery")
 
@@ -984,7 +1025,7 @@ def _control_reply(command: str) -> SmtpResponse:
 
 
 def _without_root_dot(path: str) -> str:
-    """`<a@Example.COM.>` names the same domain as `<a@example.com>` (RELIABILITY §2.7)."""
+    """`<a@Example.COM.>` names the same domain as `<a@example.com>` (docs/reliability.md E)."""
     inner = path[1:-1] if path.startswith("<") and path.endswith(">") else path
     if inner.endswith(".") and "@" in inner and not inner.endswith("@."):
         inner = inner[:-1]
@@ -1022,7 +1063,13 @@ def _split_command(arg: str, keyword: str) -> tuple[str, str] | None:
 
 
 def _parse_params(text: str, esmtp: bool) -> dict[str, str | None] | None:
-    """ESMTP parameters; None on bad syntax, duplicates, or any parameter after HELO."""
+    """ESMTP parameters; None on bad syntax, duplicates, or any parameter after HELO.
+
+    Parameters are ASCII: none hubport knows takes UTF-8 (RFC 6531 §3.3 allows it only in
+    values), and Python would otherwise read `SIZE=١٢` as 12 or `NOTIFY=ſuccess` as SUCCESS.
+    """
+    if not text.isascii():
+        return None
     params: dict[str, str | None] = {}
     for item in text.split():
         key, eq, value = item.partition("=")
@@ -1077,14 +1124,15 @@ def _recipient(address: str, params: dict[str, str | None],
     notify: frozenset[Notify] = frozenset()
     orcpt = None
     for key, value in params.items():
-        if key == "NOTIFY" and connector.delivery_status_notification_enabled and value:
-            try:
-                notify = frozenset(Notify(v.strip().upper()) for v in value.split(","))
+        if key == "NOTIFY" and connector.delivery_status_notification_enabled:
+            try:  # NOTIFY without a value is a syntax error, not an unknown parameter
+                notify = frozenset(Notify(v.strip().upper()) for v in (value or "").split(","))
             except ValueError:
                 return BAD_PARAMETERS
             if Notify.NEVER in notify and len(notify) > 1:
                 return BAD_PARAMETERS
-        elif key == "ORCPT" and connector.delivery_status_notification_enabled and value:
+        elif key == "ORCPT" and connector.delivery_status_notification_enabled:
+            value = value or ""
             kind, semicolon, _ = value.partition(";")
             if not semicolon or not kind or not _XTEXT.fullmatch(value) or len(value) > 500:
                 return BAD_PARAMETERS

@@ -11,12 +11,15 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from core.address_space import AddressSpace
 from core.addresses import AddressError, check_hostname, domain_to_ascii
 from core.config_fields import ConfigContext, FieldReader
 from core.connectors import Connector
+
+if TYPE_CHECKING:
+    from core.services import ConnectorService, ServiceRuntime
 
 USAGES = ("Custom", "Internal", "Internet", "Partner")
 AUTH_MECHANISMS = ("None", "BasicAuth", "BasicAuthRequireTLS", "ExchangeServer",
@@ -110,11 +113,23 @@ class SendConnector(Connector):
         """The queue's DeliveryType: smart-host or DNS (MX) delivery."""
         return "SmartHostConnectorDelivery" if self.smart_hosts else "DnsConnectorDelivery"
 
-    def next_hop_domain(self, space: AddressSpace) -> str:
-        """Exchange names a smart-host queue after its smart-host list."""
+    def next_hop_domain(self, space: AddressSpace, address: str = "") -> str:
+        """Exchange names a smart-host queue after its smart-host list, and gives DNS
+        routing a queue per recipient domain: each domain is its own next hop (its own MX
+        hosts), so one that cannot be reached puts only its own queue in Retry."""
         if self.smart_hosts:
             return ",".join(str(h) for h in self.smart_hosts)
-        return super().next_hop_domain(space)
+        _, at, domain = address.rpartition("@")
+        if at and domain and space.type == "SMTP":
+            return domain.lower()
+        return super().next_hop_domain(space, address)
+
+    @classmethod
+    def create_service(cls, runtime: ServiceRuntime) -> ConnectorService:
+        """The service that keeps the Send protocol log (see ``service``)."""
+        from plugins.smtp_send.service import SendService
+
+        return SendService(runtime)
 
     @classmethod
     def from_config(cls, reader: FieldReader, ctx: ConfigContext) -> SendConnector:

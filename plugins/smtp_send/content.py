@@ -59,7 +59,7 @@ def apply_firewall(data: bytes, usage: str | None) -> bytes:
     return rebuild(parsed, remove=remove)
 
 
-# -- 8-bit and SMTPUTF8 (RELIABILITY §2.8) -----------------------------------------------
+# -- 8-bit and SMTPUTF8 (RFC 6152, RFC 6531) -----------------------------------------------
 
 
 def is_8bit(data: bytes, mail_from: MailFrom) -> bool:

@@ -6,10 +6,13 @@ resolved to targets, and its messages are spread over up to MaxPerDomainOutbound
 connections per route and MaxOutboundConnections overall (process-wide semaphores). A
 connection carries up to SmtpMaxMessagesPerConnection messages.
 
-Results: per recipient from the remote replies; a route that cannot be reached at all is a
-connection-level failure. When every item failed that way, the call returns ``DeferQueue``
-and the pipeline applies the queue retry ladder; otherwise those items are deferred with
-the ladder's delay computed here, so mixed batches keep the same timing.
+Results: per recipient from the remote replies; a route that cannot be reached at all (no
+connection, a 4xx greeting or hello, a dropped or timed-out session before MAIL) is a
+connection-level failure. When every item failed that way, the call returns ``DeferQueue``:
+the queue goes to Retry and its messages wait for its next attempt together (the pipeline
+keeps the queue's retry ladder). Otherwise those items are deferred with the ladder's delay
+computed here. A route's first connection goes alone and the others follow once it is up,
+so a next hop that is down sees one connection per attempt.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from agents.api import (
     MailItem,
     RecipientResult,
 )
+from core.failpoints import failpoint
 from core.model import NextHop, QueuedRecipient, SmtpResponse
 from core.retry import retry_delay
 from plugins.smtp_send import content, resolver
@@ -139,6 +143,7 @@ async def deliver_items(next_hop: NextHop, connector: Any, items: Sequence[MailI
     routes = await _routes(next_hop, connector, items, context, relay, profile)
     per_item: list[dict[int, RecipientResult]] = [{} for _ in items]
     details: list[str] = ["" for _ in items]
+    peers: list[Any] = [None for _ in items]  # the SendOutcome naming each item's connection
     connection_level: dict[int, SmtpResponse] = {}  # recipient id -> why
     for route, outcome in zip(routes, await asyncio.gather(
             *(_run_route(r, profile, server, next_hop) for r in routes),
@@ -160,6 +165,8 @@ async def deliver_items(next_hop: NextHop, connector: Any, items: Sequence[MailI
             per_item[unit.index].update(done.results)
             if done.detail and not details[unit.index]:
                 details[unit.index] = done.detail
+            if done.remote_ip and peers[unit.index] is None:
+                peers[unit.index] = done
     everyone = [r.id for item in items for r in item.recipients]
     if everyone and all(rid in connection_level for rid in everyone):
         first = connection_level[everyone[0]]
@@ -172,7 +179,12 @@ async def deliver_items(next_hop: NextHop, connector: Any, items: Sequence[MailI
                 delay = retry_delay(server, r.attempts + 1, queue_level=True)
                 got[r.id] = RecipientResult.deferred(connection_level[r.id], delay)
             got.setdefault(r.id, RecipientResult(DEFERRED, LOCAL_ERROR))
-        results.append(ItemResult(got, details[index]))
+        result = ItemResult(got, details[index])
+        if peers[index] is not None:
+            peer = peers[index]
+            result.remote_host, result.remote_ip = peer.remote_host, peer.remote_ip
+            result.local_ip = peer.local_ip
+        results.append(result)
     return results
 
 
@@ -263,8 +275,20 @@ async def _run_route(route: Route, profile: Profile, server: TransportServer,
     wanted = math.ceil(len(pending) / profile.per_connection)
     per_domain = server.max_per_domain_outbound_connections
     workers = min(wanted, per_domain) if per_domain else wanted
+    # the first connection goes alone; the others follow once it is up (or give up when it
+    # failed), so a next hop that is down sees one connection per queue retry, not one per
+    # worker
+    first_tried = asyncio.Event()
 
-    async def worker() -> None:
+    async def worker(first: bool) -> None:
+        try:
+            if not first:
+                await first_tried.wait()
+            await connections()
+        finally:
+            first_tried.set()
+
+    async def connections() -> None:
         while pending and outcome.failure is None:
             async with AsyncExitStack() as stack:
                 await stack.enter_async_context(
@@ -286,6 +310,7 @@ async def _run_route(route: Route, profile: Profile, server: TransportServer,
                                 connector=next_hop.connector, response=str(exc.response))
                     return
                 outcome.connected = True
+                first_tried.set()
                 try:
                     sent = 0
                     while pending and sent < profile.per_connection and session.alive:
@@ -297,8 +322,8 @@ async def _run_route(route: Route, profile: Profile, server: TransportServer,
 
     try:  # a worker that fails stops its siblings: nothing is sent after the hook returns
         async with asyncio.TaskGroup() as group:
-            for _ in range(max(1, workers)):
-                group.create_task(worker())
+            for n in range(max(1, workers)):
+                group.create_task(worker(n == 0))
     except Exception:  # the units already sent keep their results; the rest are deferred
         log.exception("a send worker failed; its route's unsent messages are deferred",
                       route=route.key)
@@ -308,12 +333,15 @@ async def _run_route(route: Route, profile: Profile, server: TransportServer,
 async def _send_unit(session: SmtpSession, unit: Any, route: Route) -> SendOutcome:
     """One message on an open connection; an unexpected fault defers it alone."""
     try:
-        return await session.send(unit.item.message.mail_from, unit.recipients, unit.data)
+        outcome = await session.send(unit.item.message.mail_from, unit.recipients, unit.data)
     except Exception:
         log.exception("sending a message failed; it is deferred", route=route.key)
         session.close()
         return SendOutcome(results={r.id: RecipientResult(DEFERRED, LOCAL_ERROR)
                                     for r in unit.recipients})
+    # crash tests: the next hop has the message, the queue does not know it yet
+    failpoint("after_send_before_commit")
+    return outcome
 
 
 async def _open_any(route: Route, profile: Profile, server: TransportServer) -> SmtpSession:
@@ -338,8 +366,7 @@ def _session(target: Target, address: str, route: Route, profile: Profile,
     tls = route.tls
     if target.tls_name and tls.expected_name is None and tls.verify:
         tls = replace(tls, expected_name=target.tls_name)
-    plog = open_session(server, profile.name, profile.verbose, "",
-                        f"{address}:{target.port}")
+    plog = open_session(server, profile.name, profile.verbose)
     return SmtpSession(target, address, ehlo_name=profile.ehlo, force_helo=profile.force_helo,
                        tls=tls, auth=profile.auth, timeout=profile.timeout, plog=plog)
 

@@ -4,7 +4,7 @@ MX routing (RFC 5321 §5.1, RFC 7505), smart hosts (names or ``[IP]`` literals, 
 order configured) and the SMTP relay to another hub's receive connector. Every outcome is
 data: a list of targets, or an SMTP response saying why there is none (5xx = permanent,
 4xx = try later). DNS timeouts, SERVFAIL and unreachable servers are always temporary
-(RELIABILITY §3.4): a DNS outage must never bounce mail.
+(docs/reliability.md cases 66–67): a DNS outage must never bounce mail.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ SMART_HOST_UNRESOLVED = SmtpResponse(451, "4.4.0", "SMTPSEND.DNS.SmartHost; no s
 NO_TARGET_HUB = SmtpResponse(451, "4.4.0", "SMTPSEND.Relay; the target hub is unknown")
 
 DNS_TIMEOUT = 3.0  # per query to one server
+#: once A or AAAA has addresses, how long the other family may still take
+ADDRESS_GRACE = 2.0
 DNS_LIFETIME = 10.0  # the whole lookup; an asyncio backstop sits above it (dnspython #1152)
 
 
@@ -110,26 +112,67 @@ async def _query(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -
 
 
 def dns_address_lookup(resolver: dns.asyncresolver.Resolver) -> AddressLookup:
-    """A and AAAA through dnspython: None when the name does not exist or has none."""
+    """A and AAAA through dnspython, asked together and judged together.
+
+    Each family answers for itself: addresses, none (no records, or an NXDOMAIN for that
+    type alone, as broken authoritative servers and some middleboxes answer AAAA queries),
+    or a temporary failure. Addresses of either family are used whatever the other said
+    (once one family has them, the other gets `ADDRESS_GRACE` seconds more). Without any
+    address the name has none (None: NXDOMAIN or no records for both), unless a family
+    failed temporarily: then the lookup is temporary, so a DNS outage never bounces mail.
+    """
 
     async def lookup(name: str) -> list[str] | None:
+        tasks = {asyncio.ensure_future(_family(resolver, name, rdtype)): rdtype
+                 for rdtype in ("A", "AAAA")}
+        got: dict[str, list[str] | _Temporary] = {}
+        pending = set(tasks)
+        try:
+            while pending:
+                have = any(isinstance(v, list) and v for v in got.values())
+                done, pending = await asyncio.wait(
+                    pending, timeout=ADDRESS_GRACE if have else None,
+                    return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # the other family is late; what we have is enough
+                    log.info("address lookup: one family did not answer in time",
+                             name=name, rdtype=[tasks[t] for t in pending])
+                    break
+                for task in done:
+                    got[tasks[task]] = task.result()
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
         found: list[str] = []
-        temporary: _Temporary | None = None
         for rdtype in ("A", "AAAA"):
-            try:
-                answer = await _query(resolver, name, rdtype)
-            except dns.resolver.NXDOMAIN:
-                return None
-            except _Temporary as exc:
-                temporary = exc
-                continue
-            if answer is not None:
-                found.extend(r.address for r in answer)
-        if not found and temporary is not None:
+            answer = got.get(rdtype)
+            if isinstance(answer, list):
+                found.extend(answer)
+        if found:
+            for rdtype, v in got.items():
+                if isinstance(v, _Temporary):
+                    log.info("address lookup: one family failed; the other's addresses are"
+                             " used", name=name, rdtype=rdtype, error=str(v))
+            return found
+        temporary = next((v for v in got.values() if isinstance(v, _Temporary)), None)
+        if temporary is not None:
             raise temporary
-        return found or None
+        return None
 
     return lookup
+
+
+async def _family(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str
+                  ) -> list[str] | _Temporary:
+    """The addresses of one family ([] for none or NXDOMAIN), or the temporary failure."""
+    try:
+        answer = await _query(resolver, name, rdtype)
+    except dns.resolver.NXDOMAIN:
+        return []
+    except _Temporary as exc:
+        return exc
+    return [r.address for r in answer] if answer is not None else []
 
 
 async def system_address_lookup(name: str) -> list[str] | None:
@@ -214,10 +257,25 @@ async def resolve_mx(domain: str, resolver: dns.asyncresolver.Resolver, port: in
                      me: LocalIdentity, *, downgrade: bool = False,
                      rng: random.Random | None = None) -> Resolution:
     """Targets for a recipient domain by its MX records (or its own address)."""
+    lookup = dns_address_lookup(resolver)
+    known: dict[str, list[str]] = {}  # addresses already looked up
     try:
         answer = await _query(resolver, domain, "MX")
     except dns.resolver.NXDOMAIN:
-        return Resolution(failure=DNS_DOWNGRADED if downgrade else NXDOMAIN)
+        # Nothing is there (RFC 8020), unless the server answers NXDOMAIN for a type it
+        # does not serve while the name has addresses: those decide, as an implicit MX.
+        try:
+            found = await lookup(domain)
+        except _Temporary as exc:
+            log.warning("MX lookup said NXDOMAIN, the address lookup failed; deferred",
+                        domain=domain, error=str(exc))
+            return Resolution(failure=DNS_TEMPORARY)
+        if not found:
+            return Resolution(failure=DNS_DOWNGRADED if downgrade else NXDOMAIN)
+        log.info("MX lookup said NXDOMAIN but the domain has addresses; using them",
+                 domain=domain)
+        known[domain] = found
+        answer = None
     except _Temporary as exc:
         log.warning("MX lookup failed; deferred", domain=domain, error=str(exc))
         return Resolution(failure=DNS_TEMPORARY)
@@ -230,13 +288,12 @@ async def resolve_mx(domain: str, resolver: dns.asyncresolver.Resolver, port: in
         if not real:
             return Resolution(failure=NULL_MX)
         records = real  # a null MX among others is a misconfiguration: ignore it
-    lookup = dns_address_lookup(resolver)
     targets: list[tuple[int, Target]] = []
     temporary = False
     loop_pref: int | None = None
     for pref, host in order_mx(records, rng):
         try:
-            addresses = await lookup(host)
+            addresses = known.get(host) or await lookup(host)
         except _Temporary:
             temporary = True
             continue

@@ -5,7 +5,7 @@ Built on aiosmtplib with explicit control of every step (no automatic STARTTLS, 
 queued, so the per-recipient replies are kept and nothing is re-parsed. Every outcome is
 data (``SmtpResponse`` per recipient); only ``open`` raises, with ``SessionFailure``.
 
-Rules from RELIABILITY §3.2: success is the 250 after DATA, whatever QUIT does (QUIT has a
+Rules (docs/reliability.md 63–65): success is the 250 after DATA, whatever QUIT does (QUIT has a
 short deadline and its failure is ignored); a drop or a timeout after the final dot defers
 with 4.4.2 (the peer may have the message: a possible duplicate, never a loss).
 """
@@ -70,7 +70,7 @@ TOO_BIG = SmtpResponse(552, "5.3.4", "SMTPSEND.SizeLimit; the message exceeds th
                                      " SIZE limit")
 PROTOCOL = SmtpResponse(451, "4.5.0", "SMTPSEND.Protocol; unexpected reply")
 QUIT_DEADLINE = 5.0
-CONNECT_DEADLINE = 60.0  # RELIABILITY H64: a blackholed host frees the worker within 60 s
+CONNECT_DEADLINE = 60.0  # docs/reliability.md 64: a blackholed host frees the worker within 60 s
 
 
 class SessionFailure(Exception):
@@ -97,6 +97,10 @@ class SendOutcome:
 
     results: dict[int, RecipientResult] = field(default_factory=dict)
     detail: str = ""
+    #: the connection's ends, for the SEND event's server-* and client-ip fields
+    remote_host: str = ""
+    remote_ip: str = ""
+    local_ip: str = ""
 
 
 def _classify(response: SmtpResponse, remote_mta: str | None = None) -> RecipientResult:
@@ -150,8 +154,8 @@ class SmtpSession:
                                     start_tls=False)
         try:
             greeting = await self.smtp.connect(timeout=min(self.timeout, CONNECT_DEADLINE))
-            self.plog.connected()
-            self.plog.received(f"{greeting.code} {greeting.message}")
+            self._log_connected()
+            self.plog.reply(greeting.code, greeting.message)
             await self._hello()
             if not plaintext:
                 await self._starttls()
@@ -164,10 +168,15 @@ class SmtpSession:
         except _PlaintextRetry:
             raise
         except SMTPConnectResponseError as exc:
-            self.plog.received(f"{exc.code} {exc.message}")
+            self._log_connected()
+            self.plog.reply(exc.code, exc.message)
             self.close()
             raise SessionFailure(response_of(exc.code, exc.message), "greeting") from None
         except (SMTPConnectTimeoutError, aiosmtplib.SMTPConnectError, OSError) as exc:
+            if self.alive:  # connected, then the greeting never came
+                self.plog.info(f"no greeting: {type(exc).__name__}")
+            else:
+                self.plog.connect_failed((self.address, t.port), type(exc).__name__)
             self.close()
             raise SessionFailure(SmtpResponse.parse(CONNECT_FAILED.format(
                 host=t.host, ip=self.address, port=t.port) + f" ({type(exc).__name__})"),
@@ -182,21 +191,34 @@ class SmtpSession:
             self.close()
             raise SessionFailure(response_of(exc.code, exc.message), "hello") from None
 
+    def _log_connected(self) -> None:
+        """Start the connection's protocol log session with the socket's endpoints."""
+        if not self.plog.enabled:
+            return
+        local = remote = None
+        try:
+            if self.smtp is not None:
+                local = self.smtp.get_transport_info("sockname")
+                remote = self.smtp.get_transport_info("peername")
+        except SMTPServerDisconnected:  # closed by the peer already: name what we dialled
+            pass
+        self.plog.connected(local, remote or (self.address, self.target.port))
+
     async def _hello(self) -> None:
         assert self.smtp is not None
         if not self.force_helo:
             self.plog.sent(f"EHLO {self.ehlo_name}")
             try:
                 reply = await self.smtp.ehlo()
-                self.plog.received(f"{reply.code} {reply.message}")
+                self.plog.reply(reply.code, reply.message)
                 return
             except SMTPHeloError as exc:
-                self.plog.received(f"{exc.code} {exc.message}")
+                self.plog.reply(exc.code, exc.message)
                 if not self.smtp.is_connected:
                     raise
         self.plog.sent(f"HELO {self.ehlo_name}")
         reply = await self.smtp.helo()
-        self.plog.received(f"{reply.code} {reply.message}")
+        self.plog.reply(reply.code, reply.message)
 
     async def _starttls(self) -> None:
         """STARTTLS when offered and allowed; with RequireTLS there is no plaintext way."""
@@ -221,7 +243,7 @@ class SmtpSession:
             if self.tls.require or self.tls.verify:
                 raise SessionFailure(TLS_FAILED, "tls") from None
             raise _PlaintextRetry() from None  # opportunistic: once more, in plaintext
-        self.plog.received(f"{reply.code} {reply.message}")
+        self.plog.reply(reply.code, reply.message)
         self.tls_active = True
         self.plog.info(f"TLS negotiated {self.smtp.get_transport_info('cipher')}")
         await self._hello()
@@ -250,11 +272,11 @@ class SmtpSession:
             else:
                 reply = await self.smtp.auth_login(user, password)
         except SMTPAuthenticationError as exc:
-            self.plog.received(f"{exc.code} {exc.message}")
+            self.plog.reply(exc.code, exc.message)
             raise SessionFailure(response_of(exc.code, exc.message), "auth") from None
         finally:
             del password
-        self.plog.received(f"{reply.code} {reply.message}")
+        self.plog.reply(reply.code, reply.message)
 
     # -- transactions ------------------------------------------------------------------
 
@@ -263,13 +285,23 @@ class SmtpSession:
         assert self.smtp is not None
         self.plog.sent(b" ".join(args).decode("utf-8", "replace"))
         reply = await self.smtp.execute_command(*args)
-        self.plog.received(f"{reply.code} {reply.message}")
+        self.plog.reply(reply.code, reply.message)
         return response_of(reply.code, reply.message)
+
+    def _local_ip(self) -> str:
+        """The local address of the open connection ('' when it is already gone)."""
+        try:
+            sockname = self.smtp.get_transport_info("sockname") if self.smtp else None
+        except SMTPServerDisconnected:
+            return ""
+        return str(sockname[0]) if sockname else ""
 
     async def send(self, mail_from: MailFrom, recipients: Sequence[QueuedRecipient],
                    data: bytes) -> SendOutcome:
         """One transaction: per-recipient results (delivered only after the 250 to DATA)."""
-        out = SendOutcome(detail=f"{self.target.host}[{self.address}]")
+        out = SendOutcome(detail=f"{self.target.host}[{self.address}]",
+                          remote_host=self.target.host, remote_ip=self.address,
+                          local_ip=self._local_ip())
         refused = self._local_checks(mail_from, recipients, data, out)
         if refused is not None:
             return refused
@@ -355,17 +387,17 @@ class SmtpSession:
         if not accepted:
             await self._reset()
             return out
-        return await self._data(accepted, data, out)
+        return await self._data(accepted, data, out, dsn=dsn)
 
-    async def _data(self, accepted: list[QueuedRecipient], data: bytes, out: SendOutcome
-                    ) -> SendOutcome:
+    async def _data(self, accepted: list[QueuedRecipient], data: bytes, out: SendOutcome,
+                    *, dsn: bool) -> SendOutcome:
         assert self.smtp is not None
         self.plog.sent("DATA")
         self.plog.info(f"<message of {len(data)} bytes>")
         try:
             reply = await self.smtp.data(data)
         except SMTPDataError as exc:
-            self.plog.received(f"{exc.code} {exc.message}")
+            self.plog.reply(exc.code, exc.message)
             result = _classify(response_of(exc.code, exc.message), self.target.host)
             await self._reset()
             return _fill(out, accepted, result)
@@ -374,8 +406,10 @@ class SmtpSession:
             self.plog.info("no usable reply to the message")
             self.close()
             return _fill(out, accepted, RecipientResult.deferred(DROPPED_AFTER_DATA))
-        self.plog.received(f"{reply.code} {reply.message}")
-        delivered = RecipientResult.delivered(response_of(reply.code, reply.message))
+        self.plog.reply(reply.code, reply.message)
+        # a peer without DSN got no NOTIFY: a NOTIFY=SUCCESS is ours to answer, "relayed"
+        delivered = RecipientResult.delivered(response_of(reply.code, reply.message),
+                                              relayed=not dsn)
         return _fill(out, accepted, delivered)
 
     async def _reset(self) -> None:
@@ -399,7 +433,7 @@ class SmtpSession:
             try:
                 reply = await asyncio.wait_for(self.smtp.quit(timeout=QUIT_DEADLINE),
                                                QUIT_DEADLINE + 1)
-                self.plog.received(f"{reply.code} {reply.message}")
+                self.plog.reply(reply.code, reply.message)
             except (SMTPException, OSError, TimeoutError, ValueError):
                 pass
         self.close()
