@@ -35,12 +35,29 @@ __all__ = [
     "REPLAY_ENVELOPE_HEADERS",
     "ContentRejected",
     "MessageFormatError",
+    "display_name",
     "format_replay",
     "notice_envelope",
     "parse_pickup",
     "parse_replay",
     "repair_header_section",
 ]
+
+_UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def display_name(value: bytes | str) -> str:
+    """A file name or a value taken from a file, as text for logs and ``.bad.reason`` files:
+    UTF-8 shown as it is, other bytes (also when kept as surrogate escapes in ``str``) and
+    control characters as ``\\xNN`` (readable, one line, never a Python repr)."""
+    if isinstance(value, str):
+        try:
+            value = value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate that was never a byte
+            value = value.encode("utf-8", "backslashreplace")
+    text = value.decode("utf-8", "backslashreplace")
+    return _UNPRINTABLE_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
 
 DEFAULT_MAX_HEADER_SIZE = 65536
 DEFAULT_MAX_RECIPIENTS = 100
@@ -186,7 +203,7 @@ def _normalize(address: str, what: str, *, allow_null: bool = False, smtputf8: b
     try:
         return normalize_address(address, allow_null=allow_null, smtputf8=smtputf8)
     except AddressError as exc:
-        raise MessageFormatError(f"bad {what} address {address!a}: {exc}") from exc
+        raise MessageFormatError(f"bad {what} address '{display_name(address)}': {exc}") from exc
 
 
 def _date_is_valid(field: HeaderField) -> bool:
@@ -337,7 +354,8 @@ def _split_address(text: str, header: str) -> tuple[str, str]:
     if not text.startswith("<"):
         address, _, rest = text.replace("\t", " ").partition(" ")
         if "," in address and '"' not in address:
-            raise MessageFormatError(f"{header} must hold exactly one address: {text!a}")
+            raise MessageFormatError(
+                f"{header} must hold exactly one address: '{display_name(text)}'")
         return address, rest
     in_quote = False
     index = 1
@@ -355,11 +373,11 @@ def _split_address(text: str, header: str) -> tuple[str, str]:
             rest = text[index + 1 :]
             if rest and rest[0] not in " \t":
                 raise MessageFormatError(
-                    f"{header} must hold exactly one address: {text!a}"
+                    f"{header} must hold exactly one address: '{display_name(text)}'"
                 )
             return text[1:index], rest
         index += 1
-    raise MessageFormatError(f"{header}: unterminated address {text!a}")
+    raise MessageFormatError(f"{header}: unterminated address '{display_name(text)}'")
 
 
 def _parse_params(text: str, header: str, flags: frozenset[str] = frozenset()) -> dict[str, str]:
@@ -370,7 +388,7 @@ def _parse_params(text: str, header: str, flags: frozenset[str] = frozenset()) -
         if match is None:
             raise MessageFormatError(
                 f"{header} must hold exactly one address then KEY=VALUE parameters: "
-                f"{token!a}"
+                f"'{display_name(token)}'"
             )
         key, value = match.group(1).upper(), match.group(2)
         if key in params:
@@ -400,7 +418,7 @@ def _parse_x_sender(field: HeaderField) -> MailFrom:
     params = _parse_params(rest, "X-Sender", flags=frozenset({"SMTPUTF8"}))
     unknown = set(params) - {"BODY", "RET", "ENVID", "AUTH", "SMTPUTF8"}
     if unknown:
-        raise MessageFormatError(f"X-Sender: unknown parameter {min(unknown)!a}")
+        raise MessageFormatError(f"X-Sender: unknown parameter '{display_name(min(unknown))}'")
     if params.get("SMTPUTF8"):
         raise MessageFormatError("X-Sender: SMTPUTF8 takes no value")
     smtputf8 = "SMTPUTF8" in params
@@ -408,15 +426,15 @@ def _parse_x_sender(field: HeaderField) -> MailFrom:
     if body is not None:
         body = body.upper()
         if body not in _BODY_VALUES:
-            raise MessageFormatError(f"X-Sender: bad BODY value {body!a}")
+            raise MessageFormatError(f"X-Sender: bad BODY value '{display_name(body)}'")
     ret = params.get("RET")
     if ret is not None:
         ret = ret.upper()
         if ret not in _RET_VALUES:
-            raise MessageFormatError(f"X-Sender: bad RET value {ret!a}")
+            raise MessageFormatError(f"X-Sender: bad RET value '{display_name(ret)}'")
     for key in ("ENVID", "AUTH"):
         if key in params and not _XTEXT_RE.match(params[key]):
-            raise MessageFormatError(f"X-Sender: {key} is not xtext: {params[key]!a}")
+            raise MessageFormatError(f"X-Sender: {key} is not xtext: '{display_name(params[key])}'")
     sender = "" if address == "" else _normalize(
         address, "X-Sender", allow_null=True, smtputf8=smtputf8
     )
@@ -435,7 +453,7 @@ def _parse_notify(value: str) -> frozenset[Notify]:
     try:
         notify = frozenset(Notify(item) for item in items)
     except ValueError:
-        raise MessageFormatError(f"X-Receiver: bad NOTIFY value {value!a}") from None
+        raise MessageFormatError(f"X-Receiver: bad NOTIFY value '{display_name(value)}'") from None
     if Notify.NEVER in notify and len(items) > 1:
         raise MessageFormatError("X-Receiver: NOTIFY=NEVER cannot be combined with others")
     return notify
@@ -449,7 +467,7 @@ def _parse_x_receiver(field: HeaderField, smtputf8: bool) -> EnvelopeRecipient:
     params = _parse_params(rest, "X-Receiver")
     unknown = set(params) - {"NOTIFY", "ORCPT"}
     if unknown:
-        raise MessageFormatError(f"X-Receiver: unknown parameter {min(unknown)!a}")
+        raise MessageFormatError(f"X-Receiver: unknown parameter '{display_name(min(unknown))}'")
     notify = _parse_notify(params["NOTIFY"]) if "NOTIFY" in params else frozenset()
     orcpt = params.get("ORCPT")
     if orcpt is not None and not orcpt:
@@ -627,21 +645,22 @@ def notice_envelope(head: bytes, *, replay: bool,
 
 def _check_token(value: str, what: str) -> str:
     if not _TOKEN_RE.match(value):
-        raise ValueError(f"{what} must be a non-empty token without spaces or controls: {value!r}")
+        raise ValueError(f"{what} must be a non-empty token without spaces or controls: "
+                         f"'{display_name(value)}'")
     return value
 
 
 def _bracketed(address: str, what: str) -> str:
     """`<address>`, refusing anything the reader would not give back unchanged."""
     if _CONTROL_RE.search(address):
-        raise ValueError(f"control character in {what} address {address!r}")
+        raise ValueError(f"control character in {what} address '{display_name(address)}'")
     text = f"<{address}>"
     try:
         parsed, rest = _split_address(text, what)
     except MessageFormatError as exc:
         raise ValueError(exc.reason) from None
     if parsed != address or rest:
-        raise ValueError(f"{what} address cannot be written: {address!r}")
+        raise ValueError(f"{what} address cannot be written: '{display_name(address)}'")
     return text
 
 
@@ -649,19 +668,19 @@ def _sender_value(mail_from: MailFrom) -> str:
     parts = [_bracketed(mail_from.address, "X-Sender")]
     if mail_from.body is not None:
         if mail_from.body.upper() not in _BODY_VALUES:
-            raise ValueError(f"bad BODY value {mail_from.body!r}")
+            raise ValueError(f"bad BODY value '{display_name(mail_from.body)}'")
         parts.append(f"BODY={mail_from.body}")
     if mail_from.ret is not None:
         if mail_from.ret.upper() not in _RET_VALUES:
-            raise ValueError(f"bad RET value {mail_from.ret!r}")
+            raise ValueError(f"bad RET value '{display_name(mail_from.ret)}'")
         parts.append(f"RET={mail_from.ret}")
     if mail_from.envid is not None:
         if not _XTEXT_RE.match(mail_from.envid):
-            raise ValueError(f"ENVID is not xtext: {mail_from.envid!r}")
+            raise ValueError(f"ENVID is not xtext: '{display_name(mail_from.envid)}'")
         parts.append(f"ENVID={mail_from.envid}")
     if mail_from.auth is not None:
         if not _XTEXT_RE.match(mail_from.auth):
-            raise ValueError(f"AUTH is not xtext: {mail_from.auth!r}")
+            raise ValueError(f"AUTH is not xtext: '{display_name(mail_from.auth)}'")
         parts.append(f"AUTH={mail_from.auth}")
     if mail_from.smtputf8:
         parts.append("SMTPUTF8")

@@ -48,6 +48,7 @@ from core import queue as q
 from core.failpoints import failpoint
 from core.folder_formats import (
     ContentRejected,
+    display_name,
     notice_envelope,
     parse_pickup,
     parse_replay,
@@ -971,16 +972,6 @@ def _take(fd: int, size: int, limit: int, claimed: Claimed) -> Claimed:
     claimed.data = data
     claimed.oversize = size
     return claimed
-
-
-_UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def display_name(name: bytes) -> str:
-    """A file name as text for the logs: UTF-8 shown as it is, other bytes and control
-    characters as ``\\xNN`` escapes (readable, one line, never a Python ``b'...'``)."""
-    text = name.decode("utf-8", "backslashreplace")
-    return _UNPRINTABLE_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def folder_types() -> dict[str, Callable[..., PickupDirectory]]:

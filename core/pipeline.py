@@ -341,8 +341,9 @@ class Pipeline:
             self._track(conn, "RECEIVE", sub.source, message, [r.address for r in recipients],
                         [str(response)] * len(recipients), connector=sub.source_name,
                         context=sub.context, endpoints=_received_over(sub))
+            # the FAIL comes from where the RECEIVE did: PICKUP, or ADMIN for Replay
             self._emit(conn, self._fail_in_conn(conn, message,
-                                                [(r, response, "PICKUP") for r in recipients]))
+                                                [(r, response, sub.source) for r in recipients]))
             if sub.claim is not None:
                 conn.execute("INSERT OR REPLACE INTO claim (name, message, at) VALUES (?,?,?)",
                              (sub.claim, None, now))

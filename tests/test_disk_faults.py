@@ -602,15 +602,3 @@ async def test_an_unwritable_mailbox_defers_says_why_then_delivers_once(
         await asyncio.sleep(1.5)  # several retry intervals: no second copy appears
         assert len(hub.maildir("Bob")) == 1 and len(events(hub.root, event_id="DELIVER")) == 1
         assert not list((boxes / "Bob" / "tmp").iterdir())
-
-
-
-async def mailbox_queue_saying(root: Path, reason: str, timeout: float = 20.0) -> dict[str, Any]:
-    """Poll ``get-queue`` until the mailbox queue's LastError names ``reason``."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    row = await mailbox_queue(root)
-    while reason not in (row.get("last_error") or ""):
-        assert asyncio.get_running_loop().time() < deadline, f"get-queue last showed {row}"
-        await asyncio.sleep(0.2)
-        row = await mailbox_queue(root)
-    return row

@@ -250,6 +250,16 @@ async def test_oversized_pickup_and_replay_files_get_an_ndr_with_5_3_4(
         refused = [e for e in receive if e["recipient-status"]]
         assert len(refused) == 2
         assert all(s.startswith("552 5.3.4") for e in refused for s in e["recipient-status"])
+        # each refusal is tracked from where the file came in: its FAIL events carry the
+        # source of its RECEIVE (PICKUP, or ADMIN for Replay as in Exchange)
+        fails = await wait_for(lambda: len(events(hub.root, event_id="FAIL")) == 3
+                               and events(hub.root, event_id="FAIL"))
+        sources = sorted((e["message-subject"], e["event-id"], e["source"])
+                         for e in refused + fails)
+        assert sources == [
+            ("big pickup", "FAIL", "PICKUP"), ("big pickup", "RECEIVE", "PICKUP"),
+            ("big replay", "FAIL", "ADMIN"), ("big replay", "FAIL", "ADMIN"),
+            ("big replay", "RECEIVE", "ADMIN")], sources
         assert not events(hub.root, event_id="BADMAIL")
 
 

@@ -88,6 +88,7 @@ async def expect_bad(hub: Any, folder: Path, name: bytes, reason: str) -> str:
     assert not os.path.lexists(bpath(folder, name))
     tracked = await wait_for(lambda: badmail(hub.root).get(display_name(name)))
     assert reason in tracked
+    assert "\\udc" not in text and "\\udc" not in tracked, (name, text)
     return text
 
 
@@ -127,6 +128,9 @@ PICKUP_BAD = [
     (b"nul.eml", message(body="a\x00b\n"), "NUL byte at offset"),
     (b"bare-cr.eml", message(body="one\rtwo\n"), "bare CR in line 5"),
     (b"empty.eml", b"", "no header section"),
+    # bytes that are not UTF-8 are shown as \xNN, never as Python's surrogate escapes
+    (b"raw-rcpt.eml", b"From: alice@contoso.test\nTo: \xff\xfe@contoso.test\n\nbody\n",
+     "bad recipient address '\\xff\\xfe@contoso.test'"),
 ]
 REPLAY_BAD = [
     (b"bad-rcpt.eml", replay_file("alice@contoso.test", ["bob@@contoso.test"], message()),
