@@ -1,7 +1,8 @@
 """The delivery-agent API: what a custom delivery agent implements.
 
-Shaped like Exchange's ``DeliveryAgent`` (EXCHANGE §10): for each connection to a next hop
-the transport calls ``open`` → ``deliver`` (once per mail item) → ``close``. Results are data:
+Shaped like Exchange's ``DeliveryAgent`` (docs/exchange.md, "Foreign and Delivery Agent
+connectors"): for each connection to a next hop the transport calls ``open`` → ``deliver``
+(once per mail item) → ``close``. Results are data:
 
 * ``open`` returns ``None`` when the connection is up, ``DeferQueue`` to put the whole queue
   into Retry (with an optional retry interval), or ``FailQueue`` to fail every item.

@@ -370,7 +370,8 @@ class BackPressure:
         if self._queue is None or self._queue.done():
             self._queue = asyncio.ensure_future(self.store.read(_submission_length))
         wait = max(0.5, min(server.resource_monitoring_interval, 5.0))
-        await asyncio.wait({self._system, self._queue}, timeout=wait)
+        samples: set[asyncio.Future[Any]] = {self._system, self._queue}
+        await asyncio.wait(samples, timeout=wait)
         system = self._take(self._system)
         if system is None:  # still running: keep the figures it last gave
             system = [m.reading for m in self.meters.values()

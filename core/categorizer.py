@@ -1,10 +1,11 @@
 """The categorizer: resolve recipients, expand groups, choose each recipient's next hop.
 
-Accepted-domain logic (EXCHANGE §3): a recipient that resolves to a mailbox is delivered
-locally and never uses a connector; an unknown recipient in an Authoritative domain fails
-with ``5.1.1``; in an InternalRelay or ExternalRelay domain, or outside the accepted domains,
-it is routed by address space. A non-primary address is rewritten to the primary one and the
-original kept as ORCPT. Groups expand without loops or duplicates.
+Accepted-domain logic (docs/exchange.md, "Accepted domains and recipients"): a recipient
+that resolves to a mailbox is delivered locally and never uses a connector; an unknown
+recipient in an Authoritative domain fails with ``5.1.1``; in an InternalRelay or
+ExternalRelay domain, or outside the accepted domains, it is routed by address space. A
+non-primary address is rewritten to the primary one and the original kept as ORCPT. Groups
+expand without loops or duplicates.
 
 The categorizer computes decisions only; the pipeline commits them in one transaction.
 """
@@ -220,8 +221,8 @@ class Categorizer:
                 return
             groups = groups | {key}
             for member in entry.obj.members:  # type: ignore[union-attr]
-                target = self.directory.member(member)
-                member_address = target.primary if target is not None else member
+                member_entry = self.directory.member(member)
+                member_address = member_entry.primary if member_entry is not None else member
                 await self._resolve(message, None, member_address, None,
                                     _member_notify(notify), result, seen, groups,
                                     entry.primary, "EXPAND")

@@ -36,7 +36,7 @@ from core.config_fields import (
     FieldReader,
     suggest,
 )
-from core.connectors import Connector
+from core.connectors import Connector, ConnectorType
 
 __all__ = [
     "DEFAULT_DSN_COPY_CODES",
@@ -63,7 +63,7 @@ DEFAULT_RESOURCE = "default.toml"
 IMPLICIT_SITE = "Default-First-Site-Name"
 IMPLICIT_SERVER = "HUB01"
 DOMAIN_TYPES = ("Authoritative", "InternalRelay", "ExternalRelay")
-#: Set-TransportConfig -GenerateCopyOfDSNFor defaults (EXCHANGE §8)
+#: Set-TransportConfig -GenerateCopyOfDSNFor defaults (docs/exchange.md, "Expiry, DSNs and Poison")
 DEFAULT_DSN_COPY_CODES = ("5.4.8", "5.4.6", "5.4.4", "5.2.4", "5.2.0", "5.1.4")
 #: the sections this module reads itself (connector sections come from the plugins)
 SECTIONS = (
@@ -267,13 +267,15 @@ class TransportServer:
     percentage_log_disk_space_used: Thresholds = DERIVED_DISK_THRESHOLDS
     percentage_private_bytes_used: Thresholds = PRIVATE_BYTES_THRESHOLDS
     submission_queue_length: Thresholds = SUBMISSION_QUEUE_THRESHOLDS
-    #: protocol logs (EXCHANGE §9); None = off. The limits apply to each of the two folders.
+    #: protocol logs (docs/exchange.md, "Message tracking and protocol logs"); None = off.
+    #: The limits apply to each of the two folders.
     receive_protocol_log_path: Path | None = Path("var/logs/ProtocolLog/SmtpReceive")
     send_protocol_log_path: Path | None = Path("var/logs/ProtocolLog/SmtpSend")
     protocol_log_max_age: float | None = 30 * DAY
     protocol_log_max_directory_size: int | None = 250 * MB
     protocol_log_max_file_size: int = 10 * MB
-    #: the Send protocol log of the hub-to-hub relay (EXCHANGE §4, the intra-org connector)
+    #: the Send protocol log of the hub-to-hub relay, the intra-org connector
+    #: (docs/exchange.md, "Send connectors")
     intra_org_connector_protocol_logging_level: str = "None"
     #: hubport: the password file for SMTP Basic authentication (core/credentials.py)
     password_file_path: Path = Path("var/auth/passwords")
@@ -515,7 +517,7 @@ def _cheapest_path(links: Sequence[SiteLink], start: str, goal: str) -> int | No
 
 
 def load_organization(
-    path: Path | None, connector_types: Mapping[str, type],
+    path: Path | None, connector_types: Mapping[str, type[ConnectorType]],
     delivery_agents: Mapping[str, type] | None = None,
 ) -> Organization:
     """Load and validate the organization file (None: the embedded default).
@@ -551,7 +553,11 @@ def load_organization(
 
 
 def parse_organization(
-    text: str, *, source: str, base_dir: Path, connector_types: Mapping[str, type],
+    text: str,
+    *,
+    source: str,
+    base_dir: Path,
+    connector_types: Mapping[str, type[ConnectorType]],
     delivery_agents: Mapping[str, type] | None = None,
 ) -> Organization:
     """Validate TOML text as an organization (management commands check edits with this)."""
@@ -582,7 +588,10 @@ class _Loader:
     """One validation run: reads the sections in dependency order into an Organization."""
 
     def __init__(
-        self, data: Mapping[str, Any], ctx: ConfigContext, connector_types: Mapping[str, type]
+        self,
+        data: Mapping[str, Any],
+        ctx: ConfigContext,
+        connector_types: Mapping[str, type[ConnectorType]],
     ) -> None:
         self.data = data
         self.ctx = ctx
@@ -765,7 +774,8 @@ class _Loader:
     def _check_default(
         self, readers: Sequence[FieldReader], kept: Sequence[tuple[FieldReader, AcceptedDomain]]
     ) -> None:
-        """Exactly one default accepted domain (EXCHANGE §3)."""
+        """Exactly one default accepted domain
+        (docs/exchange.md, "Accepted domains and recipients")."""
         if not readers:
             self.ctx.error("accepted_domain", None, "the organization needs at least one "
                                                     "accepted domain, with Default = true")
@@ -795,7 +805,7 @@ class _Loader:
             reader.finish()
             if self._unique(seen, server.name, reader, index):
                 servers.append(server)
-                self.ctx.add_server(server.name, server.site)
+                self.ctx.add_server(server.name, server.site, server)
         return tuple(servers)
 
     def _server(self, r: FieldReader) -> TransportServer:
@@ -853,7 +863,8 @@ class _Loader:
         }
 
     def _protocol_log_settings(self, r: FieldReader, state: Path) -> dict[str, Any]:
-        """EXCHANGE §9: where the SMTP protocol logs go and how long they are kept."""
+        """Where the SMTP protocol logs go and how long they are kept
+        (docs/exchange.md, "Message tracking and protocol logs")."""
         logs = state / "logs" / "ProtocolLog"
         max_age = r.duration("ProtocolLogMaxAge", "30d", "0s", "24855d")
         return {
@@ -897,7 +908,8 @@ class _Loader:
         }
 
     def _queue_settings(self, r: FieldReader) -> dict[str, Any]:
-        """EXCHANGE §8: retry ladder, expiry, delay DSN, poison (Set-TransportServer ranges)."""
+        """Retry ladder, expiry, delay DSN, poison, with Set-TransportServer's ranges
+        (docs/exchange.md, "Queues and retry")."""
         return {
             "message_expiration_timeout": r.duration("MessageExpirationTimeout", "2d", "5s", "90d"),
             "delay_notification_timeout": r.duration("DelayNotificationTimeout", "4h", "1s", "30d"),
@@ -916,7 +928,8 @@ class _Loader:
         }
 
     def _tracking_settings(self, r: FieldReader, state: Path) -> dict[str, Any]:
-        """EXCHANGE §9: the message tracking log of this server."""
+        """The message tracking log of this server
+        (docs/exchange.md, "Message tracking and protocol logs")."""
         max_dir = r.size("MessageTrackingLogMaxDirectorySize", GB, min=1)
         max_file = r.size("MessageTrackingLogMaxFileSize", 10 * MB, min=1, max=4 * GB,
                           unlimited=False)

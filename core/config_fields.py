@@ -9,6 +9,7 @@ parameter names are; messages use the canonical (cmdlet) spelling.
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import ipaddress
 import math
@@ -17,12 +18,13 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from core.addresses import AddressError, normalize_address
 
 if TYPE_CHECKING:
     from core.address_space import AddressSpace
+    from core.config import TransportServer
 
 __all__ = [
     "EMBEDDED_SOURCE",
@@ -129,6 +131,8 @@ class ConfigContext:
         self.base_dir = Path(os.path.abspath(base_dir))
         #: transport server name -> its site, in declaration order
         self.servers: dict[str, str] = dict(servers or {})
+        #: declared name -> the transport server read, for connector checks against its settings
+        self.transport_servers: dict[str, TransportServer] = {}
         self.errors: list[ConfigError] = []
         #: DeliveryProtocol (upper case) -> agent class, for Delivery Agent connectors
         self.delivery_agents: dict[str, type] = {}
@@ -152,8 +156,10 @@ class ConfigContext:
 
     # -- servers
 
-    def add_server(self, name: str, site: str) -> None:
+    def add_server(self, name: str, site: str, server: TransportServer | None = None) -> None:
         self.servers[name] = site
+        if server is not None:
+            self.transport_servers[name] = server
 
     def server_name(self, name: str) -> str | None:
         """The declared spelling of a transport server name (names are case-insensitive)."""
@@ -257,6 +263,18 @@ class FieldReader:
             self.error(key, problem)
         return value
 
+    @overload
+    def string(
+        self, key: str, default: str, required: bool = ..., choices: Sequence[str] | None = ...
+    ) -> str: ...
+    @overload
+    def string(
+        self,
+        key: str,
+        default: str | None = ...,
+        required: bool = ...,
+        choices: Sequence[str] | None = ...,
+    ) -> str | None: ...
     def string(
         self,
         key: str,
@@ -264,6 +282,7 @@ class FieldReader:
         required: bool = False,
         choices: Sequence[str] | None = None,
     ) -> str | None:
+        """A string; a bad or missing value gives `default` (so a str default gives a str)."""
         value = self._take(key)
         if value is _MISSING:
             if required:
@@ -294,15 +313,35 @@ class FieldReader:
         self._wrong_type(key, "true or false", value)
         return default
 
+    @overload
     def int(
         self,
         key: str,
-        default: int | None,
-        min: int | None = None,
-        max: int | None = None,
+        default: builtins.int,
+        min: builtins.int | None = ...,
+        max: builtins.int | None = ...,
         *,
-        unlimited: bool = False,
-    ) -> int | None:
+        unlimited: Literal[False] = ...,
+    ) -> builtins.int: ...
+    @overload
+    def int(
+        self,
+        key: str,
+        default: builtins.int | None,
+        min: builtins.int | None = ...,
+        max: builtins.int | None = ...,
+        *,
+        unlimited: builtins.bool = ...,
+    ) -> builtins.int | None: ...
+    def int(
+        self,
+        key: str,
+        default: builtins.int | None,
+        min: builtins.int | None = None,
+        max: builtins.int | None = None,
+        *,
+        unlimited: builtins.bool = False,
+    ) -> builtins.int | None:
         """An integer; with `unlimited`, the word `unlimited` gives None."""
         value = self._take(key)
         if value is _MISSING:
@@ -342,15 +381,35 @@ class FieldReader:
             return default
         return number
 
+    @overload
     def size(
         self,
         key: str,
-        default: int | None,
+        default: builtins.int,
         *,
-        min: int | None = None,
-        max: int | None = None,
-        unlimited: bool = True,
-    ) -> int | None:
+        min: builtins.int | None = ...,
+        max: builtins.int | None = ...,
+        unlimited: Literal[False],
+    ) -> builtins.int: ...
+    @overload
+    def size(
+        self,
+        key: str,
+        default: builtins.int | None,
+        *,
+        min: builtins.int | None = ...,
+        max: builtins.int | None = ...,
+        unlimited: builtins.bool = ...,
+    ) -> builtins.int | None: ...
+    def size(
+        self,
+        key: str,
+        default: builtins.int | None,
+        *,
+        min: builtins.int | None = None,
+        max: builtins.int | None = None,
+        unlimited: builtins.bool = True,
+    ) -> builtins.int | None:
         """A byte count: an integer, `10MB`, `10 MB (10,485,760 bytes)`, or `unlimited` (None)."""
         value = self._take(key)
         if value is _MISSING:
@@ -371,6 +430,22 @@ class FieldReader:
             return default
         return size
 
+    @overload
+    def duration(
+        self,
+        key: str,
+        default: float | str,
+        min: float | str | None = ...,
+        max: float | str | None = ...,
+    ) -> float: ...
+    @overload
+    def duration(
+        self,
+        key: str,
+        default: None,
+        min: float | str | None = ...,
+        max: float | str | None = ...,
+    ) -> float | None: ...
     def duration(
         self,
         key: str,
@@ -396,8 +471,16 @@ class FieldReader:
             return fallback
         return seconds
 
+    @overload
     def path(
-        self, key: str, default: str | Path | None, *, nullable: bool = False
+        self, key: str, default: str | Path, *, nullable: Literal[False] = ...
+    ) -> Path: ...
+    @overload
+    def path(
+        self, key: str, default: str | Path | None, *, nullable: builtins.bool = ...
+    ) -> Path | None: ...
+    def path(
+        self, key: str, default: str | Path | None, *, nullable: builtins.bool = False
     ) -> Path | None:
         """An absolute path (relative ones from the config file's folder).
 
@@ -443,7 +526,9 @@ class FieldReader:
                 self.error(key, f"entry {index + 1}: expected a string, got {_describe(item)}")
         return tuple(good)
 
-    def address_spaces(self, key: str, required: bool = False) -> tuple[AddressSpace, ...]:
+    def address_spaces(
+        self, key: str, required: builtins.bool = False
+    ) -> tuple[AddressSpace, ...]:
         """Exchange address spaces (`contoso.com`, `*.contoso.com;5`, `FAX:*;1`)."""
         from core.address_space import AddressSpace, AddressSpaceError
 
@@ -475,6 +560,10 @@ class FieldReader:
                 names.append(name)
         return tuple(names)
 
+    @overload
+    def server(self, key: str, default: str) -> str: ...
+    @overload
+    def server(self, key: str, default: str | None) -> str | None: ...
     def server(self, key: str, default: str | None) -> str | None:
         """One transport server name (for example a mailbox's `Server`)."""
         value = self._take(key)
@@ -497,8 +586,14 @@ class FieldReader:
             )
         return found
 
+    @overload
+    def smtp_address(self, key: str, required: builtins.bool = ..., *, default: str) -> str: ...
+    @overload
     def smtp_address(
-        self, key: str, required: bool = False, default: str | None = None
+        self, key: str, required: builtins.bool = ..., default: str | None = ...
+    ) -> str | None: ...
+    def smtp_address(
+        self, key: str, required: builtins.bool = False, default: str | None = None
     ) -> str | None:
         """An SMTP address in hubport's canonical form (`local@domain`, domain lower-cased)."""
         value = self._take(key)
@@ -516,8 +611,12 @@ class FieldReader:
             return default
 
     def endpoints(
-        self, key: str, default: Sequence[tuple[str, int]] = (), *, port: int = 53
-    ) -> tuple[tuple[str, int], ...]:
+        self,
+        key: str,
+        default: Sequence[tuple[str, builtins.int]] = (),
+        *,
+        port: builtins.int = 53,
+    ) -> tuple[tuple[str, builtins.int], ...]:
         """IP endpoints: `192.0.2.1`, `192.0.2.1:5353`, `2001:db8::1`, `[2001:db8::1]:5353`."""
         items = self._list(key)
         if items is None:

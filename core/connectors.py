@@ -9,7 +9,7 @@ optional lifecycle (`start`/`stop`) the daemon drives for the instances scoped t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeGuard
 
 from core.address_space import AddressSpace
 
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Connector:
-    """Fields every routable connector shares (EXCHANGE §3 connector selection)."""
+    """Fields every routable connector shares
+    (docs/exchange.md, "Address spaces and connector selection")."""
 
     name: str
     address_spaces: tuple[AddressSpace, ...] = ()
@@ -65,3 +66,8 @@ class ConnectorType(Protocol):
 
     @classmethod
     def from_config(cls, reader: FieldReader, ctx: ConfigContext) -> Connector: ...
+
+
+def is_connector_type(cls: type) -> TypeGuard[type[ConnectorType]]:
+    """Whether a registered class has what the loader calls (checked at registration)."""
+    return bool(getattr(cls, "section", "")) and hasattr(cls, "from_config")

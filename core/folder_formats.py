@@ -52,10 +52,12 @@ def display_name(value: bytes | str) -> str:
     control characters as ``\\xNN`` (readable, one line, never a Python repr)."""
     if isinstance(value, str):
         try:
-            value = value.encode("utf-8", "surrogateescape")
+            raw = value.encode("utf-8", "surrogateescape")
         except UnicodeEncodeError:  # a lone surrogate that was never a byte
-            value = value.encode("utf-8", "backslashreplace")
-    text = value.decode("utf-8", "backslashreplace")
+            raw = value.encode("utf-8", "backslashreplace")
+    else:
+        raw = value
+    text = raw.decode("utf-8", "backslashreplace")
     return _UNPRINTABLE_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 

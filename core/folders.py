@@ -1,10 +1,10 @@
 """The Pickup and Replay directories: watched folders that submit ``.eml`` files.
 
-Folder claim, exactly once (DESIGN §5): a ready file is renamed into ``.work/`` (same
-filesystem, atomic; the watcher ignores it), parsed, and committed together with its claim
-name; only after the commit is the claimed file deleted. On start, a claimed file whose
-name the queue knows is deleted, one it does not know is ingested again. No file is
-ingested twice; none is lost.
+Folder claim, exactly once (docs/exchange.md, "Pickup and Replay formats"): a ready file is
+renamed into ``.work/`` (same filesystem, atomic; the watcher ignores it), parsed, and
+committed together with its claim name; only after the commit is the claimed file deleted.
+On start, a claimed file whose name the queue knows is deleted, one it does not know is
+ingested again. No file is ingested twice; none is lost.
 
 watchdog events are only a hint to look now (events get lost: inotify queues overflow): the folder
 is rescanned at start, every ``FolderRescanInterval`` and whenever the observer dies. A file
@@ -40,7 +40,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 try:  # Linux: the inotify reader under watchdog's Observer, used with a narrow event mask
-    from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
+    from watchdog.observers.inotify_c import CallbackId, InotifyConstants, InotifyFD, Mask
 except ImportError:  # pragma: no cover - other platforms use the generic Observer
     InotifyFD = None  # type: ignore[assignment,misc]
 
@@ -66,6 +66,7 @@ from core.store import StoreError
 
 if TYPE_CHECKING:
     from core.backpressure import BackPressure
+    from core.config import TransportServer
     from core.pipeline import Pipeline
 
 log = structlog.get_logger("hubport.folders")
@@ -155,7 +156,7 @@ class PickupDirectory:
     # -- settings from the running config (live reload applies at the next scan) ----------
 
     @property
-    def server(self):  # type: ignore[no-untyped-def]
+    def server(self) -> TransportServer:
         return self.pipeline.server
 
     def _per_minute(self) -> int | None:
@@ -500,18 +501,19 @@ class PickupDirectory:
     def _parse_all(self, claimed: list[Claimed]) -> None:
         limit = self.size_limit()
         for c in claimed:
+            data = c.data or b""
             try:
                 assert c.data is not None
                 if c.oversize is not None:
-                    self._refuse_oversize(c, c.oversize, limit, c.data)
+                    self._refuse_oversize(c, c.oversize, limit, data)
                     continue
                 c.repairs = []
-                c.envelope, c.stored = self._parse(c.data, c.repairs)
+                c.envelope, c.stored = self._parse(data, c.repairs)
                 if len(c.stored) > limit:  # the file fitted; as CRLF with our fields not
                     self._refuse_oversize(c, len(c.stored), limit, c.stored, c.envelope)
             except ContentRejected as exc:
                 c.error = exc
-                c.envelope, c.stored = self._rejected(c.data)
+                c.envelope, c.stored = self._rejected(data)
             except MessageFormatError as exc:
                 c.error = exc
             except Exception as exc:  # a parser bug must not lose the file
@@ -771,7 +773,8 @@ class _InotifyWatch:
         self.stopping = False
         self.reader = InotifyFD()
         self.reader.start()
-        self.wd = self.reader.add_callback(folder.bpath, self.MASK, self, id(self))
+        self.wd = self.reader.add_callback(folder.bpath, Mask(self.MASK), self,
+                                           CallbackId(id(self)))
 
     def on_event(self, event: Any) -> None:
         try:
@@ -791,6 +794,11 @@ class _InotifyWatch:
         self._rescan()
 
     def on_queue_overflow(self) -> None:
+        self._rescan()
+
+    def on_events_lost(self) -> None:
+        """The reader's second overflow call (once every watch is repaired); without it the
+        reader's dispatch thread dies on the AttributeError and no event arrives again."""
         self._rescan()
 
     def _rescan(self) -> None:
@@ -840,7 +848,7 @@ def _work_name(key: str, original: bytes) -> bytes:
 
 
 def _list_work(work: bytes) -> list[tuple[str, bytes]]:
-    out = []
+    out: list[tuple[str, bytes]] = []
     try:
         names = os.listdir(work)
     except FileNotFoundError:

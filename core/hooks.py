@@ -1,8 +1,9 @@
 """The plugin manager: discovery, registries and awaiting hook results.
 
-Discovery order (DESIGN §3): the built-in plugins, then the ``hubport`` entry-point group,
-then plugin modules named in the configuration. Built-ins are named by module path and
-imported by name, so ``core`` has no import-time dependency on ``plugins`` or ``agents``.
+Discovery order (docs/hooks.md, "Writing a plugin"): the built-in plugins, then the
+``hubport`` entry-point group, then plugin modules named in the configuration. Built-ins are
+named by module path and imported by name, so ``core`` has no import-time dependency on
+``plugins`` or ``agents``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pluggy
 import structlog
 
 from core import PROJECT_NAME, hookspecs
+from core.connectors import ConnectorType, is_connector_type
 
 log = structlog.get_logger("hubport.hooks")
 
@@ -40,13 +42,13 @@ class PluginError(Exception):
 class Registry:
     """Connector types and delivery agents the plugins registered."""
 
-    connector_types: dict[str, type] = field(default_factory=dict)
+    connector_types: dict[str, type[ConnectorType]] = field(default_factory=dict)
     delivery_agents: dict[str, type] = field(default_factory=dict)
 
     def add_connector_type(self, cls: type) -> None:
-        section = getattr(cls, "section", "")
-        if not section or not hasattr(cls, "from_config"):
+        if not is_connector_type(cls):
             raise PluginError(f"{cls!r} is not a connector type (needs section and from_config)")
+        section = cls.section
         if section in self.connector_types and self.connector_types[section] is not cls:
             raise PluginError(f"two connector types claim section [[{section}]]")
         self.connector_types[section] = cls

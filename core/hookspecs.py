@@ -96,7 +96,8 @@ def route(
 
     Return a list of ``core.routing.RouteCandidate`` (or ``None``). The core adds them to
     the candidates of the configured connectors and picks the most specific address space,
-    then the lowest cost, then proximity, then the connector name (EXCHANGE §3).
+    then the lowest cost, then proximity, then the connector name
+    (docs/exchange.md, "Address spaces and connector selection").
     """
 
 

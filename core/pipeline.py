@@ -22,8 +22,9 @@ import sqlite3
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -407,7 +408,7 @@ class Pipeline:
         # may route them; its resubmission of Unreachable has already run)
         stale = generation != self.generation
         committed = await asyncio.gather(*(
-            self.store.write(lambda c, r=r: self._commit_categorized(c, r, stale))
+            self.store.write(partial(self._commit_categorized, result=r, stale=stale))
             for r in results), return_exceptions=True)
         touched: set[int] = set()
         for result, outcome in zip(results, committed):
@@ -575,7 +576,8 @@ class Pipeline:
         time (then batches go one at a time).
 
         A queue in Retry has nothing due before its next attempt, whatever its messages'
-        own times: mail that arrives meanwhile waits for that attempt too (EXCHANGE §8).
+        own times: mail that arrives meanwhile waits for that attempt too
+        (docs/exchange.md, "Queues and retry").
         """
         now = self.clock()
         state = await self.store.read(lambda c: q.queue_state(c, queue_id))
@@ -620,6 +622,7 @@ class Pipeline:
         self._in_flight.difference_update(set(ids) - {m.id for m in messages})
         items = [MailItem(m, m.recipients, hop, queue_id) for m in messages if m.recipients]
         outcome = await self._call_deliver(hop, items)
+        error: str | None
         if isinstance(outcome, (DeferQueue, FailQueue)):
             results = [self._queue_outcome(item, outcome) for item in items]
             error = str(outcome.response)
@@ -631,7 +634,7 @@ class Pipeline:
                          for r in result.recipients.values() if r.kind == DEFERRED]
             error = str(deferrals[-1]) if deferrals else None
         retry_at: float | None = None
-        writes = []
+        writes: list[Awaitable[object]] = []
         if items and isinstance(outcome, DeferQueue):
             # the next hop failed as a whole: the queue goes to Retry, and its messages
             # (these and any that arrive meanwhile) wait for the queue's next attempt
@@ -644,8 +647,9 @@ class Pipeline:
         elif items:  # the next hop answered: the queue leaves Retry
             writes.append(self.store.write(
                 lambda c: q.queue_attempted(c, queue_id, self.clock(), error)))
-        writes += [self.store.write(lambda c, i=item, r=result: self._commit_delivery(
-            c, i, r, retry_at=retry_at)) for item, result in zip(items, results)]
+        writes += [self.store.write(partial(self._commit_delivery, item=item, result=result,
+                                            retry_at=retry_at))
+                   for item, result in zip(items, results)]
         committed = await asyncio.gather(*writes, return_exceptions=True)
         committed = committed[len(committed) - len(items):]
         if items:
@@ -811,7 +815,8 @@ class Pipeline:
                      delivered: list[QueuedRecipient], result: ItemResult) -> list[Event]:
         """NOTIFY=SUCCESS: 'delivered' for final delivery (a mailbox, an agent), 'relayed'
         for a hand-off to a system that sends no DSNs itself: a Foreign connector's drop
-        folder, only when that connector has RelayDsnRequired (EXCHANGE §2), or a next hop
+        folder, only when that connector has RelayDsnRequired
+        (docs/exchange.md, "Foreign and Delivery Agent connectors"), or a next hop
         whose result says ``relayed`` (an SMTP server without DSN, RFC 3461 §5.2.2)."""
         wanted = [r for r in delivered if r.wants(Notify.SUCCESS)]
         if not wanted or not message.mail_from.address:

@@ -1,4 +1,5 @@
-"""SMTP protocol logs (EXCHANGE §9): one CSV line per command, reply and connection event.
+"""SMTP protocol logs (docs/exchange.md, "Message tracking and protocol logs"):
+one CSV line per command, reply and connection event.
 
 Receive and Send connectors open a `ProtocolSession` per SMTP connection, at rates of thousands
 per second, so the per-event cost on the event loop is one tuple appended to a buffer: the

@@ -80,8 +80,9 @@ CREATE TABLE IF NOT EXISTS delivery_queue (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     delivery_type TEXT NOT NULL, domain TEXT NOT NULL, connector TEXT NOT NULL,
     suspended INTEGER NOT NULL DEFAULT 0,
-    -- queue Retry after a connection failure (EXCHANGE §8): next_retry is set while the
-    -- queue waits for its next attempt; retry_count counts the failures in a row
+    -- queue Retry after a connection failure (docs/exchange.md, "Queues and retry"):
+    -- next_retry is set while the queue waits for its next attempt; retry_count counts
+    -- the failures in a row
     last_error TEXT, next_retry REAL,
     retry_count INTEGER NOT NULL DEFAULT 0,
     last_retry REAL,
@@ -615,15 +616,16 @@ def queue_items(conn: sqlite3.Connection, queue: str, now: float,
         f" r.attempts FROM message m JOIN recipient r ON r.message=m.id"
         f" WHERE m.id IN ({marks}) AND {clause} ORDER BY m.id, r.id", [*ids, *params])
     items: dict[int, dict[str, object]] = {}
+    recipients: dict[int, list[dict[str, object]]] = {}  # each item's list, typed
     for row in rows:
-        item = items.get(row["id"])
-        if item is None:
-            item = items[row["id"]] = {
+        if row["id"] not in items:
+            recipients[row["id"]] = []
+            items[row["id"]] = {
                 "queue": queue, "message": row["id"], "message_id": row["message_id"],
                 "from": row["sender"], "subject": row["subject"], "size": row["size"],
                 "source": row["source"], "received": row["received_at"],
-                "expires": row["expires_at"], "_m": row, "recipients": []}
-        item["recipients"].append({  # type: ignore[union-attr]
+                "expires": row["expires_at"], "_m": row, "recipients": recipients[row["id"]]}
+        recipients[row["id"]].append({
             "address": row["address"], "status": row["status"],
             "suspended": bool(row["r_suspended"]), "attempts": row["attempts"],
             "last_error": row["last_response"], "next_retry": row["next_retry"]})

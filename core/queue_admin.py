@@ -1,4 +1,4 @@
-"""The queue cmdlets' operations on a running pipeline (EXCHANGE §8).
+"""The queue cmdlets' operations on a running pipeline (docs/exchange.md, "Queue cmdlets").
 
 ``QueueAdmin`` is what the control socket (``core.control``) exposes: Get-Queue, Retry-,
 Suspend-, Resume-Queue, Get-, Suspend-, Resume-, Remove- and Export-Message, and the back
@@ -32,6 +32,7 @@ import os
 import re
 import tempfile
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -214,10 +215,10 @@ class QueueAdmin:
         now = self.pipeline.clock()
         items: list[dict[str, Any]] = []
         for name in names:
-            if not await self.pipeline.store.read(lambda c, n=name: q.queue_exists(c, n)):
+            if not await self.pipeline.store.read(partial(q.queue_exists, queue=name)):
                 raise AdminError(f"no queue {self._identity(name)}")
-            found = await self.pipeline.store.read(
-                lambda c, n=name: q.queue_items(c, n, now, message, result_size))
+            found = await self.pipeline.store.read(partial(
+                q.queue_items, queue=name, now=now, message_id=message, limit=result_size))
             for item in found:
                 item["identity"] = self._identity(name, item["message"])
                 item["queue_identity"] = self._identity(name)

@@ -1,4 +1,4 @@
-"""The retry ladder and expiry (EXCHANGE §8).
+"""The retry ladder and expiry (docs/exchange.md, "Queues and retry").
 
 After a connection-level failure (the next hop as a whole failed: ``DeferQueue``) the
 queue goes to Retry and retries ``QueueGlitchRetryCount`` times at

@@ -1,4 +1,5 @@
-"""The routing table: which connector a recipient leaves through (EXCHANGE §3).
+"""The routing table: which connector a recipient leaves through
+(docs/exchange.md, "Address spaces and connector selection").
 
 Elimination and selection, the same for Send, Foreign and Delivery Agent connectors:
 1. drop connectors whose MaxMessageSize is smaller than the message;

@@ -100,7 +100,7 @@ class Store:
             while len(batch) < self.batch_limit and not pending.empty():
                 batch.append(pending.get_nowait())
             try:
-                outcomes = await self._run(self._commit_batch, [w for w, _ in batch])
+                outcomes, wrote = await self._run(self._commit_batch, [w for w, _ in batch])
             except Exception as exc:  # the commit itself failed: nothing is durable
                 error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
                 self.healthy = False
@@ -108,7 +108,10 @@ class Store:
                     if not future.done():
                         future.set_exception(error)
             else:
-                self.healthy = True
+                if wrote:
+                    # only a commit that wrote pages (and so synced them) proves the disk works
+                    # again; an empty one touches no file and would clear a fault unseen
+                    self.healthy = True
                 for (_, future), (ok, value) in zip(batch, outcomes):
                     if future.done():
                         continue
@@ -120,10 +123,12 @@ class Store:
                 for _ in batch:
                     pending.task_done()
 
-    def _commit_batch(self, works: list[Work]) -> list[tuple[bool, Any]]:
+    def _commit_batch(self, works: list[Work]) -> tuple[list[tuple[bool, Any]], bool]:
+        """Commit ``works`` in one transaction: each one's outcome, and whether rows changed."""
         conn = self._conn
         assert conn is not None
         outcomes: list[tuple[bool, Any]] = []
+        changes = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
         try:
             for work in works:
@@ -150,7 +155,7 @@ class Store:
             raise StoreError(f"queue database commit failed: {exc}") from exc
         self.commits += 1
         self.pieces += len(works)
-        return outcomes
+        return outcomes, conn.total_changes != changes
 
 
 def _is_fatal(exc: sqlite3.OperationalError) -> bool:

@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from core.credentials import locked_folder, replace_file
@@ -68,7 +69,7 @@ def _load_certificate(path: Path) -> x509.Certificate:
     return chain[0]
 
 
-def _load_key(path: Path) -> serialization.LoadablePrivateKey:
+def _load_key(path: Path) -> PrivateKeyTypes:
     try:
         return serialization.load_pem_private_key(_read(path, "key"), password=None)
     except TypeError:

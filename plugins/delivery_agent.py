@@ -1,4 +1,5 @@
-"""Delivery Agent connectors: deliver through an agent chosen by DeliveryProtocol (EXCHANGE §10).
+"""Delivery Agent connectors: deliver through an agent chosen by DeliveryProtocol
+(docs/exchange.md, "Foreign and Delivery Agent connectors").
 
 ``[[delivery_agent_connector]]`` (New-DeliveryAgentConnector): AddressSpaces,
 DeliveryProtocol, SourceTransportServers, IsScopedConnector, Enabled, MaxMessageSize,
@@ -44,13 +45,18 @@ class DeliveryAgentConnector(Connector):
     def from_config(cls, reader: FieldReader, ctx: ConfigContext) -> DeliveryAgentConnector:
         common = cls.read_common(reader, ctx)
         protocol = (reader.string("DeliveryProtocol", required=True) or "").strip()
-        agent = ctx.delivery_agents.get(protocol.upper()) if protocol else None
+        registered = ctx.delivery_agents.get(protocol.upper()) if protocol else None
+        agent: type[DeliveryAgent] | None = None
         settings = None
-        if protocol and agent is None:
+        if protocol and registered is None:
             known = ", ".join(sorted(ctx.delivery_agents)) or "none"
             reader.error("DeliveryProtocol", f'no delivery agent serves "{protocol}" '
                                              f"(registered: {known})")
-        elif agent is not None:
+        elif registered is not None and not issubclass(registered, DeliveryAgent):
+            reader.error("DeliveryProtocol", f'the agent registered for "{protocol}" '
+                         f"({registered.__qualname__}) does not subclass DeliveryAgent")
+        elif registered is not None:
+            agent = registered
             settings = agent.read_settings(reader)
         return cls(**common,
                    delivery_protocol=protocol.upper(),

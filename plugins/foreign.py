@@ -45,6 +45,13 @@ class ForeignConnector(Connector):
             if any(p in ("..", ".") for p in parts) or "\\" in drop or "\x00" in drop:
                 reader.error("DropDirectory", "must name a folder inside the server's"
                              " RootDropDirectoryPath (no '..', '.' or backslashes)")
+            for name in common["source_transport_servers"]:
+                server = ctx.transport_servers.get(name)
+                if server is not None and server.root_drop_directory_path is None:
+                    reader.error("DropDirectory", f'"{drop}" is relative, but source transport'
+                                 f' server "{name}" has no RootDropDirectoryPath (it is empty);'
+                                 " give an absolute path or set the server's"
+                                 " RootDropDirectoryPath")
         return cls(**common,
                    drop_directory=drop,
                    drop_directory_quota=reader.size("DropDirectoryQuota", default=None),
@@ -54,7 +61,13 @@ class ForeignConnector(Connector):
     def drop_path(self, server: TransportServer) -> Path:
         """The Drop directory on ``server``: absolute as given, else under its drop root."""
         path = Path(self.drop_directory)
-        return path if path.is_absolute() else server.root_drop_directory_path / path
+        if path.is_absolute():
+            return path
+        if server.root_drop_directory_path is None:  # the load refuses this on source servers
+            raise ValueError(f"{self.kind} {self.name!r}: transport server {server.name!r} has"
+                             " no RootDropDirectoryPath for the relative DropDirectory"
+                             f" {self.drop_directory!r}")
+        return server.root_drop_directory_path / path
 
 
 @hookimpl

@@ -521,6 +521,26 @@ async def test_69_an_event_queue_overflow_makes_the_folder_rescan_at_once(
         assert read_mail(got[0])["Subject"] == "event lost"
 
 
+async def test_69_an_overflow_the_inotify_reader_reports_leaves_the_reader_running(
+        hub_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    inotify = pytest.importorskip("watchdog.observers.inotify_c")
+    async with hub_factory() as hub:
+        folder = next(f for f in hub.daemon.folders if f.path == hub.pickup)
+        watch = folder._observer
+        if not hasattr(watch, "reader"):
+            pytest.skip("the generic observer: no inotify reader")
+        rescans: list[str] = []
+        monkeypatch.setattr(folder, "_overflowed", lambda: rescans.append("rescan"))
+        # the event the reader's dispatch thread hands on when the kernel queue overflowed
+        watch.reader.handle_event(inotify.InotifyEvent(
+            -1, inotify.InotifyConstants.IN_Q_OVERFLOW, 0, b""))
+        await wait_for(lambda: rescans, TIMEOUT)
+        assert watch.is_alive()
+        drop_in(hub.pickup, "after.eml", message(subject="after the overflow"))
+        got = await wait_for(lambda: maildir(hub.root, "Bob"), TIMEOUT)
+        assert read_mail(got[0])["Subject"] == "after the overflow"
+
+
 # -- I71: a file the daemon may not read ----------------------------------------------------------
 
 

@@ -358,7 +358,7 @@ def test_message_that_kills_the_process_twice_goes_to_poison_and_the_rest_flows(
         tmp_path: Path, pool: DaemonPool) -> None:
     """A categorize agent that SIGKILLs the daemon on one message: after two crashes
     (PoisonThreshold 2) it sits in Poison, never delivered; its batch-mates, in flight
-    during the same crashes, are delivered (EXCHANGE §8)."""
+    during the same crashes, are delivered (docs/exchange.md, "Expiry, DSNs and Poison")."""
     (tmp_path / "killer_agent.py").write_text(
         "import os, signal\n"
         "from core import hookimpl\n\n"

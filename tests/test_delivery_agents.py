@@ -284,6 +284,25 @@ def test_unknown_delivery_protocol_and_bad_agent_fields_are_config_errors() -> N
     assert "MaxConcurrentConnections" in text
 
 
+def test_an_agent_class_that_is_not_a_delivery_agent_is_a_config_error() -> None:
+    class Pigeon:  # registered by a plugin, but not a DeliveryAgent
+        pass
+
+    hooks = Hooks(entry_points=False)
+    hooks.registry.add_delivery_agent("PIGEON", Pigeon)
+    text = BASE_ORG.format(server_extra="", foreign_extra="", extra=(
+        '[[delivery_agent_connector]]\nName = "Loft"\nAddressSpaces = ["PIGEON:*;1"]\n'
+        'DeliveryProtocol = "pigeon"\n'))
+    with pytest.raises(ConfigErrors) as caught:
+        parse_organization(text, source="org.toml", base_dir=Path("/tmp"),
+                           connector_types=hooks.registry.connector_types,
+                           delivery_agents=hooks.registry.delivery_agents)
+    assert [str(e) for e in caught.value.errors] == [
+        'org.toml: delivery_agent_connector "Loft": DeliveryProtocol: the agent registered for'
+        ' "pigeon" (test_an_agent_class_that_is_not_a_delivery_agent_is_a_config_error.<locals>'
+        '.Pigeon) does not subclass DeliveryAgent']
+
+
 # -- end to end through a daemon -------------------------------------------------------------
 
 LOCAL_AGENT = '''

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import os
 import subprocess
@@ -551,7 +552,8 @@ async def test_a_failed_categorizer_commit_gives_the_message_back(
         failures = ["_commit_categorized", *(["release"] if also_release else [])]
 
         async def write(work: Any) -> Any:
-            names = work.__code__.co_names
+            names = ((work.func.__name__,) if isinstance(work, functools.partial)
+                     else work.__code__.co_names)
             if failures and failures[0] in names:
                 failures.pop(0)
                 raise StoreError("queue database commit failed: disk I/O error (injected)")

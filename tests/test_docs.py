@@ -42,3 +42,43 @@ def test_delivery_agent_api_is_documented_in_docstrings() -> None:
         assert (cls.__doc__ or "").strip(), cls.__name__
     for name in ("open", "deliver", "deliver_many", "close"):
         assert (getattr(api.DeliveryAgent, name).__doc__ or "").strip(), name
+
+
+
+#: citations of documents the repository does not ship (reference material kept elsewhere)
+UNSHIPPED = re.compile(r"EXCHANGE\.md|EXCHANGE §|RELIABILITY(\.md| §)|DESIGN(\.md| §)|ANCHORS\.md"
+                       r"|BASELINES\.md|TESTING\.md")
+
+
+def _source_files() -> list[Path]:
+    """README.md and every .py, .md and .toml file of the shipped folders (not build output)."""
+    root = DOCS.parent
+    files = [root / "README.md"]
+    for folder in ("core", "plugins", "agents", "tests", "docs", "bench", "examples"):
+        files += [p for p in sorted((root / folder).rglob("*")) if p.suffix in (".py", ".md", ".toml")
+                  and "build" not in p.relative_to(root).parts]
+    assert len(files) > 50, files
+    return files
+
+
+def test_docs_exchange_md_has_every_section_the_code_cites() -> None:
+    headings = set(re.findall(r"^## (.+)$", (DOCS / "exchange.md").read_text(), flags=re.M))
+    cited: dict[str, str] = {}
+    for path in _source_files():
+        for name in re.findall(r'docs/exchange\.md, "([^"]+)"', path.read_text()):
+            cited.setdefault(" ".join(name.split()), str(path.relative_to(DOCS.parent)))
+    assert cited, "nothing cites docs/exchange.md"
+    missing = {name: where for name, where in cited.items() if name not in headings}
+    assert not missing, f"citations of sections docs/exchange.md does not have: {missing}"
+
+
+def test_code_and_docs_cite_only_documents_the_repository_ships() -> None:
+    offenders = []
+    for path in _source_files():
+        if path == Path(__file__).resolve():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if UNSHIPPED.search(line):
+                offenders.append(f"{path.relative_to(DOCS.parent)}:{number}: {line.strip()}")
+    assert not offenders, "citations of documents the repository does not ship:\n" + "\n".join(
+        offenders)

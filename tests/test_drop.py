@@ -19,7 +19,10 @@ import pytest
 import agents.file_commit as file_commit
 from agents.api import DeliveryContext
 from agents.file_commit import FilePlan, commit_files
+from core.config import parse_organization
+from core.config_fields import ConfigErrors
 from core.headers import parse_header_section
+from core.hooks import Hooks
 from tests.support import (
     drop_files,
     drop_in,
@@ -335,3 +338,57 @@ async def test_enospc_while_writing_defers_and_keeps_the_queue_entry(
         assert all_files(drop) == files and len(files) == 1
         assert b"Subject: disk full" in files[0].read_bytes()
         assert (await recipient_rows(hub, "IMCEAFAX%")) in ([], [("Delivered", files[0].name)])
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_a_relative_drop_directory_needs_a_drop_root_on_every_source_server() -> None:
+    """Without RootDropDirectoryPath a server has nowhere to put a relative DropDirectory:
+    the load says so, instead of the first delivery failing."""
+    hooks = Hooks(entry_points=False)
+    text = """
+[[accepted_domain]]
+Name = "contoso.test"
+DomainName = "contoso.test"
+Default = true
+
+[[transport_server]]
+Name = "HUB01"
+RootDropDirectoryPath = ""
+
+[[transport_server]]
+Name = "HUB02"
+
+[[foreign_connector]]
+Name = "Fax Gateway"
+AddressSpaces = ["FAX:*;1"]
+SourceTransportServers = ["HUB01", "HUB02"]
+
+[[foreign_connector]]
+Name = "Telex Gateway"
+AddressSpaces = ["TELEX:*;1"]
+SourceTransportServers = ["HUB01"]
+DropDirectory = "/srv/telex"
+
+[[foreign_connector]]
+Name = "Pager Gateway"
+AddressSpaces = ["PAGER:*;1"]
+SourceTransportServers = ["HUB02"]
+"""
+    with pytest.raises(ConfigErrors) as caught:
+        parse_organization(text, source="org.toml", base_dir=Path("/srv/hub"),
+                           connector_types=hooks.registry.connector_types,
+                           delivery_agents=hooks.registry.delivery_agents)
+    assert [str(e) for e in caught.value.errors] == [
+        'org.toml: foreign_connector "Fax Gateway": DropDirectory: "Fax Gateway" is relative,'
+        ' but source transport server "HUB01" has no RootDropDirectoryPath (it is empty);'
+        " give an absolute path or set the server's RootDropDirectoryPath"]
+    # an absolute DropDirectory, or only servers with a drop root, load
+    fixed = text.replace('SourceTransportServers = ["HUB01", "HUB02"]',
+                         'SourceTransportServers = ["HUB01", "HUB02"]\nDropDirectory = "/srv/fax"')
+    org = parse_organization(fixed, source="org.toml", base_dir=Path("/srv/hub"),
+                             connector_types=hooks.registry.connector_types,
+                             delivery_agents=hooks.registry.delivery_agents)
+    pager = org.connector("Pager Gateway")
+    assert pager.drop_path(org.server("HUB02")) == Path("/srv/hub/drop/Pager Gateway")

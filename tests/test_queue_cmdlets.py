@@ -1,4 +1,5 @@
-"""The queue cmdlets against a running daemon through its control socket (EXCHANGE §8).
+"""The queue cmdlets against a running daemon through its control socket
+(docs/exchange.md, "Queue cmdlets").
 
 A real daemon subprocess and the real ``hubport`` command. The next hop is a tiny plugin
 module beside the organization file: a Delivery Agent connector for ``example.net`` whose

@@ -1,5 +1,6 @@
 """Delivery queues against a scripted next hop: per-recipient results, the retry ladder,
-expiry, delay DSNs, contained hook crashes, Poison and suspended queues (EXCHANGE §8).
+expiry, delay DSNs, contained hook crashes, Poison and suspended queues
+(docs/exchange.md, "Queues and retry"; docs/exchange.md, "Expiry, DSNs and Poison").
 
 The next hop is a test plugin: it registers a ``[[test_connector]]`` type (a Delivery Agent
 connector for ``example.net``) and answers ``deliver`` with whatever the test scripts. It is

@@ -1,5 +1,5 @@
 """Queue Retry after a connection failure: the next-hop queue retries, not each message
-(EXCHANGE §8, "Retry ladder after a connection failure").
+(docs/exchange.md, "Queues and retry").
 
 A real Send connector delivers to a smart host on 127.0.0.1: first a port nobody listens on
 or a peer that answers ``421`` at the greeting, later a real aiosmtpd sink on that port. The

@@ -1,4 +1,5 @@
-"""`[[receive_connector]]` validation, ranges and rights (EXCHANGE §5)."""
+"""`[[receive_connector]]` validation, ranges and rights
+(docs/exchange.md, "Receive connectors and permission groups")."""
 
 from __future__ import annotations
 

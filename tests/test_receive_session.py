@@ -1,7 +1,8 @@
 """Receive connector sessions over loopback: STARTTLS, AUTH and permission groups.
 
 Real clients (aiosmtplib, smtplib in a thread, Debian's swaks) where the bytes do not
-matter; the raw ``Client`` of ``tests.smtp_support`` where they do (EXCHANGE §5,
+matter; the raw ``Client`` of ``tests.smtp_support`` where they do
+(docs/exchange.md, "Receive connectors and permission groups";
 docs/reliability.md groups C, D, F, G). Limits, connector choice and local faults are in
 ``test_receive_limits.py``; framing and smuggling in ``test_receive_protocol.py``.
 """

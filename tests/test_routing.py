@@ -1,4 +1,5 @@
-"""Connector selection (EXCHANGE §3) and the categorizer's resolution and hooks.
+"""Connector selection and the categorizer's resolution and hooks
+(docs/exchange.md, "Address spaces and connector selection").
 
 The routing table is exercised on organizations parsed from TOML with a tiny test connector
 type, so every rule is checked through the same config path the daemon uses. Three sites:

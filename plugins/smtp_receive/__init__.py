@@ -1,10 +1,10 @@
 """Receive connectors: SMTP into hubport with Exchange's bindings, ranges, auth and rights.
 
-``[[receive_connector]]`` (New-ReceiveConnector, EXCHANGE §5). The connector type parses its
-section (``connector``), the service listens on the bindings of this server's connectors
-(``service``), each session runs on aiosmtpd with hubport's protocol rules
-(``protocol``, ``data``), and the decisions without sockets are in ``policy`` and
-``permissions``.
+``[[receive_connector]]`` (New-ReceiveConnector; docs/exchange.md, "Receive connectors and
+permission groups"). The connector type parses its section (``connector``), the service
+listens on the bindings of this server's connectors (``service``), each session runs on
+aiosmtpd with hubport's protocol rules (``protocol``, ``data``), and the decisions without
+sockets are in ``policy`` and ``permissions``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`[[receive_connector]]` (New-ReceiveConnector): where and how a server accepts SMTP.
 
-Field names and defaults are Exchange 2010's (EXCHANGE §5). A `Usage` template sets the
+Field names and defaults are Exchange 2010's
+(docs/exchange.md, "Receive connectors and permission groups"). A `Usage` template sets the
 defaults of AuthMechanism and PermissionGroups as New-ReceiveConnector -Usage does. Values
 hubport cannot honour (Integrated auth, CHUNKING, XLONGADDR ...) are refused at load with the
 reason, never accepted and ignored. hubport extensions are marked as such below.

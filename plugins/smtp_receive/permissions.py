@@ -1,4 +1,5 @@
-"""Permission groups, the principals a session can be, and the rights they grant (EXCHANGE §5).
+"""Permission groups, the principals a session can be, and the rights they grant
+(docs/exchange.md, "Receive connectors and permission groups").
 
 A receive connector lists ``PermissionGroups``; a session is one principal (anonymous, an
 authenticated mailbox user, an Exchange server proven by certificate, an externally secured
@@ -53,7 +54,8 @@ _SERVER_RIGHTS = frozenset({
 })
 _WITHOUT_ORG_HEADERS = _SERVER_RIGHTS - {R.ACCEPT_HEADERS_FOREST, R.ACCEPT_HEADERS_ORGANIZATION}
 
-#: PermissionGroups value -> {principal: rights} (the EXCHANGE §5 table)
+#: PermissionGroups value -> {principal: rights}, the table of
+#: (docs/exchange.md, "Receive connectors and permission groups")
 GROUPS: dict[str, dict[Principal, frozenset[Right]]] = {
     "None": {},
     "AnonymousUsers": {Principal.ANONYMOUS: frozenset({

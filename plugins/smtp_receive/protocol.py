@@ -105,12 +105,8 @@ WRITE_HIGH_WATER = 64 * 1024
 CLOSE_GRACE = 5.0  # seconds a closed connection may take to hand over its last replies
 
 
-class _NoTimer:
-    def cancel(self) -> None:
-        return None
-
-
-_NO_TIMER = _NoTimer()
+def _no_timeout() -> None:
+    """The callback of the never-scheduled handle that stands in for aiosmtpd's timer."""
 
 
 class _NoHandler:
@@ -194,8 +190,8 @@ class ReceiveProtocol(SMTP):
         costs a fraction of that at thousands of commands a second.)
         """
         self.deadline = time.monotonic() + (duration or self._timeout_duration)
-        if self._timeout_handle is None:
-            self._timeout_handle = _NO_TIMER  # what aiosmtpd's connection_lost cancels
+        if self._timeout_handle is None:  # what aiosmtpd's connection_lost cancels
+            self._timeout_handle = asyncio.TimerHandle(0.0, _no_timeout, (), self.loop)
 
     def _timeout_cb(self) -> None:
         """Tell the client why before closing (aiosmtpd closes silently)."""
@@ -427,7 +423,7 @@ class ReceiveProtocol(SMTP):
             return  # the next command is waiting: its reply goes out with this one
         held, self._held = b"".join(self._held), []
         self._writer.write(held)
-        if self.transport is not None and \
+        if isinstance(self.transport, asyncio.WriteTransport) and \
                 self.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
             await self._writer.drain()
 
@@ -586,11 +582,13 @@ class ReceiveProtocol(SMTP):
         """aiosmtpd's STARTTLS switch, with a handshake timeout (aiosmtpd#269)."""
         from asyncio import sslproto
 
-        assert self.connector is not None
+        assert self.connector is not None and self.tls_context is not None
         waiter = self.loop.create_future()
         self._tls_protocol = sslproto.SSLProtocol(
             self.loop, self, self.tls_context, waiter, server_side=True,
-            ssl_handshake_timeout=self.connector.tls_handshake_timeout)
+            # typeshed says int; asyncio takes the seconds as a float
+            ssl_handshake_timeout=self.connector.tls_handshake_timeout,  # type: ignore[arg-type]
+        )
         self._original_transport = self.transport
         assert self._original_transport is not None
         self._original_transport.set_protocol(self._tls_protocol)

@@ -2,7 +2,8 @@
 
 Exchange picks, among the connectors on the binding a client reached, the one whose remote
 range contains the client most specifically; two connectors may share a binding only when
-their ranges are disjoint or one contains the other (EXCHANGE §5).
+their ranges are disjoint or one contains the other
+(docs/exchange.md, "Receive connectors and permission groups").
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ One listening socket serves every connector bound to the same IP and port (a wil
 address serves the specific ones of its family too); which connector a client gets is
 decided per connection: the connector whose binding names the local address exactly wins
 over a wildcard binding, then the one whose RemoteIPRanges hold the client most
-specifically (EXCHANGE §5). A configuration change re-binds only what changed; sessions
-already running keep the connector they started with.
+specifically (docs/exchange.md, "Receive connectors and permission groups"). A configuration
+change re-binds only what changed; sessions already running keep the connector they started
+with.
 """
 
 from __future__ import annotations
@@ -191,8 +192,8 @@ class ReceiveService:
             client = ipaddress.ip_address(remote_ip.split("%")[0])
         except ValueError:
             return None
-        if getattr(client, "ipv4_mapped", None):
-            client = client.ipv4_mapped  # type: ignore[union-attr]
+        if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped is not None:
+            client = client.ipv4_mapped
         local = _canonical(local_ip)
         exact = [c for c in self.connectors if (local, local_port) in c.bindings]
         wildcard = [c for c in self.connectors

@@ -1,12 +1,12 @@
 """Send connectors: SMTP delivery by MX or through smart hosts, and the hub-to-hub relay.
 
-``[[send_connector]]`` (New-SendConnector, EXCHANGE §4): Usage, AddressSpaces,
-SourceTransportServers, IsScopedConnector, Enabled, MaxMessageSize, DNSRoutingEnabled,
-UseExternalDNSServersEnabled, SmartHosts, Port, SmartHostAuthMechanism,
+``[[send_connector]]`` (New-SendConnector; docs/exchange.md, "Send connectors"): Usage,
+AddressSpaces, SourceTransportServers, IsScopedConnector, Enabled, MaxMessageSize,
+DNSRoutingEnabled, UseExternalDNSServersEnabled, SmartHosts, Port, SmartHostAuthMechanism,
 AuthenticationCredential, RequireTLS, IgnoreSTARTTLS, TlsAuthLevel, TlsDomain, Fqdn,
 ForceHELO, SmtpMaxMessagesPerConnection, ConnectionInactivityTimeOut, ErrorPolicies,
-ProtocolLoggingLevel; hubport extensions TlsCertificateAuthorityFile, TlsClientCertificateFile
-and TlsClientKeyFile.
+ProtocolLoggingLevel; hubport extensions TlsCertificateAuthorityFile,
+TlsClientCertificateFile and TlsClientKeyFile.
 
 ErrorPolicies supported: ``Default`` (a 5xx greeting/EHLO or a refused AUTH fails the
 messages with the remote reply; NXDOMAIN bounces with 5.4.4), ``DowngradeAuthFailures`` (a

@@ -1,4 +1,5 @@
-"""The ``[[send_connector]]`` type: New-SendConnector's parameters (EXCHANGE §4).
+"""The ``[[send_connector]]`` type: New-SendConnector's parameters
+(docs/exchange.md, "Send connectors").
 
 Only configuration lives here: parsing, cross-field rules and the Usage templates. The
 credential is read from its file or environment variable when a connection needs it, so
@@ -108,8 +109,8 @@ class SendConnector(Connector):
     section: ClassVar[str] = "send_connector"
     kind: ClassVar[str] = "SendConnector"
 
-    @property  # type: ignore[override]
-    def delivery_type(self) -> str:
+    @property
+    def delivery_type(self) -> str:  # type: ignore[override]  # the base: a class constant
         """The queue's DeliveryType: smart-host or DNS (MX) delivery."""
         return "SmartHostConnectorDelivery" if self.smart_hosts else "DnsConnectorDelivery"
 
@@ -259,7 +260,7 @@ def _error_policies(reader: FieldReader) -> frozenset[str]:
 
 
 def _check(c: SendConnector, reader: FieldReader, *, explicit_tls_level: bool) -> None:
-    """The cross-field rules of New-SendConnector (EXCHANGE §3, §4)."""
+    """The cross-field rules of New-SendConnector (docs/exchange.md, "Send connectors")."""
     if c.smart_hosts and c.dns_routing_enabled:
         reader.error("DNSRoutingEnabled", "must be false when SmartHosts is set")
     if not c.smart_hosts and not c.dns_routing_enabled:

@@ -22,7 +22,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _POLICY = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)
 
 
-# -- header firewall (EXCHANGE §4 Usage) -------------------------------------------------
+# -- header firewall by Usage (docs/exchange.md, "Send connectors") -------------------------
 
 
 def firewall_predicate(usage: str | None) -> Callable[[HeaderField], bool] | None:
@@ -99,13 +99,15 @@ def _downgrade_part(part: Message) -> bool:
         if not str(value).isascii() or not name.isascii():
             return False
     if part.is_multipart():
-        ok = all(_downgrade_part(p) for p in part.get_payload())  # type: ignore[union-attr]
+        payload = part.get_payload()
+        ok = isinstance(payload, list) and all(
+            isinstance(p, Message) and _downgrade_part(p) for p in payload)
         _set_7bit_container(part)
         return ok
     if part.get_content_maintype() == "message":  # message/rfc822 parsed as a container
         payload = part.get_payload()
         if isinstance(payload, list):
-            ok = all(_downgrade_part(p) for p in payload)
+            ok = all(isinstance(p, Message) and _downgrade_part(p) for p in payload)
             _set_7bit_container(part)
             return ok
     cte = str(part.get("Content-Transfer-Encoding", "7bit")).strip().lower()

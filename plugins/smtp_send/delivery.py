@@ -202,14 +202,14 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
     lookup = resolver.dns_address_lookup(dns) if external else resolver.system_address_lookup
     if relay or connector.smart_hosts:
         tls = intra_org_tls() if relay else tls_policy(connector, server, None)
-        route = Route(next_hop.domain, tls, [
+        one = Route(next_hop.domain, tls, [
             Unit(i, item, list(item.recipients), datas[i]) for i, item in enumerate(items)])
         if relay:
-            route.resolution = await resolver.resolve_hub(context.organization,
-                                                          next_hop.domain, lookup)
+            one.resolution = await resolver.resolve_hub(context.organization,
+                                                        next_hop.domain, lookup)
         else:
-            route.resolution = await resolver.resolve_smart_hosts(connector, lookup)
-        return [route]
+            one.resolution = await resolver.resolve_smart_hosts(connector, lookup)
+        return [one]
     by_domain: dict[str, Route] = {}
     for i, item in enumerate(items):
         groups: dict[str, list[QueuedRecipient]] = {}

@@ -1,4 +1,5 @@
-"""The Send protocol log (EXCHANGE §9): the ``SEND*`` files in SendProtocolLogPath.
+"""The Send protocol log: the ``SEND*`` files in SendProtocolLogPath
+(docs/exchange.md, "Message tracking and protocol logs").
 
 ``core.protocol_log`` formats and writes the files; this module decides when. A connector
 (or the intra-organization one) whose ProtocolLoggingLevel is Verbose gets one log session
