@@ -182,8 +182,26 @@ class DeliveryAgent:
     """Base class of delivery agents; subclass it and override ``deliver``.
 
     One instance serves one connection to a next hop; the transport creates it per
-    connection with the connector it serves and the delivery context. Any method may be a
-    coroutine doing I/O, but none may block the event loop (use ``asyncio.to_thread``).
+    connection with the connector it serves and the delivery context, and drives it with
+    ``agents.runner.run_agent``: ``open``, then ``deliver`` per item (or ``deliver_many``),
+    then ``close``. The obligations every method shares:
+
+    * **async only.** ``open``, ``deliver``, ``deliver_many`` and ``close`` are ``async
+      def``; a plain ``def`` returns nothing to await, which defers the items as a crash
+      (in ``close``: an error in the log). They run on the daemon's event loop, so any
+      call that may block (files, a blocking client library, CPU-heavy work) goes to a
+      thread with ``await asyncio.to_thread(...)``.
+    * **timeout.** A Delivery Agent connector's ``ConnectionTimeout`` bounds the whole
+      connection. At the timeout the coroutine is cancelled: items already acknowledged
+      keep their results, the rest are deferred with ``451 4.4.1``, and ``close`` still
+      runs. A thread started with ``to_thread`` cannot be cancelled and may still finish
+      its work afterwards.
+    * **idempotence.** Delivery is at least once: an item is offered again after a
+      deferral, a timeout, a crash of the agent, or a crash of the process after the agent
+      delivered but before the queue recorded it. A retried item must not harm the
+      destination (use a key such as ``item.message.internal_id`` and the recipient ids to
+      recognise it), or the agent records what it writes first with
+      ``context.record_intent`` for exactly-once writes (``agents.file_commit``).
     """
 
     #: the DeliveryProtocol this agent serves (informational; registration names it)
@@ -201,7 +219,8 @@ class DeliveryAgent:
         DeliveryProtocol; the agent reads what it needs with ``reader`` (``string``,
         ``duration``, ``string_list`` ... record errors that name file, object and field)
         and returns an object the agent later finds as ``self.settings``. A field nobody
-        reads is an "unknown field" error. Default: the agent has no fields.
+        reads is an "unknown field" error. An agent that cannot serve this kind of connector
+        refuses it here with ``reader.error(field, reason)``. Default: the agent has no fields.
         """
         return None
 
@@ -211,17 +230,46 @@ class DeliveryAgent:
         return getattr(self.connector, "settings", None)
 
     async def open(self, next_hop: NextHop) -> DeferQueue | FailQueue | None:
-        """Open the connection (OnOpenConnection). Default: nothing to open."""
+        """Open the connection (OnOpenConnection). Default: nothing to open.
+
+        Return ``None`` when the next hop can take mail, ``DeferQueue`` when it cannot now
+        (every item of this connection is deferred; when every connection says so, the
+        queue goes to Retry), ``FailQueue`` to fail every item permanently (NDRs follow).
+        ``deliver`` is not called after either. An exception defers this connection's items
+        with ``451 4.3.0`` as a crash, counted toward PoisonThreshold; ``close`` still runs.
+        """
         return None
 
     async def deliver(self, item: MailItem) -> ItemResult:
-        """Deliver one mail item (OnDeliverMailItem)."""
+        """Deliver one mail item (OnDeliverMailItem); subclasses must override it.
+
+        Return an ``ItemResult`` that acknowledges every recipient in ``item.recipients``
+        (``ack_success``/``ack_defer``/``ack_fail``, or ``ItemResult.success(item)`` ...):
+        a recipient left unacknowledged is deferred with ``451 4.3.0``. Return only after the
+        destination has taken the message: ``delivered`` is final and never retried. An
+        exception defers this item alone with ``451 4.3.0`` as a crash (repeated crashes
+        send the message to Poison); other items of the connection carry on. Anything that
+        is not an ``ItemResult`` defers the item.
+        """
         raise NotImplementedError
 
     async def deliver_many(self, items: Sequence[MailItem]) -> list[ItemResult]:
-        """Deliver several items; agents that can batch their I/O override this."""
+        """Deliver several items; agents that can batch their I/O override this.
+
+        Return one ``ItemResult`` per item, in the order of ``items``, each acknowledging
+        its recipients as in ``deliver``. An override answers for the batch as a whole: an
+        exception, or a list of the wrong length or type, defers every item of the batch
+        (``451 4.3.0``), and at the timeout every item is deferred (``451 4.4.1``), so
+        whatever it already delivered will be offered again: it must be idempotent.
+        """
         return [await self.deliver(item) for item in items]
 
     async def close(self) -> None:
-        """Close the connection (OnCloseConnection)."""
+        """Close the connection (OnCloseConnection); always called, whatever ``open`` and
+        ``deliver`` did.
+
+        Called after every outcome (results, ``DeferQueue``, exception, timeout), within its
+        own ``ConnectionTimeout``. It cannot change any item's result; an exception here is
+        logged and ignored. Release what ``open`` acquired.
+        """
         return None

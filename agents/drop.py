@@ -13,6 +13,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -27,6 +28,9 @@ from agents.file_commit import FilePlan, commit_files, response_for
 from core.folder_formats import format_replay
 from core.headers import parse_header_section, rebuild
 from core.model import NextHop, SmtpResponse
+
+if TYPE_CHECKING:
+    from core.config_fields import FieldReader
 
 log = structlog.get_logger("hubport.drop")
 
@@ -65,6 +69,15 @@ class DropDirectoryAgent(DeliveryAgent):
     """Writes mail items into the connector's Drop directory."""
 
     protocol = "DROP"
+
+    @classmethod
+    def read_settings(cls, reader: FieldReader) -> Any:
+        """Refuse a Delivery Agent connector at load: this agent writes the Drop directory of
+        a ``[[foreign_connector]]`` (DropDirectory, DropDirectoryQuota), which a Delivery
+        Agent connector does not have; accepted, every delivery would crash to Poison."""
+        reader.error("DeliveryProtocol", '"DROP" writes the Drop directory of a Foreign '
+                     "connector; configure a [[foreign_connector]] with DropDirectory instead")
+        return None
 
     @property
     def directory(self) -> Path:

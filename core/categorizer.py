@@ -7,7 +7,10 @@ ExternalRelay domain, or outside the accepted domains, it is routed by address s
 non-primary address is rewritten to the primary one and the original kept as ORCPT. Groups
 expand without loops or duplicates.
 
-The categorizer computes decisions only; the pipeline commits them in one transaction.
+Two passes, in the order of docs/hooks.md: every recipient is resolved first (the
+``categorize`` hook, the directory, group expansion), then ``on_resolved`` fires, then each
+recipient that needs a connector is routed (the ``route`` hook, address spaces). The
+categorizer computes decisions only; the pipeline commits them in one transaction.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ class RouteTo:
 # -- decisions ---------------------------------------------------------------------------
 
 ROUTE = "route"
+#: resolved to an address that needs a connector, next hop not chosen yet: only seen by
+#: ``on_resolved``; routing turns it into ROUTE, UNREACHABLE or FAIL
+RESOLVED = "resolved"
 UNREACHABLE = "unreachable"
 FAIL = "fail"
 EXPANDED = "expanded"
@@ -98,6 +104,9 @@ class Categorized:
     #: mailbox primary address -> the envelope row naming it directly: that row, with its
     #: own NOTIFY and ORCPT, is the one delivered, even when a group reaches it first
     owners: dict[str, int] = field(default_factory=dict)
+    #: RESOLVED decisions waiting for the routing pass: (decision, the recipient the
+    #: ``route`` hook sees, address type, address to route)
+    unrouted: list[tuple[Decision, QueuedRecipient, str, str]] = field(default_factory=list)
 
     @property
     def next_hops(self) -> list[NextHop]:
@@ -133,6 +142,7 @@ class Categorizer:
             for r in pending:
                 result.decisions.append(Decision(FAIL, r.address, r, response=RECIPIENT_LIMIT,
                                                  source="RESOLVER"))
+            await self.hooks.notify("on_resolved", message=message, recipients=result.decisions)
             return result
         # addresses already settled for this message: never deliver twice to one of them
         seen = {r.address.lower() for r in message.recipients if r.status.value != "Submitted"}
@@ -142,6 +152,16 @@ class Categorizer:
                 result.owners.setdefault(entry.primary.lower(), r.id)
         for r in pending:
             await self._resolve(message, r, r.address, r.orcpt, r.notify, result, seen, set())
+        await self.hooks.notify("on_resolved", message=message, recipients=result.decisions)
+        for decision, recipient, addr_type, route_address in result.unrouted:
+            chosen = await self._route(message, recipient, addr_type, route_address)
+            if chosen.failure is not None:
+                decision.kind, decision.response = FAIL, chosen.failure
+            elif chosen.candidate is None:
+                decision.kind = UNREACHABLE
+            else:
+                decision.kind, decision.next_hop = ROUTE, chosen.candidate.next_hop
+        result.unrouted.clear()
         return result
 
     async def _resolve(self, message: QueuedMessage, row: QueuedRecipient | None, address: str,
@@ -192,18 +212,16 @@ class Categorizer:
         seen.add(address.lower())
         foreign = self.directory.foreign(address)
         if foreign is not None:
-            decision = await self._route(message, row or probe, foreign.type, foreign.address)
+            addr_type, route_address = foreign.type, foreign.address
         else:
             domain = address.rpartition("@")[2]
             accepted = self.org.accepted_domain_for(domain)
             if accepted is not None and accepted.domain_type == "Authoritative":
                 return decide(FAIL, address, response=RECIPIENT_NOT_FOUND, source="RESOLVER")
-            decision = await self._route(message, row or probe, "SMTP", address)
-        if decision.failure is not None:
-            return decide(FAIL, address, response=decision.failure)
-        if decision.candidate is None:
-            return decide(UNREACHABLE, address)
-        return decide(ROUTE, address, next_hop=decision.candidate.next_hop)
+            addr_type, route_address = "SMTP", address
+        decide(RESOLVED, address)  # routed after every recipient is resolved
+        result.unrouted.append((result.decisions[-1], row or probe, addr_type, route_address))
+        return None
 
     async def _resolve_entry(self, message: QueuedMessage, row: QueuedRecipient | None,
                              address: str, orcpt: str | None, notify: frozenset[Notify],

@@ -16,6 +16,7 @@ import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -59,8 +60,10 @@ class Paths:
     lock: Path
 
 
-def make_hooks(config: Path | None, extra: tuple[str, ...] = ()) -> Hooks:
-    """Built-ins, entry points, then the plugin modules the organization file names.
+def make_hooks(config: Path | None, extra: tuple[str | ModuleType, ...] = (), *,
+               entry_points: bool = True) -> Hooks:
+    """Built-ins, entry points, then ``extra`` and the plugin modules the organization file
+    names. ``entry_points=False`` leaves installed plugins out (an isolated test hub).
 
     A module beside the configuration file is importable, for a quick local agent.
     """
@@ -68,7 +71,7 @@ def make_hooks(config: Path | None, extra: tuple[str, ...] = ()) -> Hooks:
     if modules and config is not None and str(config.parent) not in sys.path:
         sys.path.insert(0, str(config.parent))
     try:
-        return Hooks((*extra, *modules))
+        return Hooks((*extra, *modules), entry_points=entry_points)
     except (PluginError, pluggy.PluginValidationError) as exc:
         raise StartupError(f"plugin refused: {exc}", EXIT_CONFIG) from exc
 
@@ -116,11 +119,12 @@ def prepare_state(state: Path) -> Paths:
 
 class Daemon:
     def __init__(self, config: Path | None = None, server: str | None = None,
-                 *, extra_plugins: tuple[str, ...] = (), signals: bool = True) -> None:
+                 *, extra_plugins: tuple[str | ModuleType, ...] = (), signals: bool = True,
+                 entry_points: bool = True) -> None:
         self.signals = signals
         self.config_path = config.resolve() if config else None
         self.server_arg = server
-        self.hooks = make_hooks(self.config_path, extra_plugins)
+        self.hooks = make_hooks(self.config_path, extra_plugins, entry_points=entry_points)
         self.org = load(self.config_path, self.hooks)
         warn_about(self.org)
         self.server_name = pick_server(self.org, server)

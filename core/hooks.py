@@ -13,6 +13,7 @@ import inspect
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -32,6 +33,13 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "builtin-agents": "agents.builtin",
     "delivery-agent": "plugins.delivery_agent",
 }
+
+
+#: hooks called through ``Hooks.call_first`` (marked *first result* in core/hookspecs.py)
+FIRST_RESULT_HOOKS = frozenset({
+    "receive", "categorize", "deliver", "on_connect", "on_helo", "on_starttls", "on_auth",
+    "on_mail_from", "on_rcpt_to", "on_data", "on_end_of_headers", "on_end_of_data",
+})
 
 
 class PluginError(Exception):
@@ -63,7 +71,7 @@ class Registry:
 class Hooks:
     """The pluggy manager plus hubport's async call helpers and registries."""
 
-    def __init__(self, extra_modules: Iterable[str] = (), *, builtins: bool = True,
+    def __init__(self, extra_modules: Iterable[str | ModuleType] = (), *, builtins: bool = True,
                  entry_points: bool = True) -> None:
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
@@ -73,26 +81,51 @@ class Hooks:
                 self.register_module(module, name=name)
         if entry_points:
             self.pm.load_setuptools_entrypoints(PROJECT_NAME)
-        for module in extra_modules:
-            self.register_module(module)
+        for extra in extra_modules:
+            self.register_module(extra)
         self.pm.check_pending()
+        self._refuse_wrappers()
         self.registry = Registry()
         self.pm.hook.register_connector_types(register=self.registry.add_connector_type)
         self.pm.hook.register_delivery_agents(register=self.registry.add_delivery_agent)
+
+    def _refuse_wrappers(self) -> None:
+        """A first-result hook is called one implementation at a time (``call_first``), so
+        there is no single call for a pluggy wrapper to wrap: refuse one at load."""
+        for hook_name in sorted(FIRST_RESULT_HOOKS):
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                if impl.wrapper or impl.hookwrapper:
+                    raise PluginError(f"plugin {impl.plugin_name!r}: hook {hook_name!r} is first "
+                                      "result; wrapper=True/hookwrapper=True is not supported")
 
     @property
     def hook(self) -> Any:
         return self.pm.hook
 
-    def register_module(self, module: str, name: str | None = None) -> None:
-        """Import ``module`` (a dotted path) and register it as a plugin."""
-        if self.pm.has_plugin(name or module):
+    def register_module(self, module: str | ModuleType, name: str | None = None) -> None:
+        """Register a plugin module, named by dotted path (imported here) or given imported.
+
+        A module registered already (a built-in, an installed entry point, one named twice)
+        stays registered once, whatever name it came under: naming an installed plugin again
+        is harmless. Another module under the same name is refused.
+        """
+        if isinstance(module, str):
+            try:
+                obj = importlib.import_module(module)
+            except Exception as exc:  # a broken plugin must say which one
+                raise PluginError(f"cannot import plugin module {module!r}: {exc}") from exc
+        elif isinstance(module, ModuleType):
+            obj = module
+        else:
+            raise PluginError(f"a plugin module is a dotted module path or a module object, "
+                              f"not {module!r}")
+        if self.pm.is_registered(obj):
             return
-        try:
-            obj = importlib.import_module(module)
-        except Exception as exc:  # a broken plugin must say which one
-            raise PluginError(f"cannot import plugin module {module!r}: {exc}") from exc
-        self.pm.register(obj, name=name or module)
+        label = name or obj.__name__
+        if self.pm.has_plugin(label):
+            raise PluginError(f"cannot register plugin module {obj.__name__!r} as {label!r}: "
+                              f"that name is taken by {self.pm.get_plugin(label)!r}")
+        self.pm.register(obj, name=label)
 
     def register(self, plugin: object, name: str | None = None) -> None:
         """Register a plugin object (tests and embedding applications).
@@ -102,26 +135,42 @@ class Hooks:
         """
         self.pm.register(plugin, name=name)
         self.pm.check_pending()
+        try:
+            self._refuse_wrappers()
+        except PluginError:
+            self.pm.unregister(plugin)
+            raise
         caller = self.pm.subset_hook_caller
         others = [p for p in self.pm.get_plugins() if p is not plugin]
         caller("register_connector_types", others)(register=self.registry.add_connector_type)
         caller("register_delivery_agents", others)(register=self.registry.add_delivery_agent)
 
     async def call_first(self, hook_name: str, **kwargs: Any) -> Any:
-        """Call a hook; the first implementation returning non-None decides."""
-        results = getattr(self.pm.hook, hook_name)(**kwargs)
+        """Call a hook; the first implementation returning non-None decides.
+
+        pluggy's ``firstresult`` semantics for plain and ``async def`` implementations alike:
+        they are called one at a time in pluggy's order, each awaited before the next is
+        called, and none after the deciding one is called at all (pluggy's own call would
+        run every plain implementation before hubport could await the first coroutine).
+        """
+        if hook_name not in FIRST_RESULT_HOOKS:  # its wrappers would not have been refused
+            raise ValueError(f"{hook_name!r} is not a first-result hook")
         chosen = None
-        called = 0
-        try:
-            for result in results:
-                called += 1
-                if inspect.isawaitable(result):
-                    result = await result
-                if result is not None:
-                    chosen = result
-                    break
-        finally:  # the implementations after the deciding (or raising) one never run
-            _close_rest(results[called:])
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            if impl.wrapper or impl.hookwrapper:  # refused at registration; never reached
+                raise PluginError(f"plugin {impl.plugin_name!r} wraps first-result hook "
+                                  f"{hook_name!r}; hook wrappers are not supported there")
+            try:
+                args = [kwargs[name] for name in impl.argnames]
+            except KeyError as exc:
+                raise pluggy.HookCallError(
+                    f"hook {hook_name!r} called without argument {exc.args[0]!r}") from None
+            result = impl.function(*args)
+            if inspect.isawaitable(result):
+                result = await result
+            if result is not None:
+                chosen = result
+                break
         if self.trace:
             log.info("hook", hook=hook_name, args=_short(kwargs), result=_short(chosen))
         return chosen
@@ -166,12 +215,6 @@ class Hooks:
             if impls:
                 order[hook_name] = [i.plugin_name for i in reversed(impls)]
         return [{"plugins": plugins, "call_order": order}]
-
-
-def _close_rest(results: list[Any]) -> None:
-    for result in results:
-        if inspect.iscoroutine(result):
-            result.close()
 
 
 def _short(value: Any) -> str:

@@ -9,7 +9,8 @@ implementation must not block the event loop: file or CPU-heavy work belongs in 
 
 Results are data, not exceptions. Hooks marked *first result* are called in pluggy's order
 (``tryfirst``/``trylast``, then last registered first) and the first implementation that
-returns something other than ``None`` decides; the others are not awaited. An exception
+returns something other than ``None`` decides; the others are not called at all
+(``core.hooks.Hooks.call_first``; hook wrappers are refused there). An exception
 in an implementation is contained by the core: for ``receive`` it answers a temporary
 failure (4.3.0), for ``categorize``/``route`` the message is deferred back to Submission,
 for ``deliver`` the item is deferred; repeated crashes send the message to Poison.
@@ -123,7 +124,11 @@ def on_submitted(message: QueuedMessage) -> None:
 
 @hookspec
 def on_resolved(message: QueuedMessage, recipients: list) -> None:
-    """Recipients are resolved, next hops not chosen yet (OnResolvedMessage)."""
+    """Every recipient is resolved, before any ``route`` call (OnResolvedMessage).
+
+    A recipient that needs a connector is a ``Decision`` of kind ``resolved`` without a
+    next hop yet; mailbox recipients and ``RouteTo`` results already name theirs.
+    """
 
 
 @hookspec

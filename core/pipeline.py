@@ -395,9 +395,9 @@ class Pipeline:
         results: list[Categorized] = []
         for message in messages:
             try:
-                result = await self.categorizer.categorize(message)
-                for event in ("on_resolved", "on_routed"):
-                    await self.hooks.notify(event, message=message, recipients=result.decisions)
+                result = await self.categorizer.categorize(message)  # fires on_resolved
+                await self.hooks.notify("on_routed", message=message,
+                                        recipients=result.decisions)
                 results.append(result)
             except Exception:
                 log.exception("categorizer failed; the message stays in Submission",
@@ -721,6 +721,7 @@ class Pipeline:
         failures: list[Failure] = []
         source = SOURCE_OF_DELIVERY.get(item.next_hop.delivery_type, "SMTP")
         delivered: list[QueuedRecipient] = []
+        delivered_status: list[str] = []  # each recipient's own response (RecipientStatus)
         for r in item.recipients:
             outcome = result.recipients.get(r.id) or RecipientResult.deferred(LOCAL_ERROR)
             attempts = r.attempts + 1
@@ -728,6 +729,7 @@ class Pipeline:
                 updates.append(RecipientUpdate(r.id, S.DELIVERED, attempts=attempts,
                                                last_response=str(outcome.response)))
                 delivered.append(r)
+                delivered_status.append(str(outcome.response))
             elif outcome.kind == FAILED:
                 updates.append(RecipientUpdate(r.id, S.FAILED, attempts=attempts,
                                                last_response=str(outcome.response)))
@@ -756,8 +758,8 @@ class Pipeline:
             ends = Endpoints(result.local_ip, self.server.fqdn, result.remote_ip,
                              result.remote_host) if result.remote_ip else None
             events.append(Event(event_id, source, message, [r.address for r in delivered],
-                                ["250 2.0.0 " + (result.detail or "OK")] * len(delivered),
-                                connector=item.next_hop.connector, context=result.detail,
+                                delivered_status, connector=item.next_hop.connector,
+                                context=result.detail,
                                 endpoints=ends))
             events.extend(self._success_dsn(conn, message, item, delivered, result))
         events.extend(self._fail_in_conn(conn, message, failures))

@@ -15,7 +15,8 @@ helpers below).
 
 Helpers (plain functions and ``Hub`` methods): ``drop_in``/``hub.drop_pickup``,
 ``replay_file``/``hub.drop_replay``, ``drop_files``, ``maildir``, ``events``/``event_ids``
-(message tracking), ``wait_for``.
+(message tracking), ``wait_for``/``wait_for_sync``/``wait_for_value`` (a timeout names what
+was awaited and what was last seen).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
@@ -37,6 +39,8 @@ from core.tracking import search
 
 if TYPE_CHECKING:  # the daemon is imported only when a test starts one
     from core.daemon import Daemon
+
+T = TypeVar("T")
 
 BASE_ORG = """
 [transport_config]
@@ -146,16 +150,44 @@ def drop_files(folder: Path) -> list[Path]:
 
 
 def events(root: Path, **filters: Any) -> list[dict[str, Any]]:
-    """Message tracking events of the hub in ``root`` (Get-MessageTrackingLog filters)."""
+    """Message tracking events of the hub in ``root``, oldest first.
+
+    The filters are Get-MessageTrackingLog's (``core.tracking.search``): ``event_id``,
+    ``source``, ``sender``, ``recipients=[...]`` (any of them), ``message_id``,
+    ``internal_message_id``, ``message_subject``, ``start``/``end``. Each event is a dict
+    keyed by the log's field names: ``"event-id"``, ``"source"``, ``"recipient-address"`` and
+    ``"recipient-status"`` (lists, one entry per recipient), ``"connector-id"``,
+    ``"source-context"``, ``"message-subject"``...
+    """
     return search(root / "var" / "logs" / "MessageTracking", result_size=None, **filters)
 
 
 def event_ids(root: Path, **filters: Any) -> list[str]:
+    """The ``event-id`` of each event ``events(root, **filters)`` returns, in order."""
     return [e["event-id"] for e in events(root, **filters)]
 
 
-def _poll(predicate: Callable[[], Any], timeout: float) -> Iterator[Any]:
-    """Yield None until ``predicate`` is truthy, then its value; fail after ``timeout``."""
+def _timeout_message(what: str, timeout: float, last: Any,
+                     describe: Callable[[], Any] | None) -> str:
+    """Say what the wait was for and what it last saw: the condition's own (falsy) value,
+    and ``describe()`` when given, so a failure explains itself."""
+    text = f"{what} not met within {timeout}s"
+    if describe is None or (last is not None and last is not False):
+        text += f"; the condition last returned {last!r}"
+    if describe is not None:
+        try:
+            seen = describe()
+        except Exception as exc:  # the report must not hide the timeout
+            seen = f"<describe() raised {exc!r}>"
+        text += f"; last seen: {seen if isinstance(seen, str) else repr(seen)}"
+    return text
+
+
+def _poll(predicate: Callable[[], Any], timeout: float,
+          describe: Callable[[], Any] | None = None,
+          what: str = "condition") -> Iterator[Any]:
+    """Yield None until ``predicate`` is truthy, then its value; fail after ``timeout``
+    with what it last saw (``_timeout_message``)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -163,14 +195,20 @@ def _poll(predicate: Callable[[], Any], timeout: float) -> Iterator[Any]:
             yield value
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(_timeout_message(what, timeout, value, describe))
         yield None
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
-                   interval: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    for value in _poll(predicate, timeout):
+                   interval: float = 0.05, *, describe: Callable[[], Any] | None = None,
+                   what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy and return that value.
+
+    After ``timeout`` seconds it fails with an ``AssertionError`` naming ``what`` was awaited,
+    the value the predicate last returned and, if given, ``describe()`` (called then: e.g.
+    ``describe=lambda: hub.event_ids()`` shows the events the hub did log).
+    """
+    for value in _poll(predicate, timeout, describe, what):
         if value:
             return value
         await asyncio.sleep(interval)
@@ -178,12 +216,28 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 10.0,
 
 
 def wait_for_sync(predicate: Callable[[], Any], timeout: float = 10.0,
-                  interval: float = 0.05) -> Any:
-    for value in _poll(predicate, timeout):
+                  interval: float = 0.05, *, describe: Callable[[], Any] | None = None,
+                  what: str = "condition") -> Any:
+    """``wait_for`` for code outside an event loop (e.g. a daemon in a subprocess)."""
+    for value in _poll(predicate, timeout, describe, what):
         if value:
             return value
         time.sleep(interval)
     raise AssertionError("unreachable")
+
+
+async def wait_for_value(read: Callable[[], T], enough: Callable[[T], bool], what: str,
+                         timeout: float = 30.0) -> T:
+    """Poll ``read()`` until ``enough`` says yes to its value and return that value; on
+    timeout fail naming ``what`` was awaited and the value last read."""
+    seen: list[T] = []
+
+    def check() -> bool:
+        seen[:] = [read()]
+        return enough(seen[0])
+
+    await wait_for(check, timeout, what=what, describe=lambda: seen[0] if seen else None)
+    return seen[0]
 
 
 # -- the retry clock ---------------------------------------------------------------------
@@ -230,6 +284,7 @@ class Hub:
 
     @property
     def pipeline(self) -> Any:
+        """The daemon's ``core.pipeline.Pipeline`` (queues, delivery, tracking)."""
         return self.daemon.pipeline
 
     @property
@@ -252,31 +307,61 @@ class Hub:
                        replay_file(sender, recipients, content))
 
     def drop_files(self, connector: str = "Fax Gateway") -> list[Path]:
+        """The ``.eml`` files in a Foreign connector's Drop directory, sorted by name."""
         return drop_files(self.root / "drop" / connector)
 
     def maildir(self, alias: str) -> list[Path]:
+        """The messages delivered to the mailbox ``alias`` (its Maildir ``new``), by name."""
         return maildir(self.root, alias)
 
     def events(self, **filters: Any) -> list[dict[str, Any]]:
+        """This hub's message tracking events, oldest first, as dicts keyed by field name.
+
+        Filters as Get-MessageTrackingLog: ``event_id="DELIVER"``, ``source="AGENT"``,
+        ``recipients=["bob@contoso.test"]``, ``sender``, ``message_id``, ``message_subject``
+        (see ``events``). ``e["recipient-address"]`` and ``e["recipient-status"]`` are lists,
+        one entry per recipient, in the same order.
+        """
         return events(self.root, **filters)
 
     def event_ids(self, **filters: Any) -> list[str]:
+        """The event ids (``"RECEIVE"``, ``"DELIVER"``...) of ``events(**filters)``."""
         return event_ids(self.root, **filters)
+
+
+PluginsArg = str | ModuleType | Iterable[str | ModuleType]
+
+
+def _plugin_modules(plugins: PluginsArg) -> tuple[str | ModuleType, ...]:
+    """``plugins=`` as the daemon takes it: one module or many, each a dotted path or an
+    imported module; anything else is a clear TypeError, not a failure deep in start-up."""
+    given = (plugins,) if isinstance(plugins, (str, ModuleType)) else tuple(plugins)
+    for plugin in given:
+        if not isinstance(plugin, (str, ModuleType)):
+            raise TypeError(f"plugins= takes module names or module objects, not {plugin!r}")
+    return given
 
 
 @asynccontextmanager
 async def running_daemon(config: Path, *, clock: RetryClock | None = None,
-                         plugins: tuple[str, ...] = ()) -> AsyncIterator[Daemon]:
+                         plugins: PluginsArg = (),
+                         isolated: bool = False) -> AsyncIterator[Daemon]:
     """Run an in-process daemon (``core.daemon.Daemon``) on any organization file.
 
     For a test whose organization is not ``BASE_ORG``: it yields once the daemon is ready (a
     start-up error is raised here instead), attaches ``clock`` to its pipeline, and at exit
     stops it, waits for the drain and restores the working directory.
+
+    ``plugins`` are registered after the built-ins and installed plugins: module names or
+    module objects (a plugin installed already is registered once). ``isolated=True`` leaves
+    out the installed (entry-point) plugins, so only the built-ins, ``plugins`` and those the
+    organization file names are loaded: the test sees no other package's plugin.
     """
     from core.daemon import Daemon
 
+    modules = _plugin_modules(plugins)
     cwd = os.getcwd()
-    daemon = Daemon(config, signals=False, extra_plugins=plugins)
+    daemon = Daemon(config, signals=False, extra_plugins=modules, entry_points=not isolated)
     task = asyncio.get_running_loop().create_task(daemon.run())
     ready = asyncio.ensure_future(daemon.ready.wait())
     await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
@@ -295,9 +380,13 @@ async def running_daemon(config: Path, *, clock: RetryClock | None = None,
 
 @asynccontextmanager
 async def running_hub(root: Path, *, clock: RetryClock | None = None,
-                      plugins: tuple[str, ...] = (), **org: str) -> AsyncIterator[Hub]:
-    """Start a daemon on the test organization in ``root``; stop it (draining) at exit."""
-    async with running_daemon(write_org(root, **org), clock=clock, plugins=plugins) as daemon:
+                      plugins: PluginsArg = (), isolated: bool = False,
+                      **org: str) -> AsyncIterator[Hub]:
+    """Start a daemon on the test organization in ``root``; stop it (draining) at exit.
+
+    ``plugins`` and ``isolated`` as for ``running_daemon``; ``org`` are ``write_org``'s."""
+    async with running_daemon(write_org(root, **org), clock=clock, plugins=plugins,
+                              isolated=isolated) as daemon:
         yield Hub(root, daemon)
 
 
@@ -309,7 +398,8 @@ def hubport_clock() -> RetryClock:
 
 @pytest.fixture
 def hubport_hub_factory(tmp_path: Path) -> Callable[..., Any]:
-    """``async with hubport_hub_factory(extra=..., clock=..., plugins=...) as hub:``."""
+    """``async with hubport_hub_factory(extra=..., clock=..., plugins=..., isolated=...)
+    as hub:`` (the options of ``running_hub``)."""
 
     def factory(**options: Any) -> Any:
         return running_hub(tmp_path, **options)

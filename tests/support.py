@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 from core.config_fields import ConfigContext, FieldReader
 from core.connectors import Connector
@@ -29,28 +28,9 @@ from plugins.pytest_plugin import (  # noqa: F401
     replay_file,
     wait_for,
     wait_for_sync,
+    wait_for_value,
     write_org,
 )
-
-T = TypeVar("T")
-
-
-async def wait_for_value(read: Callable[[], T], enough: Callable[[T], bool], what: str,
-                         timeout: float = 30.0) -> T:
-    """Poll ``read()`` until ``enough`` says yes to its value and return that value; on
-    timeout fail naming ``what`` was awaited and the value last read."""
-    seen: list[T] = []
-
-    def check() -> bool:
-        seen[:] = [read()]
-        return enough(seen[0])
-
-    try:
-        await wait_for(check, timeout=timeout)
-    except AssertionError:
-        last = seen[0] if seen else None
-        raise AssertionError(f"{what} not seen within {timeout}s; last seen: {last!r}") from None
-    return seen[0]
 
 
 def base_org_text(server: dict[str, str] | None = None, extra: str = "") -> str:
@@ -75,6 +55,19 @@ class PlainConnector(Connector):
     @classmethod
     def from_config(cls, reader: FieldReader, ctx: ConfigContext) -> PlainConnector:
         return cls(**cls.read_common(reader, ctx))
+
+
+def undocumented_members(cls: type, text: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """Public members of ``cls`` (methods, properties, dataclass fields) that ``text`` never
+    names as ```name`` or ``.name(``: the docs tests' check that a page keeps up with the API."""
+    import dataclasses
+    import inspect
+
+    names = {n for n, _ in inspect.getmembers(cls)}
+    if dataclasses.is_dataclass(cls):
+        names |= {f.name for f in dataclasses.fields(cls)}
+    return sorted(n for n in names if not n.startswith("_") and n not in skip
+                  and f"`{n}" not in text and f".{n}(" not in text)
 
 
 def _find_corpus() -> Path:

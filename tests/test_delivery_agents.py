@@ -284,6 +284,18 @@ def test_unknown_delivery_protocol_and_bad_agent_fields_are_config_errors() -> N
     assert "MaxConcurrentConnections" in text
 
 
+def test_drop_protocol_on_a_delivery_agent_connector_is_a_config_error() -> None:
+    """DROP writes a Foreign connector's Drop directory; named by a Delivery Agent connector
+    it used to load, then crash on every delivery until the message went to Poison."""
+    with pytest.raises(ConfigErrors) as caught:
+        load('[[delivery_agent_connector]]\nName = "Fax"\nAddressSpaces = ["FAX:*;1"]\n'
+             'DeliveryProtocol = "drop"\n')
+    assert [str(e) for e in caught.value.errors] == [
+        'org.toml: delivery_agent_connector "Fax": DeliveryProtocol: "DROP" writes the Drop'
+        ' directory of a Foreign connector; configure a [[foreign_connector]] with'
+        ' DropDirectory instead']
+
+
 def test_an_agent_class_that_is_not_a_delivery_agent_is_a_config_error() -> None:
     class Pigeon:  # registered by a plugin, but not a DeliveryAgent
         pass
@@ -503,15 +515,13 @@ async def test_command_agent_exit_codes_environment_and_timeout(hubport_hub_fact
 
 
 def test_every_agent_api_member_is_documented_in_docs_agents_md() -> None:
-    import inspect
-
     from agents import api
+    from tests.support import undocumented_members
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "agents.md").read_text()
     for cls in (api.DeliveryAgent, api.ItemResult, api.RecipientResult):
-        members = [n for n, _ in inspect.getmembers(cls) if not n.startswith("_")
-                   and n not in ("protocol", "recipients", "detail", "void_intents")]
-        missing = [n for n in members if f"`{n}" not in text and f".{n}(" not in text]
+        missing = undocumented_members(
+            cls, text, skip=("protocol", "recipients", "detail", "void_intents"))
         assert not missing, f"{cls.__name__} members missing from docs/agents.md: {missing}"
     for cls in (api.DeferQueue, api.FailQueue, api.MailItem, api.DeliveryContext):
         assert f"`{cls.__name__}" in text, cls.__name__

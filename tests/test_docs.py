@@ -8,6 +8,9 @@ from pathlib import Path
 
 from agents import api
 from core import hookspecs
+from core.config_fields import FieldReader
+from core.model import SmtpResponse
+from tests.support import undocumented_members
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -42,6 +45,28 @@ def test_delivery_agent_api_is_documented_in_docstrings() -> None:
         assert (cls.__doc__ or "").strip(), cls.__name__
     for name in ("open", "deliver", "deliver_many", "close"):
         assert (getattr(api.DeliveryAgent, name).__doc__ or "").strip(), name
+
+
+def _public_api_names() -> list[str]:
+    """What ``agents.api`` itself defines for agents: its classes and its constants."""
+    return sorted(name for name, value in vars(api).items() if not name.startswith("_")
+                  and (getattr(value, "__module__", None) == api.__name__
+                       or (name.isupper() and name != "TYPE_CHECKING")))
+
+
+def test_docs_reference_md_names_every_public_name_of_the_agent_api_and_settings_reader(
+        ) -> None:
+    text = (DOCS / "reference.md").read_text()
+    names = _public_api_names()
+    assert {"DeliveryAgent", "MailItem", "ItemResult", "OK", "LOCAL_ERROR"} <= set(names), names
+    missing = [name for name in names if f"`{name}`" not in text and f"class {name}" not in text]
+    assert not missing, f"agents.api names missing from docs/reference.md: {missing}"
+    for cls in (*(value for name in names if isinstance(value := getattr(api, name), type)),
+                SmtpResponse, FieldReader):
+        undocumented = undocumented_members(cls, text)
+        assert not undocumented, (
+            f"{cls.__name__} members missing from docs/reference.md: {undocumented}")
+    assert "`hookimpl`" in text and "`hookspec`" in text
 
 
 

@@ -267,6 +267,33 @@ async def test_call_first_awaits_async_results_and_first_non_none_wins() -> None
     assert await hooks.call_all("on_submitted", message=None) == []
 
 
+@pytest.mark.parametrize("deciding", [SyncReceive, AsyncReceive])
+@pytest.mark.parametrize("later", [SyncReceive, AsyncReceive])
+async def test_call_first_calls_nothing_after_the_deciding_implementation(
+        deciding: type[Answers], later: type[Answers]) -> None:
+    """pluggy's firstresult: an implementation after the one that decided is never called,
+    whether either is a plain function or a coroutine."""
+    hooks = Hooks(entry_points=False)
+    second = later(SmtpResponse(451, "4.7.0", "never asked"))
+    first = deciding(REJECT)
+    hooks.register(second, name="second")
+    hooks.register(first, name="first")  # registered last: called first
+    assert await hooks.call_first("receive", submission=submission()) == REJECT
+    assert (first.calls, second.calls) == (1, 0)
+
+
+def test_a_wrapper_on_a_first_result_hook_is_refused_at_registration() -> None:
+    class Wraps:
+        @hookimpl(wrapper=True)
+        def receive(self, submission: Submission) -> Any:
+            return (yield)
+
+    hooks = Hooks(entry_points=False)
+    with pytest.raises(PluginError, match=r"'wraps'.*'receive' is first result"):
+        hooks.register(Wraps(), name="wraps")
+    assert not hooks.pm.has_plugin("wraps")
+
+
 async def test_a_raising_async_implementation_leaves_no_coroutine_unawaited() -> None:
     class Raises:
         @hookimpl
@@ -298,6 +325,49 @@ class Gatekeeper:
             self.held += 1
             return SmtpResponse(451, "4.7.0", "Try again later")
         return None
+
+
+class CategorizerEvents:
+    """Records the categorizer's stage hooks and events of one message, in call order."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def categorize(self, message: Any, recipient: Any, organization: Any) -> None:
+        self.calls.append("categorize " + recipient.address)
+
+    @hookimpl
+    def route(self, message: Any, recipient: Any, organization: Any, server: str) -> None:
+        self.calls.append("route " + recipient.address)
+
+    @hookimpl
+    def on_resolved(self, message: Any, recipients: list) -> None:
+        self.calls.append("on_resolved")
+
+    @hookimpl
+    async def on_routed(self, message: Any, recipients: list) -> None:
+        self.calls.append("on_routed")
+
+    @hookimpl
+    def on_categorized(self, message: Any, recipients: list) -> None:
+        self.calls.append("on_categorized")
+
+
+async def test_categorizer_hooks_fire_in_the_documented_order(hub_factory) -> None:
+    """docs/hooks.md: categorize (per recipient) -> on_resolved -> route (per recipient)
+    -> on_routed -> delivery queues -> on_categorized."""
+    async with hub_factory() as hub:
+        events = CategorizerEvents()
+        hub.daemon.hooks.register(events, name="events")
+        drop_in(hub.pickup, "a.eml",
+                message(to="someone@fabrikam.test, bob@contoso.test, other@fabrikam.test"))
+        await wait_for(lambda: "on_categorized" in events.calls)
+    assert events.calls == [
+        "categorize someone@fabrikam.test", "categorize bob@contoso.test",
+        "categorize other@fabrikam.test", "on_resolved",
+        "route someone@fabrikam.test", "route other@fabrikam.test",
+        "on_routed", "on_categorized"]
 
 
 async def test_async_receive_hook_rejects_and_defers_pickup_files(hub_factory) -> None:

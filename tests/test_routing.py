@@ -19,6 +19,7 @@ from core.address_space import AddressSpace
 from core.categorizer import (
     EXPANDED,
     FAIL,
+    RESOLVED,
     ROUTE,
     UNREACHABLE,
     Categorized,
@@ -600,3 +601,46 @@ async def test_route_hook_adds_a_candidate() -> None:
     # with no configured connector at all the plugin's candidate still routes
     alone = await categorize(org(), queued("x@partner.example"), plugin)
     assert routed(alone) == {"x@partner.example": hop}
+
+
+class Recorder:
+    """Records the categorizer's hook calls in order, and what on_resolved saw."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.at_resolved: dict[str, tuple[str, NextHop | None]] = {}
+
+    @hookimpl
+    def categorize(self, message: QueuedMessage, recipient: QueuedRecipient,
+                   organization: Organization) -> None:
+        self.calls.append("categorize " + recipient.address)
+
+    @hookimpl
+    def on_resolved(self, message: QueuedMessage, recipients: list[Decision]) -> None:
+        self.calls.append("on_resolved")
+        self.at_resolved = {d.address: (d.kind, d.next_hop) for d in recipients}
+
+    @hookimpl
+    def route(self, message: QueuedMessage, recipient: QueuedRecipient,
+              organization: Organization, server: str) -> None:
+        self.calls.append("route " + recipient.address)
+
+
+async def test_on_resolved_fires_after_every_recipient_is_resolved_before_any_route() -> None:
+    """docs/hooks.md: categorize (per recipient) -> on_resolved -> route (per recipient)."""
+    plugin = Recorder()
+    result = await categorize(org(connector("Any", ["example.org"])),
+                              queued("x@example.org", "bob@contoso.test", "y@nowhere.test"),
+                              plugin)
+    assert plugin.calls == [
+        "categorize x@example.org", "categorize bob@contoso.test", "categorize y@nowhere.test",
+        "on_resolved", "route x@example.org", "route y@nowhere.test"]
+    # next hops were not chosen yet; mailbox delivery needs no routing
+    assert plugin.at_resolved == {"x@example.org": (RESOLVED, None),
+                                  "bob@contoso.test": (ROUTE, HOME),
+                                  "y@nowhere.test": (RESOLVED, None)}
+    final = {d.address: (d.kind, d.next_hop) for d in result.decisions}
+    assert final == {"x@example.org": (ROUTE, NextHop("DeliveryAgent", "example.org", "Any")),
+                     "bob@contoso.test": (ROUTE, HOME),
+                     "y@nowhere.test": (UNREACHABLE, None)}
+    assert not result.unrouted
