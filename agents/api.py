@@ -16,10 +16,14 @@ An exception raised by an agent is contained by the core: the item is deferred w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agents.file_commit import FilePlan, commit_files
+from core.addresses import imcea_decode
 from core.model import (
     Envelope,
     EnvelopeRecipient,
@@ -42,6 +46,56 @@ OK = SmtpResponse(250, "2.0.0", "OK")
 LOCAL_ERROR = SmtpResponse(451, "4.3.0", "Local error in processing")
 
 
+@dataclass(frozen=True, slots=True)
+class RecipientAddress:
+    """A recipient's address as the system behind the connector knows it.
+
+    A non-SMTP recipient (``SMS:+15551234``, ``TICKET:support``) crosses the transport
+    IMCEA-encapsulated in the organization's default domain
+    (``IMCEASMS-+2B15551234@contoso.test``; docs/exchange.md, "Accepted domains and
+    recipients"): that SMTP form is what routing, the queue and the tracking log use, and
+    it is what ``QueuedRecipient.address`` holds. This is the address unwrapped again, for
+    the agent that hands it to the foreign system. An ordinary recipient has type ``SMTP``
+    and its own address.
+    """
+
+    #: the address type, upper case: ``SMS``, ``TICKET`` ... or ``SMTP``
+    address_type: str
+    #: the address in that type's own form (``+15551234``); for SMTP the address itself
+    address: str
+    #: the envelope form the transport uses (``IMCEASMS-+2B15551234@contoso.test``)
+    smtp_address: str
+
+    @property
+    def proxy_address(self) -> str:
+        """``TYPE:address`` (``SMS:+15551234``), the form of an address space or of a mail
+        contact's ExternalEmailAddress."""
+        return f"{self.address_type}:{self.address}"
+
+    @property
+    def is_smtp(self) -> bool:
+        """True for an ordinary SMTP recipient (no encapsulated foreign address)."""
+        return self.address_type == "SMTP"
+
+
+def recipient_address(smtp_address: str, default_domain: str | None = None
+                      ) -> RecipientAddress:
+    """Unwrap an envelope address into the address the foreign system knows.
+
+    ``IMCEA<TYPE>-<encoded>@<default_domain>`` gives ``TYPE`` and the decoded address, as
+    routing does; anything else, an IMCEA-looking address in another domain included (routing
+    treats that as SMTP too), gives type ``SMTP`` and the address unchanged. With
+    ``default_domain=None`` (no organization at hand) an IMCEA address in any domain is
+    unwrapped.
+    """
+    domain = smtp_address.rpartition("@")[2]
+    if default_domain is None or domain.lower() == default_domain.lower():
+        decoded = imcea_decode(smtp_address)
+        if decoded is not None:
+            return RecipientAddress(decoded[0], decoded[1], smtp_address)
+    return RecipientAddress("SMTP", smtp_address, smtp_address)
+
+
 @dataclass(slots=True)
 class MailItem:
     """One message for one next hop, with the recipients routed there."""
@@ -50,10 +104,22 @@ class MailItem:
     recipients: list[QueuedRecipient]
     next_hop: NextHop
     queue_id: int = 0
+    #: the organization's default domain, the one IMCEA addresses are encapsulated in (set
+    #: by the transport; None unwraps IMCEA addresses in any domain, see ``address_of``)
+    default_domain: str | None = None
 
     @property
     def data(self) -> bytes:
         return self.message.data
+
+    def address_of(self, recipient: QueuedRecipient) -> RecipientAddress:
+        """The recipient as the foreign system knows it: ``SMS:+15551234`` for
+        ``IMCEASMS-+2B15551234@contoso.test``, type ``SMTP`` for an ordinary address.
+
+        An agent for an address space such as ``SMS:*`` is handed the IMCEA form in
+        ``recipient.address``; this is the address to give the foreign system.
+        """
+        return recipient_address(recipient.address, self.default_domain)
 
     @property
     def envelope(self) -> Envelope:
@@ -170,12 +236,113 @@ class DeliveryContext:
     organization: Organization
     server: TransportServer
     directory: RecipientDirectory
-    #: commit "written as <name>" for recipients before making a file visible (exactly once)
+    #: commit "written as <name>" for recipients before making a file visible (exactly
+    #: once; ``FolderWriter`` runs the whole protocol around it)
     record_intent: Callable[[dict[int, str]], Awaitable[None]]
     clock: Callable[[], float]
     #: a random id of this queue database: with queue ids it makes file names unique forever
     store_id: str = ""
     log: Any = None
+
+
+#: the longest file name most filesystems take (bytes), for the ``.<name>.tmp`` temp file too
+_NAME_MAX = 255
+
+
+def _check_file_name(name: str) -> None:
+    """A plain name in the folder; dot names are the writer's temps (the consumer skips them)."""
+    if not isinstance(name, str) or not name or name.startswith(".") or "/" in name \
+            or "\0" in name:
+        raise ValueError(f"not a plain file name that does not start with '.': {name!r}")
+    if len(os.fsencode(f".{name}.tmp")) > _NAME_MAX:
+        raise ValueError(f"file name too long (at most {_NAME_MAX - 5} bytes): {name!r}")
+
+
+class FolderWriter:
+    """Writes files into a folder another system consumes, each file exactly once, even when
+    the process is killed at any point (the protocol of the Drop and Maildir writers).
+
+    ``add`` plans one file for some recipients; ``commit`` writes every planned file under
+    ``.<name>.tmp`` (which the consumer must ignore), makes them durable, records "written
+    as <name>" for their recipients in the queue, renames each to its name without ever
+    replacing a file, makes the folder durable, and only then acknowledges the recipients in
+    their ``ItemResult``: delivered, or deferred with a 4xx naming the filesystem error.
+    A recipient that arrives with a recorded write (the process died after the record,
+    before the queue marked it delivered) is finished instead of written again: the temp is
+    renamed if it is still there, else the file already appeared (and may have been taken).
+    """
+
+    def __init__(self, context: DeliveryContext, folder: Path | str, what: str = "") -> None:
+        self.context = context
+        self.folder = Path(folder)
+        #: names the folder in error responses ("SMS spool is full")
+        self.what = what or f"Folder {self.folder}"
+        self._plans: list[FilePlan] = []
+        self._acks: list[tuple[ItemResult, SmtpResponse | None]] = []
+        self._names: set[str] = set()
+        self._fresh: set[str] = set()
+
+    def add(self, result: ItemResult, recipients: Sequence[QueuedRecipient], name: str,
+            data: bytes | Sequence[bytes], response: SmtpResponse | None = None) -> None:
+        """Plan the file ``name`` holding ``data`` (bytes, or chunks written in order) for
+        ``recipients``; ``commit`` acknowledges them in ``result``.
+
+        ``name`` must never be used again for another file: build it from the queue's ids
+        (``context.store_id``, ``item.message.id``, the lowest recipient id), not from the
+        message. ``response`` is the success response (default ``250 2.0.0 Written as
+        <name>``). A recipient with a recorded write is recovered under the name it was
+        written as; ``data`` is then not used.
+        """
+        _check_file_name(name)
+        fresh: list[int] = []
+        recovering: dict[str, list[int]] = {}
+        for r in recipients:
+            intent = r.drop_intent
+            if intent and not intent.startswith(".") and "/" not in intent:
+                recovering.setdefault(intent, []).append(r.id)
+            else:  # no write recorded (another writer's record names no file here)
+                fresh.append(r.id)
+        chunks = (data,) if isinstance(data, bytes) else tuple(data)
+        for intent, rids in recovering.items():
+            self._plan(result, response, rids, intent, None)
+        if fresh:
+            self._plan(result, response, fresh, name, chunks)
+
+    def _plan(self, result: ItemResult, response: SmtpResponse | None, rids: list[int],
+              name: str, data: tuple[bytes, ...] | None) -> None:
+        # one name, one file: a second plan for it would race its temp and final name (two
+        # recoveries of one recorded name are fine: the second finds the rename done)
+        if name in self._fresh or (data is not None and name in self._names):
+            raise ValueError(f"file name {name!r} planned twice in {self.folder}")
+        self._names.add(name)
+        if data is not None:
+            self._fresh.add(name)
+        self._plans.append(FilePlan(len(self._acks), rids, name, self.folder / f".{name}.tmp",
+                                    self.folder / name, data))
+        self._acks.append((result, response))
+
+    async def commit(self) -> None:
+        """Write, record and publish every planned file, then acknowledge its recipients.
+
+        A file that cannot be written defers its recipients (4xx) and leaves nothing behind.
+        An exception (the queue could not record the writes) leaves no file and no
+        acknowledgement: the item is deferred as a crash and written again later.
+        """
+        plans, acks = self._plans, self._acks
+        self._plans, self._acks, self._names, self._fresh = [], [], set(), set()
+        await commit_files(plans, self.context, self.what)
+        for plan in plans:
+            result, response = acks[plan.item_index]
+            if plan.error is None:
+                outcome = RecipientResult.delivered(
+                    response or SmtpResponse(250, "2.0.0", f"Written as {plan.intent}"))
+                result.detail = plan.intent
+            else:
+                outcome = RecipientResult.deferred(plan.error)
+                if plan.void_intent:  # the recorded file never appeared: write it anew
+                    result.void_intents.update(plan.recipient_ids)
+            for rid in plan.recipient_ids:
+                result.recipients[rid] = outcome
 
 
 class DeliveryAgent:
@@ -200,8 +367,8 @@ class DeliveryAgent:
       deferral, a timeout, a crash of the agent, or a crash of the process after the agent
       delivered but before the queue recorded it. A retried item must not harm the
       destination (use a key such as ``item.message.internal_id`` and the recipient ids to
-      recognise it), or the agent records what it writes first with
-      ``context.record_intent`` for exactly-once writes (``agents.file_commit``).
+      recognise it); an agent that writes files into a folder uses ``FolderWriter``, which
+      records each write in the queue first and so writes every file exactly once.
     """
 
     #: the DeliveryProtocol this agent serves (informational; registration names it)

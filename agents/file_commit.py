@@ -1,4 +1,5 @@
-"""Exactly-once file delivery: the protocol shared by the Drop and Maildir writers.
+"""Exactly-once file delivery: the protocol shared by the Drop and Maildir writers and by
+``agents.api.FolderWriter``, its public form for third-party agents.
 
 1. Write each file under a temporary name the consumer ignores; sync them (batched).
 2. Commit "written as <intent>" for the recipients in the queue.
@@ -19,11 +20,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agents.api import DeliveryContext
 from core.durable import fsync_dir, rename_noreplace, sync_many, write_new_file
 from core.failpoints import failpoint
 from core.model import SmtpResponse
+
+if TYPE_CHECKING:  # agents.api imports this module for FolderWriter
+    from agents.api import DeliveryContext
 
 
 @dataclass(slots=True)
@@ -109,6 +113,10 @@ def _publish(plans: Sequence[FilePlan], what: str) -> None:
             # never replace a file the consumer has not taken: a name collision is a bug
             plan.error = SmtpResponse(451, "4.3.0", f"{what}: {plan.final.name} already exists")
             plan.void_intent = True
+            try:  # never published; the retry writes it anew
+                os.unlink(plan.temp)
+            except OSError:
+                pass
         except FileNotFoundError:
             if plan.data is not None:  # we wrote it moments ago: someone removed our temp
                 plan.error = SmtpResponse(451, "4.3.0", f"{what}: temporary file vanished")

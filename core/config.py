@@ -279,6 +279,10 @@ class TransportServer:
     intra_org_connector_protocol_logging_level: str = "None"
     #: hubport: the password file for SMTP Basic authentication (core/credentials.py)
     password_file_path: Path = Path("var/auth/passwords")
+    #: hubport: how long one plugin's implementation of a stage hook or event may run
+    #: (core/hooks.py); ``deliver`` gets its own, longer limit (a whole batch over SMTP)
+    plugin_hook_timeout: float = 30.0
+    plugin_deliver_timeout: float = HOUR
 
 
 @dataclass(frozen=True)
@@ -925,6 +929,8 @@ class _Loader:
             "queue_max_idle_time": r.duration("QueueMaxIdleTime", "3m", "5s", "1h"),
             "poison_threshold": r.int("PoisonThreshold", 2, min=1, max=10),
             "poison_message_detection_enabled": r.bool("PoisonMessageDetectionEnabled", True),
+            "plugin_hook_timeout": r.duration("PluginHookTimeout", "30s", "0.1s", "1h"),
+            "plugin_deliver_timeout": r.duration("PluginDeliverTimeout", "1h", "1s", "1d"),
         }
 
     def _tracking_settings(self, r: FieldReader, state: Path) -> dict[str, Any]:

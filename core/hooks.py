@@ -8,9 +8,11 @@ named by module path and imported by name, so ``core`` has no import-time depend
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -42,8 +44,26 @@ FIRST_RESULT_HOOKS = frozenset({
 })
 
 
+#: hooks whose call carries a whole delivery batch: their own, longer timeout
+DELIVER_HOOKS = frozenset({"deliver"})
+
+
 class PluginError(Exception):
     """A plugin could not be loaded or registered something invalid."""
+
+
+class HookTimeout(Exception):
+    """A plugin's async implementation ran past its timeout and was cancelled.
+
+    An ordinary exception on purpose: each caller contains it exactly as it contains a
+    plugin that raised (the message is deferred and retried, never lost)."""
+
+    def __init__(self, plugin: str, hook: str, timeout: float) -> None:
+        super().__init__(f"plugin {plugin!r}: hook {hook!r} ran past its timeout of "
+                         f"{timeout:g} s and was cancelled")
+        self.plugin = plugin
+        self.hook = hook
+        self.timeout = timeout
 
 
 @dataclass
@@ -76,6 +96,10 @@ class Hooks:
         self.pm = pluggy.PluginManager(PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.trace = os.environ.get("HUBPORT_TRACE_HOOKS", "") not in ("", "0")
+        #: seconds one implementation may take (PluginHookTimeout, PluginDeliverTimeout);
+        #: the pipeline sets them from the configuration, None is no limit
+        self.hook_timeout: float | None = 30.0
+        self.deliver_timeout: float | None = 3600.0
         if builtins:
             for name, module in BUILTIN_PLUGINS.items():
                 self.register_module(module, name=name)
@@ -165,9 +189,7 @@ class Hooks:
             except KeyError as exc:
                 raise pluggy.HookCallError(
                     f"hook {hook_name!r} called without argument {exc.args[0]!r}") from None
-            result = impl.function(*args)
-            if inspect.isawaitable(result):
-                result = await result
+            result = await self._call_impl(hook_name, impl, args)
             if result is not None:
                 chosen = result
                 break
@@ -176,15 +198,71 @@ class Hooks:
         return chosen
 
     async def call_all(self, hook_name: str, **kwargs: Any) -> list[Any]:
-        """Call a hook and await every implementation, in call order."""
+        """Call a hook and await every implementation, in call order; the non-None results.
+
+        Like ``call_first``, one implementation at a time, so each gets its own timeout. A
+        hook with a pluggy wrapper needs pluggy's single call: its coroutines are then
+        awaited in turn, each under the timeout, named by hook alone.
+        """
+        caller = getattr(self.pm.hook, hook_name)
+        impls = caller.get_hookimpls()
         out = []
-        for result in getattr(self.pm.hook, hook_name)(**kwargs):
-            if inspect.isawaitable(result):
-                result = await result
-            out.append(result)
+        if any(impl.wrapper or impl.hookwrapper for impl in impls):
+            for result in caller(**kwargs):
+                if inspect.isawaitable(result):
+                    result = await self._await_limited(hook_name, "(wrapped)", result,
+                                                       self._timeout_for(hook_name))
+                out.append(result)
+        else:
+            for impl in reversed(impls):
+                try:
+                    args = [kwargs[name] for name in impl.argnames]
+                except KeyError as exc:
+                    raise pluggy.HookCallError(
+                        f"hook {hook_name!r} called without argument {exc.args[0]!r}") from None
+                result = await self._call_impl(hook_name, impl, args)
+                if result is not None:
+                    out.append(result)
         if self.trace:
             log.info("hook", hook=hook_name, args=_short(kwargs), result=_short(out))
         return out
+
+    def _timeout_for(self, hook_name: str) -> float | None:
+        return self.deliver_timeout if hook_name in DELIVER_HOOKS else self.hook_timeout
+
+    async def _call_impl(self, hook_name: str, impl: Any, args: list[Any]) -> Any:
+        """Call one implementation under the hook's timeout.
+
+        A coroutine is cancelled at the timeout (``HookTimeout``). A plain function cannot
+        be interrupted on the event loop: one that overran is logged, after it returned,
+        with the time it held the loop."""
+        limit = self._timeout_for(hook_name)
+        started = time.monotonic()
+        result = impl.function(*args)
+        held = time.monotonic() - started
+        if limit is not None and held > limit:
+            log.error("plugin hook blocked the event loop past its timeout",
+                      plugin=impl.plugin_name, hook=hook_name, seconds=round(held, 3),
+                      timeout=limit)
+        if inspect.isawaitable(result):
+            result = await self._await_limited(hook_name, impl.plugin_name, result, limit)
+        return result
+
+    @staticmethod
+    async def _await_limited(hook_name: str, plugin: str, awaitable: Any,
+                             limit: float | None) -> Any:
+        if limit is None:
+            return await awaitable
+        scope = asyncio.timeout(limit)
+        try:
+            async with scope:
+                return await awaitable
+        except TimeoutError:
+            if not scope.expired():  # the plugin's own TimeoutError: an ordinary exception
+                raise
+            log.error("plugin hook ran past its timeout; cancelled",
+                      plugin=plugin, hook=hook_name, timeout=limit)
+            raise HookTimeout(plugin, hook_name, limit) from None
 
     async def notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call an event hook; an exception is logged, never raised (the work is committed)."""

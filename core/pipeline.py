@@ -159,6 +159,9 @@ class Pipeline:
         """Adopt a new organization (live reload); Unreachable is re-evaluated by ``reload``."""
         self.org = org
         self.server: TransportServer = org.server(self.server_name)
+        # one plugin's hung hook defers its own message, not everyone's (core/hooks.py)
+        self.hooks.hook_timeout = self.server.plugin_hook_timeout
+        self.hooks.deliver_timeout = self.server.plugin_deliver_timeout
         self.directory = RecipientDirectory(org)
         self.categorizer = Categorizer(org, self.server, self.directory, self.hooks)
         self.connectors = {c.name.lower(): c for c in org.connectors}
@@ -402,7 +405,10 @@ class Pipeline:
             except Exception:
                 log.exception("categorizer failed; the message stays in Submission",
                               internal_message_id=message.id)
-                await self._release([message.id], retry_in=self.server.message_retry_interval)
+                retry_in = self.server.message_retry_interval
+                await self._release([message.id], retry_in=retry_in)
+                # due then, not at the sweeper's next pass (up to 30 s later)
+                self._loop.call_later(retry_in, self._categorizer_wake.set)
         # one write per message (its decisions and NDRs are atomic), all in one group commit
         # a reload during this batch: Unreachable decisions are not final (the new config
         # may route them; its resubmission of Unreachable has already run)
@@ -620,7 +626,9 @@ class Pipeline:
             lambda c: q.load_messages(c, ids, recipient_filter=due, params=(queue_id, now)))
         # removed (Remove-Message) between the reservation and the load: nothing to hold
         self._in_flight.difference_update(set(ids) - {m.id for m in messages})
-        items = [MailItem(m, m.recipients, hop, queue_id) for m in messages if m.recipients]
+        # the default domain lets agents unwrap IMCEA recipients (MailItem.address_of)
+        items = [MailItem(m, m.recipients, hop, queue_id, self.directory.default_domain)
+                 for m in messages if m.recipients]
         outcome = await self._call_deliver(hop, items)
         error: str | None
         if isinstance(outcome, (DeferQueue, FailQueue)):

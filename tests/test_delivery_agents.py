@@ -23,6 +23,7 @@ from agents.api import (
     FailQueue,
     ItemResult,
     MailItem,
+    recipient_address,
 )
 from agents.http import retry_after
 from agents.runner import AGENT_TIMEOUT, run_agent, run_connections
@@ -551,3 +552,28 @@ Port = {server.port}
     assert any("451 4.3.2 try again later" in s for e in deferred
                for s in e["recipient-status"])
     assert server.handler.commands.count("RCPT") == 2
+
+
+def test_address_of_unwraps_imcea_recipients_of_the_default_domain() -> None:
+    """An agent for TICKET:* is handed IMCEATICKET-support@contoso.test; address_of gives
+    back TICKET:support. SMTP recipients, and IMCEA forms in other domains (routed as SMTP),
+    stay SMTP."""
+    mail = item(1, 4)
+    for r, address in zip(mail.recipients, ["IMCEATICKET-support@Contoso.test",
+                                            "IMCEASMS-+2B15551234@contoso.test",
+                                            "bob@agent.test",
+                                            "IMCEAFAX-+2B1555@fabrikam.test"]):
+        r.address = address
+    mail.default_domain = "contoso.test"
+    got = [mail.address_of(r) for r in mail.recipients]
+    assert [(a.address_type, a.address, a.proxy_address, a.is_smtp) for a in got] == [
+        ("TICKET", "support", "TICKET:support", False),
+        ("SMS", "+15551234", "SMS:+15551234", False),
+        ("SMTP", "bob@agent.test", "SMTP:bob@agent.test", True),
+        ("SMTP", "IMCEAFAX-+2B1555@fabrikam.test", "SMTP:IMCEAFAX-+2B1555@fabrikam.test", True),
+    ]
+    assert got[1].smtp_address == "IMCEASMS-+2B15551234@contoso.test"
+    # without a default domain (an item built by hand) any IMCEA address is unwrapped
+    assert recipient_address("IMCEAFAX-+2B1555@fabrikam.test").proxy_address == "FAX:+1555"
+    # not decodable (invalid UTF-8): left as the SMTP address it is
+    assert recipient_address("IMCEAX-+C3@contoso.test", "contoso.test").is_smtp

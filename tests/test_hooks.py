@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
 import subprocess
 import sys
+import time
 import types
 import warnings
 from collections.abc import Callable
@@ -16,11 +18,13 @@ from typing import Any, ClassVar
 
 import pluggy
 import pytest
+from structlog.testing import capture_logs
 
 from core import hookimpl
-from core.config_fields import ConfigContext, FieldReader
+from core.config import load_organization
+from core.config_fields import ConfigContext, ConfigError, FieldReader
 from core.connectors import Connector
-from core.hooks import Hooks, PluginError
+from core.hooks import Hooks, HookTimeout, PluginError
 from core.model import (
     Envelope,
     EnvelopeRecipient,
@@ -29,7 +33,7 @@ from core.model import (
     SmtpResponse,
     Submission,
 )
-from tests.support import drop_in, event_ids, maildir, message, wait_for
+from tests.support import drop_in, event_ids, maildir, message, wait_for, write_org
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTINS = ["foreign", "send", "receive", "mailbox", "builtin-agents", "delivery-agent"]
@@ -475,3 +479,133 @@ def test_a_misspelt_plugin_module_in_the_config_stops_the_start(tmp_path) -> Non
     config = write_org(tmp_path, extra='[hubport]\nPlugins = ["no_such_plugin_module"]\n')
     with pytest.raises(StartupError, match="no_such_plugin_module"):
         Daemon(config, signals=False)
+
+
+# -- per-call timeouts --------------------------------------------------------------------------
+
+TIMED_OUT = "plugin hook ran past its timeout; cancelled"
+OVERRAN = "plugin hook blocked the event loop past its timeout"
+
+
+class HangsTwice:
+    """An async ``categorize`` agent that hangs (forever) on its first two calls, then
+    behaves; counts the cancellations it saw."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.cancelled = 0
+
+    @hookimpl
+    async def categorize(self, message: Any, recipient: Any, organization: Any) -> None:
+        self.calls += 1
+        if self.calls <= 2:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return None
+
+
+async def test_a_hung_async_categorize_hook_is_cancelled_and_its_message_deferred(
+        hub_factory) -> None:
+    """PluginHookTimeout: the hung call is cancelled and logged naming the plugin and hook;
+    the message stays in Submission (as if the plugin had raised) and is delivered once the
+    plugin answers. MessageRetryInterval is 1 s in the test organization."""
+    with capture_logs() as logs:
+        async with hub_factory(server_extra='PluginHookTimeout = "0.2s"') as hub:
+            assert hub.daemon.hooks.hook_timeout == 0.2
+            hang = HangsTwice()
+            hub.daemon.hooks.register(hang, name="hangs")
+            drop_in(hub.pickup, "a.eml", message(subject="hung once"))
+            [got] = await wait_for(lambda: maildir(hub.root, "Bob"), timeout=30,
+                                   describe=lambda: (hang.calls, event_ids(hub.root)))
+    assert message_from_bytes(got.read_bytes())["Subject"] == "hung once"
+    assert (hang.calls, hang.cancelled) == (3, 2)
+    cancelled = [e for e in logs if e["event"] == TIMED_OUT]
+    assert [(e["log_level"], e["plugin"], e["hook"], e["timeout"]) for e in cancelled] == \
+        [("error", "hangs", "categorize", 0.2)] * 2
+    deferred = [e for e in logs if e["event"].startswith("categorizer failed")]
+    assert len(deferred) == 2  # contained like an exception of the plugin: retried, not lost
+
+
+async def test_a_hung_async_implementation_raises_hook_timeout_and_a_later_one_is_not_called(
+        ) -> None:
+    class Hangs:
+        @hookimpl(tryfirst=True)
+        async def receive(self, submission: Submission) -> None:
+            await asyncio.sleep(3600)
+
+    class Decides:
+        called = False
+
+        @hookimpl
+        def receive(self, submission: Submission) -> SmtpResponse:
+            Decides.called = True
+            return REJECT
+
+    hooks = Hooks(builtins=False, entry_points=False)
+    hooks.hook_timeout = 0.1
+    hooks.register(Decides(), name="decides")
+    hooks.register(Hangs(), name="hangs")
+    with pytest.raises(HookTimeout, match="'hangs': hook 'receive'") as raised:
+        await asyncio.wait_for(hooks.call_first("receive", submission=submission()), 30)
+    assert (raised.value.plugin, raised.value.hook) == ("hangs", "receive")
+    assert not Decides.called
+    hooks.hook_timeout = None  # no limit: the same call would wait; a quick one answers
+    hooks.pm.unregister(name="hangs")
+    assert await hooks.call_first("receive", submission=submission()) == REJECT
+
+
+async def test_a_plugins_own_timeout_error_is_not_taken_for_the_hook_timeout() -> None:
+    class OwnTimeout:
+        @hookimpl
+        async def on_submitted(self, message: Any) -> None:
+            raise TimeoutError("the scanner did not answer")
+
+    hooks = Hooks(builtins=False, entry_points=False)
+    hooks.register(OwnTimeout(), name="own")
+    with capture_logs() as logs, pytest.raises(TimeoutError, match="scanner"):
+        await hooks.call_all("on_submitted", message=None)
+    assert not [e for e in logs if e["event"] == TIMED_OUT]
+
+
+async def test_a_sync_implementation_that_overruns_is_logged_with_its_duration() -> None:
+    """A plain function cannot be interrupted on the loop: its answer stands, and the
+    overrun is logged after it returns, naming the plugin, the hook and the time it took."""
+    class Slow:
+        @hookimpl
+        def categorize(self, message: Any, recipient: Any, organization: Any) -> Any:
+            time.sleep(0.3)
+            return REJECT
+
+    class Quick:
+        @hookimpl
+        def on_submitted(self, message: Any) -> None:
+            return None
+
+    hooks = Hooks(builtins=False, entry_points=False)
+    hooks.hook_timeout = 0.1
+    hooks.register(Slow(), name="slow")
+    hooks.register(Quick(), name="quick")
+    with capture_logs() as logs:
+        assert await hooks.call_first("categorize", message=None, recipient=None,
+                                      organization=None) == REJECT
+        assert await hooks.call_all("on_submitted", message=None) == []
+    [entry] = [e for e in logs if e["event"] == OVERRAN]
+    assert (entry["log_level"], entry["plugin"], entry["hook"], entry["timeout"]) == \
+        ("error", "slow", "categorize", 0.1)
+    assert 0.3 <= entry["seconds"] < 60
+
+
+def test_plugin_hook_timeouts_are_read_from_the_transport_server(tmp_path: Path) -> None:
+    types_ = Hooks(entry_points=False).registry.connector_types
+    org = load_organization(write_org(tmp_path, server_extra=(
+        'PluginHookTimeout = "00:00:05"\nPluginDeliverTimeout = "2h"')), types_)
+    server = org.servers[0]
+    assert (server.plugin_hook_timeout, server.plugin_deliver_timeout) == (5.0, 7200.0)
+    default = load_organization(write_org(tmp_path), types_).servers[0]
+    assert (default.plugin_hook_timeout, default.plugin_deliver_timeout) == (30.0, 3600.0)
+    with pytest.raises(ConfigError) as bad:
+        load_organization(write_org(tmp_path, server_extra='PluginHookTimeout = "0s"'), types_)
+    assert "PluginHookTimeout" in str(bad.value) and "org.toml" in str(bad.value)

@@ -1,12 +1,12 @@
 """An SMS gateway delivery agent for hubport (DeliveryProtocol ``SMS``).
 
-Registered through the ``hubport`` entry-point group; writes one spool file per recipient.
+Registered through the ``hubport`` entry-point group; writes one spool file per recipient,
+exactly once (``agents.api.FolderWriter``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +14,14 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
-from agents.api import DeferQueue, DeliveryAgent, ItemResult, MailItem
+from agents.api import (
+    DeferQueue,
+    DeliveryAgent,
+    FolderWriter,
+    ItemResult,
+    MailItem,
+    RecipientAddress,
+)
 from core import hookimpl
 from core.model import NextHop, SmtpResponse
 
@@ -40,10 +47,19 @@ def sms_text(data: bytes, max_length: int) -> str:
     return joined[:max_length]
 
 
-def number_of(address: str) -> str | None:
-    """``SMS:+1555...`` or ``+1555...@anything`` -> the number, else None."""
-    value = address.split(":", 1)[1] if address.upper().startswith("SMS:") else address
-    value = value.split("@", 1)[0]
+def number_of(to: RecipientAddress) -> str | None:
+    """The phone number of a recipient, else None.
+
+    ``SMS:+15551234`` (a recipient of an ``SMS:*`` address space, which arrives as
+    ``IMCEASMS-+2B15551234@<default domain>``) or ``+15551234@gateway`` (an ``SMTP:``
+    address space for the gateway's domain).
+    """
+    if to.address_type == "SMS":
+        value = to.address
+    elif to.is_smtp:
+        value = to.address.rpartition("@")[0]
+    else:
+        return None
     return value if NUMBER.fullmatch(value) else None
 
 
@@ -67,21 +83,20 @@ class SmsAgent(DeliveryAgent):
     async def deliver(self, item: MailItem) -> ItemResult:
         result = ItemResult()
         text = sms_text(item.data, self.settings.max_length)
+        spool = FolderWriter(self.context, self.settings.spool, "SMS spool")
         for r in item.recipients:
-            number = number_of(r.address)
+            number = number_of(item.address_of(r))
             if number is None:
                 result.ack_fail(r, NOT_A_NUMBER)
                 continue
+            # a name from the queue's ids alone: never reused, the same on every retry
             name = f"{self.context.store_id}-{item.message.id}-{r.id}.sms"
-            await asyncio.to_thread(self._write, name, f"To: {number}\n\n{text}\n")
-            result.ack_success(r, SmtpResponse(250, "2.0.0", f"Queued for SMS as {name}"))
-            result.detail = name
+            spool.add(result, [r], name, f"To: {number}\n\n{text}\n".encode(),
+                      SmtpResponse(250, "2.0.0", f"Queued for SMS as {name}"))
+        # each file appears exactly once, even if hubport is killed midway; only then are
+        # the recipients acknowledged (delivered, or deferred on a full or read-only spool)
+        await spool.commit()
         return result
-
-    def _write(self, name: str, content: str) -> None:
-        tmp = self.settings.spool / f".{name}.tmp"
-        tmp.write_text(content)
-        os.replace(tmp, self.settings.spool / name)  # the gateway never sees half a file
 
 
 @hookimpl
