@@ -7,7 +7,13 @@ prefixed ``hubport_`` so they never clash with a project's own):
   in-process daemon on a temporary test organization (``BASE_ORG`` plus your tables);
 * ``hubport_smtp_server`` — a fake downstream SMTP server (aiosmtpd) whose replies are
   scripted per command;
-* ``hubport_clock`` — a retry clock the test moves forward (``advance(seconds)``).
+* ``hubport_clock`` — a retry clock the test moves forward (``advance(seconds)``);
+* ``hubport_agent_harness`` — one delivery agent without a hub: ``AgentHarness`` builds
+  ``MailItem``s (``harness.item``) and runs them as its connector would (``harness.run``);
+* ``hubport_unwritable_folder`` — folders that refuse writes (a read-only bind mount as
+  root), restored at teardown;
+* ``hubport_hub_process`` — the real daemon in a subprocess (``HubProcess``): failpoints,
+  SIGKILL, restart.
 
 ``running_daemon(config, clock=..., plugins=...)`` is the same in-process daemon on an
 organization file of your own (``async with ... as daemon:``; ``Hub(root, daemon)`` gives the
@@ -22,9 +28,13 @@ was awaited and what was last seen).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes
@@ -35,9 +45,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
+from core.model import NextHop
 from core.tracking import search
 
-if TYPE_CHECKING:  # the daemon is imported only when a test starts one
+if TYPE_CHECKING:  # the daemon and the agent API are imported only when a test uses them
+    from agents.api import DeliveryAgent, ItemResult, MailItem
     from core.daemon import Daemon
 
 T = TypeVar("T")
@@ -491,3 +503,386 @@ def hubport_smtp_server() -> Iterator[FakeSmtpServer]:
         yield FakeSmtpServer("127.0.0.1", port, handler)
     finally:
         controller.stop()
+
+
+# -- one delivery agent without a hub --------------------------------------------------------
+
+
+#: the next hop ``mail_item`` and ``AgentHarness`` use unless told otherwise
+AGENT_HOP_DOMAIN = "agent.test"
+
+
+def mail_item(sender: str = "alice@contoso.test",
+              recipients: Sequence[str] = ("someone@agent.test",),
+              data: bytes | None = None, *, message_id: int = 1,
+              recipient_ids: Sequence[int] | None = None,
+              drop_intents: Mapping[str, str] | None = None,
+              next_hop: NextHop | None = None, queue_id: int = 1,
+              default_domain: str | None = "contoso.test") -> MailItem:
+    """A ``MailItem`` as the transport hands one to ``deliver``, built from plain values.
+
+    ``data`` defaults to ``message(sender, recipients[0])``; recipient ids default to
+    ``message_id * 100 + i`` (the keys of ``ItemResult.recipients``). ``drop_intents`` maps
+    an address to the file name a previous attempt recorded for it (a ``FolderWriter``
+    recovery after a crash).
+    """
+    from agents.api import MailItem as Item
+    from core.model import MailFrom, QueuedMessage, QueuedRecipient, RecipientStatus
+
+    if isinstance(recipients, str):
+        raise TypeError("recipients= takes a list of addresses, not one string")
+    content = data if data is not None else message(sender, recipients[0] if recipients else
+                                                     "undisclosed-recipients:;")
+    ids = list(recipient_ids) if recipient_ids is not None else \
+        [message_id * 100 + i for i in range(len(recipients))]
+    if len(ids) != len(recipients):
+        raise ValueError(f"{len(recipients)} recipients but {len(ids)} recipient_ids")
+    intents = dict(drop_intents or {})
+    rows = [QueuedRecipient(rid, message_id, address, RecipientStatus.READY, queue_id=queue_id,
+                            drop_intent=intents.get(address))
+            for rid, address in zip(ids, recipients)]
+    now = time.time()
+    subject = message_from_bytes(content).get("Subject", "") or ""
+    queued = QueuedMessage(message_id, f"kit-{message_id}", f"<kit-{message_id}@kit.test>",
+                           MailFrom(sender), content, len(content), "REPLAY", "", str(subject),
+                           now, now + 2 * 86400)
+    hop = next_hop or NextHop("DeliveryAgent", AGENT_HOP_DOMAIN, "Agent")
+    return Item(queued, rows, hop, queue_id, default_domain)
+
+
+@dataclass
+class AgentRun:
+    """What one run of an agent produced, as data.
+
+    ``outcome`` is what the transport got: a list with one ``ItemResult`` per item, or the
+    ``DeferQueue``/``FailQueue`` that ``open`` returned (or that a crash of a custom
+    ``deliver_many`` became). ``intents`` are the writes ``FolderWriter`` recorded.
+    """
+
+    items: list[MailItem]
+    outcome: Any
+    intents: dict[int, str]
+
+    @property
+    def results(self) -> list[ItemResult]:
+        """The ``ItemResult`` per item; an ``AssertionError`` when the queue was deferred or
+        failed as a whole (look at ``outcome`` for that)."""
+        if isinstance(self.outcome, list):
+            return self.outcome
+        raise AssertionError(f"the agent answered for the whole queue: {self.outcome!r}")
+
+    def statuses(self) -> dict[str, str]:
+        """Each recipient address → ``"delivered 250 2.0.0 OK"``, ``"deferred 451 ..."``,
+        ``"failed 550 ..."`` or ``"unacknowledged"`` (the transport defers those)."""
+        seen: dict[str, str] = {}
+        for item, result in zip(self.items, self.results):
+            for r in item.recipients:
+                got = result.recipients.get(r.id)
+                seen[r.address] = f"{got.kind} {got.response}" if got else "unacknowledged"
+        return seen
+
+
+def _toml_value(key: str, value: Any) -> str:
+    """One connector field from a Python value (JSON's strings, numbers, booleans and lists
+    are TOML's too); anything else is refused rather than guessed."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, (str, int, float, bool)) or (
+            isinstance(v, (list, tuple)) and all(ok(x) for x in v))
+    if isinstance(value, Path):
+        value = str(value)
+    if not ok(value):
+        raise TypeError(f"connector field {key}: write strings, numbers, booleans or lists, "
+                        f"not {value!r}")
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+class AgentHarness:
+    """One delivery agent driven as a Delivery Agent connector drives it, without a hub.
+
+    The connector is read from a real organization (``BASE_ORG``), so ``read_settings``
+    checks ``fields`` as the daemon would (a bad field raises ``ConfigErrors``), and the
+    context holds that organization, its HUB01 server and its recipient directory.
+    """
+
+    def __init__(self, agent_class: type[DeliveryAgent],
+                 fields: Mapping[str, Any] | str = "", *, name: str = "Agent",
+                 address_space: str = f"SMTP:{AGENT_HOP_DOMAIN};1",
+                 base_dir: Path | None = None, extra: str = "",
+                 clock: Callable[[], float] = time.time) -> None:
+        from core.config import parse_organization
+        from core.directory import RecipientDirectory
+        from core.hooks import Hooks
+
+        protocol = (agent_class.protocol or "KIT-HARNESS").upper()
+        body = fields if isinstance(fields, str) else "".join(
+            f"{key} = {_toml_value(key, value)}\n" for key, value in fields.items())
+        table = (f"\n[[delivery_agent_connector]]\nName = {json.dumps(name)}\n"
+                 f"AddressSpaces = [{json.dumps(address_space)}]\n"
+                 f"DeliveryProtocol = {json.dumps(protocol)}\n{body}\n")
+        registry = Hooks(entry_points=False).registry
+        agents = {**registry.delivery_agents, protocol: agent_class}
+        self.organization = parse_organization(
+            BASE_ORG.format(server_extra="", foreign_extra="", extra=extra + table),
+            source="org.toml", base_dir=base_dir or Path.cwd(),
+            connector_types=registry.connector_types, delivery_agents=agents)
+        self.agent_class = agent_class
+        self.connector: Any = self.organization.connector(name)
+        self.next_hop = NextHop("DeliveryAgent", address_space.split(":", 1)[-1]
+                                .rsplit(";", 1)[0], name)
+        #: recipient id → file name, as ``FolderWriter`` recorded them (the queue's record)
+        self.intents: dict[int, str] = {}
+        self._ids = 0
+
+        async def record_intent(intents: dict[int, str]) -> None:
+            self.intents.update(intents)
+
+        from agents.api import DeliveryContext as Context
+        self.context = Context(self.organization, self.organization.server("HUB01"),
+                               RecipientDirectory(self.organization), record_intent, clock,
+                               store_id="kitstore")
+
+    @property
+    def settings(self) -> Any:
+        """What the agent's ``read_settings`` returned for ``fields``."""
+        return self.connector.settings
+
+    def item(self, sender: str = "alice@contoso.test",
+             recipients: Sequence[str] = (f"someone@{AGENT_HOP_DOMAIN}",),
+             data: bytes | None = None, **options: Any) -> MailItem:
+        """``mail_item`` for this connector's next hop, numbering messages 1, 2, 3..."""
+        if "message_id" not in options:
+            self._ids += 1
+            options["message_id"] = self._ids
+        options.setdefault("next_hop", self.next_hop)
+        return mail_item(sender, recipients, data, **options)
+
+    async def run(self, items: MailItem | Sequence[MailItem]) -> AgentRun:
+        """Deliver ``items`` as the connector does: connections of MaxMessagesPerConnection
+        items (at most MaxConcurrentConnections at once), each open → ``deliver`` per item
+        (or ``deliver_many``) → close within ConnectionTimeout."""
+        from agents.runner import run_connections
+
+        batch = [items] if not isinstance(items, Sequence) else list(items)
+        connector = self.connector
+        outcome = await run_connections(
+            self.agent_class, connector, self.next_hop, batch, self.context,
+            per_connection=connector.max_messages_per_connection,
+            semaphore=asyncio.Semaphore(connector.max_concurrent_connections),
+            timeout=connector.connection_timeout)
+        return AgentRun(batch, outcome, dict(self.intents))
+
+
+@pytest.fixture
+def hubport_agent_harness(tmp_path: Path) -> Callable[..., AgentHarness]:
+    """``harness = hubport_agent_harness(MyAgent, {"SpoolDirectory": path})`` (the options of
+    ``AgentHarness``; relative paths resolve against the test's ``tmp_path``)."""
+
+    def factory(agent_class: type[DeliveryAgent], fields: Mapping[str, Any] | str = "",
+                **options: Any) -> AgentHarness:
+        options.setdefault("base_dir", tmp_path)
+        return AgentHarness(agent_class, fields, **options)
+
+    return factory
+
+
+# -- faults: a folder that refuses writes, a hub killed mid-delivery -----------------------
+
+
+class UnwritableFolders:
+    """Makes folders refuse writes (``EROFS``/``EACCES``) and restores them at teardown.
+
+    As root (which file modes do not stop) a folder becomes a read-only bind mount of
+    itself; the test is skipped, with the reason, where mounting is not permitted (a
+    container without CAP_SYS_ADMIN). Otherwise its write permission is taken away.
+    """
+
+    def __init__(self) -> None:
+        self._undo: dict[Path, Callable[[], None]] = {}
+
+    def make(self, folder: Path | str) -> Path:
+        """Make ``folder`` (created if missing) refuse new files until ``restore``."""
+        path = Path(folder).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        if path in self._undo:
+            return path
+        if os.geteuid() == 0:
+            self._mount_read_only(path)
+        else:
+            mode = path.stat().st_mode & 0o7777
+            path.chmod(mode & ~0o222)
+            self._undo[path] = lambda: path.chmod(mode)
+        return path
+
+    def _mount_read_only(self, path: Path) -> None:
+        def run(*argv: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+        bound = run("mount", "--bind", str(path), str(path))
+        if bound.returncode != 0:
+            pytest.skip(f"cannot make {path} read-only: mount --bind failed "
+                        f"({bound.stderr.strip() or bound.returncode}); mounting needs "
+                        "CAP_SYS_ADMIN")
+        ro = run("mount", "-o", "remount,bind,ro", str(path))
+        if ro.returncode != 0:
+            run("umount", str(path))
+            pytest.skip(f"cannot make {path} read-only: remount ro failed "
+                        f"({ro.stderr.strip() or ro.returncode})")
+
+        def unmount() -> None:
+            done = run("umount", str(path))
+            if done.returncode != 0:  # busy: detach now, the kernel frees it when unused
+                run("umount", "-l", str(path))
+        self._undo[path] = unmount
+
+    def restore(self, folder: Path | str) -> None:
+        """Make ``folder`` writable again (mid-test: the fault is repaired)."""
+        undo = self._undo.pop(Path(folder).resolve(), None)
+        if undo is not None:
+            undo()
+
+    def restore_all(self) -> None:
+        """Restore every folder still unwritable (the fixture's teardown)."""
+        for path in list(self._undo):
+            self.restore(path)
+
+
+@pytest.fixture
+def hubport_unwritable_folder() -> Iterator[UnwritableFolders]:
+    """``hubport_unwritable_folder.make(path)`` makes a folder refuse writes, ``.restore(path)``
+    repairs it; every folder is restored at teardown, whatever the test did."""
+    folders = UnwritableFolders()
+    try:
+        yield folders
+    finally:
+        folders.restore_all()
+
+
+#: what the daemon logs once it serves, and at a clean stop
+HUB_RUNNING = "hubport running"
+LOG_TAIL = 12_000
+
+
+class HubProcess:
+    """The real ``hubport run`` daemon as a subprocess on the organization in ``root``.
+
+    For crash tests: ``start(failpoints="after_agent_before_commit:kill")`` arms a failpoint
+    (``HUBPORT_FAILPOINTS``; see ``core.failpoints``) at which the process SIGKILLs itself,
+    ``wait_exit()`` waits for that, ``kill()`` is a SIGKILL from outside, ``restart()`` starts
+    it again on the same queue. ``hub`` has the file helpers (``hub.drop_replay``,
+    ``hub.events``, ``hub.maildir``...); each run's output goes to its own log file, printed
+    when the test fails.
+    """
+
+    def __init__(self, root: Path, config: Path) -> None:
+        self.root = root
+        self.config = config
+        self.hub = Hub(root, None)
+        self.logs = root / "hub-logs"
+        self.runs: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        """The current (latest) run's process."""
+        if not self.runs:
+            raise AssertionError("the hub process was never started")
+        return self.runs[-1][0]
+
+    def command(self) -> list[str]:
+        """The ``hubport`` console script beside this interpreter, else ``-m core.cli``."""
+        script = Path(sys.executable).parent / "hubport"
+        base = [str(script)] if script.exists() else [sys.executable, "-m", "core.cli"]
+        return [*base, "run", "--config", str(self.config)]
+
+    def start(self, failpoints: str | None = None, timeout: float = 30.0) -> HubProcess:
+        """Start the daemon and wait until it serves; a start-up failure shows its log."""
+        if self.runs and self.alive():
+            raise AssertionError("the hub process is running already")
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("HUBPORT_FAILPOINTS", "HUBPORT_TRACE_HOOKS")}
+        env["PYTHONUNBUFFERED"] = "1"
+        if failpoints:
+            env["HUBPORT_FAILPOINTS"] = failpoints
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"run-{len(self.runs) + 1:03d}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(self.command(), cwd=self.root, env=env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    start_new_session=True)
+        self.runs.append((proc, log))
+        wait_for_sync(lambda: HUB_RUNNING in self.log_text() or not self.alive(), timeout,
+                      what="the hub process to start", describe=self._tail)
+        if HUB_RUNNING not in self.log_text():
+            raise AssertionError(f"the hub process exited ({proc.returncode}) before "
+                                 f"serving:\n{self._tail()}")
+        return self
+
+    def restart(self, failpoints: str | None = None, timeout: float = 30.0) -> HubProcess:
+        """SIGKILL the daemon if it still runs, then start it again on the same queue."""
+        self.kill()
+        return self.start(failpoints, timeout)
+
+    def alive(self) -> bool:
+        """True while the current run's process has not exited."""
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, a crash: no drain, no flush, no clean-up."""
+        if self.runs and self.alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        if self.runs:
+            self.proc.wait(30)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM: the daemon drains and exits; returns its exit code."""
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Wait for the daemon to exit by itself (a failpoint's SIGKILL gives -9)."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the hub process did not exit within {timeout}s; events: "
+                                 f"{self.hub.event_ids()}\n{self._tail()}") from None
+
+    def log_text(self) -> str:
+        """The current run's output (stdout and stderr)."""
+        try:
+            return self.runs[-1][1].read_text(errors="replace") if self.runs else ""
+        except FileNotFoundError:
+            return ""
+
+    def _tail(self) -> str:
+        return self.log_text()[-LOG_TAIL:]
+
+    def close(self) -> None:
+        """Kill what still runs and print every run's log (pytest shows it on failure)."""
+        for proc, _ in self.runs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:  # pragma: no cover - nothing more to do
+                pass
+        for proc, log in self.runs:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            print(f"===== {log.name} (exit {proc.returncode}) =====\n{text[-LOG_TAIL:]}")
+
+
+@pytest.fixture
+def hubport_hub_process(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
+    """``proc = hubport_hub_process(extra=TOML)`` writes the test organization (``write_org``'s
+    options) and returns a ``HubProcess``, not yet started; every process is gone at
+    teardown."""
+    made: list[HubProcess] = []
+
+    def factory(**org: str) -> HubProcess:
+        made.append(HubProcess(tmp_path, write_org(tmp_path, **org)))
+        return made[-1]
+
+    try:
+        yield factory
+    finally:
+        for process in made:
+            process.close()

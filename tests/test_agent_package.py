@@ -60,4 +60,4 @@ def test_the_examples_own_tests_pass_with_the_shipped_fixtures() -> None:
     done = run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
                cwd=EXAMPLE, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{EXAMPLE}"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "3 passed" in done.stdout
+    assert "4 passed" in done.stdout

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +29,22 @@ from agents.runner import AGENT_TIMEOUT, run_agent, run_connections
 from core.config import parse_organization
 from core.config_fields import ConfigErrors
 from core.hooks import Hooks
-from core.model import MailFrom, NextHop, QueuedMessage, QueuedRecipient, RecipientStatus
+from core.model import NextHop
 from core.model import SmtpResponse as R
-from plugins.pytest_plugin import BASE_ORG, message, wait_for
+from plugins.pytest_plugin import BASE_ORG, AgentHarness, mail_item, message, wait_for
 
 HOP = NextHop("DeliveryAgent", "agent.test", "Agent")
 
 
 def item(n: int, recipients: int = 1) -> MailItem:
-    msg = QueuedMessage(n, str(n), f"<{n}@x>", MailFrom("alice@contoso.test"), b"Subject: x\r\n\r\nhi",
-                        10, "PICKUP", "", "x", 0.0, 1e12)
-    rcpts = [QueuedRecipient(n * 100 + i, n, f"r{i}@agent.test", RecipientStatus.READY)
-             for i in range(recipients)]
-    return MailItem(msg, rcpts, HOP, 1)
+    """Message ``n`` with recipients ``r0@agent.test``... (ids ``n * 100 + i``)."""
+    return mail_item(recipients=[f"r{i}@agent.test" for i in range(recipients)],
+                     data=b"Subject: x\r\n\r\nhi", message_id=n, next_hop=HOP)
 
 
 def context() -> DeliveryContext:
-    async def record(_: dict[int, str]) -> None:
-        return None
-
-    return DeliveryContext(None, None, None, record, time.time)  # type: ignore[arg-type]
+    """The context a Delivery Agent connector is handed (the kit's, on ``BASE_ORG``)."""
+    return AgentHarness(Scripted).context
 
 
 class Scripted(DeliveryAgent):

@@ -8,8 +8,10 @@ An "installed" plugin here is a real distribution as ``importlib.metadata`` find
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
+import signal
 import sys
 import types
 from pathlib import Path
@@ -19,7 +21,11 @@ import pytest
 
 import plugins.foreign
 import plugins.pytest_plugin as kit
+from agents.api import DeferQueue, DeliveryAgent, FolderWriter, ItemResult, MailItem
+from agents.runner import AGENT_TIMEOUT
+from core.config_fields import ConfigErrors
 from core.hooks import Hooks, PluginError
+from core.model import NextHop, SmtpResponse
 from plugins.pytest_plugin import Hub, message, wait_for, wait_for_sync, wait_for_value
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +199,23 @@ def test_every_hub_helper_has_a_docstring_and_is_in_the_testing_docs() -> None:
         assert word in testing, word
 
 
+def test_the_fault_and_harness_fixtures_are_documented() -> None:
+    testing = (ROOT / "docs" / "agents.md").read_text().split("## Testing it", 1)[1]
+    for name in ("hubport_agent_harness", "hubport_unwritable_folder", "hubport_hub_process"):
+        assert callable(getattr(kit, name)), name
+        assert name in testing and name in (kit.__doc__ or ""), name
+    for cls in (kit.AgentHarness, kit.AgentRun, kit.HubProcess, kit.UnwritableFolders):
+        for name, member in inspect.getmembers(cls):
+            if name.startswith("_") or not (inspect.isfunction(member) or
+                                            isinstance(member, property)):
+                continue
+            assert inspect.getdoc(member), f"{cls.__name__}.{name} has no docstring"
+    for used in ("harness.item(", "harness.run(", "run.statuses()", "run.outcome",
+                 "harness.intents", ".make(path)", ".restore(path)", "proc.start(failpoints=",
+                 "proc.wait_exit()", "proc.restart()", "proc.hub", "mail_item"):
+        assert used in testing, used
+
+
 # -- waits that say what they last saw ---------------------------------------------------------
 
 
@@ -241,3 +264,201 @@ def test_tests_support_reexports_the_kits_waits() -> None:
 
     assert support.wait_for_value is wait_for_value and support.wait_for is wait_for
     assert not re.search(r"(?m)^(async )?def wait_for", inspect.getsource(support))
+
+
+# -- one agent without a hub: hubport_agent_harness, mail_item, AgentRun ---------------------
+
+
+class SpoolAgent(DeliveryAgent):
+    """Writes one file per item into its ``Spool`` folder with ``FolderWriter``; refuses
+    addresses whose local part is ``nobody``; logs the connection's calls."""
+
+    calls: list[str] = []
+
+    @classmethod
+    def read_settings(cls, reader: Any) -> Path:
+        return reader.path("Spool", "spool")
+
+    async def open(self, next_hop: NextHop) -> None:
+        SpoolAgent.calls.append(f"open {next_hop.domain}")
+
+    async def deliver(self, item: MailItem) -> ItemResult:
+        SpoolAgent.calls.append(f"deliver {item.message.id}")
+        result = ItemResult()
+        good = [r for r in item.recipients if not r.address.startswith("nobody@")]
+        for r in item.recipients:
+            if r not in good:
+                result.ack_fail(r, SmtpResponse(550, "5.1.1", "no such spool user"))
+        writer = FolderWriter(self.context, self.settings, "Spool")
+        writer.add(result, good, f"{self.context.store_id}-{item.message.id}.txt", item.data)
+        await writer.commit()
+        return result
+
+    async def close(self) -> None:
+        SpoolAgent.calls.append("close")
+
+
+class HangingAgent(DeliveryAgent):
+    closed = 0
+
+    async def deliver(self, item: MailItem) -> ItemResult:
+        if item.message.id == 2:
+            await asyncio.sleep(3600)
+        return ItemResult.success(item)
+
+    async def close(self) -> None:
+        HangingAgent.closed += 1
+
+
+class ClosedAgent(DeliveryAgent):
+    async def open(self, next_hop: NextHop) -> DeferQueue:
+        return DeferQueue(SmtpResponse(421, "4.4.2", "gateway down"), retry_in=30)
+
+    async def deliver(self, item: MailItem) -> ItemResult:
+        raise AssertionError("deliver after a DeferQueue")
+
+
+@pytest.fixture(autouse=True)
+def _reset_agents() -> None:
+    SpoolAgent.calls = []
+    HangingAgent.closed = 0
+
+
+async def test_harness_runs_open_deliver_close_with_settings_and_folder_writes(
+        hubport_agent_harness: Any, tmp_path: Path) -> None:
+    harness = hubport_agent_harness(SpoolAgent, {"Spool": "out"})
+    assert harness.settings == tmp_path / "out"  # read_settings, relative to tmp_path
+    (tmp_path / "out").mkdir()
+    first = harness.item(recipients=["a@agent.test", "nobody@agent.test"])
+    second = harness.item("bob@contoso.test", ["b@agent.test"], b"Subject: two\r\n\r\nhi\r\n")
+    run = await harness.run([first, second])
+    assert SpoolAgent.calls == ["open agent.test", "deliver 1", "deliver 2", "close"]
+    assert run.statuses() == {
+        "a@agent.test": "delivered 250 2.0.0 Written as kitstore-1.txt",
+        "nobody@agent.test": "failed 550 5.1.1 no such spool user",
+        "b@agent.test": "delivered 250 2.0.0 Written as kitstore-2.txt"}
+    assert [r.detail for r in run.results] == ["kitstore-1.txt", "kitstore-2.txt"]
+    assert run.intents == {100: "kitstore-1.txt", 200: "kitstore-2.txt"}
+    assert (tmp_path / "out" / "kitstore-2.txt").read_bytes() == b"Subject: two\r\n\r\nhi\r\n"
+    assert harness.context.server.name == "HUB01"
+    assert harness.context.directory.default_domain == "contoso.test"
+
+
+async def test_harness_recovers_a_recorded_write_instead_of_writing_again(
+        hubport_agent_harness: Any, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_bytes(b"written before the crash")
+    harness = hubport_agent_harness(SpoolAgent, {"Spool": str(out)})
+    run = await harness.run(harness.item(recipients=["a@agent.test"],
+                                         drop_intents={"a@agent.test": "earlier.txt"}))
+    assert run.statuses() == {"a@agent.test": "delivered 250 2.0.0 Written as earlier.txt"}
+    assert sorted(p.name for p in out.iterdir()) == ["earlier.txt"]
+
+
+async def test_harness_applies_connection_timeout_and_connection_split(
+        hubport_agent_harness: Any) -> None:
+    harness = hubport_agent_harness(HangingAgent, {"ConnectionTimeout": "1s",
+                                                   "MaxMessagesPerConnection": 2})
+    run = await harness.run([harness.item() for _ in range(3)])
+    assert [next(iter(r.recipients.values())).kind for r in run.results] == \
+        ["delivered", "deferred", "delivered"]
+    assert str(next(iter(run.results[1].recipients.values())).response) == str(AGENT_TIMEOUT)
+    assert HangingAgent.closed == 2  # two connections (2 + 1 items), each closed
+
+
+async def test_harness_reports_a_queue_level_answer_and_refuses_bad_fields(
+        hubport_agent_harness: Any) -> None:
+    run = await hubport_agent_harness(ClosedAgent).run([hubport_agent_harness(
+        ClosedAgent).item()])
+    assert run.outcome == DeferQueue(SmtpResponse(421, "4.4.2", "gateway down"), retry_in=30)
+    with pytest.raises(AssertionError, match="whole queue: DeferQueue"):
+        run.results  # noqa: B018
+    with pytest.raises(ConfigErrors, match="Nonsense"):
+        hubport_agent_harness(SpoolAgent, {"Nonsense": 1})
+    with pytest.raises(TypeError, match="connector field Spool"):
+        hubport_agent_harness(SpoolAgent, {"Spool": {"a": 1}})
+
+
+def test_mail_item_builds_what_deliver_is_handed() -> None:
+    item = kit.mail_item("carol@contoso.test", ["x@agent.test", "IMCEASMS-+2B1555@contoso.test"],
+                         message_id=7, recipient_ids=[70, 71])
+    assert [(r.id, r.message_id, r.address) for r in item.recipients] == [
+        (70, 7, "x@agent.test"), (71, 7, "IMCEASMS-+2B1555@contoso.test")]
+    assert item.message.mail_from.address == "carol@contoso.test"
+    assert b"To: x@agent.test" in item.data and item.message.subject == "hello"
+    assert item.address_of(item.recipients[1]).proxy_address == "SMS:+1555"
+    assert [e.address for e in item.envelope.recipients] == [r.address for r in item.recipients]
+    with pytest.raises(TypeError, match="list of addresses"):
+        kit.mail_item(recipients="x@agent.test")
+    with pytest.raises(ValueError, match="2 recipients but 1 recipient_ids"):
+        kit.mail_item(recipients=["a@x.test", "b@x.test"], recipient_ids=[1])
+
+
+# -- faults: an unwritable folder, a hub killed at a failpoint -------------------------------
+
+
+async def test_unwritable_folder_defers_folder_writes_until_restored(
+        hubport_agent_harness: Any, hubport_unwritable_folder: Any, tmp_path: Path) -> None:
+    out = hubport_unwritable_folder.make(tmp_path / "out")
+    with pytest.raises(OSError):
+        (out / "probe").write_bytes(b"x")
+    harness = hubport_agent_harness(SpoolAgent, {"Spool": str(out)})
+    run = await harness.run(harness.item(recipients=["a@agent.test"]))
+    [status] = run.statuses().values()
+    assert status.startswith("deferred 4") and "Spool" in status, status
+    assert list(out.iterdir()) == []  # nothing left behind, not even a temp
+    hubport_unwritable_folder.restore(out)
+    run = await harness.run(harness.item(recipients=["a@agent.test"]))
+    assert run.statuses() == {"a@agent.test": "delivered 250 2.0.0 Written as kitstore-2.txt"}
+
+
+def test_unwritable_folder_is_restored_at_teardown(tmp_path: Path) -> None:
+    folders = kit.UnwritableFolders()
+    try:
+        out = folders.make(tmp_path / "out")
+        with pytest.raises(OSError):
+            (out / "probe").write_bytes(b"x")
+    finally:
+        folders.restore_all()
+    (out / "probe").write_bytes(b"x")  # writable again, the mount (if any) gone
+    with open("/proc/self/mounts") as mounts:
+        assert str(out) not in mounts.read()
+
+
+PROCESS_AGENT = '''
+import os
+from agents.api import DeliveryAgent, ItemResult
+from core import hookimpl
+
+class CountingAgent(DeliveryAgent):
+    """Appends one line per delivery to deliveries.txt beside the organization file."""
+    async def deliver(self, item):
+        with open(os.path.join(os.path.dirname(__file__), "deliveries.txt"), "a") as out:
+            out.write(item.message.subject + "\\n")
+        return ItemResult.success(item)
+
+@hookimpl
+def register_delivery_agents(register):
+    register("COUNTING", CountingAgent)
+'''
+
+
+def test_hub_process_killed_after_the_agent_delivers_redelivers_on_restart(
+        hubport_hub_process: Any, tmp_path: Path) -> None:
+    (tmp_path / "kit_counting_agent.py").write_text(PROCESS_AGENT)
+    extra = ('[[delivery_agent_connector]]\nName = "Counting"\n'
+             'AddressSpaces = ["SMTP:count.test;1"]\nDeliveryProtocol = "COUNTING"\n\n'
+             '[hubport]\nPlugins = ["kit_counting_agent"]\n')
+    proc = hubport_hub_process(extra=extra)
+    proc.start(failpoints="after_agent_before_commit:kill")
+    proc.hub.drop_replay("alice@contoso.test", ["x@count.test"], message(subject="once"))
+    assert proc.wait_exit() == -signal.SIGKILL
+    deliveries = tmp_path / "deliveries.txt"
+    assert deliveries.read_text() == "once\n"  # the agent delivered; the queue never knew
+    assert "DELIVER" not in proc.hub.event_ids()
+    proc.restart()
+    wait_for_sync(lambda: proc.hub.events(event_id="DELIVER", source="AGENT"), timeout=30,
+                  describe=proc.hub.event_ids, what="the DELIVER after the restart")
+    assert deliveries.read_text() == "once\nonce\n"  # at least once: offered again
+    assert proc.stop() == 0

@@ -86,3 +86,23 @@ async def test_the_readme_configuration_delivers(
     assert sorted(delivered) == [
         "imceasms-+2b15551234@contoso.test", "imceasms-+2b15559876@contoso.test"]
     assert not hub.events(event_id="FAIL")
+
+
+async def test_a_read_only_spool_defers_then_delivers(
+        hubport_agent_harness: Any, hubport_unwritable_folder: Any, tmp_path: Path) -> None:
+    """The agent alone (no hub): a spool that refuses writes defers with a 4xx and leaves
+    no file; once repaired, the next attempt writes the SMS."""
+    from hubport_sms_agent import SmsAgent
+
+    harness = hubport_agent_harness(SmsAgent, {"SpoolDirectory": "spool"})
+    spool = hubport_unwritable_folder.make(tmp_path / "spool")
+    item = harness.item(recipients=["+15550001@sms.test"],
+                        data=message(subject="Disk full", body="db1 at 99%\n"))
+    run = await harness.run(item)
+    assert run.statuses()["+15550001@sms.test"].startswith("deferred 4"), run.statuses()
+    assert list(spool.iterdir()) == []
+    hubport_unwritable_folder.restore(spool)
+    run = await harness.run(item)
+    assert run.statuses()["+15550001@sms.test"].startswith("delivered 250"), run.statuses()
+    [sms] = spool.glob("*.sms")
+    assert sms.read_text() == "To: +15550001\n\nDisk full db1 at 99%\n"
