@@ -17,8 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], Any]
+
+log = structlog.get_logger("hubport.store")
 
 
 class StoreError(Exception):
@@ -103,14 +107,18 @@ class Store:
                 outcomes, wrote = await self._run(self._commit_batch, [w for w, _ in batch])
             except Exception as exc:  # the commit itself failed: nothing is durable
                 error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+                if self.healthy:
+                    log.error("queue database cannot commit; new mail waits", error=str(error))
                 self.healthy = False
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(error)
             else:
-                if wrote:
+                if wrote and not self.healthy:
                     # only a commit that wrote pages (and so synced them) proves the disk works
                     # again; an empty one touches no file and would clear a fault unseen
+                    log.info("queue database commits again", pieces=[
+                        getattr(getattr(w, "func", w), "__qualname__", "?") for w, _ in batch])
                     self.healthy = True
                 for (_, future), (ok, value) in zip(batch, outcomes):
                     if future.done():
