@@ -184,12 +184,7 @@ class Hooks:
             if impl.wrapper or impl.hookwrapper:  # refused at registration; never reached
                 raise PluginError(f"plugin {impl.plugin_name!r} wraps first-result hook "
                                   f"{hook_name!r}; hook wrappers are not supported there")
-            try:
-                args = [kwargs[name] for name in impl.argnames]
-            except KeyError as exc:
-                raise pluggy.HookCallError(
-                    f"hook {hook_name!r} called without argument {exc.args[0]!r}") from None
-            result = await self._call_impl(hook_name, impl, args)
+            result = await self._call_impl(hook_name, impl, _arguments(hook_name, impl, kwargs))
             if result is not None:
                 chosen = result
                 break
@@ -215,12 +210,8 @@ class Hooks:
                 out.append(result)
         else:
             for impl in reversed(impls):
-                try:
-                    args = [kwargs[name] for name in impl.argnames]
-                except KeyError as exc:
-                    raise pluggy.HookCallError(
-                        f"hook {hook_name!r} called without argument {exc.args[0]!r}") from None
-                result = await self._call_impl(hook_name, impl, args)
+                result = await self._call_impl(hook_name, impl,
+                                               _arguments(hook_name, impl, kwargs))
                 if result is not None:
                     out.append(result)
         if self.trace:
@@ -298,3 +289,12 @@ class Hooks:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _arguments(hook_name: str, impl: Any, kwargs: dict[str, Any]) -> list[Any]:
+    """The positional arguments ``impl`` takes, from the call's keyword arguments."""
+    try:
+        return [kwargs[name] for name in impl.argnames]
+    except KeyError as exc:
+        raise pluggy.HookCallError(
+            f"hook {hook_name!r} called without argument {exc.args[0]!r}") from None
