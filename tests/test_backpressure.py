@@ -405,6 +405,8 @@ async def test_a_long_submission_queue_refuses_outside_senders_until_it_drains(
     assert await send(port, "alice@contoso.test", "inside", replies) == 250
     table = hubport("get-queue", "--config", str(tmp_path / "org.toml"), cwd=tmp_path)
     assert "Back pressure Medium" in table.stdout, table.stdout
+    # the monitor samples about once a second: wait until it has counted the fifth message
+    await asyncio.to_thread(wait_for_sync, lambda: queue_meter(tmp_path)["pressure"] == 5, 20)
     shown = hubport("get-backpressure", "--config", str(tmp_path / "org.toml"), cwd=tmp_path)
     row = next(line for line in shown.stdout.splitlines() if line.startswith("QueueLength"))
     assert row.split()[1:5] == ["5", "messages", "Medium", "Normal"], shown.stdout
