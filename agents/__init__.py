@@ -1,6 +1,8 @@
-"""Delivery agents: the API custom agents implement, and the built-in agents.
+"""The built-in delivery agents, and the runner that drives any agent.
 
-Built-ins: the Drop directory writer used by Foreign connectors (``agents.drop``) and the
-Maildir writer used for local mailboxes (``agents.maildir``), and for Delivery Agent
-connectors the HTTP agent (``agents.http``) and the command agent (``agents.command``).
+The agent contract itself (``DeliveryAgent``, ``MailItem``, ``ItemResult`` ...) belongs to
+the core: ``hubport.core.api``. Built-ins: the Drop directory writer used by Foreign
+connectors (``hubport.agents.drop``), the Maildir writer used for local mailboxes
+(``hubport.agents.maildir``), and for Delivery Agent connectors the HTTP agent
+(``hubport.agents.http``) and the command agent (``hubport.agents.command``).
 """

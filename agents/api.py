@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agents.file_commit import FilePlan, commit_files
-from core.addresses import imcea_decode
-from core.model import (
+from hubport.agents.file_commit import FilePlan, commit_files
+from hubport.core.addresses import imcea_decode
+from hubport.core.model import (
     Envelope,
     EnvelopeRecipient,
     NextHop,
@@ -34,9 +34,9 @@ from core.model import (
 )
 
 if TYPE_CHECKING:
-    from core.config import Organization, TransportServer
-    from core.config_fields import FieldReader
-    from core.directory import RecipientDirectory
+    from hubport.core.config import Organization, TransportServer
+    from hubport.core.config_fields import FieldReader
+    from hubport.core.directory import RecipientDirectory
 
 DELIVERED = "delivered"
 DEFERRED = "deferred"
@@ -350,7 +350,7 @@ class DeliveryAgent:
 
     One instance serves one connection to a next hop; the transport creates it per
     connection with the connector it serves and the delivery context, and drives it with
-    ``agents.runner.run_agent``: ``open``, then ``deliver`` per item (or ``deliver_many``),
+    ``hubport.agents.runner.run_agent``: ``open``, then ``deliver`` per item (or ``deliver_many``),
     then ``close``. The obligations every method shares:
 
     * **async only.** ``open``, ``deliver``, ``deliver_many`` and ``close`` are ``async

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from agents.command import CommandAgent
-from agents.drop import DropDirectoryAgent
-from agents.http import HttpAgent
-from agents.maildir import MaildirAgent
-from core import hookimpl
+from hubport.agents.command import CommandAgent
+from hubport.agents.drop import DropDirectoryAgent
+from hubport.agents.http import HttpAgent
+from hubport.agents.maildir import MaildirAgent
+from hubport.core import hookimpl
 
 
 @hookimpl

@@ -16,11 +16,11 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from agents.api import DeliveryAgent, ItemResult, MailItem
-from core.model import SmtpResponse
+from hubport.agents.api import DeliveryAgent, ItemResult, MailItem
+from hubport.core.model import SmtpResponse
 
 if TYPE_CHECKING:
-    from core.config_fields import FieldReader
+    from hubport.core.config_fields import FieldReader
 
 EX_TEMPFAIL = 75
 BAD_ENVELOPE = SmtpResponse(550, "5.1.3", "Envelope address not safe to pass to a command")

@@ -1,5 +1,5 @@
 """Exactly-once file delivery: the protocol shared by the Drop and Maildir writers and by
-``agents.api.FolderWriter``, its public form for third-party agents.
+``hubport.agents.api.FolderWriter``, its public form for third-party agents.
 
 1. Write each file under a temporary name the consumer ignores; sync them (batched).
 2. Commit "written as <intent>" for the recipients in the queue.
@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.durable import fsync_dir, rename_noreplace, sync_many, write_new_file
-from core.failpoints import failpoint
-from core.model import SmtpResponse
+from hubport.core.durable import fsync_dir, rename_noreplace, sync_many, write_new_file
+from hubport.core.failpoints import failpoint
+from hubport.core.model import SmtpResponse
 
-if TYPE_CHECKING:  # agents.api imports this module for FolderWriter
-    from agents.api import DeliveryContext
+if TYPE_CHECKING:  # hubport.agents.api imports this module for FolderWriter
+    from hubport.agents.api import DeliveryContext
 
 
 @dataclass(slots=True)

@@ -20,11 +20,11 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from agents.api import DeliveryAgent, ItemResult, MailItem
-from core.model import SmtpResponse
+from hubport.agents.api import DeliveryAgent, ItemResult, MailItem
+from hubport.core.model import SmtpResponse
 
 if TYPE_CHECKING:
-    from core.config_fields import FieldReader
+    from hubport.core.config_fields import FieldReader
 
 MAX_RESPONSE_HEAD = 64 * 1024
 TRANSIENT_4XX = (408, 429)

@@ -1,7 +1,7 @@
 """The Maildir writer: final delivery to local mailboxes.
 
 Each recipient gets one file in ``<StateDirectory>/mailboxes/<alias>/new``, named from the
-queue's ids, made visible exactly once (``agents.file_commit``): written in ``tmp/``,
+queue's ids, made visible exactly once (``hubport.agents.file_commit``): written in ``tmp/``,
 synced, intent committed, renamed into ``new/``. Final delivery adds ``Return-Path`` (RFC
 5321 §4.4) and ``Delivered-To``, and stores lines with LF endings as Maildir readers expect.
 """
@@ -13,10 +13,10 @@ import mailbox
 from collections.abc import Sequence
 from pathlib import Path
 
-from agents.api import DeliveryAgent, ItemResult, MailItem, RecipientResult
-from agents.file_commit import FilePlan, commit_files, response_for
-from core.headers import make_field
-from core.model import SmtpResponse
+from hubport.agents.api import DeliveryAgent, ItemResult, MailItem, RecipientResult
+from hubport.agents.file_commit import FilePlan, commit_files, response_for
+from hubport.core.headers import make_field
+from hubport.core.model import SmtpResponse
 
 MAILBOX_UNKNOWN = SmtpResponse(550, "5.1.1", "RESOLVER.ADR.RecipNotFound; mailbox not found")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from agents.api import (
+from hubport.agents.api import (
     LOCAL_ERROR,
     DeferQueue,
     DeliveryAgent,
@@ -24,7 +24,7 @@ from agents.api import (
     ItemResult,
     MailItem,
 )
-from core.model import NextHop, SmtpResponse
+from hubport.core.model import NextHop, SmtpResponse
 
 log = structlog.get_logger("hubport.agents")
 

@@ -45,8 +45,8 @@ DeliveryProtocol = "NOOP"
 
 AGENT = '''
 import os
-from agents.api import DeliveryAgent, ItemResult
-from core import hookimpl
+from hubport.agents.api import DeliveryAgent, ItemResult
+from hubport.core import hookimpl
 
 COUNTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "delivered.count")
 
@@ -86,9 +86,8 @@ def main() -> None:
     (root / "org.toml").write_text(ORG)
     (root / "noop_agent.py").write_text(AGENT)
     log = open(root / "daemon.log", "wb")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([*hubport(), "run", "--config", str(root / "org.toml")], cwd=root,
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while not (root / "replay" / ".work").is_dir():

@@ -63,7 +63,7 @@ def pickup_message(i: int) -> bytes:
 
 def hubport() -> list[str]:
     script = Path(sys.executable).with_name("hubport")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "core.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "hubport.core.cli"]
 
 
 def count(folder: Path, pattern: str = "*") -> int:

@@ -2,7 +2,7 @@
 
 Plugin authors import the two pluggy markers from here::
 
-    from core import hookimpl
+    from hubport.core import hookimpl
 
     @hookimpl
     def on_categorized(message, recipients): ...

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from core.addresses import AddressError, check_hostname, domain_to_ascii
+from hubport.core.addresses import AddressError, check_hostname, domain_to_ascii
 
 __all__ = ["MAX_COST", "MIN_COST", "AddressSpace", "AddressSpaceError", "best_matches"]
 

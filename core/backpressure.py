@@ -45,13 +45,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from core.addresses import AddressError, domain_to_ascii
-from core.model import SmtpResponse
-from core.store import StoreError
+from hubport.core.addresses import AddressError, domain_to_ascii
+from hubport.core.model import SmtpResponse
+from hubport.core.store import StoreError
 
 if TYPE_CHECKING:
-    from core.config import Organization, TransportServer
-    from core.store import Store
+    from hubport.core.config import Organization, TransportServer
+    from hubport.core.store import Store
 
 log = structlog.get_logger("hubport.backpressure")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from core.model import (
+from hubport.core.model import (
     EnvelopeRecipient,
     NextHop,
     Notify,
@@ -27,12 +27,12 @@ from core.model import (
     RecipientStatus,
     SmtpResponse,
 )
-from core.routing import RouteDecision, RoutingTable
+from hubport.core.routing import RouteDecision, RoutingTable
 
 if TYPE_CHECKING:
-    from core.config import Organization, TransportServer
-    from core.directory import DirectoryEntry, RecipientDirectory
-    from core.hooks import Hooks
+    from hubport.core.config import Organization, TransportServer
+    from hubport.core.directory import DirectoryEntry, RecipientDirectory
+    from hubport.core.hooks import Hooks
 
 RECIPIENT_NOT_FOUND = SmtpResponse(550, "5.1.1", "RESOLVER.ADR.RecipNotFound; not found")
 RECIPIENT_LIMIT = SmtpResponse(550, "5.5.3", "RESOLVER.ADR.RecipLimit; too many recipients")

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from core import __version__
+from hubport.core import __version__
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +94,7 @@ def _normalize_argv(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(_normalize_argv(sys.argv[1:] if argv is None else argv))
-    from core.logsetup import configure
+    from hubport.core.logsetup import configure
 
     configure(args.log_level, json=getattr(args, "json_logs", None))
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -110,13 +110,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from core.daemon import run
+    from hubport.core.daemon import run
 
     return run(args.config, args.server)
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from core.daemon import StartupError, load, make_hooks, pick_server
+    from hubport.core.daemon import StartupError, load, make_hooks, pick_server
 
     try:
         hooks = make_hooks(args.config)
@@ -157,7 +157,7 @@ def _test_config(args: argparse.Namespace) -> int:
 
 
 def _tracking(args: argparse.Namespace) -> int:
-    from core.tracking import format_events, search
+    from hubport.core.tracking import format_events, search
 
     _, _, server = _load(args)
     size = None if str(args.resultsize).lower() == "unlimited" else int(args.resultsize)
@@ -173,8 +173,8 @@ def _tracking(args: argparse.Namespace) -> int:
 
 def _queue(args: argparse.Namespace) -> int:
     """Get-Queue and the other queue cmdlets: a request to the running daemon."""
-    from core.control import ControlError, call
-    from core.queue_admin import write_export
+    from hubport.core.control import ControlError, call
+    from hubport.core.queue_admin import write_export
 
     _, _, server = _load(args)
     op = args.command
@@ -218,7 +218,7 @@ def _queue(args: argparse.Namespace) -> int:
 
 def _pressure_note(state: Path) -> str | None:
     """Under Get-Queue's table: the back pressure level when it is not Normal."""
-    from core.control import ControlError, call
+    from hubport.core.control import ControlError, call
 
     try:
         result = call(state, "get-backpressure")
@@ -234,8 +234,8 @@ def _pressure_note(state: Path) -> str | None:
 
 
 def _backpressure(args: argparse.Namespace) -> int:
-    """Get-BackPressure: ask the running daemon (core.backpressure.BackPressure.snapshot)."""
-    from core.control import ControlError, call
+    """Get-BackPressure: ask the running daemon (``BackPressure.snapshot``)."""
+    from hubport.core.control import ControlError, call
 
     _, _, server = _load(args)
     try:
@@ -284,7 +284,7 @@ def format_backpressure(state: dict[str, Any], as_list: bool = False) -> str:
     return f"{head}\n\n{body}{tail}"
 
 
-#: the arguments each queue command sends to the daemon (core.queue_admin.QueueAdmin)
+#: the arguments each queue command sends to the daemon (hubport.core.queue_admin.QueueAdmin)
 _QUEUE_ARGS: dict[str, tuple[str, ...]] = {
     "get-queue": ("identity", "filter"),
     "retry-queue": ("identity", "resubmit"),
@@ -386,7 +386,7 @@ def _queue_list(rows: list[dict[str, Any]], kind: str) -> str:
 
 def _set_password(args: argparse.Namespace) -> int:
     """Store a mailbox password hash in the server's PasswordFilePath (never echoed or logged)."""
-    from core.credentials import PasswordStore, mailbox_for_login
+    from hubport.core.credentials import PasswordStore, mailbox_for_login
 
     _, org, server = _load(args)
     mailbox = mailbox_for_login(org, args.mailbox)

@@ -20,15 +20,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
 
-from core.addresses import (
+from hubport.core.addresses import (
     AddressError,
     check_hostname,
     domain_to_ascii,
     normalize_address,
     parse_proxy_address,
 )
-from core.backpressure import Thresholds
-from core.config_fields import (
+from hubport.core.backpressure import Thresholds
+from hubport.core.config_fields import (
     EMBEDDED_SOURCE,
     ConfigContext,
     ConfigError,
@@ -36,7 +36,7 @@ from core.config_fields import (
     FieldReader,
     suggest,
 )
-from core.connectors import Connector, ConnectorType
+from hubport.core.connectors import Connector, ConnectorType
 
 __all__ = [
     "DEFAULT_DSN_COPY_CODES",
@@ -530,7 +530,8 @@ def load_organization(
     the current directory. Raises ConfigErrors listing every problem found.
     """
     if path is None:
-        text = resources.files("core").joinpath(DEFAULT_RESOURCE).read_text(encoding="utf-8")
+        resource = resources.files("hubport.core").joinpath(DEFAULT_RESOURCE)
+        text = resource.read_text(encoding="utf-8")
         return parse_organization(
             text, source=EMBEDDED_SOURCE, base_dir=Path.cwd(), connector_types=connector_types,
             delivery_agents=delivery_agents,

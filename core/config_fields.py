@@ -20,11 +20,11 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from core.addresses import AddressError, normalize_address
+from hubport.core.addresses import AddressError, normalize_address
 
 if TYPE_CHECKING:
-    from core.address_space import AddressSpace
-    from core.config import TransportServer
+    from hubport.core.address_space import AddressSpace
+    from hubport.core.config import TransportServer
 
 __all__ = [
     "EMBEDDED_SOURCE",
@@ -530,7 +530,7 @@ class FieldReader:
         self, key: str, required: builtins.bool = False
     ) -> tuple[AddressSpace, ...]:
         """Exchange address spaces (`contoso.com`, `*.contoso.com;5`, `FAX:*;1`)."""
-        from core.address_space import AddressSpace, AddressSpaceError
+        from hubport.core.address_space import AddressSpace, AddressSpaceError
 
         items = self._list(key)
         if not items:

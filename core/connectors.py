@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeGuard
 
-from core.address_space import AddressSpace
+from hubport.core.address_space import AddressSpace
 
 if TYPE_CHECKING:
-    from core.config_fields import ConfigContext, FieldReader
+    from hubport.core.config_fields import ConfigContext, FieldReader
 
 
 @dataclass

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 if TYPE_CHECKING:
-    from core.config import Mailbox, Organization
+    from hubport.core.config import Mailbox, Organization
 
 __all__ = [
     "PasswordStore",
@@ -187,7 +187,7 @@ class PasswordStore:
 
 
 # --------------------------------------------------------------------------------------------
-# Private files (also used by core.tls for its keys)
+# Private files (also used by hubport.core.tls for its keys)
 
 
 @contextlib.contextmanager

@@ -24,18 +24,18 @@ import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from core import queue as q
-from core.backpressure import BackPressure
-from core.config import Organization, load_organization, plugin_modules
-from core.config_fields import ConfigError
-from core.control import start_control
-from core.folders import PickupDirectory, ReplayDirectory
-from core.hooks import Hooks, PluginError
-from core.pipeline import Pipeline
-from core.queue_admin import QueueAdmin
-from core.services import ConnectorService, ServiceError, ServiceRuntime
-from core.store import Store
-from core.tracking import TrackingLog, TrackingSettings
+from hubport.core import queue as q
+from hubport.core.backpressure import BackPressure
+from hubport.core.config import Organization, load_organization, plugin_modules
+from hubport.core.config_fields import ConfigError
+from hubport.core.control import start_control
+from hubport.core.folders import PickupDirectory, ReplayDirectory
+from hubport.core.hooks import Hooks, PluginError
+from hubport.core.pipeline import Pipeline
+from hubport.core.queue_admin import QueueAdmin
+from hubport.core.services import ConnectorService, ServiceError, ServiceRuntime
+from hubport.core.store import Store
+from hubport.core.tracking import TrackingLog, TrackingSettings
 
 log = structlog.get_logger("hubport.daemon")
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
-from core.addresses import imcea_decode, imcea_encode, parse_proxy_address
+from hubport.core.addresses import imcea_decode, imcea_encode, parse_proxy_address
 
 if TYPE_CHECKING:
-    from core.config import DistributionGroup, Mailbox, MailContact, Organization
+    from hubport.core.config import DistributionGroup, Mailbox, MailContact, Organization
 
 RecipientObject = Union["Mailbox", "MailContact", "DistributionGroup"]
 

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from email.header import Header, decode_header, make_header
 from email.utils import format_datetime
 
-from core.model import MailFrom
+from hubport.core.model import MailFrom
 
 __all__ = ["ACTIONS", "MAX_LISTED_RECIPIENTS", "DsnRecipient", "build_dsn"]
 

@@ -1,9 +1,10 @@
 """The Pickup and Replay file formats (Exchange 2010's) and the Replay writer.
 
-Both readers work on raw bytes (core.headers): they take the envelope from the file, remove or
-add whole header fields and leave every other byte as it was. The Replay format is also the
-interchange format of the Drop directory and Export-Message, so `format_replay` and
-`parse_replay` must round-trip: same envelope, same message bytes plus one Received field.
+Both readers work on raw bytes (hubport.core.headers): they take the envelope from the
+file, remove or add whole header fields and leave every other byte as it was. The Replay
+format is also the interchange format of the Drop directory and Export-Message, so
+`format_replay` and `parse_replay` must round-trip: same envelope, same message bytes plus
+one Received field.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import uuid
 from collections.abc import Iterable
 from email.utils import parsedate_to_datetime
 
-from core.addresses import AddressError, normalize_address
-from core.headers import (
+from hubport.core.addresses import AddressError, normalize_address
+from hubport.core.headers import (
     CRLF,
     HeaderField,
     MessageFormatError,
@@ -29,7 +30,7 @@ from core.headers import (
     parse_header_section,
     rebuild,
 )
-from core.model import Envelope, EnvelopeRecipient, MailFrom, Notify
+from hubport.core.model import Envelope, EnvelopeRecipient, MailFrom, Notify
 
 __all__ = [
     "REPLAY_ENVELOPE_HEADERS",

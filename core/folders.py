@@ -44,9 +44,9 @@ try:  # Linux: the inotify reader under watchdog's Observer, used with a narrow 
 except ImportError:  # pragma: no cover - other platforms use the generic Observer
     InotifyFD = None  # type: ignore[assignment,misc]
 
-from core import queue as q
-from core.failpoints import failpoint
-from core.folder_formats import (
+from hubport.core import queue as q
+from hubport.core.failpoints import failpoint
+from hubport.core.folder_formats import (
     ContentRejected,
     display_name,
     notice_envelope,
@@ -54,20 +54,20 @@ from core.folder_formats import (
     parse_replay,
     repair_header_section,
 )
-from core.headers import (
+from hubport.core.headers import (
     MessageFormatError,
     canonicalize_line_endings,
     message_id_of,
     parse_header_section,
     subject_of,
 )
-from core.model import Envelope, SmtpResponse, Submission
-from core.store import StoreError
+from hubport.core.model import Envelope, SmtpResponse, Submission
+from hubport.core.store import StoreError
 
 if TYPE_CHECKING:
-    from core.backpressure import BackPressure
-    from core.config import TransportServer
-    from core.pipeline import Pipeline
+    from hubport.core.backpressure import BackPressure
+    from hubport.core.config import TransportServer
+    from hubport.core.pipeline import Pipeline
 
 log = structlog.get_logger("hubport.folders")
 
@@ -590,7 +590,7 @@ class PickupDirectory:
 
     async def _submit(self, c: Claimed) -> bool | str:
         """True when committed (file may go); a string is the reason it is bad."""
-        from core.pipeline import Rejected  # the pipeline imports us at run time only
+        from hubport.core.pipeline import Rejected  # the pipeline imports us at run time only
 
         if c.error is not None:
             if isinstance(c.error, ContentRejected) and c.envelope is not None and c.stored:

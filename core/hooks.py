@@ -21,19 +21,19 @@ from typing import Any
 import pluggy
 import structlog
 
-from core import PROJECT_NAME, hookspecs
-from core.connectors import ConnectorType, is_connector_type
+from hubport.core import PROJECT_NAME, hookspecs
+from hubport.core.connectors import ConnectorType, is_connector_type
 
 log = structlog.get_logger("hubport.hooks")
 
 #: entry-point name -> module; the same names stand in setup.cfg's ``hubport`` group
 BUILTIN_PLUGINS: dict[str, str] = {
-    "foreign": "plugins.foreign",
-    "send": "plugins.smtp_send",
-    "receive": "plugins.smtp_receive",
-    "mailbox": "plugins.mailbox",
-    "builtin-agents": "agents.builtin",
-    "delivery-agent": "plugins.delivery_agent",
+    "foreign": "hubport.plugins.foreign",
+    "send": "hubport.plugins.smtp_send",
+    "receive": "hubport.plugins.smtp_receive",
+    "mailbox": "hubport.plugins.mailbox",
+    "builtin-agents": "hubport.agents.builtin",
+    "delivery-agent": "hubport.plugins.delivery_agent",
 }
 
 

@@ -10,7 +10,7 @@ implementation must not block the event loop: file or CPU-heavy work belongs in 
 Results are data, not exceptions. Hooks marked *first result* are called in pluggy's order
 (``tryfirst``/``trylast``, then last registered first) and the first implementation that
 returns something other than ``None`` decides; the others are not called at all
-(``core.hooks.Hooks.call_first``; hook wrappers are refused there). An exception
+(``hubport.core.hooks.Hooks.call_first``; hook wrappers are refused there). An exception
 in an implementation is contained by the core: for ``receive`` it answers a temporary
 failure (4.3.0), for ``categorize``/``route`` the message is deferred back to Submission,
 for ``deliver`` the item is deferred; repeated crashes send the message to Poison.
@@ -21,12 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from core import hookspec
+from hubport.core import hookspec
 
 if TYPE_CHECKING:
-    from core.config import Organization
-    from core.headers import ParsedMessage
-    from core.model import (
+    from hubport.core.config import Organization
+    from hubport.core.headers import ParsedMessage
+    from hubport.core.model import (
         EnvelopeRecipient,
         MailFrom,
         NextHop,
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 def register_connector_types(register: Callable[[type], None]) -> None:
     """Register connector types: call ``register(cls)`` once per class.
 
-    ``cls`` follows ``core.connectors.ConnectorType``: its ``section`` names the TOML array
+    ``cls`` follows ``hubport.core.connectors.ConnectorType``: its ``section`` names the TOML array
     of tables it reads (``foreign_connector``), ``from_config`` builds an instance.
     Built-in types register through this same hook.
     """
@@ -56,7 +56,7 @@ def register_delivery_agents(register: Callable[[str, type], None]) -> None:
     """Register delivery agents: call ``register(protocol, cls)``.
 
     ``protocol`` is the ``DeliveryProtocol`` a Delivery Agent connector names; ``cls``
-    subclasses ``agents.api.DeliveryAgent``.
+    subclasses ``hubport.agents.api.DeliveryAgent``.
     """
 
 
@@ -80,7 +80,7 @@ def categorize(
     """Resolve one recipient before the core's own resolution (first result).
 
     Return ``None`` to let the core resolve it against the organization, or one of the
-    ``core.categorizer`` results: ``Redirect(address)`` to replace the recipient,
+    ``hubport.core.categorizer`` results: ``Redirect(address)`` to replace the recipient,
     ``Expand([addresses])`` to replace it by several, ``Reject(SmtpResponse)`` to fail it
     (an NDR follows), ``RouteTo(next_hop)`` to send it to a fixed next hop.
     """
@@ -95,7 +95,7 @@ def route(
 ) -> Any:
     """Offer extra candidate next hops for a recipient that needs a connector.
 
-    Return a list of ``core.routing.RouteCandidate`` (or ``None``). The core adds them to
+    Return a list of ``hubport.core.routing.RouteCandidate`` (or ``None``). The core adds them to
     the candidates of the configured connectors and picks the most specific address space,
     then the lowest cost, then proximity, then the connector name
     (docs/exchange.md, "Address spaces and connector selection").
@@ -107,10 +107,10 @@ def deliver(next_hop: NextHop, connector: Any, items: list, context: Any) -> Any
     """Deliver mail items of one delivery queue (first result).
 
     The plugin that owns the connector type (or the mailbox delivery) returns a list of
-    ``agents.api.ItemResult``, one per item in order, each with a result per recipient:
+    ``hubport.agents.api.ItemResult``, one per item in order, each with a result per recipient:
     delivered, deferred (optionally with a retry time) or failed with an SMTP response.
     Return ``None`` when ``connector`` is not yours. ``context`` is an
-    ``agents.api.DeliveryContext`` (intent journal for exactly-once writes, clock).
+    ``hubport.agents.api.DeliveryContext`` (intent journal for exactly-once writes, clock).
     """
 
 
@@ -146,7 +146,7 @@ def on_categorized(message: QueuedMessage, recipients: list) -> None:
 # Called by receive connectors during an inbound SMTP session, in protocol order. Each is
 # *first result*: return ``None`` to let the session go on, or an ``SmtpResponse`` to answer
 # with it instead (4xx defers, 5xx refuses; at ``on_connect`` a 4xx/5xx closes the session).
-# ``session`` is a ``core.model.ReceiveSession``. A raising implementation is answered with
+# ``session`` is a ``hubport.core.model.ReceiveSession``. A raising implementation is answered with
 # ``451 4.3.0`` and the session goes on; nothing a plugin does yields a 5xx by accident.
 
 

@@ -12,7 +12,7 @@ It drives the stages as asyncio tasks around the durable queue:
 * a sweeper expires messages and sends delay DSNs.
 
 Before a batch is processed its messages are marked in flight (committed); a process that
-dies leaves the mark, and at start those messages count one crash (``core.queue.recover``).
+dies leaves the mark, and at start those messages count one crash (``hubport.core.queue.recover``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agents.api import (
+from hubport.agents.api import (
     DEFERRED,
     DELIVERED,
     FAILED,
@@ -41,13 +41,13 @@ from agents.api import (
     MailItem,
     RecipientResult,
 )
-from core import queue as q
-from core.categorizer import EXPANDED, FAIL, ROUTE, UNREACHABLE, Categorized, Categorizer
-from core.directory import RecipientDirectory
-from core.dsn import DsnRecipient, build_dsn
-from core.failpoints import failpoint
-from core.headers import parse_header_section, subject_of
-from core.model import (
+from hubport.core import queue as q
+from hubport.core.categorizer import EXPANDED, FAIL, ROUTE, UNREACHABLE, Categorized, Categorizer
+from hubport.core.directory import RecipientDirectory
+from hubport.core.dsn import DsnRecipient, build_dsn
+from hubport.core.failpoints import failpoint
+from hubport.core.headers import parse_header_section, subject_of
+from hubport.core.model import (
     Envelope,
     EnvelopeRecipient,
     MailFrom,
@@ -59,14 +59,14 @@ from core.model import (
     SmtpResponse,
     Submission,
 )
-from core.queue import RecipientUpdate
-from core.retry import EXPIRED, retry_delay
-from core.store import Store
+from hubport.core.queue import RecipientUpdate
+from hubport.core.retry import EXPIRED, retry_delay
+from hubport.core.store import Store
 
 if TYPE_CHECKING:
-    from core.config import Organization, TransportServer
-    from core.hooks import Hooks
-    from core.tracking import TrackingLog
+    from hubport.core.config import Organization, TransportServer
+    from hubport.core.hooks import Hooks
+    from hubport.core.tracking import TrackingLog
 
 S = RecipientStatus
 log = structlog.get_logger("hubport.pipeline")
@@ -965,7 +965,7 @@ class Pipeline:
                reference: str = "", context: str = "",
                endpoints: Endpoints | None = None) -> None:
         """Record one event in the transaction of the queue change it describes (``conn``):
-        the outbox of the tracking log keeps it through a crash (``core.tracking``)."""
+        the outbox of the tracking log keeps it through a crash (``hubport.core.tracking``)."""
         ends = endpoints or Endpoints()
         self.tracking.log(
             event_id, source, internal_message_id=str(message.id),

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.rotating_log import Entry, RotatingLog, day_of, iso_ms
+from hubport.core.rotating_log import Entry, RotatingLog, day_of, iso_ms
 
 __all__ = ["FIELDS", "LOG_TYPES", "ProtocolLog", "ProtocolSession"]
 

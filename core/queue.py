@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from core.model import (
+from hubport.core.model import (
     Envelope,
     EnvelopeRecipient,
     MailFrom,

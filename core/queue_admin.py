@@ -1,6 +1,6 @@
 """The queue cmdlets' operations on a running pipeline (docs/exchange.md, "Queue cmdlets").
 
-``QueueAdmin`` is what the control socket (``core.control``) exposes: Get-Queue, Retry-,
+``QueueAdmin`` is what the control socket (``hubport.core.control``) exposes: Get-Queue, Retry-,
 Suspend-, Resume-Queue, Get-, Suspend-, Resume-, Remove- and Export-Message, and the back
 pressure state (``get-backpressure``, core/backpressure.py). It runs in the
 daemon's event loop and changes the queue only through the store's group-committed writes,
@@ -38,15 +38,15 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from core import queue as q
-from core.control import RequestError
-from core.folder_formats import format_replay
-from core.model import RecipientStatus, SmtpResponse
-from core.queue import RecipientUpdate
+from hubport.core import queue as q
+from hubport.core.control import RequestError
+from hubport.core.folder_formats import format_replay
+from hubport.core.model import RecipientStatus, SmtpResponse
+from hubport.core.queue import RecipientUpdate
 
 if TYPE_CHECKING:
-    from core.backpressure import BackPressure
-    from core.pipeline import Pipeline
+    from hubport.core.backpressure import BackPressure
+    from hubport.core.pipeline import Pipeline
 
 log = structlog.get_logger("hubport.queue_admin")
 
@@ -341,7 +341,7 @@ class QueueAdmin:
 
     def _remove_in_conn(self, conn: Any, name: str, number: int,
                         with_ndr: bool) -> tuple[list[Any], list[str]]:
-        from core.pipeline import Event
+        from hubport.core.pipeline import Event
 
         if q.item_in_flight(conn, number):
             raise _Busy()

@@ -5,7 +5,7 @@ queue goes to Retry and retries ``QueueGlitchRetryCount`` times at
 ``QueueGlitchRetryInterval``, then ``TransientFailureRetryCount`` times at
 ``TransientFailureRetryInterval``, then every ``OutboundConnectionFailureRetryInterval``
 until its messages expire; ``attempts`` then counts the queue's failures in a row, and the
-queue's messages wait for its next attempt together (``core.queue.queue_deferred``). A
+queue's messages wait for its next attempt together (``hubport.core.queue.queue_deferred``). A
 message-level deferral (a 4xx for one message or recipient while the next hop works) waits
 ``MessageRetryInterval`` for that message alone. Every interval is configurable, so tests
 compress them.
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from core.model import SmtpResponse
+from hubport.core.model import SmtpResponse
 
 if TYPE_CHECKING:
-    from core.config import TransportServer
+    from hubport.core.config import TransportServer
 
 EXPIRED = SmtpResponse(550, "4.4.7", "QUEUE.Expired; message expired")
 

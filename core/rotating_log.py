@@ -32,7 +32,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from core import __version__
+from hubport.core import __version__
 
 __all__ = [
     "MAX_BUFFERED_EVENTS",

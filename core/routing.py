@@ -15,12 +15,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from core.address_space import AddressSpace
-from core.model import NextHop, SmtpResponse
+from hubport.core.address_space import AddressSpace
+from hubport.core.model import NextHop, SmtpResponse
 
 if TYPE_CHECKING:
-    from core.config import Organization, TransportServer
-    from core.connectors import Connector
+    from hubport.core.config import Organization, TransportServer
+    from hubport.core.connectors import Connector
 
 NO_CONNECTOR_FOR_TYPE = SmtpResponse(
     550, "5.4.4", "ROUTING.NoConnectorForAddressType; no connector for this address type")

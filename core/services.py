@@ -21,14 +21,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from core.backpressure import INSUFFICIENT_RESOURCES, BackPressure
-from core.model import SmtpResponse, Submission
+from hubport.core.backpressure import INSUFFICIENT_RESOURCES, BackPressure
+from hubport.core.model import SmtpResponse, Submission
 
 if TYPE_CHECKING:
-    from core.config import Organization, TransportServer
-    from core.hooks import Hooks
-    from core.pipeline import Pipeline
-    from core.tracking import TrackingLog
+    from hubport.core.config import Organization, TransportServer
+    from hubport.core.hooks import Hooks
+    from hubport.core.pipeline import Pipeline
+    from hubport.core.tracking import TrackingLog
 
 class ServiceError(Exception):
     """A service could not start or apply its connectors (a port in use, a bad certificate)."""
@@ -73,8 +73,8 @@ class ServiceRuntime:
     async def submit(self, submission: Submission) -> int:
         """Commit a message durably (``Pipeline.submit``); acknowledge only after it returns.
 
-        Raises ``core.pipeline.Rejected`` (a receive hook said no) or
-        ``core.store.StoreError`` (nothing was committed).
+        Raises ``hubport.core.pipeline.Rejected`` (a receive hook said no) or
+        ``hubport.core.store.StoreError`` (nothing was committed).
         """
         return await self.pipeline.submit(submission)
 
@@ -82,7 +82,7 @@ class ServiceRuntime:
                   ) -> SmtpResponse | None:
         """``None`` when a new message may come in, else the 452 4.3.1 to answer at MAIL.
 
-        Back pressure (``core.backpressure``): at High every sender is refused, at Medium a
+        Back pressure (``hubport.core.backpressure``): at High every sender is refused, at Medium a
         ``sender`` outside the authoritative domains unless the session is ``internal`` (an
         authenticated user or another hub). ``sender`` None asks before the sender is known.
         Queued mail is delivered whatever this says. Costs no I/O: the monitor samples.

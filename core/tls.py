@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from core.credentials import locked_folder, replace_file
+from hubport.core.credentials import locked_folder, replace_file
 
 __all__ = [
     "CertificatePair",

@@ -34,12 +34,12 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.failpoints import failpoint
-from core.rotating_log import Entry, LogFile, RotatingLog, day_of, list_files
-from core.rotating_log import iso_ms as _iso_ms
+from hubport.core.failpoints import failpoint
+from hubport.core.rotating_log import Entry, LogFile, RotatingLog, day_of, list_files
+from hubport.core.rotating_log import iso_ms as _iso_ms
 
 if TYPE_CHECKING:
-    from core.store import Store
+    from hubport.core.store import Store
 
 __all__ = [
     "EVENT_IDS",

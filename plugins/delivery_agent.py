@@ -18,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from agents.api import DeliveryAgent, DeliveryContext, MailItem
-from agents.runner import run_connections
-from core import hookimpl
-from core.config_fields import ConfigContext, FieldReader
-from core.connectors import Connector
-from core.failpoints import failpoint
-from core.model import NextHop
+from hubport.agents.api import DeliveryAgent, DeliveryContext, MailItem
+from hubport.agents.runner import run_connections
+from hubport.core import hookimpl
+from hubport.core.config_fields import ConfigContext, FieldReader
+from hubport.core.connectors import Connector
+from hubport.core.failpoints import failpoint
+from hubport.core.model import NextHop
 
 
 @dataclass

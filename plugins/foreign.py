@@ -13,16 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from agents.api import DeliveryContext, MailItem
-from agents.drop import DropDirectoryAgent
-from agents.runner import run_agent
-from core import hookimpl
-from core.config_fields import ConfigContext, FieldReader
-from core.connectors import Connector
-from core.model import NextHop
+from hubport.agents.api import DeliveryContext, MailItem
+from hubport.agents.drop import DropDirectoryAgent
+from hubport.agents.runner import run_agent
+from hubport.core import hookimpl
+from hubport.core.config_fields import ConfigContext, FieldReader
+from hubport.core.connectors import Connector
+from hubport.core.model import NextHop
 
 if TYPE_CHECKING:
-    from core.config import TransportServer
+    from hubport.core.config import TransportServer
 
 
 @dataclass

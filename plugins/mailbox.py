@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.api import DeliveryContext, MailItem
-from agents.maildir import MaildirAgent
-from agents.runner import run_agent
-from core import hookimpl
-from core.model import NextHop
+from hubport.agents.api import DeliveryContext, MailItem
+from hubport.agents.maildir import MaildirAgent
+from hubport.agents.runner import run_agent
+from hubport.core import hookimpl
+from hubport.core.model import NextHop
 
 
 @hookimpl

@@ -45,12 +45,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
-from core.model import NextHop
-from core.tracking import search
+from hubport.core.model import NextHop
+from hubport.core.tracking import search
 
 if TYPE_CHECKING:  # the daemon and the agent API are imported only when a test uses them
-    from agents.api import DeliveryAgent, ItemResult, MailItem
-    from core.daemon import Daemon
+    from hubport.agents.api import DeliveryAgent, ItemResult, MailItem
+    from hubport.core.daemon import Daemon
 
 T = TypeVar("T")
 
@@ -164,7 +164,7 @@ def drop_files(folder: Path) -> list[Path]:
 def events(root: Path, **filters: Any) -> list[dict[str, Any]]:
     """Message tracking events of the hub in ``root``, oldest first.
 
-    The filters are Get-MessageTrackingLog's (``core.tracking.search``): ``event_id``,
+    The filters are Get-MessageTrackingLog's (``hubport.core.tracking.search``): ``event_id``,
     ``source``, ``sender``, ``recipients=[...]`` (any of them), ``message_id``,
     ``internal_message_id``, ``message_subject``, ``start``/``end``. Each event is a dict
     keyed by the log's field names: ``"event-id"``, ``"source"``, ``"recipient-address"`` and
@@ -296,7 +296,7 @@ class Hub:
 
     @property
     def pipeline(self) -> Any:
-        """The daemon's ``core.pipeline.Pipeline`` (queues, delivery, tracking)."""
+        """The daemon's ``hubport.core.pipeline.Pipeline`` (queues, delivery, tracking)."""
         return self.daemon.pipeline
 
     @property
@@ -358,7 +358,7 @@ def _plugin_modules(plugins: PluginsArg) -> tuple[str | ModuleType, ...]:
 async def running_daemon(config: Path, *, clock: RetryClock | None = None,
                          plugins: PluginsArg = (),
                          isolated: bool = False) -> AsyncIterator[Daemon]:
-    """Run an in-process daemon (``core.daemon.Daemon``) on any organization file.
+    """Run an in-process daemon (``hubport.core.daemon.Daemon``) on any organization file.
 
     For a test whose organization is not ``BASE_ORG``: it yields once the daemon is ready (a
     start-up error is raised here instead), attaches ``clock`` to its pipeline, and at exit
@@ -369,7 +369,7 @@ async def running_daemon(config: Path, *, clock: RetryClock | None = None,
     out the installed (entry-point) plugins, so only the built-ins, ``plugins`` and those the
     organization file names are loaded: the test sees no other package's plugin.
     """
-    from core.daemon import Daemon
+    from hubport.core.daemon import Daemon
 
     modules = _plugin_modules(plugins)
     cwd = os.getcwd()
@@ -526,8 +526,8 @@ def mail_item(sender: str = "alice@contoso.test",
     an address to the file name a previous attempt recorded for it (a ``FolderWriter``
     recovery after a crash).
     """
-    from agents.api import MailItem as Item
-    from core.model import MailFrom, QueuedMessage, QueuedRecipient, RecipientStatus
+    from hubport.agents.api import MailItem as Item
+    from hubport.core.model import MailFrom, QueuedMessage, QueuedRecipient, RecipientStatus
 
     if isinstance(recipients, str):
         raise TypeError("recipients= takes a list of addresses, not one string")
@@ -609,9 +609,9 @@ class AgentHarness:
                  address_space: str = f"SMTP:{AGENT_HOP_DOMAIN};1",
                  base_dir: Path | None = None, extra: str = "",
                  clock: Callable[[], float] = time.time) -> None:
-        from core.config import parse_organization
-        from core.directory import RecipientDirectory
-        from core.hooks import Hooks
+        from hubport.core.config import parse_organization
+        from hubport.core.directory import RecipientDirectory
+        from hubport.core.hooks import Hooks
 
         protocol = (agent_class.protocol or "KIT-HARNESS").upper()
         body = fields if isinstance(fields, str) else "".join(
@@ -636,7 +636,7 @@ class AgentHarness:
         async def record_intent(intents: dict[int, str]) -> None:
             self.intents.update(intents)
 
-        from agents.api import DeliveryContext as Context
+        from hubport.agents.api import DeliveryContext as Context
         self.context = Context(self.organization, self.organization.server("HUB01"),
                                RecipientDirectory(self.organization), record_intent, clock,
                                store_id="kitstore")
@@ -660,7 +660,7 @@ class AgentHarness:
         """Deliver ``items`` as the connector does: connections of MaxMessagesPerConnection
         items (at most MaxConcurrentConnections at once), each open → ``deliver`` per item
         (or ``deliver_many``) → close within ConnectionTimeout."""
-        from agents.runner import run_connections
+        from hubport.agents.runner import run_connections
 
         batch = [items] if not isinstance(items, Sequence) else list(items)
         connector = self.connector
@@ -766,7 +766,7 @@ class HubProcess:
     """The real ``hubport run`` daemon as a subprocess on the organization in ``root``.
 
     For crash tests: ``start(failpoints="after_agent_before_commit:kill")`` arms a failpoint
-    (``HUBPORT_FAILPOINTS``; see ``core.failpoints``) at which the process SIGKILLs itself,
+    (``HUBPORT_FAILPOINTS``; see ``hubport.core.failpoints``) at which the process SIGKILLs itself,
     ``wait_exit()`` waits for that, ``kill()`` is a SIGKILL from outside, ``restart()`` starts
     it again on the same queue. ``hub`` has the file helpers (``hub.drop_replay``,
     ``hub.events``, ``hub.maildir``...); each run's output goes to its own log file, printed
@@ -788,9 +788,9 @@ class HubProcess:
         return self.runs[-1][0]
 
     def command(self) -> list[str]:
-        """The ``hubport`` console script beside this interpreter, else ``-m core.cli``."""
+        """The ``hubport`` console script beside this interpreter, else ``-m hubport.core.cli``."""
         script = Path(sys.executable).parent / "hubport"
-        base = [str(script)] if script.exists() else [sys.executable, "-m", "core.cli"]
+        base = [str(script)] if script.exists() else [sys.executable, "-m", "hubport.core.cli"]
         return [*base, "run", "--config", str(self.config)]
 
     def start(self, failpoints: str | None = None, timeout: float = 30.0) -> HubProcess:

@@ -1,7 +1,7 @@
 """Fixtures: an in-process hubport daemon on a temporary test organization.
 
 The hub itself is the one hubport's pytest plugin gives plugin authors
-(``plugins.pytest_plugin``); hubport's own suite uses it under shorter names.
+(``hubport.plugins.pytest_plugin``); hubport's own suite uses it under shorter names.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from plugins.pytest_plugin import Hub, running_hub
-from tests.fuzzing import LONG_EXAMPLES, LONG_PROFILE
-from tests.support import CORPUS_DIR
+from fuzzing import LONG_EXAMPLES, LONG_PROFILE
+from hubport.plugins.pytest_plugin import Hub, running_hub
+from support import CORPUS_DIR
 
 # HYPOTHESIS_PROFILE=long: the fuzz tests (test_fuzz_*.py) run LONG_EXAMPLES examples each
 # from fresh random seeds and keep failures in .hypothesis/ (see docs/reliability.md)

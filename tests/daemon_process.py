@@ -23,11 +23,11 @@ LOG_TAIL = 12_000  # characters of each run's log printed when a test fails
 
 
 def hubport_command() -> list[str]:
-    """The installed console script beside this interpreter, else ``python -m core.cli``."""
+    """The installed console script beside this interpreter, else ``python -m hubport.core.cli``."""
     script = Path(sys.executable).parent / "hubport"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "core.cli"]
+    return [sys.executable, "-m", "hubport.core.cli"]
 
 
 def child_env(failpoints: str | None = None) -> dict[str, str]:

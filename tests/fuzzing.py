@@ -16,7 +16,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, settings
 
-from tests.daemon_process import Daemon
+from daemon_process import Daemon
 
 LONG_PROFILE = "long"
 LONG_EXAMPLES = 2000

@@ -13,7 +13,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from core.model import SmtpResponse
+from hubport.core.model import SmtpResponse
 
 TIMEOUT = 20.0
 
@@ -174,7 +174,7 @@ HubFactory = Callable[..., Any]
 
 async def set_password(hub: Any, login: str, password: str) -> None:
     """Give a mailbox a password in the running hub's password file (as set-password does)."""
-    from core.credentials import PasswordStore, mailbox_for_login
+    from hubport.core.credentials import PasswordStore, mailbox_for_login
 
     mailbox = mailbox_for_login(hub.daemon.org, login)
     assert mailbox is not None, login

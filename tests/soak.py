@@ -52,13 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: python tests/soak.py
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import trustme
 
-from tests.daemon_process import Daemon, DaemonPool, daemon_pool, hubport_command, queue_counts
-from tests.ledger import (
+from daemon_process import Daemon, DaemonPool, daemon_pool, hubport_command, queue_counts
+from ledger import (
     Key,
     Seen,
     folders_empty,
@@ -71,8 +68,8 @@ from tests.ledger import (
     split_message,
     tally,
 )
-from tests.smtp_support import Client, auth_plain, insecure_context
-from tests.soak_peers import read_records, record_data
+from smtp_support import Client, auth_plain, insecure_context
+from soak_peers import read_records, record_data
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 DEFAULT_KILLS = 20
@@ -979,7 +976,7 @@ def peers(folder: Path) -> Iterator[dict[str, int]]:
     """The sink and the agent's recorder, in their own process for the whole soak."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "peers.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.soak_peers", str(folder)],
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("soak_peers.py")), str(folder)],
                                 cwd=CHECKOUT, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:

@@ -7,7 +7,7 @@
 
 Each record is one JSON line: arrival time, envelope and the message bytes (base64). The
 ports are chosen by the kernel and written to ``ports.json`` once both peers listen, so the
-harness never guesses a free port. Run: ``python -m tests.soak_peers FOLDER``; SIGTERM stops it.
+harness never guesses a free port. Run: ``python tests/soak_peers.py FOLDER``; SIGTERM stops it.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Shared helpers for hubport's tests: a test organization, file drops, waits and readers.
 
-Most of them live in ``plugins.pytest_plugin`` (shipped to plugin authors) and are
+Most of them live in ``hubport.plugins.pytest_plugin`` (shipped to plugin authors) and are
 re-exported here; this module keeps what only hubport's own suite needs.
 """
 
@@ -11,11 +11,11 @@ import re
 from pathlib import Path
 from typing import ClassVar
 
-from core.config_fields import ConfigContext, FieldReader
-from core.connectors import Connector
+from hubport.core.config_fields import ConfigContext, FieldReader
+from hubport.core.connectors import Connector
 
 # the helpers plugin authors use too live in hubport's pytest plugin; re-exported here
-from plugins.pytest_plugin import (  # noqa: F401
+from hubport.plugins.pytest_plugin import (  # noqa: F401
     BASE_ORG,
     _poll,
     drop_files,

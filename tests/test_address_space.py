@@ -1,4 +1,4 @@
-"""Tests for core.address_space: `[Type:]Space[;Cost]` syntax and most-specific matching."""
+"""Tests for hubport.core.address_space: `[Type:]Space[;Cost]` syntax and most-specific matching."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.address_space import AddressSpace, AddressSpaceError, best_matches
+from hubport.core.address_space import AddressSpace, AddressSpaceError, best_matches
 
 PROPERTY = settings(derandomize=True, deadline=None, max_examples=200)
 

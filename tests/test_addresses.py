@@ -1,4 +1,4 @@
-"""Tests for core.addresses: SMTP address syntax, IMCEA, proxy addresses."""
+"""Tests for hubport.core.addresses: SMTP address syntax, IMCEA, proxy addresses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.addresses import (
+from hubport.core.addresses import (
     AddressError,
     check_hostname,
     domain_of,

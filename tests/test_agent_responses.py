@@ -19,16 +19,16 @@ from typing import Any
 
 import pytest
 
-from core.queue_admin import QueueAdmin
-from plugins.pytest_plugin import Hub, RetryClock, message
-from tests.support import wait_for_value
+from hubport.core.queue_admin import QueueAdmin
+from hubport.plugins.pytest_plugin import Hub, RetryClock, message
+from support import wait_for_value
 
 pytestmark = pytest.mark.timeout(120)
 
 AGENT = '''
-from agents.api import DeferQueue, DeliveryAgent, ItemResult
-from core import hookimpl
-from core.model import SmtpResponse
+from hubport.agents.api import DeferQueue, DeliveryAgent, ItemResult
+from hubport.core import hookimpl
+from hubport.core.model import SmtpResponse
 
 OPENS = []       # one entry per connection the transport opened
 DELIVERED = []   # subjects, in delivery order

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from core import backpressure as bp
-from core import queue as q
-from core.backpressure import (
+from daemon_process import DaemonPool, daemon_pool, hubport
+from hubport.core import backpressure as bp
+from hubport.core import queue as q
+from hubport.core.backpressure import (
     INSUFFICIENT_RESOURCES,
     BackPressure,
     Level,
@@ -28,13 +29,12 @@ from core.backpressure import (
     Thresholds,
     next_level,
 )
-from core.config import Organization, parse_organization
-from core.config_fields import ConfigErrors
-from core.control import call
-from core.store import Store
-from tests.daemon_process import DaemonPool, daemon_pool, hubport
-from tests.smtp_support import Client, free_port, receive_connector
-from tests.support import BASE_ORG, maildir, wait_for, wait_for_sync
+from hubport.core.config import Organization, parse_organization
+from hubport.core.config_fields import ConfigErrors
+from hubport.core.control import call
+from hubport.core.store import Store
+from smtp_support import Client, free_port, receive_connector
+from support import BASE_ORG, maildir, wait_for, wait_for_sync
 
 N, M, H = Level.NORMAL, Level.MEDIUM, Level.HIGH
 T = Thresholds(60, 70, 90)
@@ -62,7 +62,7 @@ def organization(extra: str = "", tmp: Path = Path(".")) -> Organization:
 
 
 class FakeStore:
-    """What the monitor uses of ``core.store.Store``."""
+    """What the monitor uses of ``hubport.core.store.Store``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-import plugins.smtp_receive.protocol as receive_protocol
-from agents.api import DELIVERED, DeferQueue
-from plugins.smtp_send.resolver import LocalIdentity, make_resolver, resolve_mx
-from tests.daemon_process import child_env, daemon_pool, hubport_command, queue_counts
-from tests.send_peers import ScriptedDns, ScriptedSink, make_ca
-from tests.smtp_support import (
+import hubport.plugins.smtp_receive.protocol as receive_protocol
+from daemon_process import child_env, daemon_pool, hubport_command, queue_counts
+from hubport.agents.api import DELIVERED, DeferQueue
+from hubport.plugins.smtp_send.resolver import LocalIdentity, make_resolver, resolve_mx
+from send_peers import ScriptedDns, ScriptedSink, make_ca
+from smtp_support import (
     TIMEOUT,
     Client,
     Reply,
@@ -36,7 +36,7 @@ from tests.smtp_support import (
     queued_count,
     receive_connector,
 )
-from tests.support import (
+from support import (
     drop_files,
     drop_in,
     events,
@@ -48,7 +48,7 @@ from tests.support import (
     wait_for_value,
     write_org,
 )
-from tests.test_send_connector import PipeliningPeer, item, kinds, load_org, send, smart_host
+from test_send_connector import PipeliningPeer, item, kinds, load_org, send, smart_host
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -475,7 +475,7 @@ def _damaged(kind: str, db: Path) -> None:
         return
     import sqlite3
 
-    from core import queue as q
+    from hubport.core import queue as q
 
     conn = sqlite3.connect(db)
     conn.executescript(q.SCHEMA)
@@ -596,9 +596,9 @@ async def test_72_a_path_like_recipient_never_names_the_drop_file(hub_factory,
 
 def test_72_a_connector_name_that_walks_out_of_the_drop_root_is_refused_at_load(
         tmp_path: Path) -> None:
-    from core.config import load_organization
-    from core.config_fields import ConfigError
-    from core.hooks import Hooks
+    from hubport.core.config import load_organization
+    from hubport.core.config_fields import ConfigError
+    from hubport.core.hooks import Hooks
 
     config = write_org(tmp_path, extra='[[foreign_connector]]\nName = "..\\\\x"\n'
                                         'AddressSpaces = ["x.test"]\n'

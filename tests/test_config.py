@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from core.config import (
+from hubport.core.config import (
     AcceptedDomain,
     Organization,
     load_organization,
     parse_organization,
 )
-from core.config_fields import (
+from hubport.core.config_fields import (
     EMBEDDED_SOURCE,
     ConfigContext,
     ConfigError,
@@ -28,7 +28,7 @@ from core.config_fields import (
     parse_duration,
     parse_size,
 )
-from core.connectors import Connector
+from hubport.core.connectors import Connector
 
 # ---------------------------------------------------------------------------------------------
 # a stand-in for plugins/foreign.py (written elsewhere)
@@ -106,7 +106,7 @@ def only_error(tmp_path: Path, text: str, *, base: bool = True) -> ConfigError:
 
 def test_embedded_default_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    from plugins.smtp_receive import ReceiveConnector
+    from hubport.plugins.smtp_receive import ReceiveConnector
 
     org = load_organization(None, {"foreign_connector": FakeForeign,
                                    "receive_connector": ReceiveConnector})

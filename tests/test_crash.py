@@ -4,9 +4,9 @@ nothing was delivered twice and every body arrived byte for byte (docs/reliabili
 The harness keeps its own ledger of every file it handed to Pickup or Replay (each with a
 unique Message-ID and a random body); after the last daemon has drained, ``check_exactly_once``
 reads the destinations (the Maildirs, the Foreign connector's drop folder) and counts, per
-(destination, Message-ID), how often it arrived (``tests.ledger``, shared with the crash
+(destination, Message-ID), how often it arrived (``tests/ledger.py``, shared with the crash
 soak ``tests/soak.py``). The failpoint tests kill at the exact steps
-of the folder-claim and drop-write protocols (``core.failpoints``).
+of the folder-claim and drop-write protocols (``hubport.core.failpoints``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_process import Daemon, DaemonPool, daemon_pool, hubport, queue_counts
-from tests.ledger import (
+from daemon_process import Daemon, DaemonPool, daemon_pool, hubport, queue_counts
+from ledger import (
     Key,
     Report,
     Seen,
@@ -37,7 +37,7 @@ from tests.ledger import (
     recovery_counts,
     tally,
 )
-from tests.support import drop_in, replay_file, write_org
+from support import drop_in, replay_file, write_org
 
 #: HUBPORT_CRASH_SEED replays another schedule (the summary line prints the seed used)
 SEED = int(os.environ.get("HUBPORT_CRASH_SEED", "20260515"))

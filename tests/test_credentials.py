@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import stat
 import subprocess
@@ -10,11 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from core import credentials
-from core.config import Mailbox, Organization
-from core.credentials import PasswordStore, hash_password, mailbox_for_login, verify_password
-from core.daemon import load, make_hooks
-from tests.support import write_org
+from hubport.core import credentials
+from hubport.core.config import Mailbox, Organization
+from hubport.core.credentials import (
+    PasswordStore,
+    hash_password,
+    mailbox_for_login,
+    verify_password,
+)
+from hubport.core.daemon import load, make_hooks
+from support import write_org
 
 ROOT = Path(__file__).resolve().parents[1]
 HUBPORT = ROOT / ".venv" / "bin" / "hubport"
@@ -178,7 +182,6 @@ def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
         check=False,
     )
 
@@ -208,9 +211,9 @@ async def test_cli_set_password(tmp_path: Path) -> None:
 
 def test_cli_mismatch_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The interactive path (getpass) cannot run in a subprocess without a terminal."""
-    from core import cli
+    from hubport.core import cli
 
-    monkeypatch.setattr("core.logsetup.configure", lambda *_a, **_k: None)
+    monkeypatch.setattr("hubport.core.logsetup.configure", lambda *_a, **_k: None)
     config = write_org(tmp_path)
     answers = iter(["first", "second"])
     monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_process import STOPPED, DaemonPool, daemon_pool, hubport, queue_counts
-from tests.support import (
+from daemon_process import STOPPED, DaemonPool, daemon_pool, hubport, queue_counts
+from support import (
     drop_files,
     drop_in,
     maildir,
@@ -323,8 +323,8 @@ async def test_bifurcated_message_held_by_one_queue_is_not_forgotten_by_the_othe
         hub_factory, monkeypatch: pytest.MonkeyPatch) -> None:
     """While the Maildir queue holds a bifurcated message in flight, the drop queue skips
     it and goes idle; when the Maildir queue commits, the drop queue must be told."""
-    from agents.drop import DropDirectoryAgent
-    from agents.maildir import MaildirAgent
+    from hubport.agents.drop import DropDirectoryAgent
+    from hubport.agents.maildir import MaildirAgent
 
     slow_drop = asyncio.Event()
     drop_many, maildir_many = DropDirectoryAgent.deliver_many, MaildirAgent.deliver_many
@@ -361,7 +361,7 @@ def test_message_that_kills_the_process_twice_goes_to_poison_and_the_rest_flows(
     during the same crashes, are delivered (docs/exchange.md, "Expiry, DSNs and Poison")."""
     (tmp_path / "killer_agent.py").write_text(
         "import os, signal\n"
-        "from core import hookimpl\n\n"
+        "from hubport.core import hookimpl\n\n"
         "@hookimpl\n"
         "def categorize(message, recipient, organization):\n"
         "    if message.subject == 'poison':\n"

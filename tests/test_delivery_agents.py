@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agents.api import (
+from hubport.agents.api import (
     DEFERRED,
     DELIVERED,
     FAILED,
@@ -24,14 +24,14 @@ from agents.api import (
     MailItem,
     recipient_address,
 )
-from agents.http import retry_after
-from agents.runner import AGENT_TIMEOUT, run_agent, run_connections
-from core.config import parse_organization
-from core.config_fields import ConfigErrors
-from core.hooks import Hooks
-from core.model import NextHop
-from core.model import SmtpResponse as R
-from plugins.pytest_plugin import BASE_ORG, AgentHarness, mail_item, message, wait_for
+from hubport.agents.http import retry_after
+from hubport.agents.runner import AGENT_TIMEOUT, run_agent, run_connections
+from hubport.core.config import parse_organization
+from hubport.core.config_fields import ConfigErrors
+from hubport.core.hooks import Hooks
+from hubport.core.model import NextHop
+from hubport.core.model import SmtpResponse as R
+from hubport.plugins.pytest_plugin import BASE_ORG, AgentHarness, mail_item, message, wait_for
 
 HOP = NextHop("DeliveryAgent", "agent.test", "Agent")
 
@@ -315,9 +315,9 @@ def test_an_agent_class_that_is_not_a_delivery_agent_is_a_config_error() -> None
 
 LOCAL_AGENT = '''
 import asyncio
-from agents.api import DeferQueue, DeliveryAgent, ItemResult
-from core import hookimpl
-from core.model import SmtpResponse
+from hubport.agents.api import DeferQueue, DeliveryAgent, ItemResult
+from hubport.core import hookimpl
+from hubport.core.model import SmtpResponse
 
 SEEN = []
 
@@ -511,8 +511,8 @@ async def test_command_agent_exit_codes_environment_and_timeout(hubport_hub_fact
 
 
 def test_every_agent_api_member_is_documented_in_docs_agents_md() -> None:
-    from agents import api
-    from tests.support import undocumented_members
+    from hubport.agents import api
+    from support import undocumented_members
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "agents.md").read_text()
     for cls in (api.DeliveryAgent, api.ItemResult, api.RecipientResult):

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_process import child_env, daemon_pool, hubport, hubport_command
-from tests.smtp_support import Client, Reply, auth_plain, free_port, receive_connector
-from tests.support import (
+from daemon_process import child_env, daemon_pool, hubport, hubport_command
+from smtp_support import Client, Reply, auth_plain, free_port, receive_connector
+from support import (
     drop_files,
     drop_in,
     events,
@@ -180,7 +180,7 @@ def ballast(volume: Path, used_percent: float, name: str = ".ballast") -> Path:
 
 
 def pressure(root: Path) -> dict[str, Any]:
-    from core.control import call
+    from hubport.core.control import call
 
     return call(root / "var", "get-backpressure")
 
@@ -547,7 +547,7 @@ async def test_a_failed_categorizer_commit_gives_the_message_back(
     marked in flight (it would wait for a restart and count a crash towards Poison); it is
     categorized again and delivered. When clearing the mark fails too, it is retried soon,
     not at the next sweep (up to 30 s away)."""
-    from core.store import StoreError
+    from hubport.core.store import StoreError
 
     async with hub_factory() as hub:
         store = hub.store

@@ -6,11 +6,11 @@ import inspect
 import re
 from pathlib import Path
 
-from agents import api
-from core import hookspecs
-from core.config_fields import FieldReader
-from core.model import SmtpResponse
-from tests.support import undocumented_members
+from hubport.agents import api
+from hubport.core import hookspecs
+from hubport.core.config_fields import FieldReader
+from hubport.core.model import SmtpResponse
+from support import undocumented_members
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -48,7 +48,7 @@ def test_delivery_agent_api_is_documented_in_docstrings() -> None:
 
 
 def _public_api_names() -> list[str]:
-    """What ``agents.api`` itself defines for agents: its classes and its constants."""
+    """What ``hubport.agents.api`` itself defines for agents: its classes and its constants."""
     return sorted(name for name, value in vars(api).items() if not name.startswith("_")
                   and (getattr(value, "__module__", None) == api.__name__
                        or (name.isupper() and name != "TYPE_CHECKING")))
@@ -60,7 +60,7 @@ def test_docs_reference_md_names_every_public_name_of_the_agent_api_and_settings
     names = _public_api_names()
     assert {"DeliveryAgent", "MailItem", "ItemResult", "OK", "LOCAL_ERROR"} <= set(names), names
     missing = [name for name in names if f"`{name}`" not in text and f"class {name}" not in text]
-    assert not missing, f"agents.api names missing from docs/reference.md: {missing}"
+    assert not missing, f"hubport.agents.api names missing from docs/reference.md: {missing}"
     for cls in (*(value for name in names if isinstance(value := getattr(api, name), type)),
                 SmtpResponse, FieldReader):
         undocumented = undocumented_members(cls, text)

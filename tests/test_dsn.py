@@ -1,4 +1,4 @@
-"""Tests for core.dsn: RFC 3464 reports as parsed by the stdlib, originals byte-exact."""
+"""Tests for hubport.core.dsn: RFC 3464 reports as parsed by the stdlib, originals byte-exact."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core import dsn as dsn_module
-from core.dsn import DsnRecipient, build_dsn
-from core.model import MailFrom
-from tests.support import CORPUS_DIR
+from hubport.core import dsn as dsn_module
+from hubport.core.dsn import DsnRecipient, build_dsn
+from hubport.core.model import MailFrom
+from support import CORPUS_DIR
 
 CORPUS = CORPUS_DIR
 ARRIVAL = 1_700_000_000.0

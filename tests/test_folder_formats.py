@@ -1,4 +1,4 @@
-"""Tests for core.folder_formats: the Pickup and Replay file formats and the Replay writer."""
+"""Tests for hubport.core.folder_formats: the Pickup and Replay file formats and the Replay writer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.folder_formats import (
+from hubport.core.folder_formats import (
     ContentRejected,
     display_name,
     format_replay,
@@ -21,14 +21,14 @@ from core.folder_formats import (
     parse_replay,
     repair_header_section,
 )
-from core.headers import (
+from hubport.core.headers import (
     HeaderField,
     MessageFormatError,
     canonicalize_line_endings,
     parse_header_section,
 )
-from core.model import Envelope, EnvelopeRecipient, MailFrom, Notify
-from tests.support import CORPUS_DIR as SHARED_CORPUS
+from hubport.core.model import Envelope, EnvelopeRecipient, MailFrom, Notify
+from support import CORPUS_DIR as SHARED_CORPUS
 
 CORPUS_DIR = SHARED_CORPUS
 CORPUS = sorted(CORPUS_DIR.glob("*.eml"))

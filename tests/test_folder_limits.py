@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-import core.folders as folders_module
-from plugins import pytest_plugin
-from tests.daemon_process import DaemonPool, daemon_pool
-from tests.support import (
+import hubport.core.folders as folders_module
+from daemon_process import DaemonPool, daemon_pool
+from hubport.plugins import pytest_plugin
+from support import (
     CORPUS_DIR,
     drop_files,
     drop_in,
@@ -298,7 +298,7 @@ async def test_lf_file_that_grows_over_the_limit_as_crlf_is_refused(
 
 
 def test_size_limit_is_the_smaller_organization_limit(tmp_path: Path) -> None:
-    from core.daemon import load, make_hooks
+    from hubport.core.daemon import load, make_hooks
 
     cases = [('"2MB"', '"3MB"', 2 * MB), ('"unlimited"', '"3MB"', 3 * MB),
              ('"unlimited"', '"unlimited"', folders_module.MAX_FILE_SIZE)]

@@ -1,4 +1,4 @@
-"""``agents.api.FolderWriter``: a third-party agent's files appear exactly once, even when the
+"""``hubport.agents.api.FolderWriter``: a third-party agent's files appear exactly once, even when the
 real daemon is SIGKILLed between writing a file and the queue's commit of the delivery
 (docs/agents.md, "No loss, no duplicate")."""
 
@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from agents.api import DEFERRED, DELIVERED, DeliveryContext, FolderWriter, ItemResult
-from core.model import QueuedRecipient, RecipientStatus, SmtpResponse
-from plugins.pytest_plugin import drop_in, replay_file, write_org
-from tests.daemon_process import Daemon, DaemonPool, daemon_pool, queue_counts
-from tests.ledger import folders_empty
+from daemon_process import Daemon, DaemonPool, daemon_pool, queue_counts
+from hubport.agents.api import DEFERRED, DELIVERED, DeliveryContext, FolderWriter, ItemResult
+from hubport.core.model import QueuedRecipient, RecipientStatus, SmtpResponse
+from hubport.plugins.pytest_plugin import drop_in, replay_file, write_org
+from ledger import folders_empty
 
 #: a quick local agent, beside the organization file, that writes one file per recipient
 SPOOL_AGENT = '''
-from agents.api import DeliveryAgent, FolderWriter, ItemResult
-from core import hookimpl
+from hubport.agents.api import DeliveryAgent, FolderWriter, ItemResult
+from hubport.core import hookimpl
 
 
 class SpoolAgent(DeliveryAgent):

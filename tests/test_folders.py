@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
-import core.folders as folders_module
-from core.folders import display_name
-from plugins import pytest_plugin
-from tests import support
-from tests.support import (
+import hubport.core.folders as folders_module
+import support
+from hubport.core.folders import display_name
+from hubport.plugins import pytest_plugin
+from support import (
     drop_in,
     event_ids,
     events,
@@ -572,7 +572,7 @@ async def test_two_hubs_sharing_a_pickup_folder_take_each_file_once(tmp_path: Pa
     other's claims (docs/reliability.md case 72)."""
     import asyncio
 
-    from core.daemon import Daemon
+    from hubport.core.daemon import Daemon
 
     config = support.write_org(tmp_path, foreign_extra='SourceTransportServers = ["HUB01", "HUB02"]',
                                extra="""

@@ -25,11 +25,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from core.config import SECTIONS, Organization, load_organization, plugin_modules
-from core.config_fields import ConfigError, ConfigErrors
-from core.hooks import Hooks
-from tests.daemon_process import child_env, hubport_command
-from tests.fuzzing import fuzz_settings
+from daemon_process import child_env, hubport_command
+from fuzzing import fuzz_settings
+from hubport.core.config import SECTIONS, Organization, load_organization, plugin_modules
+from hubport.core.config_fields import ConfigError, ConfigErrors
+from hubport.core.hooks import Hooks
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOML = (ROOT / "core" / "default.toml").read_text(encoding="utf-8")

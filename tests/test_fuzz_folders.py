@@ -23,9 +23,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from tests.daemon_process import Daemon, daemon_pool
-from tests.fuzzing import fuzz_settings, log_problems, proc_status
-from tests.support import drop_in, events, maildir, message, replay_file, wait_for_sync, write_org
+from daemon_process import Daemon, daemon_pool
+from fuzzing import fuzz_settings, log_problems, proc_status
+from support import drop_in, events, maildir, message, replay_file, wait_for_sync, write_org
 
 pytestmark = pytest.mark.timeout(300)
 

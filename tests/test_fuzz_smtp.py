@@ -37,20 +37,20 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from core.config import parse_organization
-from core.hooks import Hooks
-from core.model import EnvelopeRecipient, MailFrom, SmtpResponse
-from plugins.smtp_receive.protocol import (
+from daemon_process import Daemon, child_env, daemon_pool, hubport_command
+from fuzzing import fuzz_settings, log_problems, proc_status
+from hubport.core.config import parse_organization
+from hubport.core.hooks import Hooks
+from hubport.core.model import EnvelopeRecipient, MailFrom, SmtpResponse
+from hubport.plugins.smtp_receive.protocol import (
     BAD_PARAMETERS,
     _mail_parameter,
     _parse_params,
     _recipient,
     _split_command,
 )
-from tests.daemon_process import Daemon, child_env, daemon_pool, hubport_command
-from tests.fuzzing import fuzz_settings, log_problems, proc_status
-from tests.smtp_support import free_port, receive_connector
-from tests.support import BASE_ORG, maildir, wait_for_sync, write_org
+from smtp_support import free_port, receive_connector
+from support import BASE_ORG, maildir, wait_for_sync, write_org
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -667,7 +667,7 @@ async def test_failed_starttls_handshakes_are_quiet_and_free_their_connection_sl
 
     from structlog.testing import capture_logs
 
-    from tests.smtp_support import Client
+    from smtp_support import Client
 
     port = free_port()
     extra = receive_connector("Tls", [f"127.0.0.1:{port}"], PermissionGroups=["AnonymousUsers"],

@@ -1,4 +1,4 @@
-"""Tests for core.headers: raw header handling that never re-serializes message bytes."""
+"""Tests for hubport.core.headers: raw header handling that never re-serializes message bytes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.headers import (
+from hubport.core.headers import (
     HeaderField,
     MessageFormatError,
     ParsedMessage,
@@ -23,7 +23,7 @@ from core.headers import (
     rebuild,
     subject_of,
 )
-from tests.support import CORPUS_DIR
+from support import CORPUS_DIR
 
 CORPUS = sorted(CORPUS_DIR.glob("*.eml"))
 

@@ -20,12 +20,12 @@ import pluggy
 import pytest
 from structlog.testing import capture_logs
 
-from core import hookimpl
-from core.config import load_organization
-from core.config_fields import ConfigContext, ConfigError, FieldReader
-from core.connectors import Connector
-from core.hooks import Hooks, HookTimeout, PluginError
-from core.model import (
+from hubport.core import hookimpl
+from hubport.core.config import load_organization
+from hubport.core.config_fields import ConfigContext, ConfigError, FieldReader
+from hubport.core.connectors import Connector
+from hubport.core.hooks import Hooks, HookTimeout, PluginError
+from hubport.core.model import (
     Envelope,
     EnvelopeRecipient,
     MailFrom,
@@ -33,16 +33,16 @@ from core.model import (
     SmtpResponse,
     Submission,
 )
-from tests.support import drop_in, event_ids, maildir, message, wait_for, write_org
+from support import drop_in, event_ids, maildir, message, wait_for, write_org
 
-ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent  # the helper modules (support.py ...)
 BUILTINS = ["foreign", "send", "receive", "mailbox", "builtin-agents", "delivery-agent"]
 DELIVER_ORDER = ["delivery-agent", "mailbox", "send", "foreign"]
 
 
 def hubport(*args: str, cwd: Path, env: dict[str, str] | None = None,
             ) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    environment = {**os.environ, "PYTHONPATH": str(TESTS), **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=environment,
                           capture_output=True, text=True, timeout=60, check=False)
 
@@ -60,14 +60,14 @@ def plugin_module(monkeypatch: pytest.MonkeyPatch, name: str, **attrs: Any) -> s
 
 
 def test_plugins_command_lists_builtins_hooks_and_call_order(tmp_path: Path) -> None:
-    done = hubport("-m", "core.cli", "plugins", cwd=tmp_path)
+    done = hubport("-m", "hubport.core.cli", "plugins", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     listed = [line.split()[0] for line in lines[1:] if line.startswith("  ")
               and not line.strip().startswith("hooks:")]
     assert listed[:len(BUILTINS)] == BUILTINS  # discovery order
     text = done.stdout
-    assert "plugins.foreign" in text and "plugins.mailbox" in text and "agents.builtin" in text
+    assert "hubport.plugins.foreign" in text and "hubport.plugins.mailbox" in text and "hubport.agents.builtin" in text
     assert "hooks: deliver, register_connector_types" in text
     assert "hooks: register_delivery_agents" in text
     order = {line.split()[0]: line.split(None, 1)[1] for line in
@@ -81,12 +81,12 @@ def test_plugins_command_lists_builtins_hooks_and_call_order(tmp_path: Path) -> 
 
 
 def test_plugins_command_json(tmp_path: Path) -> None:
-    done = hubport("-m", "core.cli", "plugins", "--json", cwd=tmp_path)
+    done = hubport("-m", "hubport.core.cli", "plugins", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
     plugins = {p["name"]: p for p in data["plugins"]}
     assert [p["name"] for p in data["plugins"]][:len(BUILTINS)] == BUILTINS
-    assert plugins["foreign"] == {"name": "foreign", "module": "plugins.foreign",
+    assert plugins["foreign"] == {"name": "foreign", "module": "hubport.plugins.foreign",
                                   "version": "built-in",
                                   "hooks": ["deliver", "register_connector_types"]}
     assert plugins["mailbox"]["hooks"] == ["deliver"]
@@ -401,10 +401,10 @@ async def test_async_receive_hook_rejects_and_defers_pickup_files(hub_factory) -
 TRACED_RUN = """
 import asyncio, sys, time
 from pathlib import Path
-from core.logsetup import configure
+from hubport.core.logsetup import configure
 configure("INFO", json=True)
-from core.daemon import Daemon
-from tests.support import drop_in, maildir, message, write_org
+from hubport.core.daemon import Daemon
+from support import drop_in, maildir, message, write_org
 
 async def main(root: Path) -> None:
     daemon = Daemon(write_org(root), signals=False)
@@ -456,8 +456,8 @@ def test_tracing_is_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_plugin_module_named_in_the_config_is_loaded(hub_factory, tmp_path) -> None:
     """``[hubport] Plugins`` names a module beside the organization file: a quick local agent."""
     (tmp_path / "local_policy_plugin.py").write_text(
-        "from core import hookimpl\n"
-        "from core.model import SmtpResponse\n\n"
+        "from hubport.core import hookimpl\n"
+        "from hubport.core.model import SmtpResponse\n\n"
         "@hookimpl\n"
         "def receive(submission):\n"
         "    if submission.subject == 'blocked':\n"
@@ -473,8 +473,8 @@ async def test_plugin_module_named_in_the_config_is_loaded(hub_factory, tmp_path
 
 
 def test_a_misspelt_plugin_module_in_the_config_stops_the_start(tmp_path) -> None:
-    from core.daemon import Daemon, StartupError
-    from tests.support import write_org
+    from hubport.core.daemon import Daemon, StartupError
+    from support import write_org
 
     config = write_org(tmp_path, extra='[hubport]\nPlugins = ["no_such_plugin_module"]\n')
     with pytest.raises(StartupError, match="no_such_plugin_module"):

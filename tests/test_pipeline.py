@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from email import message_from_bytes
 
-from core import queue as q
-from tests.support import (
+from hubport.core import queue as q
+from support import (
     drop_files,
     drop_in,
     event_ids,

@@ -1,4 +1,4 @@
-"""The test kit shipped to plugin authors (``plugins.pytest_plugin``, docs/agents.md "Testing
+"""The test kit shipped to plugin authors (``hubport.plugins.pytest_plugin``, docs/agents.md "Testing
 it"): ``plugins=`` taking module names or module objects, a plugin named twice, an isolated
 hub, the documented ``hub.events``, and waits whose timeouts say what they last saw.
 
@@ -19,21 +19,21 @@ from typing import Any
 
 import pytest
 
-import plugins.foreign
-import plugins.pytest_plugin as kit
-from agents.api import DeferQueue, DeliveryAgent, FolderWriter, ItemResult, MailItem
-from agents.runner import AGENT_TIMEOUT
-from core.config_fields import ConfigErrors
-from core.hooks import Hooks, PluginError
-from core.model import NextHop, SmtpResponse
-from plugins.pytest_plugin import Hub, message, wait_for, wait_for_sync, wait_for_value
+import hubport.plugins.foreign
+import hubport.plugins.pytest_plugin as kit
+from hubport.agents.api import DeferQueue, DeliveryAgent, FolderWriter, ItemResult, MailItem
+from hubport.agents.runner import AGENT_TIMEOUT
+from hubport.core.config_fields import ConfigErrors
+from hubport.core.hooks import Hooks, PluginError
+from hubport.core.model import NextHop, SmtpResponse
+from hubport.plugins.pytest_plugin import Hub, message, wait_for, wait_for_sync, wait_for_value
 
 ROOT = Path(__file__).resolve().parents[1]
 
 AGENT = '''
-from agents.api import DeliveryAgent, ItemResult
-from core import hookimpl
-from core.model import SmtpResponse
+from hubport.agents.api import DeliveryAgent, ItemResult
+from hubport.core import hookimpl
+from hubport.core.model import SmtpResponse
 
 class KitAgent(DeliveryAgent):
     async def deliver(self, item):
@@ -102,7 +102,7 @@ async def test_plugins_takes_a_module_object(hubport_hub_factory: Any, form: str
 
 def test_plugins_refuses_what_is_neither_a_name_nor_a_module(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"module names or module objects, not 42"):
-        kit._plugin_modules(("plugins.foreign", 42))  # type: ignore[arg-type]
+        kit._plugin_modules(("hubport.plugins.foreign", 42))  # type: ignore[arg-type]
     with pytest.raises(PluginError, match=r"dotted module path or a module object, not 42"):
         Hooks((42,), entry_points=False)  # type: ignore[arg-type]
 
@@ -118,17 +118,17 @@ async def test_a_bad_plugins_entry_fails_before_a_daemon_starts(
 
 
 def test_naming_a_builtin_again_registers_it_once() -> None:
-    for again in ("plugins.foreign", plugins.foreign, "plugins.foreign"):
+    for again in ("hubport.plugins.foreign", hubport.plugins.foreign, "hubport.plugins.foreign"):
         hooks = Hooks((again, again), entry_points=False)
-        names = [n for n, p in hooks.pm.list_name_plugin() if p is plugins.foreign]
+        names = [n for n, p in hooks.pm.list_name_plugin() if p is hubport.plugins.foreign]
         assert names == ["foreign"], names
 
 
 def test_a_different_module_under_a_taken_name_is_a_clear_error() -> None:
     hooks = Hooks(entry_points=False)
-    hooks.register_module("plugins.foreign", name="elsewhere")  # the same module: a no-op
+    hooks.register_module("hubport.plugins.foreign", name="elsewhere")  # the same module: a no-op
     with pytest.raises(PluginError, match=r"^cannot register plugin module 'foreign' as "
-                       r"'foreign': that name is taken by <module 'plugins\.foreign'"):
+                       r"'foreign': that name is taken by <module 'hubport\.plugins\.foreign'"):
         hooks.register_module(agent_module("foreign"))  # another module, a built-in's name
     assert not hooks.pm.has_plugin("elsewhere")
 
@@ -260,7 +260,7 @@ async def test_wait_for_value_names_what_and_the_value_last_read() -> None:
 
 
 def test_tests_support_reexports_the_kits_waits() -> None:
-    import tests.support as support
+    import support as support
 
     assert support.wait_for_value is wait_for_value and support.wait_for is wait_for
     assert not re.search(r"(?m)^(async )?def wait_for", inspect.getsource(support))
@@ -428,8 +428,8 @@ def test_unwritable_folder_is_restored_at_teardown(tmp_path: Path) -> None:
 
 PROCESS_AGENT = '''
 import os
-from agents.api import DeliveryAgent, ItemResult
-from core import hookimpl
+from hubport.agents.api import DeliveryAgent, ItemResult
+from hubport.core import hookimpl
 
 class CountingAgent(DeliveryAgent):
     """Appends one line per delivery to deliveries.txt beside the organization file."""

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from core.config import parse_organization
-from core.directory import RecipientDirectory
-from plugins.pytest_plugin import Hub, running_daemon
-from plugins.smtp_receive.connector import ReceiveConnector
-from tests.smtp_support import body, connected, free_port, receive_connector
-from tests.support import read_mail, wait_for_value
+from hubport.core.config import parse_organization
+from hubport.core.directory import RecipientDirectory
+from hubport.plugins.pytest_plugin import Hub, running_daemon
+from hubport.plugins.smtp_receive.connector import ReceiveConnector
+from smtp_support import body, connected, free_port, receive_connector
+from support import read_mail, wait_for_value
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,7 +29,7 @@ ANONYMOUS = {"PermissionGroups": ["AnonymousUsers"]}
 
 def default_org_text(default_port: int, client_port: int, extra: str = "") -> str:
     """core/default.toml on free ports, without the tarpit, plus `extra` tables."""
-    text = resources.files("core").joinpath("default.toml").read_text(encoding="utf-8")
+    text = resources.files("hubport.core").joinpath("default.toml").read_text(encoding="utf-8")
     assert text.count('"127.0.0.1:2525"') == 1 and text.count('"127.0.0.1:5587"') == 1
     text = text.replace('"127.0.0.1:2525"', f'"127.0.0.1:{default_port}"')
     text = text.replace('"127.0.0.1:5587"', f'"127.0.0.1:{client_port}"')
@@ -264,7 +264,7 @@ async def test_without_any_postmaster_rcpt_is_refused_and_the_daemon_warns(
 def test_hubport_test_config_prints_the_postmaster_warning(tmp_path: Path) -> None:
     import subprocess
 
-    from tests.daemon_process import child_env, hubport_command
+    from daemon_process import child_env, hubport_command
 
     path = tmp_path / "org.toml"
     path.write_text(BASE + '[[mailbox]]\nName = "Alice"\n')

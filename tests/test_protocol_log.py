@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from core.protocol_log import FIELDS, ProtocolLog
+from hubport.core.protocol_log import FIELDS, ProtocolLog
 
 T0 = (datetime(2024, 3, 1, tzinfo=UTC) + timedelta(hours=12)).timestamp()
 
@@ -236,7 +236,7 @@ def test_failing_disk_never_raises_and_recovers(tmp_path: Path) -> None:
 def test_buffer_is_bounded_while_the_disk_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from core import rotating_log
+    from hubport.core import rotating_log
 
     monkeypatch.setattr(rotating_log, "MAX_BUFFERED_EVENTS", 3)
     target = tmp_path / "blocked"

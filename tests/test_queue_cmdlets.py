@@ -27,9 +27,7 @@ from typing import Any
 
 import pytest
 
-from core import queue as q
-from core.queue_admin import QUEUE_FIELDS, AdminError, parse_filter
-from tests.daemon_process import (
+from daemon_process import (
     Daemon,
     DaemonPool,
     child_env,
@@ -37,7 +35,9 @@ from tests.daemon_process import (
     hubport,
     hubport_command,
 )
-from tests.support import BASE_ORG, events, maildir, message, replay_file, wait_for_sync
+from hubport.core import queue as q
+from hubport.core.queue_admin import QUEUE_FIELDS, AdminError, parse_filter
+from support import BASE_ORG, events, maildir, message, replay_file, wait_for_sync
 
 PLUGIN = '''
 from __future__ import annotations
@@ -45,10 +45,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from agents.api import DeferQueue, ItemResult
-from core import hookimpl
-from core.connectors import Connector
-from core.model import SmtpResponse
+from hubport.agents.api import DeferQueue, ItemResult
+from hubport.core import hookimpl
+from hubport.core.connectors import Connector
+from hubport.core.model import SmtpResponse
 
 HERE = Path(__file__).parent
 TEMP = SmtpResponse(451, "4.4.1", "Connection timed out (test hop)")
@@ -361,7 +361,7 @@ def test_another_user_is_told_permission_denied_not_no_daemon(pool: DaemonPool) 
         for name in ("org.toml", "hophook.py", "hop-mode"):
             os.chmod(root / name, 0o644)
         as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        probe = subprocess.run([*as_nobody, sys.executable, "-c", "import core.control"],
+        probe = subprocess.run([*as_nobody, sys.executable, "-c", "import hubport.core.control"],
                                cwd=root, capture_output=True, text=True, check=False)
         if probe.returncode != 0:
             pytest.skip(f"this interpreter cannot run as another user: {probe.stderr[-200:]}")
@@ -427,7 +427,7 @@ def test_filter_language() -> None:
 
 async def test_control_arguments_must_have_their_json_type() -> None:
     """"false" must never mean true: a string where a flag belongs is refused."""
-    from core.queue_admin import AdminError, QueueAdmin
+    from hubport.core.queue_admin import AdminError, QueueAdmin
 
     admin = QueueAdmin(None)  # type: ignore[arg-type]  # refused before the queue is touched
     with pytest.raises(AdminError, match="with_ndr must be bool"):

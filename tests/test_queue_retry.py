@@ -26,19 +26,19 @@ from typing import Any
 
 import pytest
 
-import core.daemon
-from agents.api import (
+import hubport.core.daemon
+from hubport.agents.api import (
     DELIVERED,
     DeferQueue,
     ItemResult,
     MailItem,
     RecipientResult,
 )
-from core import hookimpl
-from core import queue as q
-from core.daemon import Daemon
-from core.hooks import Hooks
-from core.model import (
+from hubport.core import hookimpl
+from hubport.core import queue as q
+from hubport.core.daemon import Daemon
+from hubport.core.hooks import Hooks
+from hubport.core.model import (
     Envelope,
     EnvelopeRecipient,
     MailFrom,
@@ -46,9 +46,9 @@ from core.model import (
     SmtpResponse,
     Submission,
 )
-from core.pipeline import Pipeline
-from plugins.pytest_plugin import running_daemon
-from tests.support import (
+from hubport.core.pipeline import Pipeline
+from hubport.plugins.pytest_plugin import running_daemon
+from support import (
     PlainConnector,
     base_org_text,
     drop_in,
@@ -124,7 +124,7 @@ def hop(monkeypatch: pytest.MonkeyPatch) -> ScriptedHop:
         hooks.pm.hook.register_connector_types(register=hooks.registry.add_connector_type)
         return hooks
 
-    monkeypatch.setattr(core.daemon, "Hooks", hooks_with_plugin)
+    monkeypatch.setattr(hubport.core.daemon, "Hooks", hooks_with_plugin)
     return plugin
 
 

@@ -20,18 +20,18 @@ from typing import Any
 
 import pytest
 
-from agents.api import DeferQueue, DeliveryContext, MailItem
-from core.config import load_organization
-from core.directory import RecipientDirectory
-from core.hooks import Hooks
-from core.model import MailFrom, NextHop, QueuedMessage, QueuedRecipient, RecipientStatus
-from core.queue_admin import QueueAdmin
-from core.routing import RoutingTable
-from plugins.pytest_plugin import Hub, RetryClock, running_daemon
-from plugins.smtp_send.delivery import deliver_items
-from tests.daemon_process import child_env, hubport_command
-from tests.send_peers import Script, ScriptedSink
-from tests.support import base_org_text, maildir, message
+from daemon_process import child_env, hubport_command
+from hubport.agents.api import DeferQueue, DeliveryContext, MailItem
+from hubport.core.config import load_organization
+from hubport.core.directory import RecipientDirectory
+from hubport.core.hooks import Hooks
+from hubport.core.model import MailFrom, NextHop, QueuedMessage, QueuedRecipient, RecipientStatus
+from hubport.core.queue_admin import QueueAdmin
+from hubport.core.routing import RoutingTable
+from hubport.plugins.pytest_plugin import Hub, RetryClock, running_daemon
+from hubport.plugins.smtp_send.delivery import deliver_items
+from send_peers import Script, ScriptedSink
+from support import base_org_text, maildir, message
 
 pytestmark = pytest.mark.timeout(120)
 

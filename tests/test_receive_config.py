@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from core.config import parse_organization
-from core.config_fields import ConfigErrors
-from plugins.smtp_receive.connector import ReceiveConnector
-from plugins.smtp_receive.permissions import Principal, Right, rights_for
-from plugins.smtp_receive.ranges import parse_range
+from hubport.core.config import parse_organization
+from hubport.core.config_fields import ConfigErrors
+from hubport.plugins.smtp_receive.connector import ReceiveConnector
+from hubport.plugins.smtp_receive.permissions import Principal, Right, rights_for
+from hubport.plugins.smtp_receive.ranges import parse_range
 
 BASE = """
 [[accepted_domain]]
@@ -153,8 +153,8 @@ def test_anonymous_relay_permission_entry() -> None:
 
 
 def test_embedded_default_has_the_two_default_connectors() -> None:
-    from core.config import load_organization
-    from core.hooks import Hooks
+    from hubport.core.config import load_organization
+    from hubport.core.hooks import Hooks
 
     org = load_organization(None, Hooks().registry.connector_types)
     names = {c.name for c in org.connectors_of("receive_connector")}

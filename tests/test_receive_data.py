@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from plugins.smtp_receive.data import DataReader, normalize_line_endings
+from hubport.plugins.smtp_receive.data import DataReader, normalize_line_endings
 
 SMUGGLED = (b"MAIL FROM:<spoof@victim.example>\r\nRCPT TO:<alice@contoso.test>\r\nDATA\r\n"
             b"Subject: spoofed\r\n\r\nspoof\r\n")

@@ -17,9 +17,9 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from core.daemon import EXIT_SERVICE, StartupError
-from core.store import StoreError
-from tests.smtp_support import (
+from hubport.core.daemon import EXIT_SERVICE, StartupError
+from hubport.core.store import StoreError
+from smtp_support import (
     TIMEOUT,
     Client,
     auth_plain,
@@ -30,7 +30,7 @@ from tests.smtp_support import (
     receive_connector,
     set_password,
 )
-from tests.support import maildir, wait_for, write_org
+from support import maildir, wait_for, write_org
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -282,8 +282,8 @@ async def test_early_talker_is_refused_and_a_polite_client_greeted(hub_factory) 
 def _plugin(root: Path, name: str, source: str) -> str:
     """A plugin module beside org.toml; the `[hubport]` table that loads it."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / f"{name}.py").write_text("from core import hookimpl\n"
-                                     "from core.model import SmtpResponse\n\n" + source)
+    (root / f"{name}.py").write_text("from hubport.core import hookimpl\n"
+                                     "from hubport.core.model import SmtpResponse\n\n" + source)
     sys.modules.pop(name, None)
     return f'[hubport]\nPlugins = ["{name}"]\n\n'
 

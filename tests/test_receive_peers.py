@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.smtp_support import Client, body, free_port, queued_data, receive_connector
+from smtp_support import Client, body, free_port, queued_data, receive_connector
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,8 +12,8 @@ import smtplib
 import aiosmtplib
 import pytest
 
-from core.credentials import PasswordStore, mailbox_for_login
-from tests.smtp_support import (
+from hubport.core.credentials import PasswordStore, mailbox_for_login
+from smtp_support import (
     Client,
     body,
     connected,
@@ -21,7 +21,7 @@ from tests.smtp_support import (
     queued_count,
     receive_connector,
 )
-from tests.test_receive_data import SMUGGLED, VECTORS
+from test_receive_data import SMUGGLED, VECTORS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -358,7 +358,7 @@ async def test_relay_matrix(hub_factory) -> None:
 
 
 async def test_smtplib_and_aiosmtplib_deliver_to_a_mailbox(hub_factory, port: int) -> None:
-    from tests.support import maildir, wait_for
+    from support import maildir, wait_for
 
     extra = receive_connector("Default", [f"127.0.0.1:{port}"], **ANONYMOUS)
     async with hub_factory(extra=extra) as hub:

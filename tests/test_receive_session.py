@@ -1,7 +1,7 @@
 """Receive connector sessions over loopback: STARTTLS, AUTH and permission groups.
 
 Real clients (aiosmtplib, smtplib in a thread, Debian's swaks) where the bytes do not
-matter; the raw ``Client`` of ``tests.smtp_support`` where they do
+matter; the raw ``Client`` of ``tests/smtp_support.py`` where they do
 (docs/exchange.md, "Receive connectors and permission groups";
 docs/reliability.md groups C, D, F, G). Limits, connector choice and local faults are in
 ``test_receive_limits.py``; framing and smuggling in ``test_receive_protocol.py``.
@@ -19,7 +19,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from tests.smtp_support import (
+from smtp_support import (
     TIMEOUT,
     Client,
     auth_plain,
@@ -32,7 +32,7 @@ from tests.smtp_support import (
     receive_connector,
     set_password,
 )
-from tests.support import maildir, wait_for
+from support import maildir, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

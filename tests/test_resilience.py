@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core import queue as q
-from tests.support import drop_files, drop_in, events, maildir, message, wait_for
+from hubport.core import queue as q
+from support import drop_files, drop_in, events, maildir, message, wait_for
 
 
 async def test_categorizer_survives_a_failing_queue_read(hub_factory,

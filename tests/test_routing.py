@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from core import hookimpl
-from core.address_space import AddressSpace
-from core.categorizer import (
+from hubport.core import hookimpl
+from hubport.core.address_space import AddressSpace
+from hubport.core.categorizer import (
     EXPANDED,
     FAIL,
     RESOLVED,
@@ -31,10 +31,10 @@ from core.categorizer import (
     RouteTo,
     mailbox_next_hop,
 )
-from core.config import Organization, parse_organization
-from core.directory import RecipientDirectory
-from core.hooks import Hooks
-from core.model import (
+from hubport.core.config import Organization, parse_organization
+from hubport.core.directory import RecipientDirectory
+from hubport.core.hooks import Hooks
+from hubport.core.model import (
     MailFrom,
     NextHop,
     Notify,
@@ -43,8 +43,8 @@ from core.model import (
     RecipientStatus,
     SmtpResponse,
 )
-from core.routing import RouteCandidate, RouteDecision, RoutingTable
-from tests.support import PlainConnector
+from hubport.core.routing import RouteCandidate, RouteDecision, RoutingTable
+from support import PlainConnector
 
 LabConnector = PlainConnector  # The test connector type: nothing but the common routing fields.
 

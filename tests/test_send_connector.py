@@ -11,12 +11,12 @@ from typing import Any, ClassVar
 
 import pytest
 
-from agents.api import DEFERRED, DELIVERED, FAILED, DeferQueue, DeliveryContext, MailItem
-from core.config import Organization, load_organization
-from core.config_fields import ConfigError
-from core.directory import RecipientDirectory
-from core.hooks import Hooks
-from core.model import (
+from hubport.agents.api import DEFERRED, DELIVERED, FAILED, DeferQueue, DeliveryContext, MailItem
+from hubport.core.config import Organization, load_organization
+from hubport.core.config_fields import ConfigError
+from hubport.core.directory import RecipientDirectory
+from hubport.core.hooks import Hooks
+from hubport.core.model import (
     MailFrom,
     NextHop,
     Notify,
@@ -24,10 +24,10 @@ from core.model import (
     QueuedRecipient,
     RecipientStatus,
 )
-from plugins.smtp_send import SendConnector, content
-from plugins.smtp_send.delivery import deliver_items
-from tests.send_peers import Script, ScriptedSink, make_ca, silent_server, smtp_sink
-from tests.support import maildir, message, wait_for, write_org
+from hubport.plugins.smtp_send import SendConnector, content
+from hubport.plugins.smtp_send.delivery import deliver_items
+from send_peers import Script, ScriptedSink, make_ca, silent_server, smtp_sink
+from support import maildir, message, wait_for, write_org
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -424,7 +424,7 @@ async def test_relay_to_the_source_server(tmp_path: Path) -> None:
 async def test_pickup_to_smart_host_end_to_end(hub_factory: Any) -> None:
     with ScriptedSink() as sink:
         async with hub_factory(extra=smart_host(sink.port)) as hub:
-            from tests.support import drop_in
+            from support import drop_in
             drop_in(hub.pickup, "m1.eml", message(to="carol@partner.example"))
             await wait_for(lambda: sink.received, timeout=30)
     assert sink.received[0].rcpt_tos == ["carol@partner.example"]
@@ -451,7 +451,7 @@ async def test_remote_failure_makes_an_ndr(hub_factory: Any, tmp_path: Path) -> 
     script = Script(rcpt={"gone@partner.example": "550 5.1.1 <gone@partner.example> unknown"})
     with ScriptedSink(script=script) as sink:
         async with hub_factory(extra=smart_host(sink.port)) as hub:
-            from tests.support import drop_in
+            from support import drop_in
             drop_in(hub.pickup, "m1.eml", message(to="gone@partner.example, ok@partner.example"))
             [ndr] = await wait_for(lambda: maildir(tmp_path, "Alice"), timeout=30)
     report = ndr.read_bytes().decode("utf-8", "replace")
@@ -470,7 +470,7 @@ async def test_retry_delay_dsn_and_expiry(hub_factory: Any, tmp_path: Path) -> N
     script = Script(rcpt={"slow@partner.example": "451 4.2.1 Mailbox busy, try later"})
     with ScriptedSink(script=script) as sink:
         async with hub_factory(extra=smart_host(sink.port), server_extra=RETRY_SERVER) as hub:
-            from tests.support import drop_in
+            from support import drop_in
             drop_in(hub.pickup, "m1.eml", message(to="slow@partner.example"))
             reports = await wait_for(lambda: len(maildir(tmp_path, "Alice")) >= 2 and [
                 p.read_bytes().decode("utf-8", "replace") for p in maildir(tmp_path, "Alice")],
@@ -492,7 +492,7 @@ async def test_ndr_names_the_remote_mta(hub_factory: Any, tmp_path: Path) -> Non
     script = Script(rcpt={"gone@partner.example": "550 5.1.1 unknown"})
     with ScriptedSink(script=script) as sink:
         async with hub_factory(extra=smart_host(sink.port)) as hub:
-            from tests.support import drop_in
+            from support import drop_in
             drop_in(hub.pickup, "m1.eml", message(to="gone@partner.example"))
             [ndr] = await wait_for(lambda: maildir(tmp_path, "Alice"), timeout=30)
     assert "Remote-MTA: dns; 127.0.0.1" in ndr.read_text(errors="replace")

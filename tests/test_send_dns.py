@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from agents.api import DELIVERED, FAILED, DeferQueue
-from core.model import NextHop
-from plugins.smtp_send import resolver
-from plugins.smtp_send.resolver import LocalIdentity, make_resolver, order_mx, resolve_mx
-from tests.send_peers import ScriptedDns, ScriptedSink, dnsmasq, free_port
-from tests.test_send_connector import context, item, kinds, load_org
+from hubport.agents.api import DELIVERED, FAILED, DeferQueue
+from hubport.core.model import NextHop
+from hubport.plugins.smtp_send import resolver
+from hubport.plugins.smtp_send.resolver import LocalIdentity, make_resolver, order_mx, resolve_mx
+from send_peers import ScriptedDns, ScriptedSink, dnsmasq, free_port
+from test_send_connector import context, item, kinds, load_org
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,7 +100,7 @@ async def test_mx_delivery_with_failover(tmp_path: Path, dns_port: int) -> None:
         connector = org.connector("Internet")
         assert connector.delivery_type == "DnsConnectorDelivery"
         hop = NextHop("DnsConnectorDelivery", "*", "Internet")
-        from plugins.smtp_send.delivery import deliver_items
+        from hubport.plugins.smtp_send.delivery import deliver_items
         it = item(["a@example.test", "b@nullmx.test", "c@nothere.test"])
         [result] = await deliver_items(hop, connector, [it], context(org))
         outcome = await deliver_items(hop, connector, [item(["d@amx.test"])], context(org))
@@ -136,7 +136,7 @@ async def test_a_host_whose_aaaa_says_nxdomain_gets_its_mail(tmp_path: Path,
         org = load_org(tmp_path, mx_connector(sink.port),
                        server_extra=f'ExternalDnsServers = ["127.0.0.1:{dns_port}"]')
         hop = NextHop("DnsConnectorDelivery", "*", "Internet")
-        from plugins.smtp_send.delivery import deliver_items
+        from hubport.plugins.smtp_send.delivery import deliver_items
         it = item(["a@aonly.test", "b@viaaonly.test"])
         [result] = await deliver_items(hop, org.connector("Internet"), [it], context(org))
     assert kinds(result) == [DELIVERED, DELIVERED], result

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from core.protocol_log import FIELDS
-from tests.send_peers import ScriptedSink
-from tests.support import message, wait_for
+from hubport.core.protocol_log import FIELDS
+from send_peers import ScriptedSink
+from support import message, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -121,7 +121,7 @@ async def test_no_send_log_unless_verbose(hub_factory: Any) -> None:
 
 async def test_a_failed_connection_is_logged(hub_factory: Any) -> None:
     """A smart host that refuses the connection leaves a session saying so."""
-    from tests.send_peers import free_port
+    from send_peers import free_port
 
     port = free_port()  # nobody listens there
     async with hub_factory(extra=smart_host(port, 'ProtocolLoggingLevel = "Verbose"')) as hub:
@@ -138,10 +138,10 @@ async def test_the_hub_relay_logs_with_intra_org_connector_protocol_logging(
     """IntraOrgConnectorProtocolLoggingLevel = Verbose logs the relay to another hub."""
     import dataclasses
 
-    from core.model import NextHop
-    from plugins.smtp_send.delivery import deliver_items
-    from plugins.smtp_send.protolog import send_logs
-    from tests.test_send_connector import FakeReceiveConnector, context, item, kinds, load_org
+    from hubport.core.model import NextHop
+    from hubport.plugins.smtp_send.delivery import deliver_items
+    from hubport.plugins.smtp_send.protolog import send_logs
+    from test_send_connector import FakeReceiveConnector, context, item, kinds, load_org
 
     hub02 = '[[transport_server]]\nName = "HUB02"\nStateDirectory = "var2"\n'
     with ScriptedSink() as sink:
@@ -187,7 +187,7 @@ def report_fields(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
 async def test_a_peer_without_dsn_makes_us_send_a_relayed_dsn(hub_factory: Any) -> None:
     with ScriptedSink() as sink:  # aiosmtpd: no DSN in its EHLO
         async with hub_factory(extra=smart_host(sink.port)) as hub:
-            from tests.support import drop_in
+            from support import drop_in
 
             drop_in(hub.replay, "dsn.eml", dsn_replay(*RECEIVERS))
             [dsn] = await wait_for(lambda: hub.maildir("Alice"), timeout=30)
@@ -212,7 +212,7 @@ async def test_a_peer_without_dsn_makes_us_send_a_relayed_dsn(hub_factory: Any) 
 async def test_a_dsn_peer_gets_the_parameters_and_we_send_no_dsn(hub_factory: Any) -> None:
     with ScriptedSink(dsn=True) as sink:
         async with hub_factory(extra=smart_host(sink.port)) as hub:
-            from tests.support import drop_in
+            from support import drop_in
 
             drop_in(hub.replay, "dsn.eml", dsn_replay(*RECEIVERS))
             await wait_for(lambda: "SEND" in hub.event_ids(), timeout=30)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.ledger import listing, message_id_of, split_message
-from tests.soak import DROP_FOLDER, Soak, run_soak
+from ledger import listing, message_id_of, split_message
+from soak import DROP_FOLDER, Soak, run_soak
 
 SEED = int(os.environ.get("HUBPORT_SOAK_SEED", "20260516"))
 KILLS = 20

@@ -1,4 +1,4 @@
-"""Tests for core.tls: the self-signed certificate, contexts, client certificates, errors."""
+"""Tests for hubport.core.tls: the self-signed certificate, contexts, client certificates, errors."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from core.tls import (
+from hubport.core.tls import (
     CertificatePair,
     TlsConfigError,
     client_context,

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from core import tracking
-from core.tracking import (
+from hubport.core import tracking
+from hubport.core.tracking import (
     EVENT_IDS,
     FIELDS,
     SOURCES,

@@ -1,8 +1,8 @@
 """The message tracking log after a crash: every committed message keeps its events.
 
 A tracking event is committed in the queue transaction it describes (the outbox of
-``core.tracking``) and copied to the MSGTRK files afterwards. These tests SIGKILL the real
-daemon at the exact steps where a buffered log used to lose events (``core.failpoints``):
+``hubport.core.tracking``) and copied to the MSGTRK files afterwards. These tests SIGKILL the real
+daemon at the exact steps where a buffered log used to lose events (``hubport.core.failpoints``):
 right after a submission commit, right after a delivery commit, in the middle of the copy to
 the files, and after the copy but before the outbox is trimmed. After a restart every message
 must have its RECEIVE once and, per recipient, its DELIVER once; no event is written twice.
@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
-from core import queue as q
-from core.store import Store
-from core.tracking import TrackingLog, TrackingSettings, search
-from tests.daemon_process import Daemon, DaemonPool, daemon_pool, hubport, queue_counts
-from tests.smtp_support import Client, free_port, receive_connector
-from tests.support import drop_in, message, write_org
+from daemon_process import Daemon, DaemonPool, daemon_pool, hubport, queue_counts
+from hubport.core import queue as q
+from hubport.core.store import Store
+from hubport.core.tracking import TrackingLog, TrackingSettings, search
+from smtp_support import Client, free_port, receive_connector
+from support import drop_in, message, write_org
 
 FAX = "IMCEAFAX-+2B15550001@contoso.test"
 #: Maildir only, two mailboxes (one message, one queue), and the Foreign connector's drop

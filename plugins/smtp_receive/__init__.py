@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from core import hookimpl
-from plugins.smtp_receive.connector import ReceiveConnector
+from hubport.core import hookimpl
+from hubport.plugins.smtp_receive.connector import ReceiveConnector
 
 __all__ = ["ReceiveConnector"]
 

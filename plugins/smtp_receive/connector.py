@@ -14,19 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from core.addresses import AddressError, check_hostname, domain_to_ascii
-from core.config_fields import ConfigContext, FieldReader
-from plugins.smtp_receive.permissions import (
+from hubport.core.addresses import AddressError, check_hostname, domain_to_ascii
+from hubport.core.config_fields import ConfigContext, FieldReader
+from hubport.plugins.smtp_receive.permissions import (
     GROUPS,
     Principal,
     Right,
     parse_principal,
     parse_right,
 )
-from plugins.smtp_receive.ranges import IPRange, parse_range
+from hubport.plugins.smtp_receive.ranges import IPRange, parse_range
 
 if TYPE_CHECKING:
-    from core.services import ConnectorService, ServiceRuntime
+    from hubport.core.services import ConnectorService, ServiceRuntime
 
 KB, MB, GB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 
@@ -131,7 +131,7 @@ class ReceiveConnector:
 
     @classmethod
     def create_service(cls, runtime: ServiceRuntime) -> ConnectorService:
-        from plugins.smtp_receive.service import ReceiveService
+        from hubport.plugins.smtp_receive.service import ReceiveService
 
         return ReceiveService(runtime)
 

@@ -10,13 +10,13 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from core.addresses import AddressError, check_hostname, domain_of, domain_to_ascii
-from core.headers import HeaderField, ParsedMessage, make_received
-from core.model import SmtpResponse
-from plugins.smtp_receive.permissions import Right
+from hubport.core.addresses import AddressError, check_hostname, domain_of, domain_to_ascii
+from hubport.core.headers import HeaderField, ParsedMessage, make_received
+from hubport.core.model import SmtpResponse
+from hubport.plugins.smtp_receive.permissions import Right
 
 if TYPE_CHECKING:
-    from core.config import Organization
+    from hubport.core.config import Organization
 
 UNABLE_TO_RELAY = SmtpResponse(550, "5.7.1", "Unable to relay")
 USER_UNKNOWN = SmtpResponse(550, "5.1.1", "User unknown")

@@ -4,7 +4,7 @@ aiosmtpd gives the transport plumbing: the stream reader/writer, the STARTTLS up
 discards plaintext sent behind the command (CVE-2024-34083, fixed in 1.4.6) and resets the
 session (RFC 3207 §4.2), and the timer. Everything docs/reliability.md asks beyond that is here:
 commands must end in CRLF and carry no control characters, DATA is framed by
-``plugins.smtp_receive.data`` (no smuggling), pipelining into DATA is refused, every reply
+``hubport.plugins.smtp_receive.data`` (no smuggling), pipelining into DATA is refused, every reply
 carries an enhanced status code, a local fault answers ``451 4.3.0`` (never a 5xx, never
 internal text), and the 250 after DATA comes only after the durable commit.
 """
@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiosmtpd.smtp import SMTP
 
-from core.addresses import AddressError, normalize_address
-from core.failpoints import failpoint
-from core.headers import (
+from hubport.core.addresses import AddressError, normalize_address
+from hubport.core.failpoints import failpoint
+from hubport.core.headers import (
     MessageFormatError,
     message_id_of,
     parse_header_section,
     rebuild,
     subject_of,
 )
-from core.model import (
+from hubport.core.model import (
     Envelope,
     EnvelopeRecipient,
     MailFrom,
@@ -41,19 +41,19 @@ from core.model import (
     SmtpResponse,
     Submission,
 )
-from core.pipeline import Rejected
-from core.store import StoreError
-from plugins.smtp_receive import policy
-from plugins.smtp_receive.data import (
+from hubport.core.pipeline import Rejected
+from hubport.core.store import StoreError
+from hubport.plugins.smtp_receive import policy
+from hubport.plugins.smtp_receive.data import (
     READ_SIZE,
     DataReader,
     normalize_line_endings,
 )
-from plugins.smtp_receive.permissions import Principal, Right, rights_for
+from hubport.plugins.smtp_receive.permissions import Principal, Right, rights_for
 
 if TYPE_CHECKING:
-    from plugins.smtp_receive.connector import ReceiveConnector
-    from plugins.smtp_receive.service import ReceiveService
+    from hubport.plugins.smtp_receive.connector import ReceiveConnector
+    from hubport.plugins.smtp_receive.service import ReceiveService
 
 log = structlog.get_logger("hubport.smtp.receive")
 

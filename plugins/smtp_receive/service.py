@@ -24,16 +24,22 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from core.credentials import PasswordStore, hash_password, mailbox_for_login
-from core.model import SmtpResponse
-from core.protocol_log import ProtocolLog
-from core.services import ServiceError, ServiceRuntime
-from core.tls import CertificatePair, TlsConfigError, describe, ensure_self_signed, server_context
-from plugins.smtp_receive.connector import ReceiveConnector
-from plugins.smtp_receive.protocol import LOCAL_ERROR, ReceiveProtocol
+from hubport.core.credentials import PasswordStore, hash_password, mailbox_for_login
+from hubport.core.model import SmtpResponse
+from hubport.core.protocol_log import ProtocolLog
+from hubport.core.services import ServiceError, ServiceRuntime
+from hubport.core.tls import (
+    CertificatePair,
+    TlsConfigError,
+    describe,
+    ensure_self_signed,
+    server_context,
+)
+from hubport.plugins.smtp_receive.connector import ReceiveConnector
+from hubport.plugins.smtp_receive.protocol import LOCAL_ERROR, ReceiveProtocol
 
 if TYPE_CHECKING:
-    from core.config import Mailbox
+    from hubport.core.config import Mailbox
 
 log = structlog.get_logger("hubport.smtp.receive")
 logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-connection chatter
@@ -51,7 +57,7 @@ SMTP_EVENTS = ("on_connect", "on_helo", "on_starttls", "on_auth", "on_mail_from"
 
 
 class ReceiveService:
-    """Implements ``core.services.ConnectorService`` for ``[[receive_connector]]``."""
+    """Implements ``hubport.core.services.ConnectorService`` for ``[[receive_connector]]``."""
 
     def __init__(self, runtime: ServiceRuntime) -> None:
         self.runtime = runtime

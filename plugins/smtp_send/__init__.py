@@ -25,11 +25,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from agents.api import DeliveryContext, MailItem
-from core import hookimpl
-from core.model import NextHop
-from plugins.smtp_send.connector import SendConnector
-from plugins.smtp_send.delivery import RELAY_TYPES, deliver_items
+from hubport.agents.api import DeliveryContext, MailItem
+from hubport.core import hookimpl
+from hubport.core.model import NextHop
+from hubport.plugins.smtp_send.connector import SendConnector
+from hubport.plugins.smtp_send.delivery import RELAY_TYPES, deliver_items
 
 __all__ = ["RELAY_TYPES", "SendConnector", "deliver", "register_connector_types"]
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from core.address_space import AddressSpace
-from core.addresses import AddressError, check_hostname, domain_to_ascii
-from core.config_fields import ConfigContext, FieldReader
-from core.connectors import Connector
+from hubport.core.address_space import AddressSpace
+from hubport.core.addresses import AddressError, check_hostname, domain_to_ascii
+from hubport.core.config_fields import ConfigContext, FieldReader
+from hubport.core.connectors import Connector
 
 if TYPE_CHECKING:
-    from core.services import ConnectorService, ServiceRuntime
+    from hubport.core.services import ConnectorService, ServiceRuntime
 
 USAGES = ("Custom", "Internal", "Internet", "Partner")
 AUTH_MECHANISMS = ("None", "BasicAuth", "BasicAuthRequireTLS", "ExchangeServer",
@@ -128,7 +128,7 @@ class SendConnector(Connector):
     @classmethod
     def create_service(cls, runtime: ServiceRuntime) -> ConnectorService:
         """The service that keeps the Send protocol log (see ``service``)."""
-        from plugins.smtp_send.service import SendService
+        from hubport.plugins.smtp_send.service import SendService
 
         return SendService(runtime)
 

@@ -14,8 +14,8 @@ from email.generator import BytesGenerator
 from email.message import Message
 from io import BytesIO
 
-from core.headers import HeaderField, MessageFormatError, parse_header_section, rebuild
-from core.model import MailFrom, Notify
+from hubport.core.headers import HeaderField, MessageFormatError, parse_header_section, rebuild
+from hubport.core.model import MailFrom, Notify
 
 _ORG_PREFIXES = ("x-ms-exchange-organization-", "x-ms-exchange-forest-")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

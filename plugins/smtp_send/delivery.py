@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agents.api import (
+from hubport.agents.api import (
     DEFERRED,
     LOCAL_ERROR,
     DeferQueue,
@@ -37,18 +37,24 @@ from agents.api import (
     MailItem,
     RecipientResult,
 )
-from core.failpoints import failpoint
-from core.model import NextHop, QueuedRecipient, SmtpResponse
-from core.retry import retry_delay
-from plugins.smtp_send import content, resolver
-from plugins.smtp_send.connector import SendConnector
-from plugins.smtp_send.policy import AuthPolicy, TlsPolicy, auth_policy, intra_org_tls, tls_policy
-from plugins.smtp_send.protolog import open_session
-from plugins.smtp_send.resolver import Resolution, Target
-from plugins.smtp_send.session import SendOutcome, SessionFailure, SmtpSession
+from hubport.core.failpoints import failpoint
+from hubport.core.model import NextHop, QueuedRecipient, SmtpResponse
+from hubport.core.retry import retry_delay
+from hubport.plugins.smtp_send import content, resolver
+from hubport.plugins.smtp_send.connector import SendConnector
+from hubport.plugins.smtp_send.policy import (
+    AuthPolicy,
+    TlsPolicy,
+    auth_policy,
+    intra_org_tls,
+    tls_policy,
+)
+from hubport.plugins.smtp_send.protolog import open_session
+from hubport.plugins.smtp_send.resolver import Resolution, Target
+from hubport.plugins.smtp_send.session import SendOutcome, SessionFailure, SmtpSession
 
 if TYPE_CHECKING:
-    from core.config import TransportServer
+    from hubport.core.config import TransportServer
 
 log = structlog.get_logger("hubport.send")
 

@@ -2,7 +2,7 @@
 
 Decided from the connector before connecting, so the session only follows orders:
 whether to use STARTTLS, whether TLS is mandatory (never a plaintext fallback), what the
-certificate must prove, and how to authenticate. The SSL context comes from ``core.tls``
+certificate must prove, and how to authenticate. The SSL context comes from ``hubport.core.tls``
 when that module is there; otherwise it is built here with the standard library.
 """
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.model import SmtpResponse
+from hubport.core.model import SmtpResponse
 
 if TYPE_CHECKING:
-    from core.config import TransportServer
-    from plugins.smtp_send.connector import Credential, SendConnector
+    from hubport.core.config import TransportServer
+    from hubport.plugins.smtp_send.connector import Credential, SendConnector
 
 TLS_REQUIRED = SmtpResponse(451, "4.7.4", "SMTPSEND.TLS.Required; the next hop does not offer"
                                           " STARTTLS and RequireTLS is set")
@@ -47,7 +47,7 @@ class TlsPolicy:
     fqdn: str = ""
 
     def context(self) -> ssl.SSLContext:
-        """A client SSL context for this policy (core.tls when it exists)."""
+        """A client SSL context for this policy (hubport.core.tls when it exists)."""
         tls = _core_tls()
         client_pair = None
         if tls is not None and self.client_cert is None and self.self_signed_dir is not None:
@@ -81,7 +81,7 @@ class AuthPolicy:
 
 def _core_tls() -> Any:
     try:
-        return importlib.import_module("core.tls")
+        return importlib.import_module("hubport.core.tls")
     except ImportError:
         return None
 

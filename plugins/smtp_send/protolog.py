@@ -1,7 +1,7 @@
 """The Send protocol log: the ``SEND*`` files in SendProtocolLogPath
 (docs/exchange.md, "Message tracking and protocol logs").
 
-``core.protocol_log`` formats and writes the files; this module decides when. A connector
+``hubport.core.protocol_log`` formats and writes the files; this module decides when. A connector
 (or the intra-organization one) whose ProtocolLoggingLevel is Verbose gets one log session
 per TCP connection, opened once the connection is up so that the local and remote
 endpoints are the socket's own; a connection that cannot be made is logged as a session of
@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from core.protocol_log import ProtocolLog
+from hubport.core.protocol_log import ProtocolLog
 
 if TYPE_CHECKING:
-    from core.config import TransportServer
+    from hubport.core.config import TransportServer
 
 log = structlog.get_logger("hubport.send.protocol")
 
@@ -92,7 +92,7 @@ def send_logs() -> SendProtocolLogs:
 class ProtocolSession:
     """The log of one outbound connection attempt; every call is guarded and cheap.
 
-    `opener` (None when logging is off) opens a ``core.protocol_log`` session for the
+    `opener` (None when logging is off) opens a ``hubport.core.protocol_log`` session for the
     endpoints given to `connected`; `disconnected` ends it, so a reconnection (after a
     failed opportunistic STARTTLS) is a session of its own, as it is on the wire.
     """

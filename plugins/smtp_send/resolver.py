@@ -24,11 +24,11 @@ import dns.nameserver
 import dns.resolver
 import structlog
 
-from core.model import SmtpResponse
+from hubport.core.model import SmtpResponse
 
 if TYPE_CHECKING:
-    from core.config import Organization, TransportServer
-    from plugins.smtp_send.connector import SendConnector
+    from hubport.core.config import Organization, TransportServer
+    from hubport.plugins.smtp_send.connector import SendConnector
 
 log = structlog.get_logger("hubport.send.dns")
 

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.services import ServiceRuntime
-from plugins.smtp_send.protolog import send_logs
+from hubport.core.services import ServiceRuntime
+from hubport.plugins.smtp_send.protolog import send_logs
 
 
 class SendService:
-    """Implements ``core.services.ConnectorService`` for ``[[send_connector]]``."""
+    """Implements ``hubport.core.services.ConnectorService`` for ``[[send_connector]]``."""
 
     def __init__(self, runtime: ServiceRuntime) -> None:
         self.runtime = runtime

@@ -32,11 +32,11 @@ from aiosmtplib import (
     SMTPTimeoutError,
 )
 
-from agents.api import RecipientResult
-from core.model import MailFrom, QueuedRecipient, SmtpResponse
-from plugins.smtp_send import content
-from plugins.smtp_send.connector import CredentialError
-from plugins.smtp_send.policy import (
+from hubport.agents.api import RecipientResult
+from hubport.core.model import MailFrom, QueuedRecipient, SmtpResponse
+from hubport.plugins.smtp_send import content
+from hubport.plugins.smtp_send.connector import CredentialError
+from hubport.plugins.smtp_send.policy import (
     AUTH_NEEDS_TLS,
     AUTH_NOT_OFFERED,
     CREDENTIAL_UNAVAILABLE,
@@ -45,8 +45,8 @@ from plugins.smtp_send.policy import (
     AuthPolicy,
     TlsPolicy,
 )
-from plugins.smtp_send.protolog import ProtocolSession
-from plugins.smtp_send.resolver import Target
+from hubport.plugins.smtp_send.protolog import ProtocolSession
+from hubport.plugins.smtp_send.resolver import Target
 
 log = structlog.get_logger("hubport.send.session")
 

@@ -1,7 +1,7 @@
 """An SMS gateway delivery agent for hubport (DeliveryProtocol ``SMS``).
 
 Registered through the ``hubport`` entry-point group; writes one spool file per recipient,
-exactly once (``agents.api.FolderWriter``).
+exactly once (``hubport.agents.api.FolderWriter``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
-from agents.api import (
+from hubport.agents.api import (
     DeferQueue,
     DeliveryAgent,
     FolderWriter,
@@ -22,8 +22,8 @@ from agents.api import (
     MailItem,
     RecipientAddress,
 )
-from core import hookimpl
-from core.model import NextHop, SmtpResponse
+from hubport.core import hookimpl
+from hubport.core.model import NextHop, SmtpResponse
 
 __version__ = "0.1.0"
 

@@ -8,8 +8,8 @@ from typing import Any
 
 from hubport_sms_agent import number_of, sms_text
 
-from agents.api import recipient_address
-from plugins.pytest_plugin import message, wait_for
+from hubport.agents.api import recipient_address
+from hubport.plugins.pytest_plugin import message, wait_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 README_SPOOL = '"/var/spool/sms/outgoing"'
