@@ -16,7 +16,7 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hubport.agents.api import DeliveryAgent, ItemResult, MailItem
+from hubport.core.api import DeliveryAgent, ItemResult, MailItem
 from hubport.core.model import SmtpResponse
 
 if TYPE_CHECKING:

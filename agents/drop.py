@@ -3,7 +3,7 @@
 Each mail item becomes one file in the Replay format (``X-Sender``/``X-Receiver`` lines,
 then the message), so a drop file copied into ``replay/`` is submitted again unchanged.
 File names come from the queue's own ids, never from message data; the file appears
-exactly once (``hubport.agents.file_commit``). Organization and forest X-headers are removed first
+exactly once (``hubport.core.file_commit``). Organization and forest X-headers are removed first
 (the header firewall).
 """
 
@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from hubport.agents.api import (
+from hubport.core.api import (
     DeferQueue,
     DeliveryAgent,
     ItemResult,
     MailItem,
     RecipientResult,
 )
-from hubport.agents.file_commit import FilePlan, commit_files, response_for
+from hubport.core.file_commit import FilePlan, commit_files, response_for
 from hubport.core.folder_formats import format_replay
 from hubport.core.headers import parse_header_section, rebuild
 from hubport.core.model import NextHop, SmtpResponse

@@ -20,7 +20,7 @@ from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from hubport.agents.api import DeliveryAgent, ItemResult, MailItem
+from hubport.core.api import DeliveryAgent, ItemResult, MailItem
 from hubport.core.model import SmtpResponse
 
 if TYPE_CHECKING:

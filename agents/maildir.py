@@ -1,7 +1,7 @@
 """The Maildir writer: final delivery to local mailboxes.
 
 Each recipient gets one file in ``<StateDirectory>/mailboxes/<alias>/new``, named from the
-queue's ids, made visible exactly once (``hubport.agents.file_commit``): written in ``tmp/``,
+queue's ids, made visible exactly once (``hubport.core.file_commit``): written in ``tmp/``,
 synced, intent committed, renamed into ``new/``. Final delivery adds ``Return-Path`` (RFC
 5321 §4.4) and ``Delivered-To``, and stores lines with LF endings as Maildir readers expect.
 """
@@ -13,8 +13,8 @@ import mailbox
 from collections.abc import Sequence
 from pathlib import Path
 
-from hubport.agents.api import DeliveryAgent, ItemResult, MailItem, RecipientResult
-from hubport.agents.file_commit import FilePlan, commit_files, response_for
+from hubport.core.api import DeliveryAgent, ItemResult, MailItem, RecipientResult
+from hubport.core.file_commit import FilePlan, commit_files, response_for
 from hubport.core.headers import make_field
 from hubport.core.model import SmtpResponse
 

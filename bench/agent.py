@@ -45,8 +45,7 @@ DeliveryProtocol = "NOOP"
 
 AGENT = '''
 import os
-from hubport.agents.api import DeliveryAgent, ItemResult
-from hubport.core import hookimpl
+from hubport.core.api import DeliveryAgent, ItemResult, hookimpl
 
 COUNTER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "delivered.count")
 

@@ -70,6 +70,10 @@ class RouteTo:
     next_hop: NextHop
 
 
+#: what a ``categorize`` implementation returns to decide (``None``: no opinion)
+CategorizeResult = Redirect | Expand | Reject | RouteTo
+
+
 # -- decisions ---------------------------------------------------------------------------
 
 ROUTE = "route"

@@ -590,8 +590,6 @@ class PickupDirectory:
 
     async def _submit(self, c: Claimed) -> bool | str:
         """True when committed (file may go); a string is the reason it is bad."""
-        from hubport.core.pipeline import Rejected  # the pipeline imports us at run time only
-
         if c.error is not None:
             if isinstance(c.error, ContentRejected) and c.envelope is not None and c.stored:
                 response = SmtpResponse(c.error.code, c.error.enhanced, c.error.reason)
@@ -600,16 +598,15 @@ class PickupDirectory:
             return c.error.reason
         assert c.envelope is not None and c.stored is not None
         sub = self._submission(c, c.envelope, c.stored)
-        try:
-            await self.pipeline.submit(sub)
-        except Rejected as exc:
-            if exc.response.code >= 500 and sub.envelope.mail_from.address:
-                await self.pipeline.bounce(sub, exc.response)
-                return True
-            if exc.response.code >= 500:
-                return f"rejected by a receive agent: {exc.response}"
-            return False  # deferred by an agent: back to the folder, retried later
-        return True
+        refused = (await self.pipeline.submit(sub)).response
+        if refused is None:
+            return True
+        if refused.code >= 500 and sub.envelope.mail_from.address:
+            await self.pipeline.bounce(sub, refused)
+            return True
+        if refused.code >= 500:
+            return f"rejected by a receive agent: {refused}"
+        return False  # deferred by an agent: back to the folder, retried later
 
     def _submission(self, c: Claimed, envelope: Envelope, data: bytes) -> Submission:
         try:

@@ -88,6 +88,20 @@ class Registry:
         self.delivery_agents[key] = cls
 
 
+def _broken_entry_point() -> str:
+    """The first ``hubport`` entry point that does not load, with its distribution."""
+    for dist in importlib.metadata.distributions():
+        for point in dist.entry_points:
+            if point.group != PROJECT_NAME:
+                continue
+            try:
+                point.load()
+            except Exception:
+                return (f"{point.name!r} ({point.value}, from {dist.metadata['Name']} "
+                        f"{dist.version})")
+    return "(entry point group 'hubport')"
+
+
 class Hooks:
     """The pluggy manager plus hubport's async call helpers and registries."""
 
@@ -104,7 +118,11 @@ class Hooks:
             for name, module in BUILTIN_PLUGINS.items():
                 self.register_module(module, name=name)
         if entry_points:
-            self.pm.load_setuptools_entrypoints(PROJECT_NAME)
+            try:
+                self.pm.load_setuptools_entrypoints(PROJECT_NAME)
+            except Exception as exc:  # say which installed plugin, not a bare traceback
+                raise PluginError(f"cannot load installed plugin {_broken_entry_point()}: "
+                                  f"{exc}") from exc
         for extra in extra_modules:
             self.register_module(extra)
         self.pm.check_pending()

@@ -19,12 +19,22 @@ for ``deliver`` the item is deferred; repeated crashes send the message to Poiso
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hubport.core import hookspec
 
 if TYPE_CHECKING:
+    from hubport.core.categorizer import CategorizeResult, Decision
     from hubport.core.config import Organization
+    from hubport.core.connectors import Connector, ConnectorType
+    from hubport.core.delivery import (
+        DeferQueue,
+        DeliveryAgent,
+        DeliveryContext,
+        FailQueue,
+        ItemResult,
+        MailItem,
+    )
     from hubport.core.headers import ParsedMessage
     from hubport.core.model import (
         EnvelopeRecipient,
@@ -36,27 +46,30 @@ if TYPE_CHECKING:
         SmtpResponse,
         Submission,
     )
+    from hubport.core.routing import RouteCandidate
+
+# Every type named below is importable from ``hubport.core.api``.
 
 
 # -- registries (the tox pattern) ------------------------------------------------------
 
 
 @hookspec
-def register_connector_types(register: Callable[[type], None]) -> None:
+def register_connector_types(register: Callable[[type[ConnectorType]], None]) -> None:
     """Register connector types: call ``register(cls)`` once per class.
 
-    ``cls`` follows ``hubport.core.connectors.ConnectorType``: its ``section`` names the TOML array
-    of tables it reads (``foreign_connector``), ``from_config`` builds an instance.
-    Built-in types register through this same hook.
+    ``cls`` follows ``ConnectorType`` (usually a ``Connector`` subclass): its ``section``
+    names the TOML array of tables it reads (``foreign_connector``), ``from_config`` builds
+    an instance. Built-in types register through this same hook.
     """
 
 
 @hookspec
-def register_delivery_agents(register: Callable[[str, type], None]) -> None:
+def register_delivery_agents(register: Callable[[str, type[DeliveryAgent]], None]) -> None:
     """Register delivery agents: call ``register(protocol, cls)``.
 
     ``protocol`` is the ``DeliveryProtocol`` a Delivery Agent connector names; ``cls``
-    subclasses ``hubport.agents.api.DeliveryAgent``.
+    subclasses ``DeliveryAgent``.
     """
 
 
@@ -76,11 +89,11 @@ def receive(submission: Submission) -> SmtpResponse | None:
 @hookspec
 def categorize(
     message: QueuedMessage, recipient: QueuedRecipient, organization: Organization
-) -> Any:
+) -> CategorizeResult | None:
     """Resolve one recipient before the core's own resolution (first result).
 
     Return ``None`` to let the core resolve it against the organization, or one of the
-    ``hubport.core.categorizer`` results: ``Redirect(address)`` to replace the recipient,
+    categorizer results (``CategorizeResult``): ``Redirect(address)`` to replace the recipient,
     ``Expand([addresses])`` to replace it by several, ``Reject(SmtpResponse)`` to fail it
     (an NDR follows), ``RouteTo(next_hop)`` to send it to a fixed next hop.
     """
@@ -92,10 +105,10 @@ def route(
     recipient: QueuedRecipient,
     organization: Organization,
     server: str,
-) -> Any:
+) -> list[RouteCandidate] | None:
     """Offer extra candidate next hops for a recipient that needs a connector.
 
-    Return a list of ``hubport.core.routing.RouteCandidate`` (or ``None``). The core adds them to
+    Return a list of ``RouteCandidate`` (or ``None``). The core adds them to
     the candidates of the configured connectors and picks the most specific address space,
     then the lowest cost, then proximity, then the connector name
     (docs/exchange.md, "Address spaces and connector selection").
@@ -103,14 +116,20 @@ def route(
 
 
 @hookspec
-def deliver(next_hop: NextHop, connector: Any, items: list, context: Any) -> Any:
+def deliver(
+    next_hop: NextHop,
+    connector: Connector | None,
+    items: list[MailItem],
+    context: DeliveryContext,
+) -> list[ItemResult] | DeferQueue | FailQueue | None:
     """Deliver mail items of one delivery queue (first result).
 
     The plugin that owns the connector type (or the mailbox delivery) returns a list of
-    ``hubport.agents.api.ItemResult``, one per item in order, each with a result per recipient:
-    delivered, deferred (optionally with a retry time) or failed with an SMTP response.
-    Return ``None`` when ``connector`` is not yours. ``context`` is an
-    ``hubport.agents.api.DeliveryContext`` (intent journal for exactly-once writes, clock).
+    ``ItemResult``, one per item in order, each with a result per recipient: delivered,
+    deferred (optionally with a retry time) or failed with an SMTP response; or
+    ``DeferQueue``/``FailQueue`` for the whole batch. Return ``None`` when ``connector`` is
+    not yours (it is ``None`` for mailbox delivery, which names no connector). ``context``
+    is the ``DeliveryContext`` (intent journal for exactly-once writes, clock).
     """
 
 
@@ -123,7 +142,7 @@ def on_submitted(message: QueuedMessage) -> None:
 
 
 @hookspec
-def on_resolved(message: QueuedMessage, recipients: list) -> None:
+def on_resolved(message: QueuedMessage, recipients: list[Decision]) -> None:
     """Every recipient is resolved, before any ``route`` call (OnResolvedMessage).
 
     A recipient that needs a connector is a ``Decision`` of kind ``resolved`` without a
@@ -132,12 +151,12 @@ def on_resolved(message: QueuedMessage, recipients: list) -> None:
 
 
 @hookspec
-def on_routed(message: QueuedMessage, recipients: list) -> None:
+def on_routed(message: QueuedMessage, recipients: list[Decision]) -> None:
     """Groups are expanded and routes chosen (OnRoutedMessage)."""
 
 
 @hookspec
-def on_categorized(message: QueuedMessage, recipients: list) -> None:
+def on_categorized(message: QueuedMessage, recipients: list[Decision]) -> None:
     """The categorizer finished, just before the delivery queues (OnCategorizedMessage)."""
 
 

@@ -132,6 +132,20 @@ class Submission:
     context: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    """What submitting a message did: committed to the Submission queue as ``message_id``
+    (acknowledge it now), or refused by a ``receive`` hook with ``response`` (4xx: the
+    sender may try again later; 5xx: refused for good). Exactly one of the two is set."""
+
+    message_id: int | None = None
+    response: SmtpResponse | None = None
+
+    @property
+    def queued(self) -> bool:
+        return self.message_id is not None
+
+
 @dataclass(slots=True)
 class NextHop:
     """A NextHopSolutionKey: one delivery queue per distinct value."""

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from hubport.agents.api import (
+from hubport.core import queue as q
+from hubport.core.categorizer import EXPANDED, FAIL, ROUTE, UNREACHABLE, Categorized, Categorizer
+from hubport.core.delivery import (
     DEFERRED,
     DELIVERED,
     FAILED,
@@ -41,8 +43,6 @@ from hubport.agents.api import (
     MailItem,
     RecipientResult,
 )
-from hubport.core import queue as q
-from hubport.core.categorizer import EXPANDED, FAIL, ROUTE, UNREACHABLE, Categorized, Categorizer
 from hubport.core.directory import RecipientDirectory
 from hubport.core.dsn import DsnRecipient, build_dsn
 from hubport.core.failpoints import failpoint
@@ -58,6 +58,7 @@ from hubport.core.model import (
     RecipientStatus,
     SmtpResponse,
     Submission,
+    SubmitResult,
 )
 from hubport.core.queue import RecipientUpdate
 from hubport.core.retry import EXPIRED, retry_delay
@@ -79,14 +80,6 @@ SOURCE_OF_DELIVERY = {"MapiDelivery": "STOREDRIVER", "NonSmtpGatewayDelivery": "
 #: (recipient, response, tracking source) or with a fourth item: the remote MTA that refused
 Failure = tuple[QueuedRecipient, SmtpResponse, str] | tuple[QueuedRecipient, SmtpResponse,
                                                             str, str | None]
-
-
-class Rejected(Exception):
-    """A ``receive`` hook refused the message; ``response`` says how (4xx or 5xx)."""
-
-    def __init__(self, response: SmtpResponse) -> None:
-        super().__init__(str(response))
-        self.response = response
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,15 +296,16 @@ class Pipeline:
 
     # -- submission --------------------------------------------------------------------
 
-    async def submit(self, sub: Submission) -> int:
-        """Commit a message to the Submission queue; returns its internal id.
+    async def submit(self, sub: Submission) -> SubmitResult:
+        """Commit a message to the Submission queue: its internal id, or the response of the
+        ``receive`` hook that refused it (results as data).
 
-        Raises ``Rejected`` when a receive hook refuses it and ``StoreError`` when the
-        queue cannot commit (the caller must not acknowledge in either case).
+        Raises ``StoreError`` when the queue cannot commit: a fault of this server, not a
+        verdict on the message. The caller acknowledges only a result with a message id.
         """
         verdict = await self.hooks.call_first("receive", submission=sub)
         if isinstance(verdict, SmtpResponse) and verdict.code >= 400:
-            raise Rejected(verdict)
+            return SubmitResult(response=verdict)
         now = self.clock()
         expires = now + self.server.message_expiration_timeout
 
@@ -328,7 +322,7 @@ class Pipeline:
         msg_id = message.id
         self._categorizer_wake.set()
         await self.hooks.notify("on_submitted", message=message)
-        return msg_id
+        return SubmitResult(msg_id)
 
     async def bounce(self, sub: Submission, response: SmtpResponse) -> None:
         """Commit an NDR for a message refused before it was queued (Pickup limits, hooks).

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hubport.core.backpressure import INSUFFICIENT_RESOURCES, BackPressure
-from hubport.core.model import SmtpResponse, Submission
+from hubport.core.model import SmtpResponse, Submission, SubmitResult
 
 if TYPE_CHECKING:
     from hubport.core.config import Organization, TransportServer
@@ -70,11 +70,11 @@ class ServiceRuntime:
     def server(self) -> TransportServer:
         return self.organization.server(self.server_name)
 
-    async def submit(self, submission: Submission) -> int:
-        """Commit a message durably (``Pipeline.submit``); acknowledge only after it returns.
+    async def submit(self, submission: Submission) -> SubmitResult:
+        """Commit a message durably (``Pipeline.submit``): queued with its id, or refused by a
+        ``receive`` hook with its response. Acknowledge only a queued result.
 
-        Raises ``hubport.core.pipeline.Rejected`` (a receive hook said no) or
-        ``hubport.core.store.StoreError`` (nothing was committed).
+        Raises ``hubport.core.store.StoreError`` when nothing could be committed.
         """
         return await self.pipeline.submit(submission)
 

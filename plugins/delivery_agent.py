@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from hubport.agents.api import DeliveryAgent, DeliveryContext, MailItem
-from hubport.agents.runner import run_connections
 from hubport.core import hookimpl
+from hubport.core.agent_runner import run_connections
+from hubport.core.api import DeliveryAgent, DeliveryContext, MailItem
 from hubport.core.config_fields import ConfigContext, FieldReader
 from hubport.core.connectors import Connector
 from hubport.core.failpoints import failpoint

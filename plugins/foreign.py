@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from hubport.agents.api import DeliveryContext, MailItem
 from hubport.agents.drop import DropDirectoryAgent
-from hubport.agents.runner import run_agent
 from hubport.core import hookimpl
+from hubport.core.agent_runner import run_agent
+from hubport.core.api import DeliveryContext, MailItem
 from hubport.core.config_fields import ConfigContext, FieldReader
 from hubport.core.connectors import Connector
 from hubport.core.model import NextHop

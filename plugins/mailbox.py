@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from hubport.agents.api import DeliveryContext, MailItem
 from hubport.agents.maildir import MaildirAgent
-from hubport.agents.runner import run_agent
 from hubport.core import hookimpl
+from hubport.core.agent_runner import run_agent
+from hubport.core.api import DeliveryContext, MailItem
 from hubport.core.model import NextHop
 
 

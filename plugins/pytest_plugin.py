@@ -49,7 +49,7 @@ from hubport.core.model import NextHop
 from hubport.core.tracking import search
 
 if TYPE_CHECKING:  # the daemon and the agent API are imported only when a test uses them
-    from hubport.agents.api import DeliveryAgent, ItemResult, MailItem
+    from hubport.core.api import DeliveryAgent, ItemResult, MailItem
     from hubport.core.daemon import Daemon
 
 T = TypeVar("T")
@@ -526,7 +526,7 @@ def mail_item(sender: str = "alice@contoso.test",
     an address to the file name a previous attempt recorded for it (a ``FolderWriter``
     recovery after a crash).
     """
-    from hubport.agents.api import MailItem as Item
+    from hubport.core.api import MailItem as Item
     from hubport.core.model import MailFrom, QueuedMessage, QueuedRecipient, RecipientStatus
 
     if isinstance(recipients, str):
@@ -542,10 +542,13 @@ def mail_item(sender: str = "alice@contoso.test",
                             drop_intent=intents.get(address))
             for rid, address in zip(ids, recipients)]
     now = time.time()
-    subject = message_from_bytes(content).get("Subject", "") or ""
-    queued = QueuedMessage(message_id, f"kit-{message_id}", f"<kit-{message_id}@kit.test>",
-                           MailFrom(sender), content, len(content), "REPLAY", "", str(subject),
-                           now, now + 2 * 86400)
+    parsed = message_from_bytes(content)
+    subject = parsed.get("Subject", "") or ""
+    header_id = str(parsed.get("Message-ID", "") or "").strip()
+    queued = QueuedMessage(message_id, f"kit-{message_id}",
+                           header_id or f"<kit-{message_id}@kit.test>", MailFrom(sender),
+                           content, len(content), "REPLAY", "", str(subject), now,
+                           now + 2 * 86400)
     hop = next_hop or NextHop("DeliveryAgent", AGENT_HOP_DOMAIN, "Agent")
     return Item(queued, rows, hop, queue_id, default_domain)
 
@@ -573,8 +576,15 @@ class AgentRun:
 
     def statuses(self) -> dict[str, str]:
         """Each recipient address → ``"delivered 250 2.0.0 OK"``, ``"deferred 451 ..."``,
-        ``"failed 550 ..."`` or ``"unacknowledged"`` (the transport defers those)."""
+        ``"failed 550 ..."`` or ``"unacknowledged"`` (the transport defers those). After a
+        whole-queue answer every recipient shows it, as the transport applies it."""
+        from hubport.core.api import DeferQueue, FailQueue
+
         seen: dict[str, str] = {}
+        if isinstance(self.outcome, (DeferQueue, FailQueue)):
+            kind = "deferred" if isinstance(self.outcome, DeferQueue) else "failed"
+            return {r.address: f"{kind} {self.outcome.response}"
+                    for item in self.items for r in item.recipients}
         for item, result in zip(self.items, self.results):
             for r in item.recipients:
                 got = result.recipients.get(r.id)
@@ -636,7 +646,7 @@ class AgentHarness:
         async def record_intent(intents: dict[int, str]) -> None:
             self.intents.update(intents)
 
-        from hubport.agents.api import DeliveryContext as Context
+        from hubport.core.api import DeliveryContext as Context
         self.context = Context(self.organization, self.organization.server("HUB01"),
                                RecipientDirectory(self.organization), record_intent, clock,
                                store_id="kitstore")
@@ -660,7 +670,7 @@ class AgentHarness:
         """Deliver ``items`` as the connector does: connections of MaxMessagesPerConnection
         items (at most MaxConcurrentConnections at once), each open → ``deliver`` per item
         (or ``deliver_many``) → close within ConnectionTimeout."""
-        from hubport.agents.runner import run_connections
+        from hubport.core.agent_runner import run_connections
 
         batch = [items] if not isinstance(items, Sequence) else list(items)
         connector = self.connector

@@ -26,7 +26,7 @@ from support import wait_for_value
 pytestmark = pytest.mark.timeout(120)
 
 AGENT = '''
-from hubport.agents.api import DeferQueue, DeliveryAgent, ItemResult
+from hubport.core.api import DeferQueue, DeliveryAgent, ItemResult
 from hubport.core import hookimpl
 from hubport.core.model import SmtpResponse
 

@@ -23,7 +23,7 @@ import pytest
 
 import hubport.plugins.smtp_receive.protocol as receive_protocol
 from daemon_process import child_env, daemon_pool, hubport_command, queue_counts
-from hubport.agents.api import DELIVERED, DeferQueue
+from hubport.core.api import DELIVERED, DeferQueue
 from hubport.plugins.smtp_send.resolver import LocalIdentity, make_resolver, resolve_mx
 from send_peers import ScriptedDns, ScriptedSink, make_ca
 from smtp_support import (

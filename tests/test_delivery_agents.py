@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from hubport.agents.api import (
+from hubport.agents.http import retry_after
+from hubport.core.agent_runner import AGENT_TIMEOUT, run_agent, run_connections
+from hubport.core.api import (
     DEFERRED,
     DELIVERED,
     FAILED,
@@ -24,8 +26,6 @@ from hubport.agents.api import (
     MailItem,
     recipient_address,
 )
-from hubport.agents.http import retry_after
-from hubport.agents.runner import AGENT_TIMEOUT, run_agent, run_connections
 from hubport.core.config import parse_organization
 from hubport.core.config_fields import ConfigErrors
 from hubport.core.hooks import Hooks
@@ -315,7 +315,7 @@ def test_an_agent_class_that_is_not_a_delivery_agent_is_a_config_error() -> None
 
 LOCAL_AGENT = '''
 import asyncio
-from hubport.agents.api import DeferQueue, DeliveryAgent, ItemResult
+from hubport.core.api import DeferQueue, DeliveryAgent, ItemResult
 from hubport.core import hookimpl
 from hubport.core.model import SmtpResponse
 
@@ -511,7 +511,7 @@ async def test_command_agent_exit_codes_environment_and_timeout(hubport_hub_fact
 
 
 def test_every_agent_api_member_is_documented_in_docs_agents_md() -> None:
-    from hubport.agents import api
+    from hubport.core import api
     from support import undocumented_members
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "agents.md").read_text()

@@ -1,7 +1,7 @@
 """Foreign connector Drop folders: missing folder, quota, file format, exactly-once, disk full.
 
 The daemon cases run a real in-process hub (docs/reliability.md case 72); the recovery
-protocol of ``hubport.agents.file_commit`` is also checked on its own with a fake delivery context.
+protocol of ``hubport.core.file_commit`` is also checked on its own with a fake delivery context.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-import hubport.agents.file_commit as file_commit
-from hubport.agents.api import DeliveryContext
-from hubport.agents.file_commit import FilePlan, commit_files
+import hubport.core.file_commit as file_commit
+from hubport.core.api import DeliveryContext
 from hubport.core.config import parse_organization
 from hubport.core.config_fields import ConfigErrors
+from hubport.core.file_commit import FilePlan, commit_files
 from hubport.core.headers import parse_header_section
 from hubport.core.hooks import Hooks
 from support import (
@@ -196,7 +196,7 @@ async def test_round_trip_through_replay(hub_factory: HubFactory) -> None:
         assert sources == ["PICKUP", "ADMIN"]
 
 
-# -- exactly once: hubport.agents.file_commit on its own ----------------------------------------------
+# -- exactly once: hubport.core.file_commit on its own ----------------------------------------------
 
 
 class Recorder:

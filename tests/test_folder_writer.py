@@ -1,4 +1,4 @@
-"""``hubport.agents.api.FolderWriter``: a third-party agent's files appear exactly once, even when the
+"""``hubport.core.api.FolderWriter``: a third-party agent's files appear exactly once, even when the
 real daemon is SIGKILLed between writing a file and the queue's commit of the delivery
 (docs/agents.md, "No loss, no duplicate")."""
 
@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 from daemon_process import Daemon, DaemonPool, daemon_pool, queue_counts
-from hubport.agents.api import DEFERRED, DELIVERED, DeliveryContext, FolderWriter, ItemResult
+from hubport.core.api import DEFERRED, DELIVERED, DeliveryContext, FolderWriter, ItemResult
 from hubport.core.model import QueuedRecipient, RecipientStatus, SmtpResponse
 from hubport.plugins.pytest_plugin import drop_in, replay_file, write_org
 from ledger import folders_empty
 
 #: a quick local agent, beside the organization file, that writes one file per recipient
 SPOOL_AGENT = '''
-from hubport.agents.api import DeliveryAgent, FolderWriter, ItemResult
+from hubport.core.api import DeliveryAgent, FolderWriter, ItemResult
 from hubport.core import hookimpl
 
 

@@ -21,8 +21,8 @@ import pytest
 
 import hubport.plugins.foreign
 import hubport.plugins.pytest_plugin as kit
-from hubport.agents.api import DeferQueue, DeliveryAgent, FolderWriter, ItemResult, MailItem
-from hubport.agents.runner import AGENT_TIMEOUT
+from hubport.core.agent_runner import AGENT_TIMEOUT
+from hubport.core.api import DeferQueue, DeliveryAgent, FolderWriter, ItemResult, MailItem
 from hubport.core.config_fields import ConfigErrors
 from hubport.core.hooks import Hooks, PluginError
 from hubport.core.model import NextHop, SmtpResponse
@@ -31,7 +31,7 @@ from hubport.plugins.pytest_plugin import Hub, message, wait_for, wait_for_sync,
 ROOT = Path(__file__).resolve().parents[1]
 
 AGENT = '''
-from hubport.agents.api import DeliveryAgent, ItemResult
+from hubport.core.api import DeliveryAgent, ItemResult
 from hubport.core import hookimpl
 from hubport.core.model import SmtpResponse
 
@@ -112,6 +112,15 @@ async def test_a_bad_plugins_entry_fails_before_a_daemon_starts(
     with pytest.raises(TypeError, match=r"not <object object"):
         async with hubport_hub_factory(plugins=[object()]):
             raise AssertionError("the hub must not start")
+
+
+def test_an_installed_plugin_that_does_not_import_is_named_with_its_distribution(
+        installed: str, tmp_path: Path) -> None:
+    (tmp_path / "site" / "kit_installed.py").write_text("import no_such_module_anywhere\n")
+    with pytest.raises(PluginError, match=r"^cannot load installed plugin 'kitplug' "
+                       r"\(kit_installed, from kit-installed-plugin 1\.0\): "
+                       r"No module named 'no_such_module_anywhere'"):
+        Hooks()
 
 
 # -- a plugin named although installed already --------------------------------------------------
@@ -374,6 +383,8 @@ async def test_harness_reports_a_queue_level_answer_and_refuses_bad_fields(
     assert run.outcome == DeferQueue(SmtpResponse(421, "4.4.2", "gateway down"), retry_in=30)
     with pytest.raises(AssertionError, match="whole queue: DeferQueue"):
         run.results  # noqa: B018
+    # statuses() shows the whole-queue answer on every recipient, as the transport applies it
+    assert run.statuses() == {"someone@agent.test": "deferred 421 4.4.2 gateway down"}
     with pytest.raises(ConfigErrors, match="Nonsense"):
         hubport_agent_harness(SpoolAgent, {"Nonsense": 1})
     with pytest.raises(TypeError, match="connector field Spool"):
@@ -387,6 +398,10 @@ def test_mail_item_builds_what_deliver_is_handed() -> None:
         (70, 7, "x@agent.test"), (71, 7, "IMCEASMS-+2B1555@contoso.test")]
     assert item.message.mail_from.address == "carol@contoso.test"
     assert b"To: x@agent.test" in item.data and item.message.subject == "hello"
+    assert item.message.message_id == "<kit-7@kit.test>"  # the data has no Message-ID
+    # with one, the item carries it as the queue would
+    headed = kit.mail_item(data=kit.message(message_id="<abc@example.test>", subject="s"))
+    assert (headed.message.message_id, headed.message.subject) == ("<abc@example.test>", "s")
     assert item.address_of(item.recipients[1]).proxy_address == "SMS:+1555"
     assert [e.address for e in item.envelope.recipients] == [r.address for r in item.recipients]
     with pytest.raises(TypeError, match="list of addresses"):
@@ -428,7 +443,7 @@ def test_unwritable_folder_is_restored_at_teardown(tmp_path: Path) -> None:
 
 PROCESS_AGENT = '''
 import os
-from hubport.agents.api import DeliveryAgent, ItemResult
+from hubport.core.api import DeliveryAgent, ItemResult
 from hubport.core import hookimpl
 
 class CountingAgent(DeliveryAgent):

@@ -45,7 +45,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar
 
-from hubport.agents.api import DeferQueue, ItemResult
+from hubport.core.api import DeferQueue, ItemResult
 from hubport.core import hookimpl
 from hubport.core.connectors import Connector
 from hubport.core.model import SmtpResponse

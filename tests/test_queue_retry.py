@@ -27,15 +27,15 @@ from typing import Any
 import pytest
 
 import hubport.core.daemon
-from hubport.agents.api import (
+from hubport.core import hookimpl
+from hubport.core import queue as q
+from hubport.core.api import (
     DELIVERED,
     DeferQueue,
     ItemResult,
     MailItem,
     RecipientResult,
 )
-from hubport.core import hookimpl
-from hubport.core import queue as q
 from hubport.core.daemon import Daemon
 from hubport.core.hooks import Hooks
 from hubport.core.model import (

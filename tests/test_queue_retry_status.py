@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from daemon_process import child_env, hubport_command
-from hubport.agents.api import DeferQueue, DeliveryContext, MailItem
+from hubport.core.api import DeferQueue, DeliveryContext, MailItem
 from hubport.core.config import load_organization
 from hubport.core.directory import RecipientDirectory
 from hubport.core.hooks import Hooks

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from hubport.agents.api import DEFERRED, DELIVERED, FAILED, DeferQueue, DeliveryContext, MailItem
+from hubport.core.api import DEFERRED, DELIVERED, FAILED, DeferQueue, DeliveryContext, MailItem
 from hubport.core.config import Organization, load_organization
 from hubport.core.config_fields import ConfigError
 from hubport.core.directory import RecipientDirectory

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hubport.agents.api import DELIVERED, FAILED, DeferQueue
+from hubport.core.api import DELIVERED, FAILED, DeferQueue
 from hubport.core.model import NextHop
 from hubport.plugins.smtp_send import resolver
 from hubport.plugins.smtp_send.resolver import LocalIdentity, make_resolver, order_mx, resolve_mx

@@ -41,7 +41,6 @@ from hubport.core.model import (
     SmtpResponse,
     Submission,
 )
-from hubport.core.pipeline import Rejected
 from hubport.core.store import StoreError
 from hubport.plugins.smtp_receive import policy
 from hubport.plugins.smtp_receive.data import (
@@ -966,13 +965,14 @@ class ReceiveProtocol(SMTP):
         try:
             # shielded: a client that leaves now must not cut the commit short (its
             # message is then queued and tracked whole, a duplicate at worst)
-            internal = await asyncio.shield(self.service.runtime.submit(submission))
-        except Rejected as exc:
-            return exc.response
+            result = await asyncio.shield(self.service.runtime.submit(submission))
         except StoreError:
             log.error("queue commit failed; the client is told to retry",
                       session=info.session_id)
             return LOCAL_ERROR
+        if result.response is not None:  # a receive hook refused it
+            return result.response
+        internal = result.message_id
         info.messages += 1
         failpoint("after_receive_commit_before_reply")  # crash tests: queued, 250 never sent
         ident = f"<{submission.message_id.strip('<>')}> " if submission.message_id else ""

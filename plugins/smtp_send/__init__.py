@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hubport.agents.api import DeliveryContext, MailItem
 from hubport.core import hookimpl
+from hubport.core.api import DeliveryContext, MailItem
 from hubport.core.model import NextHop
 from hubport.plugins.smtp_send.connector import SendConnector
 from hubport.plugins.smtp_send.delivery import RELAY_TYPES, deliver_items

@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from hubport.agents.api import (
+from hubport.core.api import (
     DEFERRED,
-    LOCAL_ERROR,
     DeferQueue,
     DeliveryContext,
     ItemResult,
     MailItem,
     RecipientResult,
 )
+from hubport.core.delivery import LOCAL_ERROR
 from hubport.core.failpoints import failpoint
 from hubport.core.model import NextHop, QueuedRecipient, SmtpResponse
 from hubport.core.retry import retry_delay

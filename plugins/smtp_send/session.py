@@ -32,7 +32,7 @@ from aiosmtplib import (
     SMTPTimeoutError,
 )
 
-from hubport.agents.api import RecipientResult
+from hubport.core.api import RecipientResult
 from hubport.core.model import MailFrom, QueuedRecipient, SmtpResponse
 from hubport.plugins.smtp_send import content
 from hubport.plugins.smtp_send.connector import CredentialError

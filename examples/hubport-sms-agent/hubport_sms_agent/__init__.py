@@ -1,7 +1,7 @@
 """An SMS gateway delivery agent for hubport (DeliveryProtocol ``SMS``).
 
 Registered through the ``hubport`` entry-point group; writes one spool file per recipient,
-exactly once (``hubport.agents.api.FolderWriter``).
+exactly once (``hubport.core.api.FolderWriter``).
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
 
-from hubport.agents.api import (
+from hubport.core.api import (
     DeferQueue,
     DeliveryAgent,
     FolderWriter,
     ItemResult,
     MailItem,
+    NextHop,
     RecipientAddress,
+    SmtpResponse,
+    hookimpl,
 )
-from hubport.core import hookimpl
-from hubport.core.model import NextHop, SmtpResponse
 
 __version__ = "0.1.0"
 

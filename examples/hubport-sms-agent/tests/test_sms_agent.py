@@ -8,7 +8,7 @@ from typing import Any
 
 from hubport_sms_agent import number_of, sms_text
 
-from hubport.agents.api import recipient_address
+from hubport.core.api import recipient_address
 from hubport.plugins.pytest_plugin import message, wait_for
 
 README = Path(__file__).resolve().parents[1] / "README.md"

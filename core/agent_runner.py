@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from hubport.agents.api import (
+from hubport.core.delivery import (
     LOCAL_ERROR,
     DeferQueue,
     DeliveryAgent,

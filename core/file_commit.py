@@ -1,5 +1,5 @@
 """Exactly-once file delivery: the protocol shared by the Drop and Maildir writers and by
-``hubport.agents.api.FolderWriter``, its public form for third-party agents.
+``hubport.core.delivery.FolderWriter``, its public form for third-party agents.
 
 1. Write each file under a temporary name the consumer ignores; sync them (batched).
 2. Commit "written as <intent>" for the recipients in the queue.
@@ -26,8 +26,8 @@ from hubport.core.durable import fsync_dir, rename_noreplace, sync_many, write_n
 from hubport.core.failpoints import failpoint
 from hubport.core.model import SmtpResponse
 
-if TYPE_CHECKING:  # hubport.agents.api imports this module for FolderWriter
-    from hubport.agents.api import DeliveryContext
+if TYPE_CHECKING:  # hubport.core.delivery imports this module for FolderWriter
+    from hubport.core.delivery import DeliveryContext
 
 
 @dataclass(slots=True)
