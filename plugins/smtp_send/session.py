@@ -1,8 +1,10 @@
 """One outbound SMTP connection: connect, EHLO, STARTTLS, AUTH, then transactions.
 
 Built on aiosmtplib with explicit control of every step (no automatic STARTTLS, no
-``sendmail``): MAIL and RCPT go through ``execute_command`` with the address exactly as
-queued, so the per-recipient replies are kept and nothing is re-parsed. Every outcome is
+``sendmail``): MAIL and RCPT carry the address exactly as queued, so the per-recipient
+replies are kept and nothing is re-parsed. A next hop that offers PIPELINING (RFC 2920)
+gets MAIL, every RCPT and DATA in one write, and every reply is read back in order
+(``pipelining.ReplyReader``); others get one command at a time. Every outcome is
 data (``SmtpResponse`` per recipient); only ``open`` raises, with ``SessionFailure``.
 
 Rules (docs/reliability.md 63–65): success is the 250 after DATA, whatever QUIT does (QUIT has a
@@ -36,6 +38,7 @@ from hubport.core.api import RecipientResult
 from hubport.core.model import MailFrom, QueuedRecipient, SmtpResponse
 from hubport.plugins.smtp_send import content
 from hubport.plugins.smtp_send.connector import CredentialError
+from hubport.plugins.smtp_send.pipelining import ReplyReader, data_block, lent_connection
 from hubport.plugins.smtp_send.policy import (
     AUTH_NEEDS_TLS,
     AUTH_NOT_OFFERED,
@@ -325,9 +328,9 @@ class SmtpSession:
                                        dsn=dsn, size_ext="size" in ext)
         encoding = "utf-8" if utf8 else "ascii"
         self.messages += 1
+        transaction = self._pipelined if "pipelining" in ext else self._transaction
         try:
-            return await self._transaction(mail_from, recipients, data, options, dsn,
-                                           encoding, out)
+            return await transaction(mail_from, recipients, data, options, dsn, encoding, out)
         except (SMTPServerDisconnected, ConnectionError):
             self.close()
             return _fill(out, recipients, RecipientResult.deferred(DROPPED))
@@ -388,6 +391,76 @@ class SmtpSession:
             await self._reset()
             return out
         return await self._data(accepted, data, out, dsn=dsn)
+
+    async def _pipelined(self, mail_from: MailFrom, recipients: Sequence[QueuedRecipient],
+                         data: bytes, options: list[str], dsn: bool, encoding: str,
+                         out: SendOutcome) -> SendOutcome:
+        """MAIL, every RCPT and DATA in one write (RFC 2920), then their replies in order.
+
+        Every reply of the group is read before anything else is sent, whatever the earlier
+        ones said, so each refusal is the server's own answer. A DATA that the server takes
+        (354) with nothing to deliver is ended at once with an empty message.
+        """
+        assert self.smtp is not None and self.smtp.protocol is not None
+        protocol = self.smtp.protocol
+        sender = f"<{mail_from.address}>".encode(encoding)
+        todo = [r for r in recipients if r.id not in out.results]
+        group = [b" ".join([b"MAIL", b"FROM:" + sender, *(o.encode("ascii") for o in options)])]
+        for r in todo:
+            opts = content.rcpt_options(r.notify, r.orcpt, dsn=dsn)
+            group.append(b" ".join([b"RCPT", f"TO:<{r.address}>".encode(encoding),
+                                    *(o.encode("ascii") for o in opts)]))
+        group.append(b"DATA")
+        final: SmtpResponse | None = None
+        with lent_connection(protocol) as reader:
+            for line in group:
+                self.plog.sent(line.decode(encoding, "replace"))
+            reader.write(b"".join(line + b"\r\n" for line in group))
+            mail = await self._reply(reader)
+            replies = [(r, await self._reply(reader)) for r in todo]
+            go = await self._reply(reader)
+            accepted = [r for r, reply in replies if reply.code in (250, 251)]
+            if go.code == 354 and (mail.code != 250 or not accepted):
+                self.plog.sent(".")
+                reader.write(b".\r\n")
+                await self._reply(reader)
+            elif go.code == 354:
+                self.plog.info(f"<message of {len(data)} bytes>")
+                reader.write(data_block(data))
+                try:
+                    await reader.drain()
+                    final = await self._reply(reader)
+                except (SMTPServerDisconnected, SMTPTimeoutError, SMTPResponseException,
+                        ConnectionError):
+                    self.plog.info("no usable reply to the message")
+                    final = DROPPED_AFTER_DATA
+        if final is DROPPED_AFTER_DATA:
+            self.close()
+            return _fill(out, accepted, RecipientResult.deferred(DROPPED_AFTER_DATA))
+        if mail.code != 250:
+            refused: RecipientResult | None = _classify(mail, self.target.host)
+        else:
+            for r, reply in replies:
+                if reply.code not in (250, 251):
+                    out.results[r.id] = _classify(reply, self.target.host)
+            refused = None if not accepted or final is not None else _classify(
+                go, self.target.host)
+        if 421 in (mail.code, go.code) or any(reply.code == 421 for _, reply in replies):
+            self.close()  # the server is going away: what it did not take is deferred
+            return _fill(out, recipients, RecipientResult.deferred(DROPPED))
+        if final is not None and final.code == 250:
+            # a peer without DSN got no NOTIFY: a NOTIFY=SUCCESS is ours to answer, "relayed"
+            return _fill(out, accepted, RecipientResult.delivered(final, relayed=not dsn))
+        await self._reset()
+        if final is not None:
+            refused = _classify(final, self.target.host)
+        return _fill(out, accepted if mail.code == 250 else recipients,
+                     refused) if refused is not None else out
+
+    async def _reply(self, reader: ReplyReader) -> SmtpResponse:
+        reply = await reader.read(self.timeout)
+        self.plog.reply(reply.code, reply.message)
+        return response_of(reply.code, reply.message)
 
     async def _data(self, accepted: list[QueuedRecipient], data: bytes, out: SendOutcome,
                     *, dsn: bool) -> SendOutcome:
