@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import emit
+
 ORG = """
 [[accepted_domain]]
 Name = "contoso.test"
@@ -46,6 +48,8 @@ Name = "Fax Gateway"
 AddressSpaces = ["FAX:*"]
 CreateDropDirectory = true
 """
+
+QUIET = False  # --json: only the JSON line
 
 BODY = ("This is a small test message body line for the ingestion benchmark.\n" * 25)
 
@@ -101,9 +105,30 @@ def run_case(root: Path, name: str, target: Path, make: callable, folder: Path, 
     elapsed = time.monotonic() - start
     rate = n / elapsed
     cpu = cpu_seconds(pid) - cpu_before
-    print(f"{name:<18} {n:>6} files in {elapsed:6.2f} s = {rate:7.0f} files/s"
-          f"  (daemon CPU {cpu:.1f} s = {cpu / n * 1000:.2f} ms/file;"
-          f" renaming in took {renamed:.2f} s)")
+    if not QUIET:
+        print(f"{name:<18} {n:>6} files in {elapsed:6.2f} s = {rate:7.0f} files/s"
+              f"  (daemon CPU {cpu:.1f} s = {cpu / n * 1000:.2f} ms/file;"
+              f" renaming in took {renamed:.2f} s)")
+    return rate
+
+
+def raw_loop(root: Path, n: int) -> float:
+    """The floor to compare ingestion with: read, parse (the Replay reader) and delete the
+    same files in one loop, in this process, with no queue, commit or delivery."""
+    from hubport.core.folder_formats import parse_replay
+
+    stage = root / "stage-raw"
+    stage.mkdir()
+    for i in range(n):
+        (stage / f"m{i:06d}.eml").write_bytes(replay_message(i))
+    start = time.monotonic()
+    for entry in os.scandir(stage):
+        with open(entry.path, "rb") as f:
+            parse_replay(f.read(), default_domain="contoso.test", server_name="HUB01")
+        os.unlink(entry.path)
+    rate = n / (time.monotonic() - start)
+    if not QUIET:
+        print(f"{'raw read+parse+delete':<18} {n:>6} files = {rate:7.0f} files/s")
     return rate
 
 
@@ -126,7 +151,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000)
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
     args = parser.parse_args()
+    global QUIET
+    QUIET = args.json
+    results: dict[str, list[float]] = {}
+    for _ in range(args.runs):
+        for case, rate in one_run(args.count, args.keep).items():
+            results.setdefault(case, []).append(rate)
+    emit(f"Folder ingestion, {args.count} files per case (durable end to end)", "files/s",
+         results, as_json=args.json)
+
+
+def one_run(count_: int, keep: bool) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="hubport-bench-"))
     (root / "org.toml").write_text(ORG)
     log = open(root / "daemon.log", "wb")
@@ -140,14 +178,21 @@ def main() -> None:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("daemon did not start: see " + str(root / "daemon.log"))
             time.sleep(0.05)
-        print(f"hubport ingestion benchmark, {os.cpu_count()} CPUs, {args.count} files per case")
-        run_case(root, "replay -> drop", root / "drop" / "Fax Gateway", replay_message,
-                 root / "replay", args.count, ".eml", proc.pid)
-        run_case(root, "pickup -> Maildir", root / "var" / "mailboxes" / "Bob" / "new",
-                 pickup_message, root / "pickup", args.count, pid=proc.pid)
+        if not QUIET:
+            print(f"hubport ingestion benchmark, {os.cpu_count()} CPUs, {count_} files per case")
+        return {
+            "Replay -> Drop": run_case(root, "replay -> drop", root / "drop" / "Fax Gateway",
+                                       replay_message, root / "replay", count_, ".eml",
+                                       proc.pid),
+            "Pickup -> Maildir": run_case(root, "pickup -> Maildir",
+                                          root / "var" / "mailboxes" / "Bob" / "new",
+                                          pickup_message, root / "pickup", count_,
+                                          pid=proc.pid),
+            "raw read + parse + delete loop": raw_loop(root, count_),
+        }
     finally:
         profiling = os.environ.get("HUBPORT_BENCH_PROFILE")
-        stop_daemon(proc, log, root, args.keep, signal.SIGINT if profiling else signal.SIGTERM)
+        stop_daemon(proc, log, root, keep, signal.SIGINT if profiling else signal.SIGTERM)
 
 
 if __name__ == "__main__":

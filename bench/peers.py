@@ -8,6 +8,7 @@ folder under the bench folder).
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -137,9 +138,21 @@ def sink(folder: Path) -> Iterator[Sink]:
         process.wait(30)
 
 
+def maildir_transport(mail: Path) -> str:
+    """main.cf lines: virtual(8) delivers every contoso.test recipient to the Maildir
+    ``mail/bob/`` as the user nobody (fsync'd, as Postfix always delivers)."""
+    user = pwd.getpwnam("nobody")
+    return (f"relay_domains =\nvirtual_mailbox_domains = contoso.test\n"
+            f"virtual_mailbox_base = {mail}\nvirtual_mailbox_maps = static:bob/\n"
+            f"virtual_uid_maps = static:{user.pw_uid}\nvirtual_gid_maps = static:{user.pw_gid}\n"
+            "virtual_minimum_uid = 1\nvirtual_destination_concurrency_limit = 20\n")
+
+
 @contextmanager
-def postfix(root: Path, *, relayhost: int | None = None) -> Iterator[int]:
-    """A private Postfix on its own port: discards, or relays to ``[127.0.0.1]:relayhost``."""
+def postfix(root: Path, *, relayhost: int | None = None, maildir: Path | None = None
+            ) -> Iterator[int]:
+    """A private Postfix on its own port: discards, relays to ``[127.0.0.1]:relayhost``, or
+    delivers to the Maildir ``maildir/bob/`` with virtual(8)."""
     shutil.rmtree(root, ignore_errors=True)
     for name in ("conf", "queue", "data"):
         (root / name).mkdir(parents=True)
@@ -149,9 +162,16 @@ def postfix(root: Path, *, relayhost: int | None = None) -> Iterator[int]:
         "smtp      inet  n       -       y       -       -       smtpd",
         f"127.0.0.1:{port} inet n - n - - smtpd")
     (root / "conf" / "master.cf").write_text(master)
-    transport = DISCARD if relayhost is None else (
-        f"relayhost = [127.0.0.1]:{relayhost}\nrelay_domains =\n"
-        "smtp_destination_concurrency_limit = 20\ndefault_destination_concurrency_limit = 20")
+    if maildir is not None:
+        maildir.mkdir(parents=True, exist_ok=True)
+        shutil.chown(maildir, "nobody", "nogroup")
+        transport = maildir_transport(maildir)
+    elif relayhost is not None:
+        transport = (f"relayhost = [127.0.0.1]:{relayhost}\nrelay_domains =\n"
+                     "smtp_destination_concurrency_limit = 20\n"
+                     "default_destination_concurrency_limit = 20")
+    else:
+        transport = DISCARD
     (root / "conf" / "main.cf").write_text(POSTFIX_MAIN.format(root=root, transport=transport))
     with open(root.parent / f"{root.name}.log", "wb") as log:
         server = subprocess.Popen([POSTFIX, "-c", str(root / "conf"), "start-fg"], stdout=log,

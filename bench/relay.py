@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from peers import (
     sink,
     smtp_source,
 )
+from report import BASELINE, emit
 
 ORG = """
 [[accepted_domain]]
@@ -82,26 +82,26 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the bench folder")
+    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
     args = parser.parse_args()
     require_tools(SMTP_SOURCE, SMTP_SINK, POSTFIX)
     base = prepare_base("hubport-bench-relay-")
-    results: dict[str, list[float]] = {"hubport": [], "postfix": []}
+    servers = {"hubport": "hubport", "postfix": BASELINE}
+    results: dict[str, list[float]] = {case: [] for case in servers.values()}
     try:
         for run in range(args.runs):
-            for server in results:
-                results[server].append(relay_rate(server, base / server, args.messages,
-                                                  args.sessions))
-            print(f"run {run + 1}: hubport {results['hubport'][-1]:.0f}/s  "
-                  f"postfix {results['postfix'][-1]:.0f}/s", flush=True)
+            for server, case in servers.items():
+                results[case].append(relay_rate(server, base / server, args.messages,
+                                                args.sessions))
+            if not args.json:
+                print(f"run {run + 1}: " + "  ".join(f"{case} {values[-1]:.0f}/s"
+                                                     for case, values in results.items()),
+                      flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    hub, pf = (statistics.median(results[k]) for k in ("hubport", "postfix"))
-    print(f"\nRelay end to end, {args.sessions} senders, 2 KB messages, {args.messages} per"
-          f" run, median of {args.runs}:")
-    print(f"  hubport  {hub:8.0f} msg/s")
-    print(f"  Postfix  {pf:8.0f} msg/s")
-    print(f"  ratio    {hub / pf:8.2f}")
+    emit(f"Relay SMTP in -> smtp-sink, {args.sessions} senders, 2 KB", "msg/s", results,
+         as_json=args.json)
 
 
 if __name__ == "__main__":

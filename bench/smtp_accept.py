@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sqlite3
-import statistics
 from pathlib import Path
 
 from peers import (
@@ -37,6 +36,7 @@ from peers import (
     require_tools,
     smtp_source,
 )
+from report import BASELINE, emit
 
 ORG = """
 [[accepted_domain]]
@@ -87,11 +87,12 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the bench folder")
+    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
     args = parser.parse_args()
     require_tools(SMTP_SOURCE, POSTFIX)
     base = prepare_base("hubport-bench-smtp-")
     cases = {"hubport (receive path)": True, "hubport + categorizer + Maildir": False}
-    results: dict[str, list[float]] = {name: [] for name in [*cases, "postfix"]}
+    results: dict[str, list[float]] = {name: [] for name in [*cases, BASELINE]}
     try:
         for run in range(args.runs):
             for index, (name, paused) in enumerate(cases.items()):
@@ -99,22 +100,18 @@ def main() -> None:
                                            args.sessions, paused=paused)
                 assert found == args.messages, f"{name}: {found} found of {args.messages}"
                 results[name].append(rate)
-            results["postfix"].append(postfix_rate(base / "postfix", args.messages,
-                                                   args.sessions))
-            print(f"run {run + 1}: " + "  ".join(f"{name} {values[-1]:.0f}/s"
-                                                 for name, values in results.items()),
-                  flush=True)
+            results[BASELINE].append(postfix_rate(base / "postfix", args.messages,
+                                                  args.sessions))
+            if not args.json:
+                print(f"run {run + 1}: " + "  ".join(f"{name} {values[-1]:.0f}/s"
+                                                     for name, values in results.items()),
+                      flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    medians = {name: statistics.median(values) for name, values in results.items()}
-    postfix_median = medians.pop("postfix")
-    print(f"\nSMTP accept, {args.sessions} sessions, 2 KB messages, {args.messages} per run,"
-          f" median of {args.runs} (receive path: Submission suspended, the durable commit"
-          " before each 250):")
-    for name, rate in medians.items():
-        print(f"  {name:34} {rate:8.0f} msg/s   ratio to Postfix {rate / postfix_median:5.2f}")
-    print(f"  {'Postfix (smtpd + cleanup fsync)':34} {postfix_median:8.0f} msg/s")
+    emit(f"SMTP accept, {args.sessions} sessions, 2 KB (the 250 after the durable commit;"
+         " Postfix: smtpd + cleanup fsync, then discard)", "msg/s", results,
+         as_json=args.json)
 
 
 if __name__ == "__main__":

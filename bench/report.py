@@ -1,0 +1,41 @@
+"""How every benchmark reports: medians with min–max and the ratio to Postfix, or JSON.
+
+Each benchmark collects ``{case: [one figure per run]}`` and hands it to ``emit``; with
+``--json`` it prints one JSON object instead of the table, which ``bench/run_all.py``
+gathers into one table for the whole suite.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+#: the case every ratio is taken against, when a benchmark has it
+BASELINE = "Postfix"
+
+
+def rows(runs: dict[str, list[float]]) -> list[tuple[str, float, float, float, float | None]]:
+    """(case, median, min, max, ratio of the median to the baseline's median or None)."""
+    base = statistics.median(runs[BASELINE]) if runs.get(BASELINE) else None
+    out = []
+    for case, values in runs.items():
+        median = statistics.median(values)
+        ratio = median / base if base and case != BASELINE else None
+        out.append((case, median, min(values), max(values), ratio))
+    return out
+
+
+def table(title: str, unit: str, runs: dict[str, list[float]]) -> str:
+    count = max(len(v) for v in runs.values())
+    lines = [f"{title} (median of {count}, min–max, {unit})"]
+    for case, median, low, high, ratio in rows(runs):
+        shown = f"  ratio {ratio:5.2f}" if ratio is not None else ""
+        lines.append(f"  {case:44} {median:9.0f}  ({low:.0f}–{high:.0f}){shown}")
+    return "\n".join(lines)
+
+
+def emit(title: str, unit: str, runs: dict[str, list[float]], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"benchmark": title, "unit": unit, "runs": runs}))
+    else:
+        print("\n" + table(title, unit, runs))
