@@ -40,6 +40,7 @@ maillog_file = /dev/stdout
 smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
 default_process_limit = 100
+message_size_limit = 67108864
 {transport}
 """
 DISCARD = "default_transport = discard:bench\nrelay_transport = discard:bench"
@@ -68,11 +69,13 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def smtp_source(port: int, messages: int, sessions: int, recipient: str) -> float:
-    """Postfix's load generator: ``sessions`` reused connections, 2 KB messages; seconds."""
+def smtp_source(port: int, messages: int, sessions: int, recipient: str, size: int = 2048
+                ) -> float:
+    """Postfix's load generator: ``sessions`` reused connections, ``size``-byte messages
+    (2 KB unless told); the seconds it took."""
     started = time.monotonic()
     done = subprocess.run(
-        [SMTP_SOURCE, "-d", "-s", str(sessions), "-m", str(messages), "-l", "2048",
+        [SMTP_SOURCE, "-d", "-s", str(sessions), "-m", str(messages), "-l", str(size),
          "-f", "sender@example.org", "-t", recipient, f"127.0.0.1:{port}"],
         capture_output=True, text=True, timeout=900, check=False)
     elapsed = time.monotonic() - started

@@ -5,7 +5,7 @@ median, min–max and the ratio to Postfix's median, plus the machine it ran on.
 the test command (it takes minutes and wants an idle machine); needs Debian's ``postfix``
 package for ``smtp-source``, ``smtp-sink`` and the private Postfix instances.
 
-    .venv/bin/python bench/run_all.py [--runs 3] [--quick] [--json FILE]
+    .venv/bin/python bench/run_all.py [--runs 3] [--quick] [--json FILE] [--plot FILE]
 
 ``--quick`` runs small counts (a smoke test of the benchmarks, not figures to publish).
 """
@@ -34,6 +34,8 @@ BENCHMARKS = [
     ("relay.py", ["--messages", "5000", "--sessions", "20"],
      ["--messages", "500", "--sessions", "10"]),
     ("ingest.py", ["--count", "10000"], ["--count", "500"]),
+    ("latency.py", ["--messages", "200"], ["--messages", "30"]),
+    ("curve.py", [], ["--quick"]),
 ]
 
 
@@ -60,12 +62,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke test")
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
+    parser.add_argument("--plot", type=Path, help="draw the cost curve into this PNG "
+                        "(needs matplotlib: pip install -e .[bench])")
     args = parser.parse_args()
     started = time.monotonic()
     reports = []
     for script, full, quick in BENCHMARKS:
         command = [sys.executable, str(HERE / script), "--json", "--runs", str(args.runs),
                    *(quick if args.quick else full)]
+        if script == "curve.py" and args.plot:
+            command += ["--plot", str(args.plot.resolve())]
         print(f"running {script} ...", file=sys.stderr, flush=True)
         done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=HERE)
         if done.returncode != 0:
