@@ -34,7 +34,6 @@ inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 myhostname = bench.test
 mydestination =
-relay_domains = contoso.test
 mynetworks = 127.0.0.0/8
 maillog_file = /dev/stdout
 smtpd_client_connection_count_limit = 0
@@ -43,7 +42,8 @@ default_process_limit = 100
 message_size_limit = 67108864
 {transport}
 """
-DISCARD = "default_transport = discard:bench\nrelay_transport = discard:bench"
+DISCARD = ("relay_domains = contoso.test\ndefault_transport = discard:bench\n"
+           "relay_transport = discard:bench")
 
 
 def require_tools(*tools: str) -> None:
@@ -145,7 +145,7 @@ def maildir_transport(mail: Path) -> str:
     """main.cf lines: virtual(8) delivers every contoso.test recipient to the Maildir
     ``mail/bob/`` as the user nobody (fsync'd, as Postfix always delivers)."""
     user = pwd.getpwnam("nobody")
-    return (f"relay_domains =\nvirtual_mailbox_domains = contoso.test\n"
+    return (f"virtual_mailbox_limit = 0\nvirtual_mailbox_domains = contoso.test\n"
             f"virtual_mailbox_base = {mail}\nvirtual_mailbox_maps = static:bob/\n"
             f"virtual_uid_maps = static:{user.pw_uid}\nvirtual_gid_maps = static:{user.pw_gid}\n"
             "virtual_minimum_uid = 1\nvirtual_destination_concurrency_limit = 20\n")
@@ -170,7 +170,7 @@ def postfix(root: Path, *, relayhost: int | None = None, maildir: Path | None = 
         shutil.chown(maildir, "nobody", "nogroup")
         transport = maildir_transport(maildir)
     elif relayhost is not None:
-        transport = (f"relayhost = [127.0.0.1]:{relayhost}\nrelay_domains =\n"
+        transport = (f"relayhost = [127.0.0.1]:{relayhost}\n"
                      "smtp_destination_concurrency_limit = 20\n"
                      "default_destination_concurrency_limit = 20")
     else:

@@ -36,6 +36,8 @@ BENCHMARKS = [
     ("ingest.py", ["--count", "10000"], ["--count", "500"]),
     ("latency.py", ["--messages", "200"], ["--messages", "30"]),
     ("curve.py", [], ["--quick"]),
+    # one run: 100,000 messages take minutes, and memory varies little between runs
+    ("memory.py", ["--messages", "100000", "--runs", "1"], ["--messages", "2000", "--runs", "1"]),
 ]
 
 
@@ -68,6 +70,7 @@ def main() -> None:
     started = time.monotonic()
     reports = []
     for script, full, quick in BENCHMARKS:
+        # a later --runs (memory.py's own) wins over the common one
         command = [sys.executable, str(HERE / script), "--json", "--runs", str(args.runs),
                    *(quick if args.quick else full)]
         if script == "curve.py" and args.plot:

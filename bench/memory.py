@@ -1,0 +1,98 @@
+"""Benchmark: the daemon's memory with a long queue for a next hop that is down.
+
+``--messages`` 2 KB messages (default 100,000) arrive over SMTP for a domain whose Send
+connector's smart host refuses connections, so every message stays queued (the queue in
+Retry). The daemon's resident set (VmRSS) is read at each tenth of the load and its peak
+(VmHWM) at the end: memory should follow the queue's index, not the messages.
+
+    .venv/bin/python bench/memory.py [--messages 100000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sqlite3
+from pathlib import Path
+
+from peers import SMTP_SOURCE, free_port, hubport, prepare_base, require_tools, smtp_source
+from report import emit
+
+ORG = """
+[[accepted_domain]]
+Name = "contoso.test"
+DomainName = "contoso.test"
+Default = true
+
+[[mailbox]]
+Name = "Alice"
+
+[[transport_server]]
+Name = "HUB01"
+MessageTrackingLogMaxDirectorySize = "10GB"
+ReceiveProtocolLogPath = ""
+
+[[receive_connector]]
+Name = "Default HUB01"
+Bindings = ["127.0.0.1:{port}"]
+AuthMechanism = ["ExternalAuthoritative"]
+PermissionGroups = ["ExchangeServers"]
+MaxInboundConnectionPerSource = "unlimited"
+
+[[send_connector]]
+Name = "Down"
+AddressSpaces = ["SMTP:fabrikam.example;1"]
+SmartHosts = ["[127.0.0.1]"]
+Port = {down}
+"""
+
+
+def status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in KiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            fields[name] = int(value.split()[0])
+    return fields
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the bench folder")
+    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
+    args = parser.parse_args()
+    require_tools(SMTP_SOURCE)
+    base = prepare_base("hubport-bench-memory-")
+    results: dict[str, list[float]] = {}
+    try:
+        for _ in range(args.runs):
+            port, down = free_port(), free_port()  # nothing listens on ``down``
+            root = base / "hubport"
+            with hubport(root, ORG.format(port=port, down=down), port) as daemon:
+                results.setdefault("RSS at start", []).append(status(daemon.pid)["VmRSS"] / 1024)
+                step = max(1, args.messages // 10)
+                sent = 0
+                while sent < args.messages:
+                    smtp_source(port, step, 20, "someone@fabrikam.example")
+                    sent += step
+                    if sent in (step, args.messages // 2, args.messages):
+                        results.setdefault(f"RSS with {sent:,} queued", []).append(
+                            status(daemon.pid)["VmRSS"] / 1024)
+                results.setdefault("peak RSS (VmHWM)", []).append(
+                    status(daemon.pid)["VmHWM"] / 1024)
+            with sqlite3.connect(root / "var" / "queue" / "mail.que") as db:
+                queued = db.execute("SELECT COUNT(*) FROM message").fetchone()[0]
+            if queued < args.messages:
+                raise SystemExit(f"only {queued} of {args.messages} messages were queued")
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    emit(f"Memory with {args.messages:,} messages queued for a next hop that is down",
+         "MiB", results, as_json=args.json)
+
+
+if __name__ == "__main__":
+    main()
