@@ -117,9 +117,10 @@ def main() -> None:
     base = prepare_base("hubport-bench-latency-")
     results: dict[str, list[float]] = {}
 
-    def record(case: str, latencies: list[float]) -> None:
+    def record(path: str, server: str, latencies: list[float]) -> None:
         for name, share in (("p50", 0.5), ("p99", 0.99)):
-            results.setdefault(f"{case} {name}", []).append(percentile(latencies, share) * 1000)
+            results.setdefault(f"{path} {name}: {server}", []).append(
+                percentile(latencies, share) * 1000)
 
     try:
         for _ in range(args.runs):
@@ -127,14 +128,14 @@ def main() -> None:
             root = base / "hubport"
             with hubport(root, ORG.format(port=port), port):
                 maildir = root / "var" / "mailboxes" / "Bob" / "new"
-                record("hubport SMTP", smtp_latencies(port, maildir, args.messages))
-                record("hubport Pickup", pickup_latencies(root, maildir, args.messages,
-                                                          args.messages + 1))
+                record("SMTP", "hubport", smtp_latencies(port, maildir, args.messages))
+                record("Pickup", "hubport", pickup_latencies(root, maildir, args.messages,
+                                                             args.messages + 1))
             mail = base / "postfix-mail"
             shutil.rmtree(mail, ignore_errors=True)
             with postfix(base / "postfix", maildir=mail) as port:
-                record(BASELINE + " SMTP", smtp_latencies(port, mail / "bob" / "new",
-                                                          args.messages))
+                record("SMTP", BASELINE, smtp_latencies(port, mail / "bob" / "new",
+                                                        args.messages))
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -15,12 +15,17 @@ BASELINE = "Postfix"
 
 
 def rows(runs: dict[str, list[float]]) -> list[tuple[str, float, float, float, float | None]]:
-    """(case, median, min, max, ratio of the median to the baseline's median or None)."""
-    base = statistics.median(runs[BASELINE]) if runs.get(BASELINE) else None
+    """(case, median, min, max, ratio of the median to the baseline's median or None).
+
+    The baseline of ``"<point>: hubport"`` is ``"<point>: Postfix"`` (a curve's points);
+    of a plain case, ``"Postfix"``."""
     out = []
     for case, values in runs.items():
+        point, sep, server = case.rpartition(": ")
+        base_key = f"{point}{sep}{BASELINE}" if sep else BASELINE
+        base = statistics.median(runs[base_key]) if runs.get(base_key) else None
         median = statistics.median(values)
-        ratio = median / base if base and case != BASELINE else None
+        ratio = median / base if base and (server if sep else case) != BASELINE else None
         out.append((case, median, min(values), max(values), ratio))
     return out
 
