@@ -88,11 +88,13 @@ class Registry:
         self.delivery_agents[key] = cls
 
 
-def _broken_entry_point() -> str:
-    """The first ``hubport`` entry point that does not load, with its distribution."""
+def _broken_entry_point(pm: pluggy.PluginManager) -> str:
+    """The first ``hubport`` entry point that does not load, with its distribution (those
+    pluggy skips, a name registered or blocked already, are skipped here too)."""
     for dist in importlib.metadata.distributions():
         for point in dist.entry_points:
-            if point.group != PROJECT_NAME:
+            if point.group != PROJECT_NAME or pm.has_plugin(point.name) \
+                    or pm.is_blocked(point.name):
                 continue
             try:
                 point.load()
@@ -121,7 +123,7 @@ class Hooks:
             try:
                 self.pm.load_setuptools_entrypoints(PROJECT_NAME)
             except Exception as exc:  # say which installed plugin, not a bare traceback
-                raise PluginError(f"cannot load installed plugin {_broken_entry_point()}: "
+                raise PluginError(f"cannot load installed plugin {_broken_entry_point(self.pm)}: "
                                   f"{exc}") from exc
         for extra in extra_modules:
             self.register_module(extra)

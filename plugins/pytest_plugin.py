@@ -527,6 +527,13 @@ def mail_item(sender: str = "alice@contoso.test",
     recovery after a crash).
     """
     from hubport.core.api import MailItem as Item
+    from hubport.core.headers import (
+        MessageFormatError,
+        canonicalize_line_endings,
+        message_id_of,
+        parse_header_section,
+        subject_of,
+    )
     from hubport.core.model import MailFrom, QueuedMessage, QueuedRecipient, RecipientStatus
 
     if isinstance(recipients, str):
@@ -542,12 +549,14 @@ def mail_item(sender: str = "alice@contoso.test",
                             drop_intent=intents.get(address))
             for rid, address in zip(ids, recipients)]
     now = time.time()
-    parsed = message_from_bytes(content)
-    subject = parsed.get("Subject", "") or ""
-    header_id = str(parsed.get("Message-ID", "") or "").strip()
+    try:  # the Message-ID and Subject as the queue reads them from a submission
+        parsed = parse_header_section(canonicalize_line_endings(content))
+        header_id, subject = message_id_of(parsed), subject_of(parsed)
+    except MessageFormatError:
+        header_id, subject = "", ""
     queued = QueuedMessage(message_id, f"kit-{message_id}",
                            header_id or f"<kit-{message_id}@kit.test>", MailFrom(sender),
-                           content, len(content), "REPLAY", "", str(subject), now,
+                           content, len(content), "REPLAY", "", subject, now,
                            now + 2 * 86400)
     hop = next_hop or NextHop("DeliveryAgent", AGENT_HOP_DOMAIN, "Agent")
     return Item(queued, rows, hop, queue_id, default_domain)

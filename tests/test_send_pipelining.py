@@ -32,11 +32,16 @@ class Transaction:
 
 @dataclass
 class PipeliningPeer:
-    """A minimal ESMTP server with PIPELINING; ``nobody@`` recipients and ``refuse@``
-    senders are refused. ``careless`` answers DATA with 354 even with no recipient."""
+    """A minimal ESMTP server with PIPELINING; ``nobody…@`` recipients and ``refuse@``
+    senders are refused, ``busy@`` recipients get a 421 while the session goes on.
+    ``careless`` answers DATA with 354 even with no recipient; ``hang_up_after_rcpts=N``
+    answers N RCPTs, then sends 421 and closes (Postfix's hard error limit);
+    ``vanish_after_message`` takes the message and closes without a reply."""
 
     mode: str
     careless: bool = False
+    hang_up_after_rcpts: int | None = None
+    vanish_after_message: bool = False
     port: int = 0
     transactions: list[Transaction] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
@@ -63,6 +68,7 @@ class PipeliningPeer:
         await reply("220 peer.test ESMTP pipelining test peer", flush=True)
         sender, recipients = "", []
         mail_ok = False
+        rcpts_answered = 0
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while line := await reader.readline():
                 command = line.decode().rstrip("\r\n")
@@ -79,10 +85,16 @@ class PipeliningPeer:
                                 else "550 5.7.1 sender refused here")
                 elif verb == "RCPT":
                     address = command.split(":", 1)[1].split(">")[0].lstrip("<")
+                    if rcpts_answered == self.hang_up_after_rcpts:
+                        await reply("421 4.7.0 too many errors", flush=True)
+                        break
+                    rcpts_answered += 1
                     if not mail_ok:
                         await reply("503 5.5.1 MAIL first")
-                    elif address.startswith("nobody@"):
+                    elif address.startswith("nobody"):
                         await reply("550 5.1.1 no such user here")
+                    elif address.startswith("busy@"):
+                        await reply("421 4.3.2 try this one later")
                     else:
                         recipients.append(address)
                         await reply("250 2.1.5 recipient ok")
@@ -97,6 +109,8 @@ class PipeliningPeer:
                             return
                         lines.append(body[1:] if body.startswith(b"..") else body)
                     self.transactions.append(Transaction(sender, recipients, b"".join(lines)))
+                    if self.vanish_after_message:
+                        break
                     await reply(f"250 2.0.0 queued as {len(self.transactions)}", flush=True)
                 elif verb == "RSET":
                     mail_ok, recipients = False, []
@@ -110,8 +124,8 @@ class PipeliningPeer:
 
 
 @contextlib.asynccontextmanager
-async def pipelining_peer(mode: str, careless: bool = False) -> AsyncIterator[PipeliningPeer]:
-    peer = PipeliningPeer(mode, careless)
+async def pipelining_peer(mode: str, **options: Any) -> AsyncIterator[PipeliningPeer]:
+    peer = PipeliningPeer(mode, **options)
     server = await asyncio.start_server(peer.handle, "127.0.0.1", 0)
     peer.port = server.sockets[0].getsockname()[1]
     try:
@@ -190,6 +204,60 @@ async def test_data_taken_with_no_recipient_is_ended_empty(hub_factory: Any) -> 
         assert (empty.recipients, empty.data) == ([], b"")
 
 
+async def test_a_hang_up_midway_keeps_the_refusals_already_read(hub_factory: Any) -> None:
+    """The peer refuses two recipients, then says 421 and closes before the third reply (a
+    hard error limit): the two refusals are final, only the unanswered ones are retried."""
+    async with pipelining_peer("separate", hang_up_after_rcpts=2) as peer, \
+            hub_factory(extra=smart_host(peer.port)) as hub:
+        rcpts = ["nobody@partner.example", "nobody2@partner.example", "hank@partner.example"]
+        hub.drop_replay("alice@contoso.test", rcpts, message())
+        fails = await wait_for(lambda: [e for e in hub.events(event_id="FAIL")
+                                        if "partner.example" in str(e["recipient-address"])]
+                               or None, timeout=60, describe=hub.event_ids)
+        failed = {a: s for e in fails for a, s in zip(e["recipient-address"],
+                                                      e["recipient-status"])}
+        assert failed["nobody@partner.example"].startswith("550 5.1.1"), failed
+        assert failed["nobody2@partner.example"].startswith("550 5.1.1"), failed
+        assert "hank@partner.example" not in failed
+        [defer] = await wait_for(lambda: hub.events(event_id="DEFER") or None, timeout=60,
+                                 describe=hub.event_ids)
+        assert defer["recipient-address"] == ["hank@partner.example"], defer
+        assert defer["recipient-status"][0].startswith("421 4.7.0 too many errors")
+        # a retry (if one came yet) carries hank alone
+        assert not peer.transactions or peer.transactions[0].recipients == [
+            "hank@partner.example"]
+
+
+async def test_a_drop_after_the_message_keeps_the_refusals_and_defers_the_rest(
+        hub_factory: Any) -> None:
+    async with pipelining_peer("together", vanish_after_message=True) as peer, \
+            hub_factory(extra=smart_host(peer.port)) as hub:
+        hub.drop_replay("alice@contoso.test", ["ivy@partner.example", "nobody@partner.example"],
+                        message())
+        defers = await wait_for(lambda: hub.events(event_id="DEFER") or None, timeout=60,
+                                describe=hub.event_ids)
+        status = dict(zip(defers[0]["recipient-address"], defers[0]["recipient-status"]))
+        assert status["ivy@partner.example"].startswith("451 4.4.2"), status  # may have it
+        statuses = await wait_for(lambda: recipient_statuses(hub) or None, timeout=60)
+        assert statuses["nobody@partner.example"].startswith("FAIL 550 5.1.1"), statuses
+        assert len(peer.transactions) == 1
+
+
+async def test_a_421_to_one_recipient_does_not_undo_the_250_to_the_message(
+        hub_factory: Any) -> None:
+    async with pipelining_peer("together") as peer, \
+            hub_factory(extra=smart_host(peer.port)) as hub:
+        hub.drop_replay("alice@contoso.test", ["jan@partner.example", "busy@partner.example"],
+                        message())
+        sent = await wait_for(lambda: [e for e in hub.events(event_id="SEND")] or None,
+                              timeout=60, describe=hub.event_ids)
+        assert sent[0]["recipient-address"] == ["jan@partner.example"], sent
+        assert sent[0]["recipient-status"][0].startswith("250 2.0.0 queued as 1")
+        defers = await wait_for(lambda: hub.events(event_id="DEFER") or None, timeout=60)
+        assert defers[0]["recipient-address"] == ["busy@partner.example"], defers
+        assert [t.recipients for t in peer.transactions] == [["jan@partner.example"]]
+
+
 # -- the reply reader alone ------------------------------------------------------------------
 
 
@@ -197,6 +265,10 @@ class _Transport(asyncio.WriteTransport):
     def __init__(self) -> None:
         super().__init__()
         self.written = bytearray()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written.extend(data)
@@ -239,7 +311,7 @@ async def test_the_reply_reader_returns_every_reply_in_order_however_it_arrives(
 async def test_the_reply_reader_refuses_a_malformed_or_endless_reply() -> None:
     from aiosmtplib import SMTPResponseException
 
-    from hubport.plugins.smtp_send.pipelining import MAX_REPLY_LINE, ReplyReader
+    from hubport.plugins.smtp_send.pipelining import MAX_BUFFERED, MAX_REPLY_LINE, ReplyReader
 
     bad = ReplyReader(_Transport())
     bad.data_received(b"hello there\r\n")
@@ -249,3 +321,11 @@ async def test_the_reply_reader_refuses_a_malformed_or_endless_reply() -> None:
     endless.data_received(b"250-" + b"x" * MAX_REPLY_LINE)
     with pytest.raises(SMTPResponseException, match="too long"):
         await endless.read(5)
+    # a flood of short lines is cut off as it arrives, before anyone reads
+    flood = _Transport()
+    flooded = ReplyReader(flood)
+    for _ in range(MAX_BUFFERED // 10 + 2):
+        flooded.data_received(b"250-flood\r\n")
+    assert flood.closed
+    with pytest.raises(SMTPResponseException, match="too long"):
+        await flooded.read(5)

@@ -28,6 +28,8 @@ from aiosmtplib import (
 #: RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets; be lenient, stay bounded
 MAX_REPLY_LINE = 4096
 MAX_REPLY = 64 * 1024
+#: unread input kept at most (a group's replies are far less): a peer that floods is cut off
+MAX_BUFFERED = 4 * MAX_REPLY
 _LEADING_DOT = re.compile(rb"^\.", re.M)
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
 
@@ -41,15 +43,20 @@ class ReplyReader(asyncio.Protocol):
         self._wakeup = asyncio.Event()
         self._lost: BaseException | None = None
         self._closed = False
+        self._flooded = False
         #: connection_lost ran while the connection was lent (aiosmtplib must hear of it)
         self.disconnected = False
-        self._can_write = asyncio.Event()
-        self._can_write.set()
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._flooded:
+            return
         self._buffer.extend(data)
+        if len(self._buffer) > MAX_BUFFERED:  # never a reply: a broken or hostile peer
+            self._flooded = True
+            self._buffer.clear()
+            self._transport.close()
         self._wakeup.set()
 
     def eof_received(self) -> bool:
@@ -62,13 +69,6 @@ class ReplyReader(asyncio.Protocol):
         self._closed = True
         self._lost = exc
         self._wakeup.set()
-        self._can_write.set()
-
-    def pause_writing(self) -> None:
-        self._can_write.clear()
-
-    def resume_writing(self) -> None:
-        self._can_write.set()
 
     # -- for the session ---------------------------------------------------------------
 
@@ -81,16 +81,12 @@ class ReplyReader(asyncio.Protocol):
         return self._lost
 
     def write(self, data: bytes) -> None:
-        """Queue ``data`` on the connection (``drain`` waits until it can take more)."""
+        """Queue ``data`` on the connection. The transport buffers what the peer has not
+        taken yet (as aiosmtplib does); the reply that follows is read within the session's
+        timeout, so a peer that stops reading cannot hold the session forever."""
         if self._closed or self._transport.is_closing():
             raise SMTPServerDisconnected("Connection lost")
         self._transport.write(data)
-
-    async def drain(self) -> None:
-        """Wait while the transport's write buffer is over its high-water mark."""
-        await self._can_write.wait()
-        if self._closed:
-            raise SMTPServerDisconnected("Connection lost")
 
     async def read(self, timeout: float | None) -> SMTPResponse:
         """The next complete reply (multi-line replies joined with newlines)."""
@@ -109,6 +105,8 @@ class ReplyReader(asyncio.Protocol):
             raise SMTPReadTimeoutError("Timed out waiting for server response") from exc
 
     def _parse(self) -> SMTPResponse | None:
+        if self._flooded:
+            raise SMTPResponseException(-1, "Reply too long")
         code = -1
         lines: list[bytes] = []
         offset = 0

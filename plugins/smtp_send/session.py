@@ -398,11 +398,13 @@ class SmtpSession:
         """MAIL, every RCPT and DATA in one write (RFC 2920), then their replies in order.
 
         Every reply of the group is read before anything else is sent, whatever the earlier
-        ones said, so each refusal is the server's own answer. A DATA that the server takes
-        (354) with nothing to deliver is ended at once with an empty message.
+        ones said, so each refusal is the server's own answer. Each outcome is recorded as
+        its reply is read: when the connection drops or times out midway, ``send`` defers
+        only the recipients still without one. A DATA that the server takes (354) with
+        nothing to deliver is ended at once with an empty message. Success is the 250 after
+        the message, whatever else the group said.
         """
         assert self.smtp is not None and self.smtp.protocol is not None
-        protocol = self.smtp.protocol
         sender = f"<{mail_from.address}>".encode(encoding)
         todo = [r for r in recipients if r.id not in out.results]
         group = [b" ".join([b"MAIL", b"FROM:" + sender, *(o.encode("ascii") for o in options)])]
@@ -411,51 +413,57 @@ class SmtpSession:
             group.append(b" ".join([b"RCPT", f"TO:<{r.address}>".encode(encoding),
                                     *(o.encode("ascii") for o in opts)]))
         group.append(b"DATA")
+        if any(content.has_control(line.decode(encoding, "replace")) for line in group):
+            raise ValueError("a control character in a pipelined command")  # never sent
+        accepted: list[QueuedRecipient] = []
+        closing = False  # a 421 anywhere: the server is going away
         final: SmtpResponse | None = None
-        with lent_connection(protocol) as reader:
+        with lent_connection(self.smtp.protocol) as reader:
             for line in group:
                 self.plog.sent(line.decode(encoding, "replace"))
             reader.write(b"".join(line + b"\r\n" for line in group))
             mail = await self._reply(reader)
-            replies = [(r, await self._reply(reader)) for r in todo]
+            closing = mail.code == 421
+            if mail.code != 250:
+                _all(out, todo, _classify(mail, self.target.host))
+            for r in todo:
+                reply = await self._reply(reader)
+                closing = closing or reply.code == 421
+                if mail.code != 250:
+                    continue  # a 503: the MAIL reply decided
+                if reply.code in (250, 251):
+                    accepted.append(r)
+                else:
+                    out.results[r.id] = _classify(reply, self.target.host)
             go = await self._reply(reader)
-            accepted = [r for r, reply in replies if reply.code in (250, 251)]
-            if go.code == 354 and (mail.code != 250 or not accepted):
+            closing = closing or go.code == 421
+            if go.code == 354 and not accepted:
                 self.plog.sent(".")
                 reader.write(b".\r\n")
                 await self._reply(reader)
             elif go.code == 354:
                 self.plog.info(f"<message of {len(data)} bytes>")
                 reader.write(data_block(data))
-                try:
-                    await reader.drain()
+                try:  # the transport buffers the message; the reply has the whole timeout
                     final = await self._reply(reader)
                 except (SMTPServerDisconnected, SMTPTimeoutError, SMTPResponseException,
                         ConnectionError):
                     self.plog.info("no usable reply to the message")
-                    final = DROPPED_AFTER_DATA
-        if final is DROPPED_AFTER_DATA:
-            self.close()
-            return _fill(out, accepted, RecipientResult.deferred(DROPPED_AFTER_DATA))
-        if mail.code != 250:
-            refused: RecipientResult | None = _classify(mail, self.target.host)
-        else:
-            for r, reply in replies:
-                if reply.code not in (250, 251):
-                    out.results[r.id] = _classify(reply, self.target.host)
-            refused = None if not accepted or final is not None else _classify(
-                go, self.target.host)
-        if 421 in (mail.code, go.code) or any(reply.code == 421 for _, reply in replies):
-            self.close()  # the server is going away: what it did not take is deferred
-            return _fill(out, recipients, RecipientResult.deferred(DROPPED))
+                    self.close()
+                    return _fill(out, accepted, RecipientResult.deferred(DROPPED_AFTER_DATA))
+            elif accepted:
+                _all(out, accepted, _classify(go, self.target.host))
         if final is not None and final.code == 250:
             # a peer without DSN got no NOTIFY: a NOTIFY=SUCCESS is ours to answer, "relayed"
             return _fill(out, accepted, RecipientResult.delivered(final, relayed=not dsn))
-        await self._reset()
         if final is not None:
-            refused = _classify(final, self.target.host)
-        return _fill(out, accepted if mail.code == 250 else recipients,
-                     refused) if refused is not None else out
+            closing = closing or final.code == 421
+            _all(out, accepted, _classify(final, self.target.host))
+        if closing:
+            self.close()
+            return _fill(out, recipients, RecipientResult.deferred(DROPPED))
+        await self._reset()
+        return out
 
     async def _reply(self, reader: ReplyReader) -> SmtpResponse:
         reply = await reader.read(self.timeout)
