@@ -26,6 +26,7 @@ from pathlib import Path
 from peers import (
     POSTFIX,
     SMTP_SOURCE,
+    bench_org,
     free_port,
     hubport,
     postfix,
@@ -33,28 +34,8 @@ from peers import (
     require_tools,
     smtp_source,
 )
-from report import BASELINE, emit
+from report import BASELINE, common_arguments, emit
 
-ORG = """
-[[accepted_domain]]
-Name = "contoso.test"
-DomainName = "contoso.test"
-Default = true
-
-[[mailbox]]
-Name = "Bob"
-
-[[transport_server]]
-Name = "HUB01"
-MessageTrackingLogMaxDirectorySize = "10GB"
-ReceiveProtocolLogPath = ""
-
-[[receive_connector]]
-Name = "Default HUB01"
-Bindings = ["127.0.0.1:{port}"]
-PermissionGroups = ["AnonymousUsers"]
-MaxInboundConnectionPerSource = "unlimited"
-"""
 RECIPIENT = "bob@contoso.test"
 
 
@@ -77,7 +58,7 @@ def wait_files(folder: Path, total: int, timeout: float = 900.0) -> float:
 
 def hubport_rate(root: Path, messages: int, sessions: int) -> float:
     port = free_port()
-    with hubport(root, ORG.format(port=port), port):
+    with hubport(root, bench_org(port, mailbox="Bob"), port):
         started = time.monotonic()
         smtp_source(port, messages, sessions, RECIPIENT)
         done = wait_files(root / "var" / "mailboxes" / "Bob" / "new", messages)
@@ -98,9 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=4000)
     parser.add_argument("--sessions", type=int, default=20)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--keep", action="store_true", help="keep the bench folder")
-    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
+    common_arguments(parser)
     args = parser.parse_args()
     require_tools(SMTP_SOURCE, POSTFIX)
     base = prepare_base("hubport-bench-maildir-")

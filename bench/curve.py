@@ -21,6 +21,7 @@ from pathlib import Path
 from peers import (
     POSTFIX,
     SMTP_SOURCE,
+    bench_org,
     free_port,
     hubport,
     hubport_command,
@@ -29,34 +30,11 @@ from peers import (
     require_tools,
     smtp_source,
 )
-from report import BASELINE, emit
+from report import BASELINE, common_arguments, emit
 
-ORG = """
-[transport_config]
-MaxReceiveSize = "64MB"
-MaxSendSize = "64MB"
-
-[[accepted_domain]]
-Name = "contoso.test"
-DomainName = "contoso.test"
-Default = true
-
-[[mailbox]]
-Name = "Alice"
-
-[[transport_server]]
-Name = "HUB01"
-MessageTrackingLogMaxDirectorySize = "10GB"
-ReceiveProtocolLogPath = ""
-
-[[receive_connector]]
-Name = "Default HUB01"
-Bindings = ["127.0.0.1:{port}"]
-PermissionGroups = ["AnonymousUsers"]
-MaxInboundConnectionPerSource = "unlimited"
-MaxInboundConnection = "unlimited"
-MaxMessageSize = "64MB"
-"""
+#: room for the 10 MB point
+LARGE = '[transport_config]\nMaxReceiveSize = "64MB"\nMaxSendSize = "64MB"\n'
+LARGE_CONNECTOR = 'MaxInboundConnection = "unlimited"\nMaxMessageSize = "64MB"'
 RECIPIENT = "alice@contoso.test"
 KB = 1024
 #: (sessions, message size, messages per point); the size points run at 20 sessions
@@ -68,7 +46,7 @@ def point(base: Path, sessions: int, size: int, messages: int) -> dict[str, floa
     """Messages per second for hubport (receive path) and for Postfix at one point."""
     port = free_port()
     root = base / "hubport"
-    with hubport(root, ORG.format(port=port), port):
+    with hubport(root, bench_org(port, connector=LARGE_CONNECTOR, tail=LARGE), port):
         hubport_command(root, "suspend-queue", "--identity", "HUB01\\Submission")
         hub = messages / smtp_source(port, messages, sessions, RECIPIENT, size=size)
     with postfix(base / "postfix") as pf_port:
@@ -83,11 +61,9 @@ def label(sessions: int, size: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a tenth of the messages")
     parser.add_argument("--plot", type=Path, help="draw the curves into this PNG")
-    parser.add_argument("--keep", action="store_true", help="keep the bench folder")
-    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
+    common_arguments(parser, runs=1)
     args = parser.parse_args()
     require_tools(SMTP_SOURCE, POSTFIX)
     base = prepare_base("hubport-bench-curve-")

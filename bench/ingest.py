@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import emit
+from report import common_arguments, emit
 
 ORG = """
 [[accepted_domain]]
@@ -150,9 +150,7 @@ def stop_daemon(proc: subprocess.Popen[bytes], log: object, root: Path, keep: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=10_000)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
+    common_arguments(parser, runs=1)
     args = parser.parse_args()
     global QUIET
     QUIET = args.json

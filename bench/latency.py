@@ -19,9 +19,17 @@ import socket
 import time
 from pathlib import Path
 
-from accept_maildir import ORG, RECIPIENT, count_files
-from peers import POSTFIX, free_port, hubport, postfix, prepare_base, require_tools
-from report import BASELINE, emit
+from accept_maildir import RECIPIENT, count_files
+from peers import (
+    POSTFIX,
+    bench_org,
+    free_port,
+    hubport,
+    postfix,
+    prepare_base,
+    require_tools,
+)
+from report import BASELINE, common_arguments, emit
 
 BODY = b"Subject: latency\r\nFrom: sender@example.org\r\nTo: bob@contoso.test\r\n\r\n" + \
     b"A short message for the latency benchmark.\r\n" * 10
@@ -109,9 +117,7 @@ def percentile(values: list[float], share: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--keep", action="store_true", help="keep the bench folder")
-    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
+    common_arguments(parser, runs=1)
     args = parser.parse_args()
     require_tools(POSTFIX)
     base = prepare_base("hubport-bench-latency-")
@@ -126,7 +132,7 @@ def main() -> None:
         for _ in range(args.runs):
             port = free_port()
             root = base / "hubport"
-            with hubport(root, ORG.format(port=port), port):
+            with hubport(root, bench_org(port, mailbox="Bob"), port):
                 maildir = root / "var" / "mailboxes" / "Bob" / "new"
                 record("SMTP", "hubport", smtp_latencies(port, maildir, args.messages))
                 record("Pickup", "hubport", pickup_latencies(root, maildir, args.messages,

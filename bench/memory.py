@@ -15,30 +15,18 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from peers import SMTP_SOURCE, free_port, hubport, prepare_base, require_tools, smtp_source
-from report import emit
+from peers import (
+    SMTP_SOURCE,
+    bench_org,
+    free_port,
+    hubport,
+    prepare_base,
+    require_tools,
+    smtp_source,
+)
+from report import common_arguments, emit
 
-ORG = """
-[[accepted_domain]]
-Name = "contoso.test"
-DomainName = "contoso.test"
-Default = true
-
-[[mailbox]]
-Name = "Alice"
-
-[[transport_server]]
-Name = "HUB01"
-MessageTrackingLogMaxDirectorySize = "10GB"
-ReceiveProtocolLogPath = ""
-
-[[receive_connector]]
-Name = "Default HUB01"
-Bindings = ["127.0.0.1:{port}"]
-AuthMechanism = ["ExternalAuthoritative"]
-PermissionGroups = ["ExchangeServers"]
-MaxInboundConnectionPerSource = "unlimited"
-
+DOWN = """
 [[send_connector]]
 Name = "Down"
 AddressSpaces = ["SMTP:fabrikam.example;1"]
@@ -60,9 +48,7 @@ def status(pid: int) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--keep", action="store_true", help="keep the bench folder")
-    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
+    common_arguments(parser, runs=1)
     args = parser.parse_args()
     require_tools(SMTP_SOURCE)
     base = prepare_base("hubport-bench-memory-")
@@ -71,7 +57,8 @@ def main() -> None:
         for _ in range(args.runs):
             port, down = free_port(), free_port()  # nothing listens on ``down``
             root = base / "hubport"
-            with hubport(root, ORG.format(port=port, down=down), port) as daemon:
+            with hubport(root, bench_org(port, relay=True, tail=DOWN.format(down=down)),
+                         port) as daemon:
                 results.setdefault("RSS at start", []).append(status(daemon.pid)["VmRSS"] / 1024)
                 step = max(1, args.messages // 10)
                 sent = 0

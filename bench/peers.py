@@ -46,6 +46,36 @@ DISCARD = ("relay_domains = contoso.test\ndefault_transport = discard:bench\n"
            "relay_transport = discard:bench")
 
 
+def bench_org(port: int, *, mailbox: str | None = "Alice", relay: bool = False,
+              server: str = "", connector: str = "", tail: str = "") -> str:
+    """The organization every SMTP benchmark runs: contoso.test, HUB01 without protocol logs,
+    one receive connector on ``port`` (anonymous, or ``relay``: a trusted server that may
+    relay), plus ``server``/``connector`` fields and ``tail`` tables."""
+    box = f'[[mailbox]]\nName = "{mailbox}"\n' if mailbox else ""
+    who = ('AuthMechanism = ["ExternalAuthoritative"]\nPermissionGroups = ["ExchangeServers"]'
+           if relay else 'PermissionGroups = ["AnonymousUsers"]')
+    return f"""
+[[accepted_domain]]
+Name = "contoso.test"
+DomainName = "contoso.test"
+Default = true
+
+{box}
+[[transport_server]]
+Name = "HUB01"
+MessageTrackingLogMaxDirectorySize = "10GB"
+ReceiveProtocolLogPath = ""
+{server}
+
+[[receive_connector]]
+Name = "Default HUB01"
+Bindings = ["127.0.0.1:{port}"]
+{who}
+MaxInboundConnectionPerSource = "unlimited"
+{connector}
+{tail}"""
+
+
 def require_tools(*tools: str) -> None:
     missing = [t for t in tools if not Path(t).exists()]
     if missing:

@@ -21,6 +21,7 @@ from peers import (
     POSTFIX,
     SMTP_SINK,
     SMTP_SOURCE,
+    bench_org,
     free_port,
     hubport,
     postfix,
@@ -29,27 +30,9 @@ from peers import (
     sink,
     smtp_source,
 )
-from report import BASELINE, emit
+from report import BASELINE, common_arguments, emit
 
-ORG = """
-[[accepted_domain]]
-Name = "contoso.test"
-DomainName = "contoso.test"
-Default = true
-
-[[transport_server]]
-Name = "HUB01"
-MessageTrackingLogMaxDirectorySize = "10GB"
-ReceiveProtocolLogPath = ""
-MaxPerDomainOutboundConnections = 20
-
-[[receive_connector]]
-Name = "Relay HUB01"
-Bindings = ["127.0.0.1:{port}"]
-AuthMechanism = ["ExternalAuthoritative"]
-PermissionGroups = ["ExchangeServers"]
-MaxInboundConnectionPerSource = "unlimited"
-
+SMART_HOST = """
 [[send_connector]]
 Name = "Smart host"
 AddressSpaces = ["*;1"]
@@ -65,7 +48,9 @@ def relay_rate(server: str, root: Path, messages: int, sessions: int) -> float:
     with sink(root.parent) as peer:
         if server == "hubport":
             port = free_port()
-            context = hubport(root, ORG.format(port=port, sink=peer.port), port)
+            context = hubport(root, bench_org(
+                port, mailbox=None, relay=True, server="MaxPerDomainOutboundConnections = 20",
+                tail=SMART_HOST.format(sink=peer.port)), port)
         else:
             context = postfix(root, relayhost=peer.port)
         with context as started:
@@ -80,9 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--sessions", type=int, default=20)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--keep", action="store_true", help="keep the bench folder")
-    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
+    common_arguments(parser)
     args = parser.parse_args()
     require_tools(SMTP_SOURCE, SMTP_SINK, POSTFIX)
     base = prepare_base("hubport-bench-relay-")

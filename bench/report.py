@@ -7,11 +7,19 @@ gathers into one table for the whole suite.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 
 #: the case every ratio is taken against, when a benchmark has it
 BASELINE = "Postfix"
+
+
+def common_arguments(parser: argparse.ArgumentParser, runs: int = 3) -> None:
+    """``--runs``, ``--keep`` and ``--json``, the same for every benchmark."""
+    parser.add_argument("--runs", type=int, default=runs, help="runs; medians are printed")
+    parser.add_argument("--keep", action="store_true", help="keep the bench folder")
+    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
 
 
 def rows(runs: dict[str, list[float]]) -> list[tuple[str, float, float, float, float | None]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from peers import (
     POSTFIX,
     SMTP_SOURCE,
+    bench_org,
     free_port,
     hubport,
     hubport_command,
@@ -36,28 +37,8 @@ from peers import (
     require_tools,
     smtp_source,
 )
-from report import BASELINE, emit
+from report import BASELINE, common_arguments, emit
 
-ORG = """
-[[accepted_domain]]
-Name = "contoso.test"
-DomainName = "contoso.test"
-Default = true
-
-[[mailbox]]
-Name = "Alice"
-
-[[transport_server]]
-Name = "HUB01"
-MessageTrackingLogMaxDirectorySize = "10GB"
-ReceiveProtocolLogPath = ""
-
-[[receive_connector]]
-Name = "Default HUB01"
-Bindings = ["127.0.0.1:{port}"]
-PermissionGroups = ["AnonymousUsers"]
-MaxInboundConnectionPerSource = "unlimited"
-"""
 RECIPIENT = "alice@contoso.test"
 
 
@@ -65,7 +46,7 @@ def hubport_rate(root: Path, messages: int, sessions: int, *, paused: bool
                  ) -> tuple[float, int]:
     """Messages per second, and the messages found afterwards (queued or delivered)."""
     port = free_port()
-    with hubport(root, ORG.format(port=port), port):
+    with hubport(root, bench_org(port), port):
         if paused:
             hubport_command(root, "suspend-queue", "--identity", "HUB01\\Submission")
         elapsed = smtp_source(port, messages, sessions, RECIPIENT)
@@ -85,9 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=6000)
     parser.add_argument("--sessions", type=int, default=20)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--keep", action="store_true", help="keep the bench folder")
-    parser.add_argument("--json", action="store_true", help="print the runs as JSON")
+    common_arguments(parser)
     args = parser.parse_args()
     require_tools(SMTP_SOURCE, POSTFIX)
     base = prepare_base("hubport-bench-smtp-")
