@@ -43,7 +43,9 @@ def table(title: str, unit: str, runs: dict[str, list[float]]) -> str:
     lines = [f"{title} (median of {count}, min–max, {unit})"]
     for case, median, low, high, ratio in rows(runs):
         shown = f"  ratio {ratio:5.2f}" if ratio is not None else ""
-        lines.append(f"  {case:44} {median:9.0f}  ({low:.0f}–{high:.0f}){shown}")
+        places = 0 if median >= 100 else 2  # small figures (ms per message) keep their digits
+        lines.append(f"  {case:44} {median:9.{places}f}  ({low:.{places}f}–{high:.{places}f})"
+                     f"{shown}")
     return "\n".join(lines)
 
 

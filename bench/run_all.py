@@ -37,6 +37,7 @@ BENCHMARKS = [
     ("latency.py", ["--messages", "200"], ["--messages", "30"]),
     ("curve.py", [], ["--quick"]),
     # one run: 100,000 messages take minutes, and memory varies little between runs
+    ("scaling.py", ["--messages", "6000"], ["--messages", "600"]),
     ("memory.py", ["--messages", "100000", "--runs", "1"], ["--messages", "2000", "--runs", "1"]),
 ]
 
