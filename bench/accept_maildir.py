@@ -34,7 +34,7 @@ from peers import (
     require_tools,
     smtp_source,
 )
-from report import BASELINE, common_arguments, emit
+from report import BASELINE, collect, common_arguments, emit
 
 RECIPIENT = "bob@contoso.test"
 
@@ -82,21 +82,9 @@ def main() -> None:
     common_arguments(parser)
     args = parser.parse_args()
     require_tools(SMTP_SOURCE, POSTFIX)
-    base = prepare_base("hubport-bench-maildir-")
-    results: dict[str, list[float]] = {"hubport": [], BASELINE: []}
-    try:
-        for run in range(args.runs):
-            results["hubport"].append(hubport_rate(base / "hubport", args.messages,
-                                                   args.sessions))
-            results[BASELINE].append(postfix_rate(base / "postfix", args.messages,
-                                                  args.sessions))
-            if not args.json:
-                print(f"run {run + 1}: " + "  ".join(f"{case} {values[-1]:.0f}/s"
-                                                     for case, values in results.items()),
-                      flush=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(base, ignore_errors=True)
+    results = collect(args, prepare_base("hubport-bench-maildir-"), {
+        "hubport": lambda root: hubport_rate(root, args.messages, args.sessions),
+        BASELINE: lambda root: postfix_rate(root, args.messages, args.sessions)})
     emit(f"Sustained accept + Maildir (until the last file), {args.sessions} sessions, 2 KB"
          " (Postfix: virtual(8))", "msg/s", results, as_json=args.json)
 

@@ -13,7 +13,6 @@ with ``relayhost = [127.0.0.1]:<sink>`` (a private instance, ``bench/peers.py``)
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from peers import (
     sink,
     smtp_source,
 )
-from report import BASELINE, common_arguments, emit
+from report import BASELINE, collect, common_arguments, emit
 
 SMART_HOST = """
 [[send_connector]]
@@ -68,21 +67,9 @@ def main() -> None:
     common_arguments(parser)
     args = parser.parse_args()
     require_tools(SMTP_SOURCE, SMTP_SINK, POSTFIX)
-    base = prepare_base("hubport-bench-relay-")
-    servers = {"hubport": "hubport", "postfix": BASELINE}
-    results: dict[str, list[float]] = {case: [] for case in servers.values()}
-    try:
-        for run in range(args.runs):
-            for server, case in servers.items():
-                results[case].append(relay_rate(server, base / server, args.messages,
-                                                args.sessions))
-            if not args.json:
-                print(f"run {run + 1}: " + "  ".join(f"{case} {values[-1]:.0f}/s"
-                                                     for case, values in results.items()),
-                      flush=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(base, ignore_errors=True)
+    results = collect(args, prepare_base("hubport-bench-relay-"), {
+        "hubport": lambda root: relay_rate("hubport", root, args.messages, args.sessions),
+        BASELINE: lambda root: relay_rate("postfix", root, args.messages, args.sessions)})
     emit(f"Relay SMTP in -> smtp-sink, {args.sessions} senders, 2 KB", "msg/s", results,
          as_json=args.json)
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 #: the case every ratio is taken against, when a benchmark has it
 BASELINE = "Postfix"
@@ -20,6 +23,25 @@ def common_arguments(parser: argparse.ArgumentParser, runs: int = 3) -> None:
     parser.add_argument("--runs", type=int, default=runs, help="runs; medians are printed")
     parser.add_argument("--keep", action="store_true", help="keep the bench folder")
     parser.add_argument("--json", action="store_true", help="print the runs as JSON")
+
+
+def collect(args: argparse.Namespace, base: Path,
+            cases: Mapping[str, Callable[[Path], float]]) -> dict[str, list[float]]:
+    """Measure every case ``args.runs`` times, in turn, each in its own folder under
+    ``base``; a line per run unless ``--json``; ``base`` is removed unless ``--keep``."""
+    results: dict[str, list[float]] = {case: [] for case in cases}
+    try:
+        for run in range(args.runs):
+            for index, (case, measure) in enumerate(cases.items()):
+                results[case].append(measure(base / f"case{index}"))
+            if not args.json:
+                print(f"run {run + 1}: " + "  ".join(f"{case} {values[-1]:.0f}/s"
+                                                     for case, values in results.items()),
+                      flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    return results
 
 
 def rows(runs: dict[str, list[float]]) -> list[tuple[str, float, float, float, float | None]]:

@@ -21,8 +21,8 @@ Each figure is the median of ``--runs`` runs. Needs Debian's ``postfix`` package
 from __future__ import annotations
 
 import argparse
-import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 from peers import (
@@ -37,7 +37,7 @@ from peers import (
     require_tools,
     smtp_source,
 )
-from report import BASELINE, common_arguments, emit
+from report import BASELINE, collect, common_arguments, emit
 
 RECIPIENT = "alice@contoso.test"
 
@@ -69,25 +69,18 @@ def main() -> None:
     common_arguments(parser)
     args = parser.parse_args()
     require_tools(SMTP_SOURCE, POSTFIX)
-    base = prepare_base("hubport-bench-smtp-")
-    cases = {"hubport (receive path)": True, "hubport + categorizer + Maildir": False}
-    results: dict[str, list[float]] = {name: [] for name in [*cases, BASELINE]}
-    try:
-        for run in range(args.runs):
-            for index, (name, paused) in enumerate(cases.items()):
-                rate, found = hubport_rate(base / f"hubport{index}", args.messages,
-                                           args.sessions, paused=paused)
-                assert found == args.messages, f"{name}: {found} found of {args.messages}"
-                results[name].append(rate)
-            results[BASELINE].append(postfix_rate(base / "postfix", args.messages,
-                                                  args.sessions))
-            if not args.json:
-                print(f"run {run + 1}: " + "  ".join(f"{name} {values[-1]:.0f}/s"
-                                                     for name, values in results.items()),
-                      flush=True)
-    finally:
-        if not args.keep:
-            shutil.rmtree(base, ignore_errors=True)
+
+    def hub(paused: bool) -> Callable[[Path], float]:
+        def measure(root: Path) -> float:
+            rate, found = hubport_rate(root, args.messages, args.sessions, paused=paused)
+            assert found == args.messages, f"{found} found of {args.messages}"
+            return rate
+        return measure
+
+    results = collect(args, prepare_base("hubport-bench-smtp-"), {
+        "hubport (receive path)": hub(True),
+        "hubport + categorizer + Maildir": hub(False),
+        BASELINE: lambda root: postfix_rate(root, args.messages, args.sessions)})
     emit(f"SMTP accept, {args.sessions} sessions, 2 KB (the 250 after the durable commit;"
          " Postfix: smtpd + cleanup fsync, then discard)", "msg/s", results,
          as_json=args.json)
