@@ -35,10 +35,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,10 +195,14 @@ class BackPressure:
     """The resource monitor of one running server; its ``level`` governs intake."""
 
     def __init__(self, organization_of: Callable[[], Organization], server_name: str,
-                 store: Store, *, clock: Callable[[], float] = time.time) -> None:
+                 store: Store, *, clock: Callable[[], float] = time.time,
+                 siblings: Sequence[Path] = ()) -> None:
         self.organization_of = organization_of
         self.server_name = server_name
         self.store = store
+        #: the other workers' queue databases: SubmissionQueueLength is the server's, so
+        #: their Submission queues count too (read-only, at each sample)
+        self.siblings = tuple(siblings)
         self.clock = clock
         self.meters: dict[str, Meter] = {}
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY)
@@ -212,6 +218,14 @@ class BackPressure:
     @property
     def server(self) -> TransportServer:
         return self.organization_of().server(self.server_name)
+
+    async def _server_submission_length(self) -> int:
+        mine = await self.store.read(_submission_length)
+        if not self.siblings:
+            return mine
+        others = await asyncio.get_running_loop().run_in_executor(
+            self._executor, _sibling_lengths, self.siblings)
+        return mine + others
 
     # -- the verdicts (called on the event loop for every MAIL and folder pass) --------------
 
@@ -368,7 +382,7 @@ class BackPressure:
         if self._system is None or self._system.done():
             self._system = loop.run_in_executor(self._executor, sample_system, plan)
         if self._queue is None or self._queue.done():
-            self._queue = asyncio.ensure_future(self.store.read(_submission_length))
+            self._queue = asyncio.ensure_future(self._server_submission_length())
         wait = max(0.5, min(server.resource_monitoring_interval, 5.0))
         samples: set[asyncio.Future[Any]] = {self._system, self._queue}
         await asyncio.wait(samples, timeout=wait)
@@ -433,6 +447,19 @@ _EFFECTS = {
     Level.HIGH: "stopped: all new mail is refused (452 4.3.1); Pickup and Replay are paused;"
                 " queued mail is still delivered",
 }
+
+
+def _sibling_lengths(paths: Sequence[Path]) -> int:
+    """Messages waiting for the categorizer in the other workers' queues (read-only; a
+    queue that cannot be read now counts nothing until the next sample)."""
+    total = 0
+    for path in paths:
+        try:
+            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)) as db:
+                total += _submission_length(db)
+        except sqlite3.Error:
+            continue
+    return total
 
 
 def _submission_length(conn: Any) -> int:

@@ -35,6 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--json-logs", action="store_true", default=None,
                      help="log JSON lines even on a terminal")
+    run.add_argument("--workers", type=_positive, default=None, metavar="N",
+                     help="worker processes, each a full pipeline with its own queue"
+                          " (default: the number of CPUs; 1 runs a single process)")
+    # set by the supervisor on each worker's command line
+    run.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--restarted", action="store_true", help=argparse.SUPPRESS)
 
     plugins = sub.add_parser("plugins", help="list plugins, their hooks and the call order")
     _common(plugins)
@@ -109,10 +116,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return commands[args.command](args)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from hubport.core.daemon import run
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
-    return run(args.config, args.server)
+
+def _run(args: argparse.Namespace) -> int:
+    from hubport.core import daemon, supervisor
+    from hubport.core.workers import default_count, parse_slot
+
+    if args.worker is not None:
+        return daemon.run(args.config, args.server, worker=parse_slot(args.worker),
+                          restarted=args.restarted, ready_fd=args.ready_fd)
+    workers = args.workers or default_count()
+    if workers == 1:
+        return daemon.run(args.config, args.server)
+    return supervisor.run(args.config, args.server, workers,
+                          log_args=("--log-level", args.log_level),
+                          run_args=("--json-logs",) if args.json_logs else ())
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -256,6 +282,11 @@ def format_backpressure(state: dict[str, Any], as_list: bool = False) -> str:
     head = f"Back pressure on {state['server']}: {state['level']} ({state['effect']})"
     if not state.get("enabled"):
         head += "\nResource monitoring is off (EnableResourceMonitoring = false)."
+    workers = state.get("workers") or []  # a server of several workers: each one's level
+    if len(workers) > 1:
+        head += "\n" + "\n".join(
+            f"  worker {w['worker']}: {w['level']}"
+            + (f" ({', '.join(w['causes'])})" if w["causes"] else "") for w in workers)
     meters = state.get("meters", [])
     if as_list:
         blocks = ["\n".join(f"{name:<20}: {value}" for name, value in (
@@ -279,6 +310,7 @@ def format_backpressure(state: dict[str, Any], as_list: bool = False) -> str:
         body = "\n".join(lines)
     changes = [f"{_clock(c['at'])}  {c['resource']}: {c['from']} -> {c['to']}"
                + (f" at {c['pressure']:g} {c['unit']}".rstrip() if c["unit"] else "")
+               + (f" (worker {c['worker']})" if len(workers) > 1 and "worker" in c else "")
                for c in state.get("transitions", [])[-10:]]
     tail = "\n\nRecent level changes:\n" + "\n".join(changes) if changes else ""
     return f"{head}\n\n{body}{tail}"
@@ -332,7 +364,7 @@ def _add_queue_commands(sub: Any) -> None:
             cmd.add_argument("--path", "-path", required=True, type=Path)
         cmd.add_argument("--format", "-format", default="table",
                          choices=["table", "list", "json"])
-        if op == "get-queue":
+        if op in ("get-queue", "get-message"):
             cmd.add_argument("--json", action="store_true", help="same as --format json")
 
 

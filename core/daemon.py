@@ -14,6 +14,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -29,13 +30,16 @@ from hubport.core.backpressure import BackPressure
 from hubport.core.config import Organization, load_organization, plugin_modules
 from hubport.core.config_fields import ConfigError
 from hubport.core.control import start_control
+from hubport.core.counters import SharedCounters
 from hubport.core.folders import PickupDirectory, ReplayDirectory
 from hubport.core.hooks import Hooks, PluginError
 from hubport.core.pipeline import Pipeline
 from hubport.core.queue_admin import QueueAdmin
+from hubport.core.rotating_log import log_writer
 from hubport.core.services import ConnectorService, ServiceError, ServiceRuntime
 from hubport.core.store import Store
 from hubport.core.tracking import TrackingLog, TrackingSettings
+from hubport.core.workers import WorkerSlot, signal_ready
 
 log = structlog.get_logger("hubport.daemon")
 
@@ -53,11 +57,17 @@ class StartupError(Exception):
         self.exit_code = exit_code
 
 
+#: the file of per-worker connection counts in the state folder (core/counters.py)
+COUNTERS_NAME = "counters"
+QUEUE_LOCK_WAIT = 120.0  # seconds a worker waits for the queue a predecessor still drains
+
+
 @dataclass
 class Paths:
     state: Path
     queue: Path
     lock: Path
+    shared: Path
 
 
 def make_hooks(config: Path | None, extra: tuple[str | ModuleType, ...] = (), *,
@@ -104,24 +114,63 @@ def pick_server(org: Organization, name: str | None) -> str:
                            EXIT_CONFIG) from None
 
 
-def prepare_state(state: Path) -> Paths:
+def prepare_state(state: Path, worker: WorkerSlot = WorkerSlot()) -> Paths:
     """Create the state folder layout and make sure it is writable."""
     try:
         (state / "queue").mkdir(parents=True, exist_ok=True)
-        probe = state / ".hubport-write-test"  # one fixed name: a crash leaves no litter
+        # one fixed name per worker: a crash leaves no litter, workers do not collide
+        probe = state / f".hubport-write-test{worker.suffix}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise StartupError(f"state folder {state} is not usable: {exc.strerror}",
                            EXIT_FOLDER) from exc
-    return Paths(state, state / "queue" / "mail.que", state / "hubport.lock")
+    return Paths(state, worker.queue_path(state), state / "hubport.lock",
+                 worker.server_db_path(state))
+
+
+def lock_file(path: Path, *, wait: float = 0.0) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if needed): its fd, or None when another
+    process holds it after ``wait`` seconds. The lock dies with the process that holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.1)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def lock_state(path: Path) -> int:
+    """The state folder's lock: one server per state folder."""
+    fd = lock_file(path)
+    if fd is None:
+        raise StartupError(f"another hubport daemon is using the state folder {path.parent}",
+                           EXIT_LOCKED)
+    return fd
 
 
 class Daemon:
     def __init__(self, config: Path | None = None, server: str | None = None,
                  *, extra_plugins: tuple[str | ModuleType, ...] = (), signals: bool = True,
-                 entry_points: bool = True) -> None:
+                 entry_points: bool = True, worker: WorkerSlot | None = None,
+                 restarted: bool = False, ready_fd: int | None = None) -> None:
+        """``worker`` is given when a supervisor (core/supervisor.py) runs this daemon as
+        one of its workers: the supervisor then holds the state folder's lock and the
+        control socket, and this process serves its own queue; ``restarted`` says it
+        replaces a worker that died."""
         self.signals = signals
+        self.supervised = worker is not None
+        self.worker = worker or WorkerSlot()
+        self.restarted = restarted
+        self.ready_fd = ready_fd
         self.config_path = config.resolve() if config else None
         self.server_arg = server
         self.hooks = make_hooks(self.config_path, extra_plugins, entry_points=entry_points)
@@ -136,7 +185,7 @@ class Daemon:
         self.services: dict[str, ConnectorService] = {}
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
-        self._lock_fd: int | None = None
+        self._lock_fds: list[int] = []
         self._observer: Any = None
         self.ready = asyncio.Event()
 
@@ -146,43 +195,59 @@ class Daemon:
 
     async def run(self) -> int:
         server = self.server
-        paths = prepare_state(server.state_directory)
-        self._lock(paths.lock)
-        store = Store(paths.queue)
+        paths = prepare_state(server.state_directory, self.worker)
+        await self._lock(paths)
+        store = Store(paths.queue, shared=paths.shared)
         try:
-            await store.open(q.SCHEMA)
+            await store.open(q.SCHEMA, q.SHARED_SCHEMA)
         except sqlite3.DatabaseError as exc:  # not a database, torn, or unreadable
             self._unlock()
             raise StartupError(
                 f"the queue database {paths.queue} cannot be used ({exc}); it is left as it is:"
                 " move it aside (keep it, its messages can be recovered from it) and start"
                 " again with an empty queue", EXIT_FOLDER) from exc
-        tracking = TrackingLog(_tracking_settings(server), server.fqdn)
+        tracking = TrackingLog(_tracking_settings(server, self.worker), server.fqdn)
         # before anything can change the queue: the events a crash left in the outbox go to
         # the tracking log first, so the log accounts for every committed message
         await tracking.attach(store)
         flusher = asyncio.get_running_loop().create_task(tracking.run_flusher())
-        self.pipeline = Pipeline(self.org, self.server_name, self.hooks, store, tracking)
-        self.backpressure = BackPressure(lambda: self.org, self.server_name, store)
+        self.pipeline = Pipeline(self.org, self.server_name, self.hooks, store, tracking,
+                                 worker=self.worker)
+        # connection limits count across the workers (the supervisor made the file)
+        self.counters = await asyncio.to_thread(
+            SharedCounters.attach,
+            server.state_directory / COUNTERS_NAME if self.supervised else None, self.worker)
+        siblings = [WorkerSlot(k, self.worker.count).queue_path(server.state_directory)
+                    for k in range(self.worker.count) if k != self.worker.index]
+        self.backpressure = BackPressure(lambda: self.org, self.server_name, store,
+                                         siblings=siblings)
         control = None
         try:
             recovery = await self.pipeline.start()
             await self.backpressure.start()  # intake begins with real figures
             await self._start_folders()
             await self._start_services(tracking)
+            control_folder = server.state_directory
+            if self.supervised:
+                control_folder = self.worker.control_folder(control_folder)
+                await asyncio.to_thread(control_folder.mkdir, mode=0o700, parents=True,
+                                        exist_ok=True)
             control = await start_control(
-                server.state_directory,
-                QueueAdmin(self.pipeline, backpressure=self.backpressure).handle)
+                control_folder, QueueAdmin(self.pipeline, backpressure=self.backpressure).handle)
             if self.signals:
                 self._install_signals()
             self._watch_config()
-            log.info("hubport running", server=self.server_name,
+            log.info("worker running" if self.supervised else "hubport running",
+                     server=self.server_name, worker=self.worker.index,
                      config=str(self.config_path or "<embedded default>"),
                      state=str(server.state_directory),
                      pickup=str(server.pickup_directory_path),
                      replay=str(server.replay_directory_path),
                      recovered=len(recovery.crashed), poisoned=len(recovery.poisoned))
             self.ready.set()
+            if self.ready_fd is not None:
+                signal_ready(self.ready_fd)
+                self.ready_fd = None
             await self._serve()
         finally:
             log.info("draining", server=self.server_name)
@@ -205,6 +270,7 @@ class Daemon:
                 except Exception:
                     log.exception("a connector service failed to close")
             await self.backpressure.stop()
+            self.counters.close()
             if self._observer is not None:
                 self._observer.stop()
             flusher.cancel()
@@ -250,7 +316,7 @@ class Daemon:
             new.pickup_directory_path, new.replay_directory_path)
         if folders_changed:
             try:
-                await asyncio.to_thread(_check_folders, new)
+                await asyncio.to_thread(_check_folders, new, self.worker)
             except OSError as exc:
                 log.error("configuration change refused; the running configuration stays",
                           error=f"folder {exc.filename} is not usable: {exc.strerror}")
@@ -282,7 +348,9 @@ class Daemon:
         """One service per connector type that has one (receive listeners, send pools)."""
         assert self.pipeline is not None
         runtime = ServiceRuntime(self.server_name, self.hooks, self.pipeline, tracking,
-                                 lambda: self.org, backpressure=self.backpressure)
+                                 lambda: self.org, backpressure=self.backpressure,
+                                 worker=self.worker, counters=self.counters,
+                                 first_bind=not self.restarted and self.worker.index == 0)
         for section, cls in self.hooks.registry.connector_types.items():
             create = getattr(cls, "create_service", None)
             if create is None:
@@ -336,38 +404,43 @@ class Daemon:
         observer.start()
         self._observer = observer
 
-    def _lock(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StartupError(f"another hubport daemon is using the state folder {path.parent}",
-                               EXIT_LOCKED) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+    async def _lock(self, paths: Paths) -> None:
+        """The state folder's lock (unless a supervisor holds it for its workers), then the
+        queue's: two processes never work one queue database, even when a supervisor was
+        killed and a new one starts while the old workers still drain (the new worker waits
+        for them)."""
+        if not self.supervised:
+            self._lock_fds.append(lock_state(paths.lock))
+        queue_lock = paths.queue.with_name(paths.queue.name + ".lock")
+        fd = await asyncio.to_thread(lock_file, queue_lock,
+                                     wait=QUEUE_LOCK_WAIT if self.supervised else 0.0)
+        if fd is None:
+            self._unlock()
+            raise StartupError(f"another process is using the queue database {paths.queue}",
+                               EXIT_LOCKED)
+        self._lock_fds.append(fd)
 
     def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        while self._lock_fds:
+            os.close(self._lock_fds.pop())
 
 
-def _check_folders(server: Any) -> None:
+def _check_folders(server: Any, worker: WorkerSlot) -> None:
     """Raise OSError when a Pickup or Replay folder cannot be created and written."""
     for path in (server.pickup_directory_path, server.replay_directory_path):
         if path is None:
             continue
         path.mkdir(parents=True, exist_ok=True)
         # one name per server: no litter after a crash, no clash between hubs sharing it
-        probe = path / f".hubport-write-test-{server.name}"
+        probe = path / f".hubport-write-test-{server.name}{worker.suffix}"
         probe.write_bytes(b"")
         probe.unlink()
 
 
-def _tracking_settings(server: Any) -> TrackingSettings:
+def _tracking_settings(server: Any, worker: WorkerSlot) -> TrackingSettings:
+    """The server's tracking log settings; each worker writes a file family of its own."""
     return TrackingSettings(
+        writer=log_writer(worker), writers=worker.count,
         enabled=server.message_tracking_log_enabled,
         path=server.message_tracking_log_path,
         max_age=server.message_tracking_log_max_age or 0,
@@ -377,10 +450,13 @@ def _tracking_settings(server: Any) -> TrackingSettings:
     )
 
 
-def run(config: Path | None, server: str | None) -> int:
-    """Entry point of ``hubport run``."""
+def run(config: Path | None, server: str | None, *, worker: WorkerSlot | None = None,
+        restarted: bool = False, ready_fd: int | None = None) -> int:
+    """Entry point of ``hubport run`` with one process, and of each supervised worker."""
+    if worker is not None:
+        structlog.contextvars.bind_contextvars(worker=worker.index)
     try:
-        daemon = Daemon(config, server)
+        daemon = Daemon(config, server, worker=worker, restarted=restarted, ready_fd=ready_fd)
     except StartupError as exc:
         log.error(str(exc))
         return exc.exit_code

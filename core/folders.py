@@ -150,8 +150,10 @@ class PickupDirectory:
     def key_prefix(self) -> str:
         """Claim keys name the folder and the server: several hubs may share one folder
         (each file still goes to exactly one of them: the claim is an atomic rename), and
-        each recovers only its own claims at start."""
-        return f"{self.letter}{re.sub(r'[^A-Za-z0-9]', '_', self.pipeline.server_name)}."
+        each recovers only its own claims at start. The workers of one server are claimants
+        of their own (``HUB01``, ``HUB01_1``…): each recovers what it claimed."""
+        name = self.pipeline.server_name + self.pipeline.worker.suffix
+        return f"{self.letter}{re.sub(r'[^A-Za-z0-9]', '_', name)}."
 
     # -- settings from the running config (live reload applies at the next scan) ----------
 
@@ -160,7 +162,8 @@ class PickupDirectory:
         return self.pipeline.server
 
     def _per_minute(self) -> int | None:
-        return self.server.pickup_directory_max_messages_per_minute
+        """PickupDirectoryMaxMessagesPerMinute is the server's: each worker takes its share."""
+        return self.pipeline.worker.share(self.server.pickup_directory_max_messages_per_minute)
 
     def size_limit(self) -> int:
         """The largest message a folder file may hold: the organization's MaxSendSize and
@@ -194,7 +197,8 @@ class PickupDirectory:
         os.makedirs(self.work, exist_ok=True)
         # one fixed name per server: a crash leaves no litter, hubs sharing the folder
         # never remove each other's probe
-        probe = self.path / f".hubport-write-test-{self.pipeline.server_name}"
+        probe = self.path / (f".hubport-write-test-{self.pipeline.server_name}"
+                             f"{self.pipeline.worker.suffix}")
         probe.write_bytes(b"")
         probe.unlink(missing_ok=True)
 
@@ -744,7 +748,8 @@ class ReplayDirectory(PickupDirectory):
     replay = True
 
     def _per_minute(self) -> int | None:
-        return self.server.pickup_directory_max_messages_per_minute
+        """PickupDirectoryMaxMessagesPerMinute is the server's: each worker takes its share."""
+        return self.pipeline.worker.share(self.server.pickup_directory_max_messages_per_minute)
 
     def _parse(self, data: bytes, repairs: list[str]) -> tuple[Envelope, bytes]:
         return parse_replay(data, default_domain=self.pipeline.org.default_domain.domain_name,

@@ -63,6 +63,7 @@ from hubport.core.model import (
 from hubport.core.queue import RecipientUpdate
 from hubport.core.retry import EXPIRED, retry_delay
 from hubport.core.store import Store
+from hubport.core.workers import WorkerSlot
 
 if TYPE_CHECKING:
     from hubport.core.config import Organization, TransportServer
@@ -119,8 +120,11 @@ class Pipeline:
     BATCHES_IN_FLIGHT = 2
 
     def __init__(self, org: Organization, server_name: str, hooks: Hooks, store: Store,
-                 tracking: TrackingLog, *, clock: Callable[[], float] = time.time) -> None:
+                 tracking: TrackingLog, *, clock: Callable[[], float] = time.time,
+                 worker: WorkerSlot = WorkerSlot()) -> None:
         self.hooks = hooks
+        #: this process's place among the server's workers (core/workers.py)
+        self.worker = worker
         self.store = store
         self.tracking = tracking
         self.clock = clock
@@ -191,6 +195,11 @@ class Pipeline:
         added = await self.store.write(q.upgrade)
         if added:
             log.info("queue database upgraded", added=added)
+        renumbered = await self.store.write(q.adopt_queues)
+        if renumbered:
+            log.warning("delivery queues took the server's ids", queues=renumbered)
+        first_id = self.worker.first_id
+        await self.store.write(lambda c: q.start_ids_at(c, first_id))
 
         def recover(conn: sqlite3.Connection) -> tuple[q.Recovery, list[QueuedMessage]]:
             found = q.recover(conn, poison, enabled)
@@ -901,12 +910,11 @@ class Pipeline:
             q.finish_if_done(conn, message.id)
         if self.server.delay_notification_timeout and self._delay_dsn_enabled():
             # delayed: deferred, unreachable, or never tried because its queue is in Retry
+            in_retry = q.queues_in_retry(conn)
+            marks = ",".join(str(int(i)) for i in in_retry)
             waiting = ("(r.status IN ('Retry','Unreachable') OR (r.status='Ready' AND r.queue"
-                       " IN (SELECT id FROM delivery_queue WHERE next_retry IS NOT NULL)))"
-                       " AND r.delay_notified=0")
-            queue_errors: dict[int, str] = dict(conn.execute(
-                "SELECT id, last_error FROM delivery_queue WHERE next_retry IS NOT NULL"
-                " AND last_error IS NOT NULL").fetchall())
+                       f" IN ({marks})))" " AND r.delay_notified=0")
+            queue_errors = {i: e for i, e in in_retry.items() if e is not None}
             due = [r[0] for r in conn.execute(
                 "SELECT DISTINCT m.id FROM message m JOIN recipient r ON r.message=m.id"
                 f" WHERE m.state='active' AND m.sender<>'' AND m.received_at<=? AND {waiting}",

@@ -5,7 +5,9 @@ Receive and Send connectors open a `ProtocolSession` per SMTP connection, at rat
 per second, so the per-event cost on the event loop is one tuple appended to a buffer: the
 CSV formatting, decoding and escaping happen in `flush()`, in a worker thread, through the
 shared `RotatingLog` (files ``RECVyyyymmdd-n.log`` / ``SENDyyyymmdd-n.log``, rotation, pruning,
-bounded buffering while the disk fails).
+bounded buffering while the disk fails). The workers of one server share the folders, each
+writing a file family of its own (``RECV_W1_yyyymmdd-n.log`` for worker 1, see
+core/rotating_log.py).
 """
 
 from __future__ import annotations
@@ -88,6 +90,9 @@ class ProtocolLog:
 
     `directory` None turns logging off: sessions still work, every call is a no-op.
     `max_age` None keeps files forever; `max_directory_size` None sets no folder limit.
+    `writer` names this process's file family ("" = the ``RECV<date>-<n>.log`` names; see
+    ``rotating_log.log_writer``) and `writers` is how many processes log into the folder
+    (each keeps its family within max_directory_size / writers).
     """
 
     def __init__(
@@ -99,6 +104,8 @@ class ProtocolLog:
         max_directory_size: int | None,
         max_file_size: int,
         clock: Callable[[], float] = time.time,
+        writer: str = "",
+        writers: int = 1,
     ) -> None:
         if kind not in LOG_TYPES:
             raise ValueError(f"protocol log kind must be RECV or SEND, not {kind!r}")
@@ -117,6 +124,8 @@ class ProtocolLog:
                 max_file_size=max_file_size,
                 label=label,
                 clock=clock,
+                writer=writer,
+                writers=writers,
             )
 
     @property

@@ -1,9 +1,20 @@
 """The durable queue: Submission, one delivery queue per next hop, Unreachable and Poison.
 
-One SQLite database per server (``<StateDirectory>/queue/mail.que``). The message bytes are
-stored once; each recipient is a row with its own status, next hop queue, attempts, last
-response and next retry time. A message whose recipients are all final is removed in the
-same transaction that made the last one final.
+One SQLite database per worker process (``<StateDirectory>/queue/mail.que``, then
+``mail-1.que``…; core/workers.py). The message bytes are stored once; each recipient is a row
+with its own status, next hop queue, attempts, last response and next retry time. A message
+whose recipients are all final is removed in the same transaction that made the last one final.
+
+What is per server rather than per worker lives in one more database every worker opens
+beside its own (``queue/server.db``, reached as ``shared(conn)``): the delivery queues'
+identities (a next hop has one queue id on the whole server), their suspension and Retry
+state, and the Submission and Unreachable suspension flags. Both databases carry the same
+``delivery_queue`` table: the worker's copy keeps the id and next hop its recipients refer to
+(and when this worker last tried it), the shared one the state. Writes to the shared database
+are small transactions of their own, not part of the worker's group commit: a queue id taken
+by a batch that then fails to commit is simply unused, and Retry state is timing, not mail.
+A store opened without a shared database (``Store(path)`` alone) keeps all of it in its own
+database, as a single-process queue did.
 
 The functions taking a ``sqlite3.Connection`` run in the database thread, inside a
 group-committed transaction (``Store.write``) or a read (``Store.read``).
@@ -31,7 +42,7 @@ from hubport.core.model import (
 
 S = RecipientStatus
 
-SCHEMA = """
+_MESSAGES = """
 CREATE TABLE IF NOT EXISTS message (
     -- AUTOINCREMENT: an id is never reused after its message is removed, because drop
     -- and Maildir file names are made from these ids (a reused id would overwrite a file
@@ -76,7 +87,9 @@ CREATE TABLE IF NOT EXISTS recipient (
 CREATE INDEX IF NOT EXISTS recipient_work ON recipient(queue, status, next_retry);
 CREATE INDEX IF NOT EXISTS recipient_message ON recipient(message);
 CREATE INDEX IF NOT EXISTS recipient_status ON recipient(status);
-CREATE TABLE IF NOT EXISTS delivery_queue (
+"""
+#: per server (the shared database) and per worker alike (core/workers.py)
+_QUEUES = """CREATE TABLE IF NOT EXISTS delivery_queue (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     delivery_type TEXT NOT NULL, domain TEXT NOT NULL, connector TEXT NOT NULL,
     suspended INTEGER NOT NULL DEFAULT 0,
@@ -89,10 +102,15 @@ CREATE TABLE IF NOT EXISTS delivery_queue (
     UNIQUE (delivery_type, domain, connector)
 );
 CREATE TABLE IF NOT EXISTS queue_flag (name TEXT PRIMARY KEY, suspended INTEGER NOT NULL);
+"""
+_CLAIMS = """
 CREATE TABLE IF NOT EXISTS claim (
     name TEXT PRIMARY KEY, message INTEGER, at REAL NOT NULL
 );
 """
+SCHEMA = _MESSAGES + _QUEUES + _CLAIMS
+#: the server's shared database: the delivery queues and the suspension flags
+SHARED_SCHEMA = _QUEUES
 
 #: columns added after the first schema: ``upgrade`` adds the ones an older database lacks
 #: (``CREATE TABLE IF NOT EXISTS`` leaves an existing table as it was)
@@ -110,6 +128,92 @@ RECIPIENT_COLUMNS = (
     "r.id, r.message, r.address, r.notify, r.orcpt, r.status, r.queue, r.attempts, "
     "r.last_response, r.next_retry, r.first_attempt, r.delay_notified, r.drop_intent"
 )
+
+
+def shared(conn: sqlite3.Connection) -> sqlite3.Connection:
+    """Where the per-server state is: the shared database (``Store(shared=...)``), or
+    ``conn`` itself when the store has none (a queue used alone)."""
+    other = getattr(conn, "shared_db", None)
+    return conn if other is None else other
+
+
+class _SharedWrite:
+    """A write transaction on the shared database (``BEGIN IMMEDIATE``: the workers'
+    read-modify-writes never interleave); inside the caller's transaction when there is
+    no shared database."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.db = shared(conn)
+        self.own = self.db is not conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        if self.own:
+            self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if self.own:
+            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def start_ids_at(conn: sqlite3.Connection, first: int) -> None:
+    """Message and recipient ids handed out from now on are at least ``first`` (worker k
+    counts from k × ID_STRIDE, so ids are unique on the server; core/workers.py)."""
+    if first <= 0:
+        return
+    for table in ("message", "recipient"):
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name=?", (table,)).fetchone()
+        if row is None:
+            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?,?)", (table, first))
+        elif row[0] < first:
+            conn.execute("UPDATE sqlite_sequence SET seq=? WHERE name=?", (first, table))
+
+
+def adopt_queues(conn: sqlite3.Connection) -> int:
+    """Make the worker's delivery queues agree with the shared database; returns how many
+    changed id. Each local queue's next hop is looked up there: known → the local id
+    becomes the shared one (its recipients follow); unknown → it is registered, with its
+    id when that is free, and its state (a queue database from before workers, or one
+    whose shared database was moved aside, keeps its suspension and Retry state)."""
+    db = shared(conn)
+    if db is conn:
+        return 0
+    moves: dict[int, int] = {}
+    for row in conn.execute("SELECT id, delivery_type, domain, connector, suspended,"
+                            " last_error, next_retry, retry_count FROM delivery_queue"
+                            " ORDER BY id").fetchall():
+        local, key = row[0], (row[1], row[2], row[3])
+        with _SharedWrite(conn) as w:
+            found = w.execute("SELECT id FROM delivery_queue WHERE delivery_type=? AND"
+                              " domain=? AND connector=?", key).fetchone()
+            if found is None:
+                free = w.execute("SELECT 1 FROM delivery_queue WHERE id=?",
+                                 (local,)).fetchone() is None
+                cur = w.execute(
+                    "INSERT INTO delivery_queue (id, delivery_type, domain, connector,"
+                    " suspended, last_error, next_retry, retry_count) VALUES (?,?,?,?,?,?,?,?)",
+                    (local if free else None, *key, row[4], row[5], row[6], row[7]))
+                found = (cur.lastrowid,)
+        if found[0] != local:
+            moves[local] = int(found[0])
+    if moves:
+        # first out of the way (negative ids), then to the shared ids: a local queue that
+        # keeps its id cannot hold one of the new ids (a shared id belongs to one next hop)
+        conn.execute("PRAGMA defer_foreign_keys=ON")
+        for old, new in moves.items():
+            conn.execute("UPDATE delivery_queue SET id=? WHERE id=?", (-new, old))
+            conn.execute("UPDATE recipient SET queue=? WHERE queue=?", (-new, old))
+        for new in moves.values():
+            conn.execute("UPDATE delivery_queue SET id=? WHERE id=?", (new, -new))
+            conn.execute("UPDATE recipient SET queue=? WHERE queue=?", (new, -new))
+    flags = conn.execute("SELECT name, suspended FROM queue_flag WHERE name IN"
+                         " ('Submission','Unreachable')").fetchall()
+    if flags:
+        with _SharedWrite(conn) as w:
+            w.executemany("INSERT OR IGNORE INTO queue_flag (name, suspended) VALUES (?,?)",
+                          [tuple(f) for f in flags])
+        conn.execute("DELETE FROM queue_flag WHERE name IN ('Submission','Unreachable')")
+    return len(moves)
 
 
 def upgrade(conn: sqlite3.Connection) -> list[str]:
@@ -309,15 +413,30 @@ def other_queues_of(conn: sqlite3.Connection, message_ids: Sequence[int],
 
 
 def ensure_queue(conn: sqlite3.Connection, hop: NextHop) -> int:
-    row = conn.execute(
-        "SELECT id FROM delivery_queue WHERE delivery_type=? AND domain=? AND connector=?",
-        hop.key).fetchone()
+    """The id of ``hop``'s delivery queue: the server's (shared) id, known locally too."""
+    find = "SELECT id FROM delivery_queue WHERE delivery_type=? AND domain=? AND connector=?"
+    row = conn.execute(find, hop.key).fetchone()
     if row:
         return int(row[0])
+    db = shared(conn)
+    if db is not conn:
+        with _SharedWrite(conn) as w:
+            w.execute("INSERT OR IGNORE INTO delivery_queue (delivery_type, domain, connector)"
+                      " VALUES (?,?,?)", hop.key)
+            queue_id = int(w.execute(find, hop.key).fetchone()[0])
+        conn.execute("INSERT INTO delivery_queue (id, delivery_type, domain, connector)"
+                     " VALUES (?,?,?,?)", (queue_id, *hop.key))
+        return queue_id
     cur = conn.execute(
         "INSERT INTO delivery_queue (delivery_type, domain, connector) VALUES (?,?,?)", hop.key)
     assert cur.lastrowid is not None
     return cur.lastrowid
+
+
+def queues_in_retry(conn: sqlite3.Connection) -> dict[int, str | None]:
+    """The delivery queues waiting for their next attempt, with their last error."""
+    return {int(r[0]): r[1] for r in shared(conn).execute(
+        "SELECT id, last_error FROM delivery_queue WHERE next_retry IS NOT NULL")}
 
 
 def queue_hops(conn: sqlite3.Connection) -> dict[int, NextHop]:
@@ -337,7 +456,7 @@ class QueueState:
 
 
 def queue_state(conn: sqlite3.Connection, queue_id: int) -> QueueState:
-    row = conn.execute("SELECT suspended, next_retry, retry_count FROM delivery_queue"
+    row = shared(conn).execute("SELECT suspended, next_retry, retry_count FROM delivery_queue"
                        " WHERE id=?", (queue_id,)).fetchone()
     if row is None:
         return QueueState()
@@ -352,34 +471,48 @@ def queue_deferred(conn: sqlite3.Connection, queue_id: int, started: float, now:
     queue's next attempt. A batch taken before another batch already put the queue in Retry
     failed in the same outage: it takes that retry time and is not counted again.
     """
-    row = conn.execute("SELECT retry_count, next_retry FROM delivery_queue WHERE id=?",
-                       (queue_id,)).fetchone()
-    count, current = (int(row[0] or 0), row[1]) if row else (0, None)
-    if current is not None and current > started:
-        conn.execute("UPDATE delivery_queue SET last_error=? WHERE id=?", (error, queue_id))
-        return float(current)
-    count += 1
-    at = now + delay(count)
-    conn.execute("UPDATE delivery_queue SET retry_count=?, next_retry=?, last_retry=?,"
-                 " last_error=? WHERE id=?", (count, at, now, error, queue_id))
+    conn.execute("UPDATE delivery_queue SET last_retry=? WHERE id=?", (now, queue_id))
+    with _SharedWrite(conn) as w:
+        row = w.execute("SELECT retry_count, next_retry FROM delivery_queue WHERE id=?",
+                        (queue_id,)).fetchone()
+        count, current = (int(row[0] or 0), row[1]) if row else (0, None)
+        if current is not None and current > started:
+            w.execute("UPDATE delivery_queue SET last_error=? WHERE id=?", (error, queue_id))
+            return float(current)
+        count += 1
+        at = now + delay(count)
+        w.execute("UPDATE delivery_queue SET retry_count=?, next_retry=?, last_retry=?,"
+                  " last_error=? WHERE id=?", (count, at, now, error, queue_id))
     return at
 
 
 def queue_attempted(conn: sqlite3.Connection, queue_id: int, now: float,
                     error: str | None) -> None:
-    """The next hop answered (or failed every item for good): the queue leaves Retry."""
-    conn.execute("UPDATE delivery_queue SET retry_count=0, next_retry=NULL, last_retry=?,"
-                 " last_error=? WHERE id=?", (now, error, queue_id))
+    """The next hop answered (or failed every item for good): the queue leaves Retry.
+
+    The shared state is written only when it changes (every batch would otherwise make
+    the workers take turns at the shared database)."""
+    conn.execute("UPDATE delivery_queue SET last_retry=?, last_error=? WHERE id=?",
+                 (now, error, queue_id))
+    db = shared(conn)
+    clean = "retry_count=0 AND next_retry IS NULL AND last_error IS ?"
+    if db is not conn and db.execute(f"SELECT 1 FROM delivery_queue WHERE id=? AND {clean}",
+                                     (queue_id, error)).fetchone() is not None:
+        return
+    with _SharedWrite(conn) as w:
+        w.execute("UPDATE delivery_queue SET retry_count=0, next_retry=NULL, last_retry=?,"
+                  " last_error=? WHERE id=?", (now, error, queue_id))
 
 
 def _flag(conn: sqlite3.Connection, name: str) -> bool:
-    row = conn.execute("SELECT suspended FROM queue_flag WHERE name=?", (name,)).fetchone()
+    row = shared(conn).execute("SELECT suspended FROM queue_flag WHERE name=?", (name,)).fetchone()
     return bool(row and row[0])
 
 
 def set_flag(conn: sqlite3.Connection, name: str, suspended: bool) -> None:
-    conn.execute("INSERT OR REPLACE INTO queue_flag (name, suspended) VALUES (?,?)",
-                 (name, int(suspended)))
+    with _SharedWrite(conn) as w:
+        w.execute("INSERT OR REPLACE INTO queue_flag (name, suspended) VALUES (?,?)",
+                  (name, int(suspended)))
 
 
 def flag(conn: sqlite3.Connection, name: str) -> bool:
@@ -537,7 +670,7 @@ def item_clause(queue: str) -> tuple[str, list[object]]:
 def queue_exists(conn: sqlite3.Connection, queue: str) -> bool:
     if queue in NAMED_QUEUES:
         return True
-    return queue.isdigit() and conn.execute(
+    return queue.isdigit() and shared(conn).execute(
         "SELECT 1 FROM delivery_queue WHERE id=?", (int(queue),)).fetchone() is not None
 
 
@@ -559,23 +692,30 @@ def queue_summary(conn: sqlite3.Connection, now: float | None = None,
                 "status": "Suspended" if _flag(conn, "Submission") else
                 "Active" if "Submission" in busy else "Ready",
                 "message_count": submitted, "next_retry": None, "last_error": None})
+    counts: dict[int, int] = {}
+    last_tried: dict[int, float | None] = {}
     for row in conn.execute(
-        "SELECT q.id, q.delivery_type, q.domain, q.connector, q.suspended, q.last_error,"
-        " q.next_retry, q.retry_count, q.last_retry, COUNT(DISTINCT r.message) AS n"
+        "SELECT q.id, q.last_retry, COUNT(DISTINCT r.message) AS n"
         " FROM delivery_queue q LEFT JOIN recipient r"
         " ON r.queue=q.id AND r.status IN ('Ready','Retry')"
         # a poisoned message shows in Poison only, not also in the queue it was taken from
         " AND r.message NOT IN (SELECT id FROM message WHERE state='poison')"
-        " GROUP BY q.id ORDER BY q.id"):
+        " GROUP BY q.id"):
+        counts[row["id"]], last_tried[row["id"]] = row["n"], row["last_retry"]
+    # every queue of the server (the shared state), with this worker's messages in it
+    for row in shared(conn).execute(
+        "SELECT id, delivery_type, domain, connector, suspended, last_error, next_retry,"
+        " retry_count, last_retry FROM delivery_queue ORDER BY id").fetchall():
         name = str(row["id"])
         in_retry = row["next_retry"] is not None and row["next_retry"] > now
         status = ("Suspended" if row["suspended"] else "Active" if name in busy else
                   "Retry" if in_retry else "Ready")
         out.append({"queue": name, "delivery_type": row["delivery_type"],
                     "next_hop": row["domain"], "connector": row["connector"], "status": status,
-                    "message_count": row["n"],
+                    "message_count": counts.get(row["id"], 0),
                     "next_retry": row["next_retry"] if in_retry else None,
-                    "last_retry": row["last_retry"], "retry_count": row["retry_count"],
+                    "last_retry": _latest(row["last_retry"], last_tried.get(row["id"])),
+                    "retry_count": row["retry_count"],
                     "last_error": row["last_error"]})
     unreachable = conn.execute(
         "SELECT COUNT(DISTINCT message) FROM recipient WHERE status='Unreachable'"
@@ -588,6 +728,11 @@ def queue_summary(conn: sqlite3.Connection, now: float | None = None,
                 "status": "Suspended", "message_count": poison, "next_retry": None,
                 "last_error": None})
     return out
+
+
+def _latest(*times: float | None) -> float | None:
+    known = [t for t in times if t is not None]
+    return max(known) if known else None
 
 
 def queue_items(conn: sqlite3.Connection, queue: str, now: float,
@@ -604,7 +749,7 @@ def queue_items(conn: sqlite3.Connection, queue: str, now: float,
         return []
     held_until = None  # a delivery queue in Retry holds every item until its next attempt
     if queue.isdigit():
-        row = conn.execute("SELECT next_retry FROM delivery_queue WHERE id=?",
+        row = shared(conn).execute("SELECT next_retry FROM delivery_queue WHERE id=?",
                            (int(queue),)).fetchone()
         if row and row[0] is not None and row[0] > now:
             held_until = float(row[0])
@@ -742,8 +887,9 @@ def set_queue_suspended(conn: sqlite3.Connection, queue: str, suspended: bool) -
     if queue in ("Submission", "Unreachable"):
         set_flag(conn, queue, suspended)
     else:
-        conn.execute("UPDATE delivery_queue SET suspended=? WHERE id=?",
-                     (int(suspended), int(queue)))
+        with _SharedWrite(conn) as w:
+            w.execute("UPDATE delivery_queue SET suspended=? WHERE id=?",
+                      (int(suspended), int(queue)))
 
 
 def retry_pending(conn: sqlite3.Connection, queue_id: int, now: float) -> bool:
@@ -756,7 +902,8 @@ def retry_pending(conn: sqlite3.Connection, queue_id: int, now: float) -> bool:
 def retry_now(conn: sqlite3.Connection, queue_id: int, now: float) -> int:
     """Retry-Queue: the queue leaves Retry and every waiting item of it is due now (its
     retry count stays: a failing forced attempt goes on along the retry ladder)."""
-    conn.execute("UPDATE delivery_queue SET next_retry=NULL WHERE id=?", (queue_id,))
+    with _SharedWrite(conn) as w:
+        w.execute("UPDATE delivery_queue SET next_retry=NULL WHERE id=?", (queue_id,))
     return conn.execute(
         "UPDATE recipient SET next_retry=? WHERE queue=? AND status='Retry' AND suspended=0"
         " AND next_retry>?", (now, queue_id, now)).rowcount

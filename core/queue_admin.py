@@ -77,6 +77,37 @@ def _queue_name(text: str) -> str:
                      " delivery queue number)")
 
 
+def split_identity(server: str, identity: str, parts: int) -> list[str]:
+    """``[Server\\]A[\\B]`` → the parts after the server (which must be ``server``)."""
+    bits = [b for b in identity.strip().split("\\")]
+    if len(bits) == parts + 1:
+        if bits[0].lower() != server.lower():
+            raise AdminError(f"identity {identity!r} names server {bits[0]!r}; this daemon"
+                             f" runs {server}")
+        bits = bits[1:]
+    if len(bits) != parts or not all(bits):
+        shape = "Server\\Queue" if parts == 1 else "Server\\Queue\\MessageId"
+        raise AdminError(f"identity {identity!r} is not of the form {shape}")
+    return bits
+
+
+def queue_of(server: str, identity: str) -> str:
+    """The queue name a queue identity of ``server`` names."""
+    return _queue_name(split_identity(server, identity, 1)[0])
+
+
+def message_of(server: str, identity: str) -> tuple[str, int]:
+    """The queue name and message number a message identity of ``server`` names."""
+    queue, number = split_identity(server, identity, 2)
+    if not number.isdigit():
+        raise AdminError(f"message identity {identity!r} must end in a message number")
+    return _queue_name(queue), int(number)
+
+
+def identity_of(server: str, *parts: object) -> str:
+    return "\\".join([server, *(str(p) for p in parts)])
+
+
 # -- filters -----------------------------------------------------------------------------
 
 _TERM = re.compile(
@@ -154,30 +185,14 @@ class QueueAdmin:
 
     # identities
 
-    def _split(self, identity: str, parts: int) -> list[str]:
-        """``[Server\\]A[\\B]`` → the parts after the server (which must be ours)."""
-        bits = [b for b in identity.strip().split("\\")]
-        if len(bits) == parts + 1:
-            if bits[0].lower() != self.server.lower():
-                raise AdminError(f"identity {identity!r} names server {bits[0]!r}; this daemon"
-                                 f" runs {self.server}")
-            bits = bits[1:]
-        if len(bits) != parts or not all(bits):
-            shape = "Server\\Queue" if parts == 1 else "Server\\Queue\\MessageId"
-            raise AdminError(f"identity {identity!r} is not of the form {shape}")
-        return bits
-
     def queue_of(self, identity: str) -> str:
-        return _queue_name(self._split(identity, 1)[0])
+        return queue_of(self.server, identity)
 
     def message_of(self, identity: str) -> tuple[str, int]:
-        queue, number = self._split(identity, 2)
-        if not number.isdigit():
-            raise AdminError(f"message identity {identity!r} must end in a message number")
-        return _queue_name(queue), int(number)
+        return message_of(self.server, identity)
 
     def _identity(self, *parts: object) -> str:
-        return "\\".join([self.server, *(str(p) for p in parts)])
+        return identity_of(self.server, *parts)
 
     # reads
 
@@ -406,21 +421,28 @@ class QueueAdmin:
 
     async def handle(self, request: dict[str, Any]) -> Any:
         """Run one control request ``{"op": ..., "args": {...}}``; AdminError when refused."""
-        op = self.operations().get(str(request.get("op", "")))
-        if op is None:
-            raise AdminError(f"unknown operation {request.get('op')!r}")
-        args = request.get("args") or {}
-        if not isinstance(args, dict):
-            raise AdminError("args must be an object")
-        for key, value in args.items():  # "false" must never mean true
-            wanted = _ARGUMENT_TYPES.get(key)
-            if wanted is not None and value is not None and type(value) not in wanted:
-                names = " or ".join(t.__name__ for t in wanted)
-                raise AdminError(f"argument {key} must be {names}")
-        try:
-            return await op(**args)
-        except TypeError as exc:
-            raise AdminError(f"bad arguments for {request['op']}: {exc}") from None
+        return await dispatch(self.operations(), request)
+
+
+async def dispatch(operations: dict[str, Callable[..., Awaitable[Any]]],
+                   request: dict[str, Any]) -> Any:
+    """Run one control request against ``operations``: the op is known and each argument has
+    its JSON type, or AdminError."""
+    op = operations.get(str(request.get("op", "")))
+    if op is None:
+        raise AdminError(f"unknown operation {request.get('op')!r}")
+    args = request.get("args") or {}
+    if not isinstance(args, dict):
+        raise AdminError("args must be an object")
+    for key, value in args.items():  # "false" must never mean true
+        wanted = _ARGUMENT_TYPES.get(key)
+        if wanted is not None and value is not None and type(value) not in wanted:
+            names = " or ".join(t.__name__ for t in wanted)
+            raise AdminError(f"argument {key} must be {names}")
+    try:
+        return await op(**args)
+    except TypeError as exc:
+        raise AdminError(f"bad arguments for {request['op']}: {exc}") from None
 
 
 #: the JSON types each control argument may have (None is always allowed)

@@ -5,6 +5,14 @@ day of their entries, a block of ``#`` header lines, a new number when a file wo
 limit, and pruning by age and by total folder size. `RotatingLog` is that machinery; a subclass
 only says how one buffered entry becomes one line (`_encode`).
 
+Several processes (the workers of one server, core/workers.py) may log into one folder. Each
+writes a file family of its own, as Exchange's services each write their own MSGTRK-prefixed
+family: the first writer (``writer`` empty) the ``<PREFIX>yyyymmdd-n.log`` files, writer ``W1``
+the ``<PREFIX>_W1_yyyymmdd-n.log`` files, and so on. A writer appends to, rotates and prunes
+only its own family, so no two processes ever touch one file; its share of the folder's size
+limit is the limit divided by the number of writers. Readers (the tracking log's search) take
+every family of the folder (`list_files` with ``writer=None``).
+
 Logging runs next to the event loop: `_append()` only touches an in-memory buffer, and
 `flush()` does all disk work from a worker thread. A disk error never propagates: the entries
 stay buffered (bounded) and the error is reported through `last_error`. What is buffered is
@@ -33,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from hubport.core import __version__
+from hubport.core.workers import WorkerSlot
 
 __all__ = [
     "MAX_BUFFERED_EVENTS",
@@ -40,8 +49,10 @@ __all__ = [
     "LogFile",
     "RotatingLog",
     "day_of",
+    "family_prefix",
     "iso_ms",
     "list_files",
+    "log_writer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,45 +104,68 @@ class LogFile:
     n: int
     size: int
     mtime: float
+    writer: str = ""  # the family: "" for the first writer's files, e.g. "W1" for another's
+
+
+# A writer's name in its files: letters and digits only, so ``_<writer>_`` between the prefix
+# and the date can never be mistaken for part of either.
+_WRITER_RE = re.compile(r"[A-Za-z0-9]{1,16}")
+
+
+def log_writer(worker: WorkerSlot) -> str:
+    """The log file family of a server's worker: "" (the names of a single-process server)
+    for worker 0, ``W<k>`` for worker k."""
+    return f"W{worker.index}" if worker.index else ""
+
+
+def family_prefix(prefix: str, writer: str) -> str:
+    """What the names of `writer`'s files start with: ``MSGTRK`` or ``MSGTRK_W1_``."""
+    if writer and not _WRITER_RE.fullmatch(writer):
+        raise ValueError(f"a log writer name is 1 to 16 letters or digits, not {writer!r}")
+    return f"{prefix}_{writer}_" if writer else prefix
 
 
 @functools.lru_cache(maxsize=16)
 def _file_re(prefix: str) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(prefix)}(\d{{8}})-(\d{{1,9}})\.log$")
+    return re.compile(
+        rf"^{re.escape(prefix)}(?:_([A-Za-z0-9]{{1,16}})_)?(\d{{8}})-(\d{{1,9}})\.log$"
+    )
 
 
-def _parse_file_name(prefix: str, name: str) -> tuple[date, int] | None:
-    """(UTC date, sequence number) of a `prefix` log file name, None for anything else."""
+def _parse_file_name(prefix: str, name: str) -> tuple[date, int, str] | None:
+    """(UTC date, sequence number, writer) of a `prefix` log file name, None for anything else."""
     m = _file_re(prefix).match(name)
     if not m:
         return None
     try:
-        day = datetime.strptime(m.group(1), "%Y%m%d").date()
+        day = datetime.strptime(m.group(2), "%Y%m%d").date()
     except ValueError:
         return None
-    return day, int(m.group(2))
+    return day, int(m.group(3)), m.group(1) or ""
 
 
-def list_files(directory: Path, prefix: str) -> list[LogFile]:
-    """Regular `prefix` files in `directory`, oldest first by (date, n); never follows symlinks."""
+def list_files(directory: Path, prefix: str, writer: str | None = "") -> list[LogFile]:
+    """Regular `prefix` files in `directory` of `writer`'s family (None: of every family),
+    oldest first by (date, writer, n); never follows symlinks."""
     found: list[LogFile] = []
     try:
         with os.scandir(directory) as it:
             for entry in it:
                 parsed = _parse_file_name(prefix, entry.name)
-                if parsed is None:
+                if parsed is None or (writer is not None and parsed[2] != writer):
                     continue
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode):
+                    day, n, family = parsed
                     found.append(
-                        LogFile(Path(entry.path), parsed[0], parsed[1], st.st_size, st.st_mtime)
+                        LogFile(Path(entry.path), day, n, st.st_size, st.st_mtime, family)
                     )
     except (FileNotFoundError, NotADirectoryError):
         return []
-    found.sort(key=lambda f: (f.day, f.n))
+    found.sort(key=lambda f: (f.day, f.writer, f.n))
     return found
 
 
@@ -144,6 +178,9 @@ class RotatingLog:
 
     Subclasses implement `_encode` and call `_append` from their own logging methods.
     `max_age` None or 0 keeps files forever; `max_directory_size` None sets no folder limit.
+    `writer` names this process's file family (see the module docstring) and `writers` is
+    how many processes log into the folder: this one keeps its family within
+    ``max_directory_size / writers``.
     """
 
     def __init__(
@@ -158,9 +195,16 @@ class RotatingLog:
         max_file_size: int,
         label: str,
         clock: Callable[[], float] = time.time,
+        writer: str = "",
+        writers: int = 1,
     ) -> None:
+        if writers < 1:
+            raise ValueError(f"a log folder has at least one writer, not {writers}")
         self.directory = directory
         self.prefix = prefix
+        self.writer = writer
+        self.writers = writers
+        self._family = family_prefix(prefix, writer)  # validates `writer`
         self.log_type = log_type
         self.fields = tuple(fields)
         self.max_age = max_age
@@ -373,7 +417,7 @@ class RotatingLog:
         if day != self._day or self._n == 0:
             numbers = [
                 f.n
-                for f in list_files(self.directory, self.prefix)
+                for f in list_files(self.directory, self.prefix, self.writer)
                 if f.day.strftime("%Y%m%d") == day
             ]
             self._day, self._n = day, max(numbers, default=1)
@@ -386,7 +430,7 @@ class RotatingLog:
         number: opening it could block or write elsewhere, and refusing would stop logging.
         """
         while True:
-            path = self.directory / f"{self.prefix}{self._day}-{self._n}.log"
+            path = self.directory / f"{self._family}{self._day}-{self._n}.log"
             fd = _open_regular_for_append(path)
             if fd is not None:
                 break
@@ -402,15 +446,23 @@ class RotatingLog:
             out.pending += b"\n"
         return out
 
+    @property
+    def size_share(self) -> int | None:
+        """This writer's part of max_directory_size: what its own family may take."""
+        if self.max_directory_size is None:
+            return None
+        return max(1, self.max_directory_size // self.writers)
+
     def _prune(self, current: Path | None) -> None:
-        """Delete the oldest files while over the size limit, and any file past max_age.
+        """Delete this writer's oldest files while its family is over its share of the size
+        limit, and any of its files past max_age; other writers' files are never touched.
 
         Never deletes `current`. Deletion failures are noted but do not stop logging.
         """
-        files = list_files(self.directory, self.prefix)
+        files = list_files(self.directory, self.prefix, self.writer)
         total = sum(f.size for f in files)
         cutoff = self.clock() - self.max_age if self.max_age else None
-        limit = self.max_directory_size
+        limit = self.size_share
         for f in files:
             if current is not None and f.path == current:
                 continue

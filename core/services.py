@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hubport.core.backpressure import INSUFFICIENT_RESOURCES, BackPressure
+from hubport.core.counters import SharedCounters
 from hubport.core.model import SmtpResponse, Submission, SubmitResult
+from hubport.core.workers import WorkerSlot
 
 if TYPE_CHECKING:
     from hubport.core.config import Organization, TransportServer
@@ -61,6 +63,16 @@ class ServiceRuntime:
     clock: Callable[[], float] = time.time
     #: the daemon's resource monitor (None: only the store's health is looked at)
     backpressure: BackPressure | None = None
+    #: this process's place among the server's workers (limits that are per server are
+    #: counted across all of them)
+    worker: WorkerSlot = field(default_factory=WorkerSlot)
+    #: True for the process that opens the server's listeners first: with several workers
+    #: (listeners shared with SO_REUSEPORT) it checks that no other process holds a binding
+    first_bind: bool = True
+    #: connection counts shared by the server's workers (core/counters.py); the daemon
+    #: attaches the server's file, the default is worker 0 of 1's in-memory counters
+    counters: SharedCounters = field(
+        default_factory=lambda: SharedCounters.attach(None, WorkerSlot()))
 
     @property
     def organization(self) -> Organization:

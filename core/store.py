@@ -20,9 +20,22 @@ from typing import Any, TypeVar
 import structlog
 
 T = TypeVar("T")
+C = TypeVar("C", bound=sqlite3.Connection)
 Work = Callable[[sqlite3.Connection], Any]
 
 log = structlog.get_logger("hubport.store")
+
+
+class StoreConnection(sqlite3.Connection):
+    """The store's connection; ``shared_db`` is the database shared with the other
+    processes of the server, when the store has one (core/queue.py, ``shared``)."""
+
+    shared_db: sqlite3.Connection | None = None
+
+    def close(self) -> None:
+        if self.shared_db is not None:
+            self.shared_db.close()
+        super().close()
 
 
 class StoreError(Exception):
@@ -32,11 +45,15 @@ class StoreError(Exception):
 class Store:
     """The queue database; all access goes through one thread."""
 
-    def __init__(self, path: Path, *, batch_limit: int = 1000) -> None:
+    def __init__(self, path: Path, *, batch_limit: int = 1000,
+                 shared: Path | None = None) -> None:
         self.path = path
+        #: a database other processes open too (the server's per-server state): written in
+        #: short transactions of its own, never held across a group commit
+        self.shared = shared
         self.batch_limit = batch_limit
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hubport-db")
-        self._conn: sqlite3.Connection | None = None
+        self._conn: StoreConnection | None = None
         self._pending: asyncio.Queue[tuple[Work, asyncio.Future[Any]]] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._thread_id: int | None = None
@@ -48,20 +65,24 @@ class Store:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    async def open(self, schema: str) -> None:
+    async def open(self, schema: str, shared_schema: str = "") -> None:
         self._pending = asyncio.Queue()
-        await self._run(self._open, schema)
+        await self._run(self._open, schema, shared_schema)
         self._writer = asyncio.get_running_loop().create_task(self._write_loop(), name="db-writer")
 
-    def _open(self, schema: str) -> None:
+    def _open(self, schema: str, shared_schema: str) -> None:
         self._thread_id = threading.get_ident()
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.row_factory = sqlite3.Row
-        conn.executescript(schema)
+        conn = _connect(self.path, StoreConnection)
+        try:
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.executescript(schema)
+            if self.shared is not None:
+                # another process may be creating it at this moment: the busy timeout waits
+                conn.shared_db = _connect(self.shared, sqlite3.Connection, busy=30000)
+                conn.shared_db.executescript(shared_schema)
+        except BaseException:
+            conn.close()
+            raise
         self._conn = conn
 
     async def close(self) -> None:
@@ -164,6 +185,25 @@ class Store:
         self.commits += 1
         self.pieces += len(works)
         return outcomes, conn.total_changes != changes
+
+
+def connect(path: Path, shared: Path | None = None) -> StoreConnection:
+    """A connection to a store's database (and its shared one) for a reader beside the
+    running store: a tool or a test that looks at the queue as the daemon sees it."""
+    conn = _connect(path, StoreConnection)
+    if shared is not None:
+        conn.shared_db = _connect(shared, sqlite3.Connection)
+    return conn
+
+
+def _connect(path: Path, factory: type[C], busy: int = 5000) -> C:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                           factory=factory)
+    conn.execute(f"PRAGMA busy_timeout={busy}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.row_factory = sqlite3.Row
+    return conn
 
 
 def _is_fatal(exc: sqlite3.OperationalError) -> bool:

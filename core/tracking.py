@@ -17,6 +17,12 @@ propagates: the events stay buffered (or in the outbox) and the error is reporte
 
 Every event is written to the file named after its own UTC date, so the searcher can skip
 files by name without missing events.
+
+The workers of one server share the folder, each with a file family of its own
+(core/rotating_log.py: ``MSGTRK…`` for worker 0, ``MSGTRK_W1_…`` for worker 1, …) and an
+outbox of its own (in its own queue database). Sequence numbers are per outbox, so they are
+compared only within the writer's family; the searcher reads every family and merges them
+in time order.
 """
 
 from __future__ import annotations
@@ -136,6 +142,11 @@ class TrackingSettings:
     max_directory_size: int = 1 << 30  # 1 GB [2010]
     max_file_size: int = 10 * 1024 * 1024
     subject_logging_enabled: bool = True
+    #: this process's file family ("" = the ``MSGTRK<date>-<n>.log`` names; see
+    #: ``rotating_log.log_writer``) and how many processes write into the folder (each keeps
+    #: its family within max_directory_size / writers)
+    writer: str = ""
+    writers: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, Path):  # accept a str from the config loader
@@ -216,6 +227,8 @@ class TrackingLog(RotatingLog):
             max_directory_size=settings.max_directory_size,
             max_file_size=settings.max_file_size,
             label="message tracking log",
+            writer=settings.writer,
+            writers=settings.writers,
         )
         self.settings = settings
         self.server_hostname = server_hostname
@@ -372,13 +385,16 @@ class TrackingLog(RotatingLog):
 
         After a crash the outbox holds rows not yet copied and rows copied but not yet
         deleted. The files of one day receive that day's events in sequence order, so the
-        last numbered line of the day's newest files says which of its rows are there.
+        last numbered line of the day's newest files says which of its rows are there. Only
+        this writer's family is looked at: the other writers number from outboxes of their own.
         """
         reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         reader.execute("PRAGMA query_only=1")
         reader.execute("PRAGMA busy_timeout=5000")
         days = {day_of(_iso_ms(at)) for (at,) in reader.execute("SELECT at FROM tracking_outbox")}
-        self._in_log = {day: _highest_in_day(self.directory, day) for day in days} or None
+        self._in_log = {
+            day: _highest_in_day(self.directory, day, self.writer) for day in days
+        } or None
         with self._flush_lock:
             self._reader = reader
 
@@ -476,13 +492,15 @@ class TrackingLog(RotatingLog):
         return record
 
 
-def _highest_in_day(directory: Path, day: str) -> int:
-    """The highest sequence number in the files of UTC `day` (yyyymmdd); 0 when none.
+def _highest_in_day(directory: Path, day: str, writer: str = "") -> int:
+    """The highest sequence number in `writer`'s files of UTC `day` (yyyymmdd); 0 when none.
 
     A day's files are appended to in sequence order, newest number last, so the answer is the
     last numbered line of the newest file that has one.
     """
-    files = [f for f in list_files(directory, PREFIX) if f.day.strftime("%Y%m%d") == day]
+    files = [
+        f for f in list_files(directory, PREFIX, writer) if f.day.strftime("%Y%m%d") == day
+    ]
     for f in sorted(files, key=lambda f: f.n, reverse=True):
         found = _last_sequence(f.path)
         if found:
@@ -556,6 +574,7 @@ def search(
 ) -> list[dict[str, Any]]:
     """Get-MessageTrackingLog: matching events in time order, at most `result_size` of them.
 
+    Every writer's files in `path` are read (the workers' families), merged in time order.
     `end` is exclusive; naive datetimes are taken as UTC. Text filters are case-insensitive
     except the Message-Ids, which compare exactly (angle brackets optional).
     """
@@ -585,8 +604,8 @@ def search(
                     continue
                 if match(event):
                     found.append((when, event))
-        # Within a day the files and lines are in append order; sort (stably) in case a
-        # caller logged with an out-of-order `when`.
+        # Within a day each writer's files and lines are in append order: a stable sort by
+        # time merges the writers' families (and puts an out-of-order `when` in its place).
         found.sort(key=lambda item: item[0])
         results.extend(event for _, event in found)
         if result_size is not None and len(results) >= result_size:
@@ -603,9 +622,10 @@ def _as_utc(moment: datetime | None) -> datetime | None:
 def _files_by_day(
     path: Path, start: datetime | None, end: datetime | None
 ) -> Iterator[list[LogFile]]:
-    """Files grouped per UTC day, oldest day first, skipping days outside [start, end)."""
+    """Files of every writer grouped per UTC day, oldest day first, skipping days outside
+    [start, end)."""
     by_day: dict[date, list[LogFile]] = {}
-    for f in list_files(path, PREFIX):
+    for f in list_files(path, PREFIX, writer=None):
         day_start = datetime(f.day.year, f.day.month, f.day.day, tzinfo=UTC)
         if start is not None and day_start + timedelta(days=1) <= start:
             continue

@@ -792,9 +792,12 @@ class HubProcess:
     when the test fails.
     """
 
-    def __init__(self, root: Path, config: Path) -> None:
+    def __init__(self, root: Path, config: Path, workers: int = 1) -> None:
         self.root = root
         self.config = config
+        #: ``hubport run --workers``: 1 runs one process, so a failpoint's ``kill`` ends the
+        #: hub the test sees (with more, the supervisor starts the killed worker again)
+        self.workers = workers
         self.hub = Hub(root, None)
         self.logs = root / "hub-logs"
         self.runs: list[tuple[subprocess.Popen[bytes], Path]] = []
@@ -810,7 +813,7 @@ class HubProcess:
         """The ``hubport`` console script beside this interpreter, else ``-m hubport.core.cli``."""
         script = Path(sys.executable).parent / "hubport"
         base = [str(script)] if script.exists() else [sys.executable, "-m", "hubport.core.cli"]
-        return [*base, "run", "--config", str(self.config)]
+        return [*base, "run", "--config", str(self.config), "--workers", str(self.workers)]
 
     def start(self, failpoints: str | None = None, timeout: float = 30.0) -> HubProcess:
         """Start the daemon and wait until it serves; a start-up failure shows its log."""

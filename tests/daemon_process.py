@@ -104,8 +104,12 @@ class DaemonPool:
         self.started: list[Daemon] = []
 
     def start(self, *args: str, config: Path | None = None, cwd: Path | None = None,
-              failpoints: str | None = None) -> Daemon:
+              failpoints: str | None = None, workers: int | None = 1) -> Daemon:
+        """``workers`` 1 (the default here) runs the single-process daemon, whose one queue
+        database the tests read; None leaves the daemon's own default (the CPU count)."""
         argv = [*hubport_command(), "run"]
+        if workers is not None:
+            argv += ["--workers", str(workers)]
         if config is not None:
             argv += ["--config", str(config)]
         argv += list(args)

@@ -320,3 +320,89 @@ async def test_run_flusher_flushes_periodically_and_on_cancel(tmp_path: Path) ->
     with pytest.raises(asyncio.CancelledError):
         await task
     assert [r[6] for r in records(tmp_path)] == ["+", "-"]
+
+
+# ---- several writers (the workers of one server) in one folder -------------------------------
+
+
+def family_lines(directory: Path, start: str) -> list[str]:
+    return [
+        line
+        for file in sorted(directory.iterdir())
+        if file.name.startswith(start)
+        for line in file.read_text("utf-8").splitlines()
+        if not line.startswith("#")
+    ]
+
+
+def test_two_writers_write_files_of_their_own(tmp_path: Path) -> None:
+    first = make_log(tmp_path, writers=2)
+    second = make_log(tmp_path, writer="W1", writers=2)
+    first.session("mine", None, None).connected()
+    second.session("theirs", None, None).connected()
+    first.session("mine", None, None).disconnected()
+    second.close()
+    first.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "RECV20240301-1.log",
+        "RECV_W1_20240301-1.log",
+    ]
+    assert [line.split(",")[1] for line in family_lines(tmp_path, "RECV2")] == ["mine", "mine"]
+    assert [line.split(",")[1] for line in family_lines(tmp_path, "RECV_W1_")] == ["theirs"]
+
+
+def test_each_writer_rotates_in_its_own_family(tmp_path: Path) -> None:
+    first = make_log(tmp_path, "SEND", max_file_size=700)
+    s = first.session("Internet", None, None)
+    for i in range(10):
+        s.sent(f"RCPT TO:<user{i}@example.test>")
+    first.close()
+    theirs = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(theirs) > 1
+    second = make_log(tmp_path, "SEND", writer="W3", writers=4, max_file_size=700)
+    second.session("Internet", None, None).connected()
+    second.close()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name in theirs} == theirs
+    assert [p.name for p in tmp_path.iterdir() if p.name not in theirs] == ["SEND_W3_20240301-1.log"]
+
+
+def test_each_writer_prunes_its_own_family_to_its_share(tmp_path: Path) -> None:
+    def plant(name: str, size: int, age_days: float) -> Path:
+        file = tmp_path / name
+        file.write_bytes(b"#" + b"x" * (size - 2) + b"\n")
+        os.utime(file, (T0 - age_days * 86400, T0 - age_days * 86400))
+        return file
+
+    ours = [plant("RECV20240101-1.log", 100, 60), plant("RECV20240228-1.log", 3000, 2)]
+    old = plant("RECV_W2_20240101-1.log", 100, 60)
+    big = plant("RECV_W2_20240227-1.log", 3000, 3)
+    kept = plant("RECV_W2_20240228-1.log", 1000, 2)
+    # 3,000 allowed in all, shared by three writers: W2 may keep 1,000
+    log = make_log(tmp_path, writer="W2", writers=3, max_age=30 * 86400,
+                   max_directory_size=3000)
+    log.session("c", None, None).connected()
+    log.close()
+    assert all(p.exists() for p in ours)  # another writer's: never W2's to delete
+    assert not old.exists() and not big.exists() and kept.exists()
+    assert (tmp_path / "RECV_W2_20240301-1.log").exists()
+
+
+async def test_send_logs_use_the_worker_the_send_service_names(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from hubport.core.workers import WorkerSlot
+    from hubport.plugins.smtp_send.protolog import SendProtocolLogs
+
+    server = SimpleNamespace(send_protocol_log_path=tmp_path / "w1", protocol_log_max_age=None,
+                             protocol_log_max_directory_size=None,
+                             protocol_log_max_file_size=1 << 20)
+    other = SimpleNamespace(**dict(vars(server), send_protocol_log_path=tmp_path / "w0"))
+    logs = SendProtocolLogs()
+    logs.use(server.send_protocol_log_path, WorkerSlot(1, 2))
+    for srv in (server, other):
+        plog = logs.log_for(srv)  # type: ignore[arg-type]
+        assert plog is not None
+        plog.session("Internet", None, None).connected()
+    await logs.close()
+    assert [p.name[:8] for p in (tmp_path / "w1").iterdir()] == ["SEND_W1_"]
+    assert [p.name[:6] for p in (tmp_path / "w0").iterdir()] == ["SEND20"]

@@ -47,6 +47,7 @@ from hubport.core.model import (
     Submission,
 )
 from hubport.core.pipeline import Pipeline
+from hubport.core.store import connect
 from hubport.plugins.pytest_plugin import running_daemon
 from support import (
     PlainConnector,
@@ -157,9 +158,8 @@ def statuses(root: Path, event_id: str, address: str) -> list[str]:
 
 
 def database(root: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(root / "var" / "queue" / "mail.que", timeout=10)
-    conn.row_factory = sqlite3.Row
-    return conn
+    """The queue as the daemon sees it: its database and the server's shared one."""
+    return connect(root / "var" / "queue" / "mail.que", root / "var" / "queue" / "server.db")
 
 
 def queues(root: Path) -> dict[str, dict[str, Any]]:
@@ -169,9 +169,13 @@ def queues(root: Path) -> dict[str, dict[str, Any]]:
     return {str(r.get("connector") or r["queue"]): r for r in rows}
 
 
-def sql(root: Path, statement: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+def sql(root: Path, statement: str, params: tuple[Any, ...] = (), *,
+        shared: bool = False) -> list[sqlite3.Row]:
+    """A statement on the worker's queue database, or on the server's shared one (where
+    the delivery queues' state is)."""
     with closing(database(root)) as conn, conn:
-        return conn.execute(statement, params).fetchall()
+        db = q.shared(conn) if shared else conn
+        return db.execute(statement, params).fetchall()
 
 
 def reports(root: Path, alias: str = "Alice") -> list[dict[str, str]]:
@@ -300,7 +304,8 @@ async def test_a_queue_in_retry_makes_one_attempt_per_retry_whatever_its_length(
             replay(tmp_path, f"{n}.eml", "alice@contoso.test", [f"<r{n}@example.net>"],
                    f"more {n}")
         await wait_for(lambda: queues(tmp_path)["Scripted"]["retry_count"] >= 4, timeout=30)
-    [row] = sql(tmp_path, "SELECT retry_count FROM delivery_queue WHERE connector='Scripted'")
+    [row] = sql(tmp_path, "SELECT retry_count FROM delivery_queue WHERE connector='Scripted'",
+                shared=True)
     assert len(hop.calls) == row["retry_count"], [c.items for c in hop.calls]
     assert max(len(c.items) for c in hop.calls) == 2  # full batches were tried
 
@@ -478,13 +483,15 @@ async def test_suspended_queue_holds_mail_until_resumed(tmp_path: Path, hop: Scr
         assert daemon.pipeline is not None
         replay(tmp_path, "1.eml", "alice@contoso.test", ["<one@example.net>"], "first")
         await wait_for(lambda: hop.delivered == ["one@example.net"])
-        sql(tmp_path, "UPDATE delivery_queue SET suspended=1 WHERE connector='Scripted'")
+        sql(tmp_path, "UPDATE delivery_queue SET suspended=1 WHERE connector='Scripted'",
+            shared=True)
         replay(tmp_path, "2.eml", "alice@contoso.test", ["<two@example.net>"], "second")
         await wait_for(lambda: (r := queues(tmp_path)["Scripted"])["status"] == "Suspended"
                        and r["message_count"] == 1)
         await asyncio.sleep(0.8)  # a working queue would have delivered by now
         assert hop.delivered == ["one@example.net"] and len(hop.calls) == 1
-        sql(tmp_path, "UPDATE delivery_queue SET suspended=0 WHERE connector='Scripted'")
+        sql(tmp_path, "UPDATE delivery_queue SET suspended=0 WHERE connector='Scripted'",
+            shared=True)
         daemon.pipeline.wake()
         await wait_for(lambda: hop.delivered == ["one@example.net", "two@example.net"])
         await wait_for(lambda: queues(tmp_path)["Scripted"]["message_count"] == 0)

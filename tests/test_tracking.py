@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from hubport.core import tracking
+from hubport.core.rotating_log import log_writer
 from hubport.core.tracking import (
     EVENT_IDS,
     FIELDS,
@@ -23,6 +24,7 @@ from hubport.core.tracking import (
     format_events,
     search,
 )
+from hubport.core.workers import WorkerSlot
 
 DAY1 = datetime(2024, 3, 1, tzinfo=UTC)
 T0 = (DAY1 + timedelta(hours=12)).timestamp()  # 2024-03-01T12:00:00Z
@@ -794,3 +796,149 @@ def test_format_escapes_control_characters(tmp_path: Path) -> None:
         assert "\x1b" not in out and "\\x1b[2J\\nFake" in out
     assert len(format_events(events, "table").splitlines()) == 3
     assert "\x1b" not in format_events(events, "json")
+
+
+# ---- several writers (the workers of one server) in one folder -------------------------------
+
+
+def test_worker_0_keeps_the_names_of_a_single_process_server() -> None:
+    assert log_writer(WorkerSlot()) == ""
+    assert log_writer(WorkerSlot(0, 4)) == ""
+    assert log_writer(WorkerSlot(3, 4)) == "W3"
+    assert TrackingSettings(path=Path("x")).writer == ""
+    assert TrackingSettings(path=Path("x")).writers == 1
+
+
+@pytest.mark.parametrize("writer", ["W-1", "W_1", "../W1", "W 1", "W" * 17])
+def test_a_writer_name_is_letters_and_digits(tmp_path: Path, writer: str) -> None:
+    with pytest.raises(ValueError):
+        make_log(tmp_path, writer=writer)
+
+
+def test_a_folder_has_at_least_one_writer(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        make_log(tmp_path, writers=0)
+
+
+def test_two_writers_write_files_of_their_own(tmp_path: Path) -> None:
+    first, second = make_log(tmp_path, writers=2), make_log(tmp_path, writer="W1", writers=2)
+    for i in range(4):
+        (first if i % 2 == 0 else second).log(
+            "RECEIVE", "SMTP", internal_message_id=str(i), when=T0 + i
+        )
+    second.log("DELIVER", "STOREDRIVER", internal_message_id="4", when=T0 + 86400)
+    first.close()
+    second.close()
+    assert log_files(tmp_path) == [
+        "MSGTRK20240301-1.log",
+        "MSGTRK_W1_20240301-1.log",
+        "MSGTRK_W1_20240302-1.log",
+    ]
+    mine = [e["internal-message-id"] for e in data_lines(tmp_path / "MSGTRK20240301-1.log")]
+    theirs = [e["internal-message-id"] for e in data_lines(tmp_path / "MSGTRK_W1_20240301-1.log")]
+    assert mine == ["0", "2"] and theirs == ["1", "3"]
+
+
+def test_search_merges_every_writer_in_time_order(tmp_path: Path) -> None:
+    writers = [make_log(tmp_path, writer=w, writers=3) for w in ("", "W1", "W2")]
+    # out of step on purpose: each writer's events interleave with the others'
+    moments = [(2, 0), (0, 1), (1, 2), (0, 3), (2, 4), (1, 5), (1, 86400), (0, 86401)]
+    for k, offset in moments:
+        writers[k].log("SEND", "SMTP", internal_message_id=str(offset), when=T0 + offset)
+    for log in reversed(writers):
+        log.close()
+    assert len(log_files(tmp_path)) == 5  # W2 logged on the first day only
+    found = [e["internal-message-id"] for e in search(tmp_path)]
+    assert found == ["0", "1", "2", "3", "4", "5", "86400", "86401"]
+    assert [e["internal-message-id"] for e in search(tmp_path, result_size=3)] == ["0", "1", "2"]
+    later = search(tmp_path, start=datetime.fromtimestamp(T0 + 3, UTC))
+    assert [e["internal-message-id"] for e in later] == ["3", "4", "5", "86400", "86401"]
+
+
+def test_each_writer_rotates_and_restarts_in_its_own_family(tmp_path: Path) -> None:
+    first = make_log(tmp_path, max_file_size=700, writers=2)
+    for i in range(3):
+        first.log("SEND", "SMTP", when=T0 + i)
+    first.close()
+    assert log_files(tmp_path) == [f"MSGTRK20240301-{n}.log" for n in (1, 2, 3)]
+    theirs = (tmp_path / "MSGTRK20240301-3.log").read_bytes()
+    for attempt in range(2):  # a first start, then a restart that appends to its own file
+        second = make_log(tmp_path, writer="W1", writers=2)
+        second.log("SEND", "SMTP", when=T0 + 10 + attempt)
+        second.close()
+    assert log_files(tmp_path) == [
+        *(f"MSGTRK20240301-{n}.log" for n in (1, 2, 3)),
+        "MSGTRK_W1_20240301-1.log",
+    ]
+    assert len(data_lines(tmp_path / "MSGTRK_W1_20240301-1.log")) == 2
+    assert (tmp_path / "MSGTRK20240301-3.log").read_bytes() == theirs
+
+
+def family_size(path: Path, start: str) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.name.startswith(start))
+
+
+def test_each_writer_prunes_its_own_family_to_its_share(tmp_path: Path) -> None:
+    ours = [
+        plant(tmp_path, "MSGTRK20240105-1.log", 4000),
+        plant(tmp_path, "MSGTRK20240106-1.log", 4000),
+        plant(tmp_path, "MSGTRK20240107-1.log", 100, age_days=40),
+    ]
+    plant(tmp_path, "MSGTRK_W1_20240104-1.log", 100, age_days=40)
+    plant(tmp_path, "MSGTRK_W1_20240105-1.log", 4000)
+    plant(tmp_path, "MSGTRK_W1_20240110-1.log", 4000)
+    # 12,200 bytes in the folder, 10,000 allowed: writer W1 of 2 may keep 5,000
+    second = make_log(tmp_path, writer="W1", writers=2, max_directory_size=10_000)
+    second.log("SEND", "SMTP")
+    second.close()
+    assert all(p.exists() for p in ours)  # never another writer's file, however old or big
+    w1 = [n for n in log_files(tmp_path) if n.startswith("MSGTRK_W1_")]
+    assert w1[0] == "MSGTRK_W1_20240110-1.log" and len(w1) == 2
+    assert family_size(tmp_path, "MSGTRK_W1_") <= 5000
+    first = make_log(tmp_path, writers=2, max_directory_size=10_000)
+    first.flush()  # start-up prunes
+    assert [p.exists() for p in ours] == [False, True, False]
+    assert family_size(tmp_path, "MSGTRK2") <= 5000
+    assert [n for n in log_files(tmp_path) if n.startswith("MSGTRK_W1_")] == w1
+
+
+async def test_recovery_after_a_crash_looks_only_at_its_own_family(tmp_path: Path) -> None:
+    """Each worker numbers from its own outbox: worker 1's leftover events are copied even
+    when worker 0's files of that day hold higher numbers, and never twice."""
+    from hubport.core import queue as q
+    from hubport.core.store import Store
+
+    logs = tmp_path / "logs"
+    stores = [Store(tmp_path / f"mail{k}.que") for k in (0, 1)]
+    for store in stores:
+        await store.open(q.SCHEMA)
+
+    def tracker(writer: str) -> TrackingLog:
+        return TrackingLog(TrackingSettings(path=logs, writer=writer, writers=2), "hub1")
+
+    async def commit(store: Any, log: TrackingLog, names: list[str], when: float) -> None:
+        for i, name in enumerate(names):
+            await store.write(lambda c, n=name, i=i: log.log(
+                "RECEIVE", "SMTP", message_id=n, conn=c, when=when + i))
+
+    first, second = tracker(""), tracker("W1")
+    await first.attach(stores[0])
+    await second.attach(stores[1])
+    for store, base in zip(stores, (1_000_000, 1000), strict=True):  # worker 1 numbers lower
+        await store.write(lambda c, b=base: c.execute(
+            "UPDATE sqlite_sequence SET seq=? WHERE name='tracking_outbox'", (b,)))
+    await commit(stores[0], first, ["a1", "a2"], T0)
+    await asyncio.to_thread(first.close)
+    await commit(stores[1], second, ["b1", "b2"], T0 + 10)
+    second.flush()  # copied; the trim never happens (a crash)
+    await commit(stores[1], second, ["b3"], T0 + 20)  # committed, never copied
+    # the crash of worker 1: its TrackingLog is abandoned as is
+
+    again = tracker("W1")
+    await again.attach(stores[1])
+    await asyncio.to_thread(again.close)
+    assert [e["message-id"] for e in search(logs)] == ["a1", "a2", "b1", "b2", "b3"]
+    numbers = [e["sequence-number"] for e in data_lines(logs / "MSGTRK_W1_20240301-1.log")]
+    assert numbers == [1001, 1002, 1003]
+    for store in stores:
+        await store.close()

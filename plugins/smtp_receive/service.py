@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import socket
 import ssl
 import time
 from collections import deque
@@ -27,6 +28,7 @@ import structlog
 from hubport.core.credentials import PasswordStore, hash_password, mailbox_for_login
 from hubport.core.model import SmtpResponse
 from hubport.core.protocol_log import ProtocolLog
+from hubport.core.rotating_log import log_writer
 from hubport.core.services import ServiceError, ServiceRuntime
 from hubport.core.tls import (
     CertificatePair,
@@ -64,8 +66,6 @@ class ReceiveService:
         self.connectors: list[ReceiveConnector] = []
         self.listeners: dict[tuple[str, int, bool], asyncio.AbstractServer] = {}
         self.sessions: set[ReceiveProtocol] = set()
-        self._per_connector: dict[str, int] = {}
-        self._per_source: dict[tuple[str, str], int] = {}
         self._rates: dict[str, deque[float]] = {}
         self._tls: dict[str, ssl.SSLContext] = {}
         self._passwords: PasswordStore | None = None
@@ -121,9 +121,15 @@ class ReceiveService:
                 (ip, port, True), c))
             context = self._tls[tls_connector.name]
             handshake = tls_connector.tls_handshake_timeout
+        shared = self.runtime.worker.count > 1
+        if shared and self.runtime.first_bind and not self.listeners:
+            # the workers of one server share each binding (SO_REUSEPORT): the first makes
+            # sure no other process holds it, which SO_REUSEPORT alone would not tell
+            await asyncio.to_thread(_probe_binding, ip, port)
         return await loop.create_server(
             lambda: ReceiveProtocol(self, implicit_tls=implicit_tls), host=ip, port=port,
-            reuse_address=True, backlog=512, ssl=context, ssl_handshake_timeout=handshake)
+            reuse_address=True, reuse_port=shared or None, backlog=512, ssl=context,
+            ssl_handshake_timeout=handshake)
 
     def _tls_contexts(self, connectors: list[ReceiveConnector],
                       state: Path) -> dict[str, ssl.SSLContext]:
@@ -150,10 +156,12 @@ class ReceiveService:
         if self._protocol_log is not None:
             return
         server = self.runtime.server
+        worker = self.runtime.worker  # the workers share the folder, a file family each
         self._protocol_log = ProtocolLog(
             server.receive_protocol_log_path, "RECV", max_age=server.protocol_log_max_age,
             max_directory_size=server.protocol_log_max_directory_size,
-            max_file_size=server.protocol_log_max_file_size)
+            max_file_size=server.protocol_log_max_file_size,
+            writer=log_writer(worker), writers=worker.count)
         self._flusher = asyncio.get_running_loop().create_task(
             self._protocol_log.run_flusher(), name="protocol-log-recv")
 
@@ -212,20 +220,25 @@ class ReceiveService:
         return None
 
     def opened(self, session: ReceiveProtocol) -> tuple[str, SmtpResponse | None]:
-        """Count a new session; the refusal when a connection limit is reached."""
+        """Count a new session; the refusal when a connection limit is reached.
+
+        The counts are the server's, over all its workers (``runtime.counters``); a refused
+        session is counted too, until it is closed."""
         connector, info = session.connector, session.info
         assert connector is not None and info is not None
         self.sessions.add(session)
         source = _source_key(info.remote_ip)
-        total = self._per_connector.get(connector.name, 0)
-        mine = self._per_source.get((connector.name, source), 0)
-        self._per_connector[connector.name] = total + 1
-        self._per_source[(connector.name, source)] = mine + 1
+        counters = self.runtime.counters
+        per_connector, per_source = _counter_keys(connector.name, source)
+        total = counters.total(per_connector)
+        mine = counters.total(per_source)
+        counters.add(per_connector, 1)
+        counters.add(per_source, 1)
         limit = connector.max_inbound_connection
         if limit is not None and total >= limit:
             return source, TOO_MANY_CONNECTIONS
-        per_source = connector.max_inbound_connection_per_source
-        if per_source is not None and mine >= per_source:
+        per_source_limit = connector.max_inbound_connection_per_source
+        if per_source_limit is not None and mine >= per_source_limit:
             return source, TOO_MANY_FROM_SOURCE
         if limit is not None:
             share = (limit - total) * connector.max_inbound_connection_percentage_per_source
@@ -238,13 +251,9 @@ class ReceiveService:
         connector = session.connector
         if connector is None:
             return
-        key = (connector.name, session.source_key)
-        self._per_connector[connector.name] = self._per_connector.get(connector.name, 1) - 1
-        left = self._per_source.get(key, 1) - 1
-        if left > 0:
-            self._per_source[key] = left
-        else:
-            self._per_source.pop(key, None)
+        counters = self.runtime.counters
+        for key in _counter_keys(connector.name, session.source_key):
+            counters.add(key, -1)
         if "on_disconnect" in self._events and session.info is not None:
             asyncio.get_running_loop().create_task(
                 self.runtime.hooks.notify("on_disconnect", session=session.info))
@@ -361,6 +370,17 @@ def _wildcard_of(ip: str) -> str:
     return "::" if ":" in ip else "0.0.0.0"
 
 
+def _probe_binding(ip: str, port: int) -> None:
+    """Raise OSError (address in use) when another process listens on ``ip:port``."""
+    for family, kind, proto, _, address in socket.getaddrinfo(
+            ip or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(address)
+
+
 def _sockets(connectors: list[ReceiveConnector]) -> set[tuple[str, int, bool]]:
     """The listening sockets: a wildcard address covers the specific ones of its family."""
     wanted = {(ip, port, c.implicit_tls) for c in connectors for ip, port in c.bindings}
@@ -377,6 +397,11 @@ def _show(key: tuple[str, int, bool]) -> str:
     ip, port, tls = key
     text = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
     return text + (" (implicit TLS)" if tls else "")
+
+
+def _counter_keys(connector: str, source: str) -> tuple[str, str]:
+    """The server-wide counters of a session: its connector's, and its source's on it."""
+    return f"recv|{connector}", f"recv|{connector}|{source}"
 
 
 def _source_key(ip: str) -> str:

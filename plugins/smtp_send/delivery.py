@@ -3,8 +3,10 @@
 One call gets up to 250 items of one next-hop queue. They are split into routes (one per
 recipient domain for DNS routing, one for smart hosts or a hub relay), each route is
 resolved to targets, and its messages are spread over up to MaxPerDomainOutboundConnections
-connections per route and MaxOutboundConnections overall (process-wide semaphores). A
-connection carries up to SmtpMaxMessagesPerConnection messages.
+connections per route and MaxOutboundConnections overall. Both limits are the server's:
+a semaphore bounds this worker and the server's shared counters (core/counters.py) bound
+all workers together (``Limits``). A connection carries up to SmtpMaxMessagesPerConnection
+messages.
 
 Results: per recipient from the remote replies; a route that cannot be reached at all (no
 connection, a 4xx greeting or hello, a dropped or timed-out session before MAIL) is a
@@ -36,10 +38,12 @@ from hubport.core.api import (
     MailItem,
     RecipientResult,
 )
+from hubport.core.counters import SharedCounters
 from hubport.core.delivery import LOCAL_ERROR
 from hubport.core.failpoints import failpoint
 from hubport.core.model import NextHop, QueuedRecipient, SmtpResponse
 from hubport.core.retry import retry_delay
+from hubport.core.workers import WorkerSlot
 from hubport.plugins.smtp_send import content, resolver
 from hubport.plugins.smtp_send.connector import SendConnector
 from hubport.plugins.smtp_send.policy import (
@@ -98,32 +102,83 @@ class Route:
     resolution: Resolution | None = None
 
 
+#: how often a connection waiting for a server-wide slot looks again
+SERVER_WIDE_POLL = 0.1
+
+
 class _Unlimited:
-    async def __aenter__(self) -> None:
+    async def acquire(self) -> None:
         return None
 
-    async def __aexit__(self, *exc: object) -> None:
+    def release(self) -> None:
         return None
+
+
+class _Slot:
+    """One connection's place under one limit: this worker's semaphore, then the server's
+    count. Entering waits until both have room; leaving (also on an error or a
+    cancellation) gives both back. Made per use, so it gives back to the counters it took
+    from even if ``Limits.bind`` is called meanwhile."""
+
+    def __init__(self, local: Any, counters: SharedCounters, key: str,
+                 size: int | None) -> None:
+        self._local = local
+        self._counters = counters
+        self._key = key
+        self._size = size
+
+    async def __aenter__(self) -> None:
+        await self._local.acquire()
+        try:
+            # the other workers' connections count too: wait for one of them to end
+            # (counted even without a limit, so a limit set by a reload sees them)
+            while not self._counters.try_take(self._key, self._size):
+                await asyncio.sleep(SERVER_WIDE_POLL)
+        except BaseException:
+            self._local.release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            self._counters.release(self._key)
+        finally:
+            self._local.release()
 
 
 class Limits:
-    """Process-wide connection counts (one set per event loop)."""
+    """The server's connection limits as this worker sees them (one set per event loop).
 
-    def __init__(self) -> None:
+    A semaphore per limit bounds this worker's connections; ``counters`` (the Send
+    service binds the runtime's, see ``bind``) bounds the server's. With one worker the
+    counters never hold a connection the semaphore let through, so the behaviour is the
+    semaphores'; with several, a worker whose semaphore has room waits, polling, until
+    the server-wide total is below the limit. The check-then-take race between workers
+    can overshoot a limit by at most workers - 1 (``SharedCounters.try_take``).
+    """
+
+    OVERALL_KEY = "send"
+
+    def __init__(self, counters: SharedCounters | None = None) -> None:
+        self.counters = (counters if counters is not None
+                         else SharedCounters.attach(None, WorkerSlot()))
         self._global: tuple[int | None, Any] = (None, _Unlimited())
         self._per_hop: dict[str, tuple[int | None, Any]] = {}
 
-    def overall(self, size: int | None) -> Any:
+    def bind(self, counters: SharedCounters) -> None:
+        """Count in ``counters`` from now on (the server's, shared by its workers)."""
+        self.counters = counters
+
+    def overall(self, size: int | None) -> _Slot:
         if self._global[0] != size:
             self._global = (size, _Unlimited() if size is None else asyncio.Semaphore(size))
-        return self._global[1]
+        return _Slot(self._global[1], self.counters, self.OVERALL_KEY, size)
 
-    def per_hop(self, key: str, size: int | None) -> Any:
+    def per_hop(self, key: str, size: int | None) -> _Slot:
         held = self._per_hop.get(key)
         if held is None or held[0] != size:
             held = self._per_hop[key] = (
                 size, _Unlimited() if size is None else asyncio.Semaphore(size))
-        return held[1]
+        return _Slot(held[1], self.counters, f"send|{key}", size)
 
 
 _LIMITS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Limits] = (

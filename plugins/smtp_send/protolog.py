@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from hubport.core.protocol_log import ProtocolLog
+from hubport.core.rotating_log import log_writer
+from hubport.core.workers import WorkerSlot
 
 if TYPE_CHECKING:
     from hubport.core.config import TransportServer
@@ -38,6 +40,13 @@ class SendProtocolLogs:
 
     def __init__(self) -> None:
         self._logs: dict[Path, tuple[ProtocolLog, asyncio.Task[None]]] = {}
+        #: which worker of its server writes into a folder (the Send service says so); the
+        #: workers share the folder, each with a file family of its own
+        self._workers: dict[Path, WorkerSlot] = {}
+
+    def use(self, directory: Path, worker: WorkerSlot) -> None:
+        """`worker` logs into `directory` (a folder no service named is worker 0 of 1's)."""
+        self._workers[directory] = worker
 
     def log_for(self, server: TransportServer) -> ProtocolLog | None:
         """The log of `server` (opened, and its flusher started, on first use); None when off."""
@@ -46,9 +55,11 @@ class SendProtocolLogs:
             return None
         held = self._logs.get(directory)
         if held is None:
+            worker = self._workers.get(directory, WorkerSlot())
             plog = ProtocolLog(directory, "SEND", max_age=server.protocol_log_max_age,
                                max_directory_size=server.protocol_log_max_directory_size,
-                               max_file_size=server.protocol_log_max_file_size)
+                               max_file_size=server.protocol_log_max_file_size,
+                               writer=log_writer(worker), writers=worker.count)
             flusher = asyncio.get_running_loop().create_task(plog.run_flusher(),
                                                              name="protocol-log-send")
             held = self._logs[directory] = (plog, flusher)

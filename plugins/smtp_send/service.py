@@ -5,6 +5,8 @@ start; what outlives a delivery is the Send protocol log (``protolog``), whose l
 buffered and written by a background flusher. The daemon stops services before it drains
 the pipeline, while deliveries may still be logging; so `stop` leaves the log alone and
 `close`, called once the pipeline has drained, writes the last lines and stops the flusher.
+`apply` also hands delivery the runtime's shared counters, so the outbound connection
+limits count the connections of every worker of the server (``delivery.Limits``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hubport.core.services import ServiceRuntime
+from hubport.plugins.smtp_send.delivery import limits
 from hubport.plugins.smtp_send.protolog import send_logs
 
 
@@ -26,9 +29,12 @@ class SendService:
         self._directories: set[Path] = set()
 
     async def apply(self, connectors: Sequence[Any]) -> None:
+        # MaxOutboundConnections and MaxPerDomainOutboundConnections count server-wide
+        limits().bind(self.runtime.counters)
         directory = self.runtime.server.send_protocol_log_path
         if directory is not None:
             self._directories.add(directory)
+            send_logs().use(directory, self.runtime.worker)
 
     async def stop(self) -> None:
         """Nothing to stop: deliveries still running finish while the pipeline drains."""

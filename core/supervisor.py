@@ -1,0 +1,237 @@
+"""The supervisor: one server made of N worker processes (``hubport run --workers N``).
+
+One Python process is bound by one core (the GIL), so the server runs N full pipelines, each
+in a process of its own with its own queue database (core/workers.py). The supervisor is
+small on purpose and moves no mail:
+
+* it holds the state folder's lock (one server per state folder) and serves the control
+  socket, forwarding each queue command to the workers and merging their answers
+  (core/server_admin.py);
+* it starts worker 0 first (which checks that no other process holds a binding, then
+  listens with SO_REUSEPORT), then the others, and reports ``hubport running`` once all
+  are ready; a worker that fails to start makes the server fail with that worker's exit code;
+* a worker that dies later is started again (after a pause that grows while it keeps dying)
+  and recovers its queue as after any crash; the others go on meanwhile;
+* workers end with it: each asks the kernel for SIGTERM when its parent dies
+  (``PR_SET_PDEATHSIG``), and each queue database is locked by its worker, so a supervisor
+  started after a killed one waits for the old workers to drain rather than share a queue;
+* SIGTERM/SIGINT stop the workers (each drains as a single daemon does), SIGHUP is passed on
+  (each worker also watches the organization file itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import structlog
+
+from hubport.core.control import start_control
+from hubport.core.counters import SharedCounters
+from hubport.core.daemon import (
+    COUNTERS_NAME,
+    EXIT_CONFIG,
+    StartupError,
+    load,
+    lock_state,
+    make_hooks,
+    pick_server,
+    prepare_state,
+    warn_about,
+)
+from hubport.core.failpoints import ENV as FAILPOINTS_ENV
+from hubport.core.server_admin import ServerAdmin
+from hubport.core.workers import WorkerSlot
+
+log = structlog.get_logger("hubport.supervisor")
+
+PR_SET_PDEATHSIG = 1
+STOP_WAIT = 120.0  # seconds a worker may take to drain before it is killed
+START_WAIT = 120.0  # seconds a worker may take to become ready
+RESTART_PAUSE = (1.0, 30.0)  # the first pause before a restart, and the longest
+HEALTHY_AFTER = 60.0  # a worker up this long starts again with the shortest pause
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the worker, between fork and exec: SIGTERM when the supervisor dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+class Worker:
+    """One worker process and what the supervisor knows of it."""
+
+    def __init__(self, slot: WorkerSlot) -> None:
+        self.slot = slot
+        self.process: asyncio.subprocess.Process | None = None
+        self.started = 0.0
+        self.starts = 0
+        self.pause = RESTART_PAUSE[0]
+
+
+class Supervisor:
+    def __init__(self, config: Path | None, server: str | None, workers: int,
+                 *, log_args: tuple[str, ...] = (), run_args: tuple[str, ...] = ()) -> None:
+        self.config = config.resolve() if config else None
+        hooks = make_hooks(self.config)
+        org = load(self.config, hooks)
+        warn_about(org)
+        self.server_name = pick_server(org, server)
+        self.state = org.server(self.server_name).state_directory
+        self.count = workers
+        self.log_args = log_args
+        self.run_args = run_args
+        self.workers = [Worker(WorkerSlot(k, workers)) for k in range(workers)]
+        self._stop = asyncio.Event()
+        self._stopping = False
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        paths = prepare_state(self.state)
+        lock = lock_state(paths.lock)
+        control = None
+        try:
+            await asyncio.to_thread(SharedCounters.create, self.state / COUNTERS_NAME,
+                                    self.count)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
+            first, rest = self.workers[0], self.workers[1:]
+            code = await self._start(first, restarted=False)
+            if code is None:
+                codes = await asyncio.gather(*(self._start(w, restarted=False) for w in rest))
+                code = next((c for c in codes if c is not None), None)
+            if code is not None:
+                return code
+            admin = ServerAdmin(self.server_name, self.state, self.count)
+            control = await start_control(self.state, admin.handle, admin.refusals)
+            log.info("hubport running", server=self.server_name, workers=self.count,
+                     pids=[w.process.pid for w in self.workers if w.process],
+                     config=str(self.config or "<embedded default>"), state=str(self.state))
+            watchers = [asyncio.ensure_future(self._watch(w)) for w in self.workers]
+            await self._stop.wait()
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+            return 0
+        finally:
+            self._stopping = True
+            log.info("stopping workers", server=self.server_name)
+            if control is not None:
+                await control.stop()
+            await asyncio.gather(*(self._end(w) for w in self.workers))
+            os.close(lock)
+            log.info("hubport stopped", server=self.server_name)
+
+    async def _start(self, worker: Worker, *, restarted: bool) -> int | None:
+        """Start ``worker`` and wait until it is ready: None, or the exit code it died with."""
+        read_fd, write_fd = os.pipe()
+        argv = [sys.executable, "-m", "hubport.core.cli", *self.log_args, "run",
+                *self.run_args, "--worker", f"{worker.slot.index}/{self.count}",
+                "--ready-fd", str(write_fd)]
+        if self.config is not None:
+            argv += ["--config", str(self.config)]
+        argv += ["--server", self.server_name]
+        if restarted:
+            argv.append("--restarted")
+        parent = os.getpid()
+        env = None
+        if restarted:  # a crash test's failpoints kill a worker once, not each of its lives
+            env = {k: v for k, v in os.environ.items() if k != FAILPOINTS_ENV}
+        try:
+            worker.process = await asyncio.create_subprocess_exec(
+                *argv, pass_fds=(write_fd,), env=env,
+                preexec_fn=lambda: _die_with_parent(parent))
+        finally:
+            os.close(write_fd)
+        worker.started = time.monotonic()
+        worker.starts += 1
+        process = worker.process
+        ready = asyncio.ensure_future(asyncio.to_thread(_read_ready, read_fd))
+        died = asyncio.ensure_future(process.wait())
+        done, _ = await asyncio.wait({ready, died}, timeout=START_WAIT,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if ready in done and ready.result():
+            died.cancel()
+            log.info("worker started", worker=worker.slot.index, pid=process.pid,
+                     restarted=restarted)
+            return None
+        if not done:
+            log.error("worker did not become ready; stopping it", worker=worker.slot.index,
+                      waited=START_WAIT)
+            process.kill()
+        code = await process.wait()
+        await ready
+        died.cancel()
+        return code if code > 0 else EXIT_CONFIG
+
+    async def _watch(self, worker: Worker) -> None:
+        """Start ``worker`` again whenever it dies, until the server stops."""
+        while True:
+            assert worker.process is not None
+            code = await worker.process.wait()
+            if self._stopping or self._stop.is_set():
+                return
+            if time.monotonic() - worker.started > HEALTHY_AFTER:
+                worker.pause = RESTART_PAUSE[0]
+            log.error("worker died; starting it again", worker=worker.slot.index,
+                      pid=worker.process.pid, exit_code=code, pause=worker.pause)
+            await asyncio.sleep(worker.pause)
+            worker.pause = min(worker.pause * 2, RESTART_PAUSE[1])
+            if self._stop.is_set():
+                return
+            failed = await self._start(worker, restarted=True)
+            if failed is not None:
+                log.error("worker could not start again; trying later",
+                          worker=worker.slot.index, exit_code=failed)
+
+    async def _end(self, worker: Worker) -> None:
+        process = worker.process
+        if process is None or process.returncode is not None:
+            return
+        try:
+            process.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            await asyncio.wait_for(process.wait(), STOP_WAIT)
+        except TimeoutError:
+            log.error("worker did not drain in time; killing it", worker=worker.slot.index,
+                      waited=STOP_WAIT)
+            process.kill()
+            await process.wait()
+
+    def _signal_all(self, sig: int) -> None:
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                worker.process.send_signal(sig)
+
+
+def _read_ready(fd: int) -> bool:
+    """True once the worker wrote its ready line; False when it closed the pipe first."""
+    with os.fdopen(fd, "rb") as pipe:
+        return pipe.readline().strip() == b"ready"
+
+
+def run(config: Path | None, server: str | None, workers: int,
+        log_args: tuple[str, ...] = (), run_args: tuple[str, ...] = ()) -> int:
+    """Entry point of ``hubport run --workers N`` (N > 1). ``log_args`` and ``run_args``
+    are passed on to each worker's command line (before and after ``run``)."""
+    try:
+        supervisor = Supervisor(config, server, workers, log_args=log_args,
+                                run_args=run_args)
+        return asyncio.run(supervisor.run())
+    except StartupError as exc:
+        log.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 0
