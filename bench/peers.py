@@ -222,16 +222,26 @@ def postfix(root: Path, *, relayhost: int | None = None, maildir: Path | None = 
 
 
 @contextmanager
-def hubport(root: Path, org: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """The real daemon in a subprocess on ``root/org.toml``; its log beside ``root``."""
+def hubport(root: Path, org: str, port: int,
+            workers: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """The real daemon in a subprocess on ``root/org.toml``; its log beside ``root``.
+    ``workers``: ``hubport run --workers`` (None: the daemon's default, the CPU count)."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     (root / "org.toml").write_text(org)
-    with open(root.parent / f"{root.name}.log", "wb") as log:  # outside the watched folder
-        daemon = subprocess.Popen([str(HUBPORT), "run", "--config", "org.toml"], cwd=root,
-                                  stdout=log, stderr=subprocess.STDOUT)
+    log_path = root.parent / f"{root.name}.log"  # outside the watched folder
+    argv = [str(HUBPORT), "run", "--config", "org.toml"]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    with open(log_path, "wb") as log:
+        daemon = subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_port(port)
+            deadline = time.monotonic() + 60  # every worker serves, not only the first
+            while b"hubport running" not in log_path.read_bytes():
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"hubport did not start; see {log_path}")
+                time.sleep(0.05)
             yield daemon
         finally:
             daemon.send_signal(signal.SIGTERM)

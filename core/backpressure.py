@@ -455,7 +455,8 @@ def _sibling_lengths(paths: Sequence[Path]) -> int:
     total = 0
     for path in paths:
         try:
-            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)) as db:
+            with closing(sqlite3.connect(path.as_uri() + "?mode=ro", uri=True,
+                                         timeout=1)) as db:
                 total += _submission_length(db)
         except sqlite3.Error:
             continue

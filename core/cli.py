@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -131,6 +133,11 @@ def _run(args: argparse.Namespace) -> int:
     from hubport.core.workers import default_count, parse_slot
 
     if args.worker is not None:
+        # until the worker installs its own handler: a reload asked of a starting server
+        # must not end it (SIGHUP's default action)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if args.ready_fd is not None:
+            os.set_inheritable(args.ready_fd, False)  # not passed on to its own children
         return daemon.run(args.config, args.server, worker=parse_slot(args.worker),
                           restarted=args.restarted, ready_fd=args.ready_fd)
     workers = args.workers or default_count()

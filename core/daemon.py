@@ -37,7 +37,7 @@ from hubport.core.pipeline import Pipeline
 from hubport.core.queue_admin import QueueAdmin
 from hubport.core.rotating_log import log_writer
 from hubport.core.services import ConnectorService, ServiceError, ServiceRuntime
-from hubport.core.store import Store
+from hubport.core.store import SharedDatabaseError, Store
 from hubport.core.tracking import TrackingLog, TrackingSettings
 from hubport.core.workers import WorkerSlot, signal_ready
 
@@ -200,6 +200,12 @@ class Daemon:
         store = Store(paths.queue, shared=paths.shared)
         try:
             await store.open(q.SCHEMA, q.SHARED_SCHEMA)
+        except SharedDatabaseError as exc:
+            self._unlock()
+            raise StartupError(
+                f"the server's shared queue state {exc.path} cannot be used ({exc}); it holds"
+                " no mail: move it aside and start again (the workers register their queues"
+                " in a new one; suspensions and Retry times are lost)", EXIT_FOLDER) from exc
         except sqlite3.DatabaseError as exc:  # not a database, torn, or unreadable
             self._unlock()
             raise StartupError(
@@ -223,10 +229,11 @@ class Daemon:
                                          siblings=siblings)
         control = None
         try:
+            self._create_services(tracking)
             recovery = await self.pipeline.start()
             await self.backpressure.start()  # intake begins with real figures
             await self._start_folders()
-            await self._start_services(tracking)
+            await self._start_services()
             control_folder = server.state_directory
             if self.supervised:
                 control_folder = self.worker.control_folder(control_folder)
@@ -344,8 +351,10 @@ class Daemon:
         log.info("configuration reloaded", resubmitted=moved)
         return True
 
-    async def _start_services(self, tracking: TrackingLog) -> None:
-        """One service per connector type that has one (receive listeners, send pools)."""
+    def _create_services(self, tracking: TrackingLog) -> None:
+        """One service per connector type that has one (receive listeners, send pools),
+        made before the pipeline starts: deliveries of recovered mail already find what
+        the services set up for this process (its share of the limits, its log files)."""
         assert self.pipeline is not None
         runtime = ServiceRuntime(self.server_name, self.hooks, self.pipeline, tracking,
                                  lambda: self.org, backpressure=self.backpressure,
@@ -353,10 +362,12 @@ class Daemon:
                                  first_bind=not self.restarted and self.worker.index == 0)
         for section, cls in self.hooks.registry.connector_types.items():
             create = getattr(cls, "create_service", None)
-            if create is None:
-                continue
-            service = create(runtime)
-            self.services[section] = service
+            if create is not None:
+                self.services[section] = create(runtime)
+
+    async def _start_services(self) -> None:
+        """Hand each service its connectors: listeners open, send settings apply."""
+        for section, service in self.services.items():
             try:
                 await service.apply(self.org.connectors_of(section))
             except ServiceError as exc:

@@ -151,9 +151,11 @@ class PickupDirectory:
         """Claim keys name the folder and the server: several hubs may share one folder
         (each file still goes to exactly one of them: the claim is an atomic rename), and
         each recovers only its own claims at start. The workers of one server are claimants
-        of their own (``HUB01``, ``HUB01_1``…): each recovers what it claimed."""
-        name = self.pipeline.server_name + self.pipeline.worker.suffix
-        return f"{self.letter}{re.sub(r'[^A-Za-z0-9]', '_', name)}."
+        of their own (``PHUB01.``, ``PHUB01+1.``…: ``+`` never comes out of the name, so no
+        prefix starts another and each worker recovers only what it claimed)."""
+        name = re.sub(r'[^A-Za-z0-9]', '_', self.pipeline.server_name)
+        index = self.pipeline.worker.index
+        return f"{self.letter}{name}{f'+{index}' if index else ''}."
 
     # -- settings from the running config (live reload applies at the next scan) ----------
 

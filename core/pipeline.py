@@ -65,6 +65,9 @@ from hubport.core.retry import EXPIRED, retry_delay
 from hubport.core.store import Store
 from hubport.core.workers import WorkerSlot
 
+#: seconds between reads of the server's shared queue state while a queue waits (workers)
+SHARED_STATE_POLL = 5.0
+
 if TYPE_CHECKING:
     from hubport.core.config import Organization, TransportServer
     from hubport.core.hooks import Hooks
@@ -556,6 +559,10 @@ class Pipeline:
                     task.add_done_callback(running.discard)
                     continue
                 timeout = None if later is None else max(0.0, later - self.clock())
+                if timeout is not None and self.worker.count > 1:
+                    # another worker may end the queue's Retry (its next hop answered):
+                    # the shared state is read again now and then
+                    timeout = min(timeout, SHARED_STATE_POLL)
                 if running:  # a batch in progress may free messages or make some due
                     waiter = asyncio.ensure_future(wake.wait())
                     await asyncio.wait({*running, waiter}, timeout=timeout,

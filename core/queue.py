@@ -137,6 +137,14 @@ def shared(conn: sqlite3.Connection) -> sqlite3.Connection:
     return conn if other is None else other
 
 
+class SharedStateError(Exception):
+    """The server's shared database refused a write (busy past its timeout, disk full, I/O).
+
+    Not an ``sqlite3.OperationalError`` on purpose: the store fails only the piece of work
+    that met it, never the whole group commit of the worker's own database, which is fine.
+    """
+
+
 class _SharedWrite:
     """A write transaction on the shared database (``BEGIN IMMEDIATE``: the workers'
     read-modify-writes never interleave); inside the caller's transaction when there is
@@ -148,12 +156,26 @@ class _SharedWrite:
 
     def __enter__(self) -> sqlite3.Connection:
         if self.own:
-            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise SharedStateError(f"server queue state: {exc}") from exc
         return self.db
 
-    def __exit__(self, kind: object, *_: object) -> None:
-        if self.own:
-            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+    def __exit__(self, kind: object, error: BaseException | None, *_: object) -> None:
+        if not self.own:
+            return
+        try:
+            if kind is None:
+                self.db.execute("COMMIT")
+            elif self.db.in_transaction:  # SQLite may have rolled back already
+                self.db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise SharedStateError(f"server queue state: {exc}") from exc
+        if isinstance(error, sqlite3.Error):
+            raise SharedStateError(f"server queue state: {error}") from error
 
 
 def start_ids_at(conn: sqlite3.Connection, first: int) -> None:

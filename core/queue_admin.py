@@ -271,6 +271,9 @@ class QueueAdmin:
         if row["status"] != "Retry" and (row["status"] == "Suspended" or not await
                                          self.pipeline.store.read(lambda c: q.retry_pending(
                                              c, int(name), now))):
+            # with several workers another one may have ended the shared Retry a moment
+            # ago: a wake costs nothing and lets this worker's items go too
+            self.pipeline.wake_queue(int(name), retry_now=True)
             raise AdminError(f"queue {row['identity']} is {row['status']}, not in Retry;"
                              " Retry-Queue only acts on queues in Retry")
         count = await self.pipeline.store.write(lambda c: q.retry_now(c, int(name), now))

@@ -38,6 +38,14 @@ class StoreConnection(sqlite3.Connection):
         super().close()
 
 
+class SharedDatabaseError(sqlite3.DatabaseError):
+    """The shared database (not the store's own) cannot be opened: the error names it."""
+
+    def __init__(self, path: Path, error: sqlite3.DatabaseError) -> None:
+        super().__init__(f"{path}: {error}")
+        self.path = path
+
+
 class StoreError(Exception):
     """The database could not commit (disk full, I/O error): nothing of the batch is durable."""
 
@@ -78,8 +86,11 @@ class Store:
             conn.executescript(schema)
             if self.shared is not None:
                 # another process may be creating it at this moment: the busy timeout waits
-                conn.shared_db = _connect(self.shared, sqlite3.Connection, busy=30000)
-                conn.shared_db.executescript(shared_schema)
+                try:
+                    conn.shared_db = _connect(self.shared, sqlite3.Connection, busy=10000)
+                    conn.shared_db.executescript(shared_schema)
+                except sqlite3.DatabaseError as exc:
+                    raise SharedDatabaseError(self.shared, exc) from exc
         except BaseException:
             conn.close()
             raise

@@ -24,9 +24,13 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
+import re
 import signal
+import sqlite3
+import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import structlog
@@ -36,6 +40,9 @@ from hubport.core.counters import SharedCounters
 from hubport.core.daemon import (
     COUNTERS_NAME,
     EXIT_CONFIG,
+    EXIT_FOLDER,
+    EXIT_LOCKED,
+    EXIT_SERVICE,
     StartupError,
     load,
     lock_state,
@@ -52,15 +59,24 @@ log = structlog.get_logger("hubport.supervisor")
 
 PR_SET_PDEATHSIG = 1
 STOP_WAIT = 120.0  # seconds a worker may take to drain before it is killed
-START_WAIT = 120.0  # seconds a worker may take to become ready
+#: seconds a worker may take to become ready: longer than it waits for the queue lock of a
+#: predecessor that still drains (daemon.QUEUE_LOCK_WAIT), and than recovering a big queue
+START_WAIT = 600.0
+#: a worker that crashes this many times in a row before it is first ready fails the start
+START_CRASHES = 3
 RESTART_PAUSE = (1.0, 30.0)  # the first pause before a restart, and the longest
 HEALTHY_AFTER = 60.0  # a worker up this long starts again with the shortest pause
+#: the exit codes of a worker that refused to start (not a crash): the server fails with them
+STARTUP_REFUSALS = (EXIT_CONFIG, EXIT_FOLDER, EXIT_LOCKED, EXIT_SERVICE)
+
+
+#: looked up in the supervisor, never in the forked child (no dlopen between fork and exec)
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _die_with_parent(parent: int) -> None:
     """In the worker, between fork and exec: SIGTERM when the supervisor dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
 
@@ -84,8 +100,11 @@ class Supervisor:
         org = load(self.config, hooks)
         warn_about(org)
         self.server_name = pick_server(org, server)
-        self.state = org.server(self.server_name).state_directory
-        self.count = workers
+        transport = org.server(self.server_name)
+        self.state = transport.state_directory
+        self.count = _workers_needed(workers, self.state, self.server_name,
+                                     [transport.pickup_directory_path,
+                                      transport.replay_directory_path])
         self.log_args = log_args
         self.run_args = run_args
         self.workers = [Worker(WorkerSlot(k, workers)) for k in range(workers)]
@@ -106,9 +125,9 @@ class Supervisor:
                 loop.add_signal_handler(sig, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
             first, rest = self.workers[0], self.workers[1:]
-            code = await self._start(first, restarted=False)
+            code = await self._bring_up(first, first=True)
             if code is None:
-                codes = await asyncio.gather(*(self._start(w, restarted=False) for w in rest))
+                codes = await asyncio.gather(*(self._bring_up(w, first=True) for w in rest))
                 code = next((c for c in codes if c is not None), None)
             if code is not None:
                 return code
@@ -132,8 +151,9 @@ class Supervisor:
             os.close(lock)
             log.info("hubport stopped", server=self.server_name)
 
-    async def _start(self, worker: Worker, *, restarted: bool) -> int | None:
-        """Start ``worker`` and wait until it is ready: None, or the exit code it died with."""
+    async def _launch(self, worker: Worker, *, first: bool) -> int | None:
+        """Start ``worker`` once and wait until it is ready: None, or the exit code it died
+        with first (0 when the server is told to stop meanwhile)."""
         read_fd, write_fd = os.pipe()
         argv = [sys.executable, "-m", "hubport.core.cli", *self.log_args, "run",
                 *self.run_args, "--worker", f"{worker.slot.index}/{self.count}",
@@ -141,38 +161,78 @@ class Supervisor:
         if self.config is not None:
             argv += ["--config", str(self.config)]
         argv += ["--server", self.server_name]
-        if restarted:
+        if not first:
             argv.append("--restarted")
         parent = os.getpid()
         env = None
-        if restarted:  # a crash test's failpoints kill a worker once, not each of its lives
+        if worker.starts:  # a crash test's failpoints kill a worker once, not each of its lives
             env = {k: v for k, v in os.environ.items() if k != FAILPOINTS_ENV}
+        worker.started = time.monotonic()
+        worker.starts += 1
         try:
             worker.process = await asyncio.create_subprocess_exec(
                 *argv, pass_fds=(write_fd,), env=env,
                 preexec_fn=lambda: _die_with_parent(parent))
+        except (OSError, subprocess.SubprocessError) as exc:  # fork or exec failed
+            os.close(read_fd)
+            log.error("cannot start a worker process", worker=worker.slot.index,
+                      error=str(exc))
+            return 1
         finally:
             os.close(write_fd)
-        worker.started = time.monotonic()
-        worker.starts += 1
         process = worker.process
-        ready = asyncio.ensure_future(asyncio.to_thread(_read_ready, read_fd))
+        ready = asyncio.ensure_future(_read_ready(read_fd))
         died = asyncio.ensure_future(process.wait())
-        done, _ = await asyncio.wait({ready, died}, timeout=START_WAIT,
+        stop = asyncio.ensure_future(self._stop.wait())
+        done, _ = await asyncio.wait({ready, died, stop}, timeout=START_WAIT,
                                      return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
         if ready in done and ready.result():
             died.cancel()
             log.info("worker started", worker=worker.slot.index, pid=process.pid,
-                     restarted=restarted)
+                     restarted=not first)
             return None
+        if stop in done:
+            return 0  # the worker is running or starting: the caller's shutdown ends it
         if not done:
             log.error("worker did not become ready; stopping it", worker=worker.slot.index,
                       waited=START_WAIT)
             process.kill()
         code = await process.wait()
-        await ready
+        ready.cancel()
         died.cancel()
-        return code if code > 0 else EXIT_CONFIG
+        return code
+
+    async def _bring_up(self, worker: Worker, *, first: bool) -> int | None:
+        """Start ``worker`` until it is ready (None). A refusal (configuration, folder,
+        lock, binding) ends the attempt with its exit code; a crash (a signal, an exception)
+        is started again after a pause. 0 when the server is told to stop meanwhile."""
+        crashes = 0
+        while True:
+            code = await self._launch(worker, first=first)
+            if code is None or code in STARTUP_REFUSALS or self._stop.is_set():
+                return code if not self._stop.is_set() else 0
+            crashes += 1
+            if first and crashes >= START_CRASHES:
+                log.error("worker keeps dying before it is ready; the server does not start",
+                          worker=worker.slot.index, exit_code=code, attempts=crashes)
+                return code if code > 0 else 1
+            log.error("worker died while starting; starting it again",
+                      worker=worker.slot.index, exit_code=code, pause=worker.pause)
+            if not await self._pause(worker):
+                return 0
+
+    async def _pause(self, worker: Worker) -> bool:
+        """Wait before a restart (longer while the worker keeps dying); False when the
+        server is told to stop meanwhile."""
+        if time.monotonic() - worker.started > HEALTHY_AFTER:
+            worker.pause = RESTART_PAUSE[0]
+        try:
+            await asyncio.wait_for(self._stop.wait(), worker.pause)
+            return False
+        except TimeoutError:
+            worker.pause = min(worker.pause * 2, RESTART_PAUSE[1])
+            return True
 
     async def _watch(self, worker: Worker) -> None:
         """Start ``worker`` again whenever it dies, until the server stops."""
@@ -185,14 +245,24 @@ class Supervisor:
                 worker.pause = RESTART_PAUSE[0]
             log.error("worker died; starting it again", worker=worker.slot.index,
                       pid=worker.process.pid, exit_code=code, pause=worker.pause)
-            await asyncio.sleep(worker.pause)
-            worker.pause = min(worker.pause * 2, RESTART_PAUSE[1])
-            if self._stop.is_set():
-                return
-            failed = await self._start(worker, restarted=True)
-            if failed is not None:
+            # its connections died with it: the server-wide counts must not wait for the
+            # restart to say so
+            await asyncio.to_thread(self._clear_counts, worker)
+            while True:
+                if not await self._pause(worker):
+                    return
+                failed = await self._bring_up(worker, first=False)
+                if failed is None or self._stop.is_set():
+                    break
                 log.error("worker could not start again; trying later",
                           worker=worker.slot.index, exit_code=failed)
+
+    def _clear_counts(self, worker: Worker) -> None:
+        try:
+            SharedCounters.attach(self.state / COUNTERS_NAME, worker.slot).close()
+        except (OSError, ValueError) as exc:
+            log.error("cannot clear a dead worker's connection counts",
+                      worker=worker.slot.index, error=str(exc))
 
     async def _end(self, worker: Worker) -> None:
         process = worker.process
@@ -216,10 +286,55 @@ class Supervisor:
                 worker.process.send_signal(sig)
 
 
-def _read_ready(fd: int) -> bool:
+def _workers_needed(requested: int, state: Path, server: str,
+                    folders: list[Path | None]) -> int:
+    """``requested``, or more when mail waits for a worker beyond it.
+
+    Each worker works only its own queue database and the folder files it claimed, so
+    after a start with fewer workers (``--workers`` lowered, or fewer CPUs: a container
+    limit) the mail of the missing ones would wait unseen. The server starts as many as
+    that mail needs, and says so.
+    """
+    needed = requested
+    for path in (state / "queue").glob("mail-*.que"):
+        match = re.fullmatch(r"mail-(\d+)\.que", path.name)
+        if match is None or int(match[1]) < needed:
+            continue
+        try:
+            with closing(sqlite3.connect(path.as_uri() + "?mode=ro", uri=True,
+                                         timeout=5)) as db:
+                waiting = db.execute("SELECT COUNT(*) FROM message").fetchone()[0]
+        except sqlite3.Error:
+            waiting = 1  # unreadable now: its own worker will say why
+        if waiting:
+            needed = int(match[1]) + 1
+    name = re.sub(r"[^A-Za-z0-9]", "_", server)
+    claimed = re.compile(rf"[PR]{name}\+(\d+)\.")
+    for folder in folders:
+        work = folder / ".work" if folder is not None else None
+        if work is None or not work.is_dir():
+            continue
+        for entry in os.listdir(work):
+            match = claimed.match(entry)
+            if match is not None:
+                needed = max(needed, int(match[1]) + 1)
+    if needed > requested:
+        log.warning("starting more workers than asked: the queues of workers beyond that"
+                    " number still hold mail", requested=requested, workers=needed)
+    return needed
+
+
+async def _read_ready(fd: int) -> bool:
     """True once the worker wrote its ready line; False when it closed the pipe first."""
-    with os.fdopen(fd, "rb") as pipe:
-        return pipe.readline().strip() == b"ready"
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    pipe = os.fdopen(fd, "rb", buffering=0)
+    transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        return (await reader.readline()).strip() == b"ready"
+    finally:
+        transport.close()
 
 
 def run(config: Path | None, server: str | None, workers: int,

@@ -59,8 +59,9 @@ class WorkerSlot:
         return self.index * ID_STRIDE
 
     def share(self, total: int | None) -> int | None:
-        """This worker's part of a server-wide rate (the Pickup messages per minute):
-        the parts add up to ``total`` and none is zero."""
+        """This worker's part of a server-wide rate (the Pickup messages per minute): the
+        parts add up to ``total``, except that each worker gets at least one (a limit lower
+        than the number of workers is rounded up to one per worker)."""
         if total is None:
             return None
         base, extra = divmod(total, self.count)

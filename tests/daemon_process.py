@@ -7,6 +7,7 @@ that fails shows what the daemon said and never leaves a stray process behind.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 RUNNING = "hubport running"
@@ -87,6 +89,37 @@ class Daemon:
         if self.alive():
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+
+    def kill_all(self) -> None:
+        """SIGKILL the whole server at once, supervisor and workers (a power loss)."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)  # started in a session of its own
+        self.proc.wait(10)
+
+    def worker_pids(self) -> dict[int, int]:
+        """The latest pid of each worker, from the supervisor's "worker started" lines."""
+        pids: dict[int, int] = {}
+        for line in self.log_text().splitlines():
+            if '"worker started"' in line:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                pids[event["worker"]] = event["pid"]
+        return pids
+
+    def worker_deaths(self) -> list[float]:
+        """When the supervisor saw a worker die (Unix times), from its log: running, or
+        while it started (recovery delivers mail before a worker reports ready)."""
+        times = []
+        for line in self.log_text().splitlines():
+            if '"worker died' in line:
+                try:
+                    stamp = json.loads(line)["timestamp"]
+                except (ValueError, KeyError):
+                    continue
+                times.append(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
+        return times
 
     def signal(self, signum: int) -> None:
         os.kill(self.proc.pid, signum)
@@ -168,3 +201,24 @@ def queue_counts(db: Path) -> dict[str, int] | None:
         return None
     finally:
         conn.close()
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def server_counts(state: Path) -> dict[str, int] | None:
+    """``queue_counts`` summed over every worker's queue database in the state folder
+    (None while one of them is busy)."""
+    total = {"total": 0, "poison": 0}
+    for db in sorted((state / "queue").glob("mail*.que")):
+        counts = queue_counts(db)
+        if counts is None:
+            return None
+        total = {k: total[k] + counts[k] for k in total}
+    return total

@@ -54,7 +54,14 @@ from typing import Any
 
 import trustme
 
-from daemon_process import Daemon, DaemonPool, daemon_pool, hubport_command, queue_counts
+from daemon_process import (
+    Daemon,
+    DaemonPool,
+    daemon_pool,
+    hubport_command,
+    process_alive,
+    server_counts,
+)
 from ledger import (
     Key,
     Seen,
@@ -73,6 +80,7 @@ from soak_peers import read_records, record_data
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 DEFAULT_KILLS = 20
+DEFAULT_WORKERS = 2
 MAILBOXES = {"alice@contoso.test": "Alice", "bob@contoso.test": "Bob"}
 PRIMARY = {alias: address for address, alias in MAILBOXES.items()}
 FAX = ("IMCEAFAX-+2B15550001@contoso.test", "IMCEAFAX-+2B15550002@contoso.test")
@@ -364,6 +372,8 @@ class Generation:
     folder_waiting: bool = False  # a file was waiting in a folder while it ran
     killed_at: float | None = None  # wall clock (time.time())
     landed: str = ""  # what the kill actually hit
+    #: wall clock of the SIGKILLs the harness sent to single workers
+    worker_kills: list[float] = field(default_factory=list)
 
     @property
     def recovery(self) -> float | None:
@@ -375,8 +385,11 @@ class Generation:
 class Run:
     """Everything the harness threads share."""
 
-    def __init__(self, root: Path, seed: int, kills: int, ports: dict[str, int]) -> None:
+    def __init__(self, root: Path, seed: int, kills: int, ports: dict[str, int],
+                 workers: int = 1) -> None:
         self.root = root
+        #: ``hubport run --workers``: with more than one, workers are killed too (core/supervisor.py)
+        self.workers = workers
         self.seed = seed
         self.kills = kills
         self.ports = ports
@@ -387,6 +400,8 @@ class Run:
         self.feed_done = {name: threading.Event() for name in
                           [c.name for c in CLIENTS] + list(FOLDERS)}
         self.pending: dict[str, int] = {}
+        #: every server process started (their logs name the workers that died)
+        self.servers: list[Daemon] = []
 
     @property
     def current(self) -> Generation | None:
@@ -645,7 +660,11 @@ FAILPOINT_PATIENCE = 3.0  # seconds after ready a failpoint gets to fire before 
 
 
 def execute_kill(run: Run, pool: DaemonPool, config: Path, planned: PlannedKill) -> None:
-    daemon = pool.start("--server", "HUB01", config=config, failpoints=planned.failpoint)
+    if run.workers > 1:
+        execute_worker_kills(run, pool, config, planned)
+        return
+    daemon = pool.start("--server", "HUB01", config=config, failpoints=planned.failpoint,
+                        workers=1)
     gen = Generation(len(run.generations) + 1, planned.kind, planned.failpoint,
                      time.monotonic())
     with run.lock:
@@ -680,19 +699,83 @@ def execute_kill(run: Run, pool: DaemonPool, config: Path, planned: PlannedKill)
     gen.killed_at = time.time()
 
 
+ORPHAN_WAIT = 120.0  # seconds the workers of a killed supervisor may take to drain
+
+
+def execute_worker_kills(run: Run, pool: DaemonPool, config: Path,
+                         planned: PlannedKill) -> None:
+    """One server of several workers: the planned kill hits a worker (a failpoint, or a
+    timed SIGKILL of one worker), which the supervisor starts again; then the server ends
+    with a SIGKILL of the supervisor alone (its workers drain and exit) or of every process
+    at once (a power loss), chosen by the seed."""
+    rng = random.Random(f"{run.seed}-gen-{len(run.generations)}")
+    daemon = pool.start("--server", "HUB01", config=config, failpoints=planned.failpoint,
+                        workers=run.workers)
+    gen = Generation(len(run.generations) + 1, planned.kind, planned.failpoint,
+                     time.monotonic())
+    with run.lock:
+        run.generations.append(gen)
+    died = '"worker died; starting it again"'
+    if planned.kind == "startup":
+        _sleep_while_alive(daemon, planned.delay)
+        gen.landed = ("startup (after ready)" if "hubport running" in daemon.log_text()
+                      else "startup (before ready)")
+    else:
+        if _wait_running(daemon, time.monotonic() + 90):
+            gen.ready_at = time.monotonic() - gen.started
+        elif daemon.alive():
+            run.error(f"server {gen.index} not running after 90s")
+        if planned.failpoint is None:  # a worker killed at a random moment
+            _sleep_while_alive(daemon, planned.delay)
+            pids = daemon.worker_pids()
+            if pids and daemon.alive():
+                victim = rng.choice(sorted(pids))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pids[victim], signal.SIGKILL)
+                gen.worker_kills.append(time.time())
+            gen.landed = f"{planned.kind} (worker)"
+        else:
+            patience = planned.delay if planned.kind == "recovery" else FAILPOINT_PATIENCE
+            name = planned.failpoint.split(":")[0]
+            until = time.monotonic() + patience
+            while time.monotonic() < until and died not in daemon.log_text() \
+                    and daemon.alive():
+                time.sleep(0.01)
+            gen.landed = (f"failpoint {name} (worker)" if died in daemon.log_text() else
+                          f"{planned.kind} (failpoint {name} not reached)")
+        _sleep_while_alive(daemon, rng.uniform(0.1, 0.6))  # the restarted worker recovers
+    orphans = list(daemon.worker_pids().values())
+    if not daemon.alive():
+        daemon.proc.wait(10)
+        run.error(f"server {gen.index} exited with {daemon.proc.returncode} on its own")
+    elif rng.random() < 0.5:
+        daemon.kill_all()
+        gen.landed += " + power kill"
+    else:
+        daemon.kill()  # the supervisor alone: the kernel tells its workers (SIGTERM)
+        gen.landed += " + supervisor kill"
+    gen.killed_at = time.time()
+    deadline = time.monotonic() + ORPHAN_WAIT
+    while any(process_alive(p) for p in orphans):
+        if time.monotonic() > deadline:
+            run.error(f"workers of server {gen.index} still run {ORPHAN_WAIT:.0f}s after"
+                      " their supervisor was killed")
+            break
+        time.sleep(0.05)
+
+
 # -- draining -----------------------------------------------------------------------------------
 
 
 def drain(run: Run, daemon: Daemon, timeout: float) -> dict[str, Any]:
     """Wait until the feeders are done, every folder is empty and no message is queued
     (Poison aside); fail with what was last seen."""
-    db = run.root / "var" / "queue" / "mail.que"
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
     while True:
         if not daemon.alive():
             raise RuntimeError(f"the daemon died while draining:\n{daemon.log_text()[-4000:]}")
-        counts = queue_counts(db)
+        counts = server_counts(run.root / "var")
         feeding = {name: run.pending.get(name, 0) for name, done in run.feed_done.items()
                    if not done.is_set()}
         last = {"queue": counts, "feeders still sending": feeding,
@@ -769,6 +852,10 @@ class Ledger:
     leftovers: list[str] = field(default_factory=list)
     poison: int = 0
     kills_by_kind: dict[str, int] = field(default_factory=dict)
+    #: with several workers: how each server ended (supervisor kill, power kill) and how
+    #: many workers died under it (killed by the harness or by a failpoint) and were restarted
+    server_endings: dict[str, int] = field(default_factory=dict)
+    worker_deaths: int = 0
     #: what the restarts found: messages in flight, claimed files ingested again or removed
     recovered: dict[str, int] = field(default_factory=dict)
     slowest_recovery: float | None = None
@@ -812,6 +899,9 @@ class Ledger:
         rows = [
             ("seed", str(self.seed)),
             ("kills", f"{self.kills} ({kinds})"),
+            *([("workers", f"{self.worker_deaths} worker deaths, servers ended by "
+                + ", ".join(f"{k} {v}" for k, v in sorted(self.server_endings.items())))]
+              if self.server_endings else []),
             ("messages", str(self.messages)),
             ("accepted", f"{self.accepted} ({self.accepted_smtp} acknowledged with 250, "
                          f"{self.accepted_folders} taken from Pickup/Replay)"),
@@ -900,6 +990,9 @@ def build_ledger(run: Run, msgs: list[Msg], ledger: Ledger) -> Ledger:
             for rcpt in event.get("recipient-address") or []:
                 completed[(mid, str(rcpt).lower())] += 1
     kill_times = [g.killed_at for g in run.generations if g.killed_at is not None]
+    # a worker that died (killed by the harness or by a failpoint) explains a copy too
+    kill_times += [t for d in run.servers for t in d.worker_deaths()]
+    kill_times.sort()
     for kind, dest, mid, copies in report.duplicates:
         msg = by_id.get(mid)
         if msg is None:
@@ -938,11 +1031,20 @@ def build_ledger(run: Run, msgs: list[Msg], ledger: Ledger) -> Ledger:
             ledger.untracked_deliver += no_deliver
     ledger.bad_files, ledger.leftovers = leftover_files(
         root, MAILBOXES.values(), root.joinpath(*DROP_FOLDER))
-    counts = queue_counts(root / "var" / "queue" / "mail.que") or {}
+    counts = server_counts(root / "var") or {}
     ledger.poison = int(counts.get("poison", 0))
-    ledger.kills_by_kind = dict(Counter(
-        g.landed.split(" (")[0] if g.landed.startswith("failpoint") else g.landed
-        for g in run.generations if g.killed_at is not None))
+    kinds: Counter[str] = Counter()
+    endings: Counter[str] = Counter()
+    for g in run.generations:
+        if g.killed_at is None:
+            continue
+        planned, _, ending = g.landed.partition(" + ")
+        kinds[planned.split(" (")[0] if planned.startswith("failpoint") else planned] += 1
+        if ending:  # how a server of several workers ended
+            endings[ending] += 1
+    ledger.kills_by_kind = dict(kinds)
+    ledger.server_endings = dict(endings)
+    ledger.worker_deaths = sum(len(d.worker_deaths()) for d in run.servers)
     ledger.generations = [{
         "daemon": g.index, "plan": g.kind, "failpoint": g.failpoint, "landed": g.landed,
         "ready_s": _round(g.ready_at), "listeners_s": _round(g.listeners_at),
@@ -1051,11 +1153,12 @@ class Soak:
 
 
 def run_soak(root: Path, *, kills: int = DEFAULT_KILLS, seed: int = 1,
-             messages: int | None = None, echo: Any = None) -> Soak:
+             messages: int | None = None, echo: Any = None,
+             workers: int = DEFAULT_WORKERS) -> Soak:
     """The whole soak in ``root`` (an empty folder)."""
     started = time.monotonic()
     count = default_messages(kills) if messages is None else messages
-    command = f"./dev soak --kills {kills} --seed {seed}" + (
+    command = f"./dev soak --kills {kills} --seed {seed} --workers {workers}" + (
         f" --messages {messages}" if messages is not None else "")
     ledger = Ledger(seed, kills, command)
     say = echo or (lambda text: None)
@@ -1067,7 +1170,8 @@ def run_soak(root: Path, *, kills: int = DEFAULT_KILLS, seed: int = 1,
     with open(root / "daemon-logs.txt", "w") as pool_out, contextlib.redirect_stdout(pool_out), \
             peers(root / "peers") as peer_ports, daemon_pool(root, root / "daemon-logs") as pool:
         config, ports = prepare(root, peer_ports)
-        run = Run(root, seed, kills, ports)
+        run = Run(root, seed, kills, ports, workers)
+        run.servers = pool.started
         say(f"soak: seed {seed}, {kills} kills, {count} messages, state in {root}")
         groups: dict[str, list[Msg]] = defaultdict(list)
         for msg in msgs:
@@ -1089,7 +1193,7 @@ def run_soak(root: Path, *, kills: int = DEFAULT_KILLS, seed: int = 1,
                         f"{run.generations[-1].landed}")
             ledger.kill_phase_seconds = round(time.monotonic() - phase, 1)
             phase = time.monotonic()
-            final = pool.start("--server", "HUB01", config=config)
+            final = pool.start("--server", "HUB01", config=config, workers=workers)
             gen = Generation(len(run.generations) + 1, "final", None, time.monotonic())
             with run.lock:
                 run.generations.append(gen)
@@ -1132,6 +1236,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: a new one, printed)")
     parser.add_argument("--messages", type=int, default=None,
                         help="messages to feed (default 80 + 22 per kill)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help="worker processes per server (default %(default)s: workers and"
+                             " supervisors are killed; 1: the single-process daemon)")
     parser.add_argument("--json", action="store_true", help="print the ledger as JSON")
     parser.add_argument("--keep", action="store_true",
                         help="keep the state folder even when the ledger is clean")
@@ -1151,7 +1258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         ledger = run_soak(root, kills=args.kills, seed=seed, messages=args.messages,
-                          echo=echo).ledger
+                          echo=echo, workers=args.workers).ledger
     except BaseException:
         print(f"soak: seed {seed}; state kept in {root}", file=sys.stderr)
         raise

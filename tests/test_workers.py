@@ -16,6 +16,7 @@ import os
 import random
 import re
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 from aiosmtplib import SMTP
 
-from daemon_process import Daemon, DaemonPool, daemon_pool, hubport, queue_counts
+from daemon_process import Daemon, DaemonPool, daemon_pool, hubport, process_alive, server_counts
 from hubport.core.workers import ID_STRIDE, worker_of
 from ledger import folders_empty, recovery_counts
 from smtp_support import free_port, receive_connector
@@ -40,24 +41,6 @@ def pool(tmp_path: Path) -> Iterator[DaemonPool]:
         yield daemons
 
 
-def worker_pids(daemon: Daemon) -> dict[int, int]:
-    """The latest pid of each worker, from the supervisor's "worker started" lines."""
-    pids: dict[int, int] = {}
-    for line in daemon.log_text().splitlines():
-        if '"worker started"' in line:
-            event = json.loads(line)
-            pids[event["worker"]] = event["pid"]
-    return pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 def wait_until(check: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     seen = None
@@ -69,25 +52,14 @@ def wait_until(check: object, timeout: float, what: str) -> None:
     raise AssertionError(f"{what}: not within {timeout}s (last saw {seen!r})")
 
 
-def server_counts(root: Path) -> dict[str, int] | None:
-    """Messages left in every worker's queue database (None while one is busy)."""
-    total = {"total": 0, "poison": 0}
-    for db in sorted((root / "var" / "queue").glob("mail*.que")):
-        counts = queue_counts(db)
-        if counts is None:
-            return None
-        total = {k: total[k] + counts[k] for k in total}
-    return total
-
-
 def drain_server(root: Path, daemon: Daemon, timeout: float = 90.0) -> None:
     def drained() -> object:
         assert daemon.alive(), f"server died while draining:\n{daemon.log_text()[-4000:]}"
-        counts = server_counts(root)
+        counts = server_counts(root / "var")
         if counts is not None:
             assert counts["poison"] == 0, counts
         return counts is not None and counts["total"] == 0 and folders_empty(root)
-    wait_until(drained, timeout, f"drain (queues {server_counts(root)})")
+    wait_until(drained, timeout, f"drain (queues {server_counts(root / 'var')})")
 
 
 def get_json(root: Path, *args: str) -> list[dict[str, object]]:
@@ -118,18 +90,18 @@ def test_killing_workers_and_the_supervisor_loses_and_duplicates_nothing(
             if not writer.in_burst.wait(5.0):
                 time.sleep(rng.uniform(0.2, 1.0))
             time.sleep(rng.uniform(0.0, 0.25))
-            pids = worker_pids(daemon)
+            pids = daemon.worker_pids()
             victim = rng.randrange(WORKERS)
             daemon_pid = pids[victim]
             os.kill(daemon_pid, signal.SIGKILL)
-            wait_until(lambda v=victim, old=daemon_pid: worker_pids(daemon)[v] != old,  # type: ignore[misc]
+            wait_until(lambda v=victim, old=daemon_pid: daemon.worker_pids()[v] != old,  # type: ignore[misc]
                        60, f"worker {victim} started again (round {round_})")
             restarts += 1
         # the supervisor killed: its workers get SIGTERM from the kernel, drain and exit
         time.sleep(rng.uniform(0.3, 1.0))
-        orphans = list(worker_pids(daemon).values())
+        orphans = list(daemon.worker_pids().values())
         daemon.kill()
-        wait_until(lambda: not any(alive(p) for p in orphans), 90,
+        wait_until(lambda: not any(process_alive(p) for p in orphans), 90,
                    "the workers of a killed supervisor exit")
         daemon = pool.start(config=config, workers=WORKERS)
         writer.join(60)
@@ -253,3 +225,39 @@ def test_a_worker_killed_between_commit_and_unlink_is_restarted_and_recovers_its
     report = check_exactly_once(tmp_path, ledger)
     assert report.ok, report.details()
     assert recovery_counts([daemon.log_text()])["removed"] >= 1
+
+
+# -- start-up rules ---------------------------------------------------------------------------
+
+
+def test_mail_left_for_a_missing_worker_starts_that_worker(tmp_path: Path) -> None:
+    """Fewer workers than last time (``--workers`` lowered, fewer CPUs): a queue database or a
+    claimed folder file of a worker beyond the number asked for makes the server start it."""
+    from hubport.core import queue as q
+    from hubport.core.supervisor import _workers_needed
+
+    state, pickup = tmp_path / "var", tmp_path / "pickup"
+    (state / "queue").mkdir(parents=True)
+    (pickup / ".work").mkdir(parents=True)
+    assert _workers_needed(2, state, "HUB01", [pickup, None]) == 2
+    with sqlite3.connect(state / "queue" / "mail-3.que") as db:
+        db.executescript(q.SCHEMA)  # an empty queue of worker 3 needs nobody
+    assert _workers_needed(2, state, "HUB01", [pickup]) == 2
+    with sqlite3.connect(state / "queue" / "mail-3.que") as db:
+        db.execute("INSERT INTO message (sender, size, source, received_at, expires_at, data)"
+                   " VALUES ('a@b.test', 1, 'SMTP', 0, 0, x'41')")
+    assert _workers_needed(2, state, "HUB01", [pickup]) == 4
+    (pickup / ".work" / "PHUB01+5.18f00-1~m.eml").write_bytes(b"x")
+    assert _workers_needed(2, state, "HUB01", [pickup]) == 6
+    assert _workers_needed(2, state, "HUB02", [pickup]) == 4  # another server's claim
+
+
+def test_a_broken_shared_queue_state_is_named_not_the_mail_queue(
+        tmp_path: Path, pool: DaemonPool) -> None:
+    config = write_org(tmp_path)
+    (tmp_path / "var" / "queue").mkdir(parents=True)
+    (tmp_path / "var" / "queue" / "server.db").write_bytes(b"this is not a database" * 100)
+    daemon = pool.start(config=config, workers=WORKERS)
+    assert daemon.wait(60) == 3, daemon.log_text()
+    text = daemon.log_text()
+    assert "server.db" in text and "holds no mail" in text, text

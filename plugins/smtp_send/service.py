@@ -27,8 +27,14 @@ class SendService:
         self.runtime = runtime
         #: every SendProtocolLogPath this server has had (a reload may change it)
         self._directories: set[Path] = set()
+        # made before the pipeline starts (core/daemon.py), so the deliveries of recovered
+        # mail already count server-wide and write this worker's protocol log files
+        self._adopt()
 
     async def apply(self, connectors: Sequence[Any]) -> None:
+        self._adopt()
+
+    def _adopt(self) -> None:
         # MaxOutboundConnections and MaxPerDomainOutboundConnections count server-wide
         limits().bind(self.runtime.counters)
         directory = self.runtime.server.send_protocol_log_path
