@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ingest import cpu_seconds, hubport, stop_daemon
+from ingest import hubport, stop_daemon
+from peers import cpu_seconds, wait_running
 
 ORG = """
 [hubport]
@@ -88,11 +89,10 @@ def main() -> None:
     proc = subprocess.Popen([*hubport(), "run", "--config", str(root / "org.toml")], cwd=root,
                             stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while not (root / "replay" / ".work").is_dir():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("daemon did not start: see " + str(root / "daemon.log"))
-            time.sleep(0.05)
+        try:
+            wait_running(root / "daemon.log", proc)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
         stage = root / "stage"
         stage.mkdir()
         for i in range(args.count):

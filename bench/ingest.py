@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from peers import cpu_seconds, wait_running
 from report import common_arguments, emit
 
 ORG = """
@@ -76,15 +77,6 @@ def count(folder: Path, pattern: str = "*") -> int:
     except FileNotFoundError:
         return 0
     return sum(1 for n in names if not n.startswith(".") and n.endswith(pattern.lstrip("*")))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the daemon has used so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_case(root: Path, name: str, target: Path, make: callable, folder: Path, n: int,
@@ -171,11 +163,10 @@ def one_run(count_: int, keep: bool) -> dict[str, float]:
         command = [*os.environ["HUBPORT_BENCH_PROFILE"].split(), *command]
     proc = subprocess.Popen(command, cwd=root, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while not (root / "replay" / ".work").is_dir():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("daemon did not start: see " + str(root / "daemon.log"))
-            time.sleep(0.05)
+        try:
+            wait_running(root / "daemon.log", proc)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
         if not QUIET:
             print(f"hubport ingestion benchmark, {os.cpu_count()} CPUs, {count_} files per case")
         return {

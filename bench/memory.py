@@ -2,8 +2,9 @@
 
 ``--messages`` 2 KB messages (default 100,000) arrive over SMTP for a domain whose Send
 connector's smart host refuses connections, so every message stays queued (the queue in
-Retry). The daemon's resident set (VmRSS) is read at each tenth of the load and its peak
-(VmHWM) at the end: memory should follow the queue's index, not the messages.
+Retry). The server's resident set (VmRSS, summed over the supervisor and its workers) is
+read at each tenth of the load and its peak (VmHWM, each process's own peak summed) at the
+end: memory should follow the queue's index, not the messages.
 
     .venv/bin/python bench/memory.py [--messages 100000] [--json]
 """
@@ -12,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sqlite3
-from pathlib import Path
 
 from peers import (
     SMTP_SOURCE,
     bench_org,
     free_port,
     hubport,
+    memory_kib,
     prepare_base,
+    queued_messages,
     require_tools,
     smtp_source,
 )
@@ -33,16 +34,6 @@ AddressSpaces = ["SMTP:fabrikam.example;1"]
 SmartHosts = ["[127.0.0.1]"]
 Port = {down}
 """
-
-
-def status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process, in KiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            fields[name] = int(value.split()[0])
-    return fields
 
 
 def main() -> None:
@@ -59,7 +50,8 @@ def main() -> None:
             root = base / "hubport"
             with hubport(root, bench_org(port, relay=True, tail=DOWN.format(down=down)),
                          port) as daemon:
-                results.setdefault("RSS at start", []).append(status(daemon.pid)["VmRSS"] / 1024)
+                start = memory_kib(daemon.pid)["VmRSS"] / 1024
+                results.setdefault("RSS at start", []).append(start)
                 step = max(1, args.messages // 10)
                 sent = 0
                 while sent < args.messages:
@@ -67,11 +59,10 @@ def main() -> None:
                     sent += step
                     if sent in (step, args.messages // 2, args.messages):
                         results.setdefault(f"RSS with {sent:,} queued", []).append(
-                            status(daemon.pid)["VmRSS"] / 1024)
+                            memory_kib(daemon.pid)["VmRSS"] / 1024)
                 results.setdefault("peak RSS (VmHWM)", []).append(
-                    status(daemon.pid)["VmHWM"] / 1024)
-            with sqlite3.connect(root / "var" / "queue" / "mail.que") as db:
-                queued = db.execute("SELECT COUNT(*) FROM message").fetchone()[0]
+                    memory_kib(daemon.pid)["VmHWM"] / 1024)
+            queued = queued_messages(root)
             if queued < args.messages:
                 raise SystemExit(f"only {queued} of {args.messages} messages were queued")
     finally:

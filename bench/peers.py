@@ -237,11 +237,7 @@ def hubport(root: Path, org: str, port: int,
         daemon = subprocess.Popen(argv, cwd=root, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_port(port)
-            deadline = time.monotonic() + 60  # every worker serves, not only the first
-            while b"hubport running" not in log_path.read_bytes():
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"hubport did not start; see {log_path}")
-                time.sleep(0.05)
+            wait_running(log_path, daemon)  # every worker serves, not only the first
             yield daemon
         finally:
             daemon.send_signal(signal.SIGTERM)
@@ -260,3 +256,68 @@ def prepare_base(prefix: str) -> Path:
     base = Path(tempfile.mkdtemp(prefix=prefix))
     base.chmod(0o755)
     return base
+
+
+# -- the hubport server's processes (a supervisor and its workers) ------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (a supervisor's workers)."""
+    found = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        kids = [int(k) for k in children.read_text().split()]
+    except OSError:
+        kids = []
+    for kid in kids:
+        found += process_tree(kid)
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the server (``pid`` and its workers) has used so far."""
+    total = 0.0
+    for proc in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{proc}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM summed over the server's processes, in KiB (the peak is the sum of
+    each process's own peak: an upper bound of the server's peak)."""
+    totals = {"VmRSS": 0, "VmHWM": 0}
+    for proc in process_tree(pid):
+        try:
+            text = Path(f"/proc/{proc}/status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            name, _, value = line.partition(":")
+            if name in totals:
+                totals[name] += int(value.split()[0])
+    return totals
+
+
+def queued_messages(root: Path) -> int:
+    """Messages in every worker's queue database under ``root/var``."""
+    import sqlite3
+    from contextlib import closing
+
+    total = 0
+    for db in sorted((root / "var" / "queue").glob("mail*.que")):
+        with closing(sqlite3.connect(db)) as conn:
+            total += conn.execute("SELECT COUNT(*) FROM message").fetchone()[0]
+    return total
+
+
+def wait_running(log_path: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Until the server logs that every worker serves."""
+    deadline = time.monotonic() + timeout
+    while b"hubport running" not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"hubport did not start; see {log_path}")
+        time.sleep(0.05)

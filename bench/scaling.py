@@ -12,7 +12,6 @@ its workers). On a 2-core machine the load generator shares the cores with the s
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from peers import (
     SMTP_SOURCE,
     bench_org,
+    cpu_seconds,
     free_port,
     hubport,
     hubport_command,
@@ -28,18 +28,6 @@ from peers import (
     smtp_source,
 )
 from report import common_arguments, emit
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid`` and of its children (a supervisor's workers), live ones only."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    kids = [int(k) for k in children.read_text().split()] if children.exists() else []
-    return own + sum(cpu_seconds(k) for k in kids)
 
 
 def measure(base: Path, workers: int, messages: int, sessions: int) -> tuple[float, float]:

@@ -21,7 +21,6 @@ Each figure is the median of ``--runs`` runs. Needs Debian's ``postfix`` package
 from __future__ import annotations
 
 import argparse
-import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from peers import (
     hubport_command,
     postfix,
     prepare_base,
+    queued_messages,
     require_tools,
     smtp_source,
 )
@@ -50,8 +50,7 @@ def hubport_rate(root: Path, messages: int, sessions: int, *, paused: bool
         if paused:
             hubport_command(root, "suspend-queue", "--identity", "HUB01\\Submission")
         elapsed = smtp_source(port, messages, sessions, RECIPIENT)
-    with sqlite3.connect(root / "var" / "queue" / "mail.que") as db:
-        queued = db.execute("SELECT COUNT(*) FROM message").fetchone()[0]
+    queued = queued_messages(root)
     mailbox = root / "var" / "mailboxes" / "Alice" / "new"
     delivered = len(list(mailbox.iterdir())) if mailbox.is_dir() else 0
     return messages / elapsed, queued + delivered
