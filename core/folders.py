@@ -29,6 +29,7 @@ import re
 import stat
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -363,12 +364,13 @@ class PickupDirectory:
                      limit: int) -> tuple[list[bytes], bool]:
         """Announced names, plus (on a full scan) every settled ``*.eml``; and whether
         some file was still too fresh to take."""
-        ready = [n for n in announced if n.lower().endswith(EML)]
+        ready = self._mine_first([n for n in announced if n.lower().endswith(EML)])
         if not full or len(ready) >= limit:
             return ready[:limit], False
         chosen = set(ready)
         fresh = False
         now = time.time()
+        others: list[bytes] = []  # files another worker prefers: taken when ours run out
         with os.scandir(self.bpath) as entries:
             for entry in entries:
                 name = entry.name
@@ -383,11 +385,23 @@ class PickupDirectory:
                 if stat.S_ISREG(st.st_mode) and now - max(st.st_mtime, st.st_ctime) < settle:
                     fresh = True
                     continue
-                ready.append(name)
                 chosen.add(name)
-                if len(ready) >= limit:
+                (ready if self._is_mine(name) else others).append(name)
+                # enough of ours, or enough in all that more would only be stat calls
+                if len(ready) >= limit or \
+                        len(ready) + len(others) >= limit * (self.pipeline.worker.count + 1):
                     break
-        return ready[:limit], fresh
+        return (ready + others)[:limit], fresh
+
+    def _is_mine(self, name: bytes) -> bool:
+        """Several workers watch one folder: each first takes the files whose name hashes to
+        it, so they do not all race for the same files (the claim rename decides anyway)."""
+        worker = self.pipeline.worker
+        return worker.count == 1 or zlib.crc32(name) % worker.count == worker.index
+
+    def _mine_first(self, names: list[bytes]) -> list[bytes]:
+        return [n for n in names if self._is_mine(n)] + [n for n in names
+                                                        if not self._is_mine(n)]
 
     def _claim_and_read(self, names: list[bytes],
                         unsure: set[bytes]) -> tuple[list[Claimed], list[bytes]]:
