@@ -67,6 +67,9 @@ from hubport.core.workers import WorkerSlot
 
 #: seconds between reads of the server's shared queue state while a queue waits (workers)
 SHARED_STATE_POLL = 5.0
+#: seconds one worker's attempt at a queue after its Retry holds off the others when the
+#: worker dies before recording its outcome
+ATTEMPT_HOLD = 120.0
 
 if TYPE_CHECKING:
     from hubport.core.config import Organization, TransportServer
@@ -604,8 +607,14 @@ class Pipeline:
         busy = set(self._in_flight)
         ids, later = await self.store.read(lambda c: q.due_for_delivery(
             c, queue_id, now, self.DELIVERY_BATCH, exclude=busy))
-        return ([i for i in ids if i not in self._in_flight], later, False,
-                state.retry_count > 0)
+        ids = [i for i in ids if i not in self._in_flight]
+        if ids and state.retry_count > 0 and self.worker.count > 1:
+            index = self.worker.index
+            if not await self.store.read(lambda c: q.take_attempt(
+                    c, queue_id, index, now, ATTEMPT_HOLD)):
+                # another worker makes the attempt after the Retry: wait for its outcome
+                return [], now + SHARED_STATE_POLL, False, True
+        return ids, later, False, state.retry_count > 0
 
     async def _guarded_batch(self, queue_id: int, ids: list[int], now: float) -> None:
         """A batch that fails outside the deliver hook (the queue could not commit) gives

@@ -99,6 +99,9 @@ _QUEUES = """CREATE TABLE IF NOT EXISTS delivery_queue (
     last_error TEXT, next_retry REAL,
     retry_count INTEGER NOT NULL DEFAULT 0,
     last_retry REAL,
+    -- with several workers, the one that makes the attempt after a Retry (the others wait
+    -- for its outcome) and until when that holds (take_attempt)
+    attempt_by INTEGER, attempt_until REAL,
     UNIQUE (delivery_type, domain, connector)
 );
 CREATE TABLE IF NOT EXISTS queue_flag (name TEXT PRIMARY KEY, suspended INTEGER NOT NULL);
@@ -118,6 +121,8 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("recipient", "suspended", "INTEGER NOT NULL DEFAULT 0"),
     ("delivery_queue", "retry_count", "INTEGER NOT NULL DEFAULT 0"),
     ("delivery_queue", "last_retry", "REAL"),
+    ("delivery_queue", "attempt_by", "INTEGER"),
+    ("delivery_queue", "attempt_until", "REAL"),
 )
 
 MESSAGE_COLUMNS = (
@@ -241,11 +246,20 @@ def adopt_queues(conn: sqlite3.Connection) -> int:
 def upgrade(conn: sqlite3.Connection) -> list[str]:
     """Add the columns a queue database from an older hubport lacks; returns what was added."""
     added: list[str] = []
-    for table, column, declaration in ADDED_COLUMNS:
-        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if column not in present:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-            added.append(f"{table}.{column}")
+    for db in dict.fromkeys((conn, shared(conn))):
+        for table, column, declaration in ADDED_COLUMNS:
+            if db is not conn and table != "delivery_queue":
+                continue
+            present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            if column in present:
+                continue
+            try:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            except sqlite3.OperationalError as exc:  # another worker added it just now
+                if "duplicate column" not in str(exc):
+                    raise
+                continue
+            added.append(f"{'server.' if db is not conn else ''}{table}.{column}")
     return added
 
 
@@ -499,13 +513,31 @@ def queue_deferred(conn: sqlite3.Connection, queue_id: int, started: float, now:
                         (queue_id,)).fetchone()
         count, current = (int(row[0] or 0), row[1]) if row else (0, None)
         if current is not None and current > started:
-            w.execute("UPDATE delivery_queue SET last_error=? WHERE id=?", (error, queue_id))
+            w.execute("UPDATE delivery_queue SET last_error=?, attempt_by=NULL,"
+                      " attempt_until=NULL WHERE id=?", (error, queue_id))
             return float(current)
         count += 1
         at = now + delay(count)
         w.execute("UPDATE delivery_queue SET retry_count=?, next_retry=?, last_retry=?,"
-                  " last_error=? WHERE id=?", (count, at, now, error, queue_id))
+                  " last_error=?, attempt_by=NULL, attempt_until=NULL WHERE id=?",
+                  (count, at, now, error, queue_id))
     return at
+
+
+def take_attempt(conn: sqlite3.Connection, queue_id: int, worker: int, now: float,
+                 hold: float) -> bool:
+    """With several workers, after a queue's Retry: True for the one worker that makes the
+    next attempt (the others wait for its outcome, so a next hop that is down sees one
+    connection per retry from the server, not one per worker). The attempt is this
+    worker's until ``queue_deferred``/``queue_attempted`` records its outcome, or for
+    ``hold`` seconds if its worker dies (a restarted worker of the same number resumes it).
+    """
+    with _SharedWrite(conn) as w:
+        taken = w.execute(
+            "UPDATE delivery_queue SET attempt_by=?, attempt_until=? WHERE id=? AND"
+            " (attempt_until IS NULL OR attempt_until<? OR attempt_by=?)",
+            (worker, now + hold, queue_id, now, worker)).rowcount
+    return taken > 0
 
 
 def queue_attempted(conn: sqlite3.Connection, queue_id: int, now: float,
@@ -517,13 +549,15 @@ def queue_attempted(conn: sqlite3.Connection, queue_id: int, now: float,
     conn.execute("UPDATE delivery_queue SET last_retry=?, last_error=? WHERE id=?",
                  (now, error, queue_id))
     db = shared(conn)
-    clean = "retry_count=0 AND next_retry IS NULL AND last_error IS ?"
+    clean = ("retry_count=0 AND next_retry IS NULL AND last_error IS ? AND"
+             " attempt_until IS NULL")
     if db is not conn and db.execute(f"SELECT 1 FROM delivery_queue WHERE id=? AND {clean}",
                                      (queue_id, error)).fetchone() is not None:
         return
     with _SharedWrite(conn) as w:
         w.execute("UPDATE delivery_queue SET retry_count=0, next_retry=NULL, last_retry=?,"
-                  " last_error=? WHERE id=?", (now, error, queue_id))
+                  " last_error=?, attempt_by=NULL, attempt_until=NULL WHERE id=?",
+                  (now, error, queue_id))
 
 
 def _flag(conn: sqlite3.Connection, name: str) -> bool:

@@ -261,3 +261,64 @@ def test_a_broken_shared_queue_state_is_named_not_the_mail_queue(
     assert daemon.wait(60) == 3, daemon.log_text()
     text = daemon.log_text()
     assert "server.db" in text and "holds no mail" in text, text
+
+
+def test_a_next_hop_that_is_down_sees_one_attempt_per_retry_from_the_whole_server(
+        tmp_path: Path, pool: DaemonPool) -> None:
+    """Both workers hold mail for a next hop that hangs up at once: after each Retry only
+    one of them tries (the other waits for its outcome), so the next hop sees as many
+    connections as the queue counts failures, not one per worker."""
+    import socket
+    import threading
+
+    port, down = free_port(), free_port()
+    connections: list[float] = []
+    listener = socket.create_server(("127.0.0.1", down))
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                sock, _ = listener.accept()
+            except TimeoutError:
+                continue
+            connections.append(time.monotonic())
+            sock.close()  # no greeting: the connection fails as a whole
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    extra = receive_connector("Internet", [f"127.0.0.1:{port}"],
+                              AuthMechanism=["ExternalAuthoritative"],
+                              PermissionGroups=["ExchangeServers"],
+                              MaxInboundConnectionPerSource="unlimited")
+    extra += (f'[[send_connector]]\nName = "Outbound"\nAddressSpaces = ["*"]\n'
+              f'SmartHosts = ["[127.0.0.1]"]\nPort = {down}\n')
+    config = write_org(tmp_path, server_extra=SERVER, extra=extra)
+    try:
+        daemon = pool.start(config=config, workers=WORKERS)
+        daemon.wait_ready(30)
+        asyncio.run(send_many(port, 20))
+
+        def queue_row() -> dict[str, object] | None:
+            rows = get_json(tmp_path, "get-queue")
+            return next((r for r in rows if r.get("connector") == "Outbound"), None)
+
+        wait_until(lambda: (r := queue_row()) and r["message_count"] == 20, 60,
+                   "20 messages queued for the dead next hop")
+        messages = get_json(tmp_path, "get-message")
+        assert {worker_of(int(str(m["identity"]).rsplit("\\", 1)[1])) for m in messages} \
+            == {0, 1}
+        wait_until(lambda: (r := queue_row()) and int(r["retry_count"] or 0) >= 4, 60,
+                   "four failures in a row")
+        row = queue_row()
+        assert row is not None
+        seen = len(connections)
+        # one attempt per failure; at most one more may be under way as we look
+        assert seen <= int(row["retry_count"] or 0) + 1, (seen, row)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(60) == 0
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
