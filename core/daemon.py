@@ -15,6 +15,7 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -466,16 +467,17 @@ def run(config: Path | None, server: str | None, *, worker: WorkerSlot | None = 
     """Entry point of ``hubport run`` with one process, and of each supervised worker."""
     if worker is not None:
         structlog.contextvars.bind_contextvars(worker=worker.index)
+    return run_to_exit(lambda: Daemon(config, server, worker=worker, restarted=restarted,
+                                      ready_fd=ready_fd).run())
+
+
+def run_to_exit(start: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Build and run a server (``start()`` makes its coroutine) to its exit code: a start-up
+    refusal is logged and gives its code, Ctrl-C a clean 0."""
     try:
-        daemon = Daemon(config, server, worker=worker, restarted=restarted, ready_fd=ready_fd)
-    except StartupError as exc:
-        log.error(str(exc))
-        return exc.exit_code
-    try:
-        return asyncio.run(daemon.run())
+        return asyncio.run(start())
     except StartupError as exc:
         log.error(str(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         return 0
-

@@ -168,6 +168,19 @@ def _term(key: str, op: str, value: str) -> Predicate:
     return test
 
 
+def select_queues(rows: list[dict[str, Any]], server: str, wanted: str | None,
+                  predicate: Predicate | None) -> list[dict[str, Any]]:
+    """Get-Queue's answer from its rows: the one queue asked for (refused when there is no
+    such queue), then the filter."""
+    if wanted is not None:
+        rows = [r for r in rows if r["queue"] == wanted]
+        if not rows:
+            raise AdminError(f"no queue {identity_of(server, wanted)}")
+    if predicate is not None:
+        rows = [r for r in rows if predicate(r)]
+    return rows
+
+
 # -- the operations ----------------------------------------------------------------------
 
 
@@ -206,13 +219,7 @@ class QueueAdmin:
         rows = await self.pipeline.store.read(lambda c: q.queue_summary(c, now, active))
         for row in rows:
             row["identity"] = self._identity(row["queue"])
-        if wanted is not None:
-            rows = [r for r in rows if r["queue"] == wanted]
-            if not rows:
-                raise AdminError(f"no queue {self._identity(wanted)}")
-        if predicate is not None:
-            rows = [r for r in rows if predicate(r)]
-        return rows
+        return select_queues(rows, self.server, wanted, predicate)
 
     async def get_message(self, identity: str | None = None, queue: str | None = None,
                           filter: str | None = None,

@@ -45,6 +45,7 @@ from hubport.core.queue_admin import (
     message_of,
     parse_filter,
     queue_of,
+    select_queues,
 )
 from hubport.core.workers import WorkerSlot, worker_of
 
@@ -154,13 +155,7 @@ class ServerAdmin:
         wanted = queue_of(self.server, identity) if identity else None
         predicate = parse_filter(filter, QUEUE_FIELDS) if filter else None
         rows = merge_queues(self.server, self._every(await self._ask_all("get-queue", {})))
-        if wanted is not None:
-            rows = [r for r in rows if r["queue"] == wanted]
-            if not rows:
-                raise AdminError(f"no queue {identity_of(self.server, wanted)}")
-        if predicate is not None:
-            rows = [r for r in rows if predicate(r)]
-        return rows
+        return select_queues(rows, self.server, wanted, predicate)
 
     async def get_message(self, identity: str | None = None, queue: str | None = None,
                           filter: str | None = None,

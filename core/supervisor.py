@@ -43,12 +43,12 @@ from hubport.core.daemon import (
     EXIT_FOLDER,
     EXIT_LOCKED,
     EXIT_SERVICE,
-    StartupError,
     load,
     lock_state,
     make_hooks,
     pick_server,
     prepare_state,
+    run_to_exit,
     warn_about,
 )
 from hubport.core.failpoints import ENV as FAILPOINTS_ENV
@@ -341,12 +341,5 @@ def run(config: Path | None, server: str | None, workers: int,
         log_args: tuple[str, ...] = (), run_args: tuple[str, ...] = ()) -> int:
     """Entry point of ``hubport run --workers N`` (N > 1). ``log_args`` and ``run_args``
     are passed on to each worker's command line (before and after ``run``)."""
-    try:
-        supervisor = Supervisor(config, server, workers, log_args=log_args,
-                                run_args=run_args)
-        return asyncio.run(supervisor.run())
-    except StartupError as exc:
-        log.error(str(exc))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 0
+    return run_to_exit(lambda: Supervisor(config, server, workers, log_args=log_args,
+                                          run_args=run_args).run())
