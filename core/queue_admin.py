@@ -168,6 +168,19 @@ def _term(key: str, op: str, value: str) -> Predicate:
     return test
 
 
+#: the control socket's operations and the method of an admin object that serves each
+#: (a worker's ``QueueAdmin``, the supervisor's ``ServerAdmin``)
+OPERATIONS = {op: op.replace("-", "_") for op in (
+    "get-queue", "retry-queue", "suspend-queue", "resume-queue", "get-message",
+    "suspend-message", "resume-message", "remove-message", "export-message",
+    "get-backpressure")}
+
+
+def operations_of(admin: object) -> dict[str, Callable[..., Awaitable[Any]]]:
+    """The operations ``admin`` serves, by name."""
+    return {op: getattr(admin, method) for op, method in OPERATIONS.items()}
+
+
 def select_queues(rows: list[dict[str, Any]], server: str, wanted: str | None,
                   predicate: Predicate | None) -> list[dict[str, Any]]:
     """Get-Queue's answer from its rows: the one queue asked for (refused when there is no
@@ -415,12 +428,7 @@ class QueueAdmin:
     # dispatch (the control socket)
 
     def operations(self) -> dict[str, Callable[..., Awaitable[Any]]]:
-        return {"get-queue": self.get_queue, "retry-queue": self.retry_queue,
-                "suspend-queue": self.suspend_queue, "resume-queue": self.resume_queue,
-                "get-message": self.get_message, "suspend-message": self.suspend_message,
-                "resume-message": self.resume_message, "remove-message": self.remove_message,
-                "export-message": self.export_message,
-                "get-backpressure": self.get_backpressure}
+        return operations_of(self)
 
     async def get_backpressure(self) -> dict[str, Any]:
         """Get-BackPressure: the level of each watched resource, as Exchange's

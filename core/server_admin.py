@@ -43,6 +43,7 @@ from hubport.core.queue_admin import (
     dispatch,
     identity_of,
     message_of,
+    operations_of,
     parse_filter,
     queue_of,
     select_queues,
@@ -241,12 +242,7 @@ class ServerAdmin:
     # dispatch (the parent's control socket)
 
     def operations(self) -> dict[str, Callable[..., Awaitable[Any]]]:
-        return {"get-queue": self.get_queue, "retry-queue": self.retry_queue,
-                "suspend-queue": self.suspend_queue, "resume-queue": self.resume_queue,
-                "get-message": self.get_message, "suspend-message": self.suspend_message,
-                "resume-message": self.resume_message, "remove-message": self.remove_message,
-                "export-message": self.export_message,
-                "get-backpressure": self.get_backpressure}
+        return operations_of(self)
 
     async def handle(self, request: dict[str, Any]) -> Any:
         """Run one control request ``{"op": ..., "args": {...}}``; AdminError when refused."""
