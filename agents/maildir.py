@@ -9,7 +9,6 @@ synced, intent committed, renamed into ``new/``. Final delivery adds ``Return-Pa
 from __future__ import annotations
 
 import asyncio
-import mailbox
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,10 +25,13 @@ def maildir_root(state_directory: Path, alias: str) -> Path:
 
 
 def ensure_maildir(root: Path) -> None:
-    """Create the Maildir (cur/new/tmp) if missing; stdlib ``mailbox`` knows the layout."""
-    if not (root / "new").is_dir():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        mailbox.Maildir(root, create=True)
+    """Create the Maildir (tmp/new/cur) if missing. Several processes may do it at the
+    same moment (the workers of a server delivering a mailbox's first messages, servers
+    sharing a mailbox folder): a folder another one made is as good as ours."""
+    if (root / "new").is_dir():
+        return
+    for folder in (root, root / "tmp", root / "new", root / "cur"):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 def local_header(item: MailItem, address: str) -> bytes:

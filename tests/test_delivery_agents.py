@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -572,3 +573,39 @@ def test_address_of_unwraps_imcea_recipients_of_the_default_domain() -> None:
     assert recipient_address("IMCEAFAX-+2B1555@fabrikam.test").proxy_address == "FAX:+1555"
     # not decodable (invalid UTF-8): left as the SMTP address it is
     assert recipient_address("IMCEAX-+C3@contoso.test", "contoso.test").is_smtp
+
+
+def test_a_maildir_half_made_by_another_process_is_completed_not_refused(tmp_path: Path) -> None:
+    """Two workers (or two servers sharing a mailbox folder) deliver a mailbox's first
+    messages at the same moment: one finds the Maildir's root made by the other but not yet
+    its ``new``. That is not an error (it was ``451 File exists`` and a minute's retry)."""
+    from hubport.agents.maildir import ensure_maildir
+
+    root = tmp_path / "mailboxes" / "Bob"
+    root.mkdir(parents=True)  # the other process is between its mkdir(root) and mkdir(new)
+    ensure_maildir(root)
+    assert all((root / sub).is_dir() for sub in ("tmp", "new", "cur"))
+    ensure_maildir(root)  # and again: nothing to do
+    done = subprocess.run(  # two processes racing from nothing, many times over
+        [sys.executable, "-c", RACE, str(tmp_path / "race")], capture_output=True, text=True,
+        timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+RACE = """
+import multiprocessing, sys
+from pathlib import Path
+from hubport.agents.maildir import ensure_maildir
+
+def make(root):
+    ensure_maildir(Path(root))
+
+if __name__ == "__main__":
+    base = Path(sys.argv[1])
+    ctx = multiprocessing.get_context("fork")
+    for n in range(200):
+        procs = [ctx.Process(target=make, args=(str(base / str(n)),)) for _ in range(2)]
+        for p in procs: p.start()
+        for p in procs: p.join()
+        assert all(p.exitcode == 0 for p in procs), n
+"""
