@@ -6,6 +6,10 @@ goes into the environment: ``HUBPORT_SENDER``, ``HUBPORT_RECIPIENTS`` (one addre
 line), ``HUBPORT_MESSAGE_ID``, ``HUBPORT_INTERNAL_ID``, ``HUBPORT_NEXT_HOP``. Exit status 0
 delivers, 75 (EX_TEMPFAIL) defers, death by a signal or a timeout defers, anything else
 fails with 550 5.3.0 and the program's first line of standard error.
+
+A large (spooled) message is streamed to standard input chunk by chunk, waiting for the pipe
+to drain between chunks, while standard error is read at the same time (a program that
+writes much to standard error before reading its input would otherwise block us both).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hubport.core.api import DeliveryAgent, ItemResult, MailItem
+from hubport.core.api import DeliveryAgent, ItemResult, MailItem, MessageBody
 from hubport.core.model import SmtpResponse
 
 if TYPE_CHECKING:
@@ -84,7 +88,7 @@ class CommandAgent(DeliveryAgent):
                 451, "4.3.0", f"cannot run {settings.argv[0]}: {exc.strerror or exc}"))
         try:
             async with asyncio.timeout(settings.timeout):
-                _, err = await proc.communicate(item.data)
+                err = await communicate(proc, item.body)
         except TimeoutError:
             _kill_group(proc)
             await proc.wait()
@@ -101,6 +105,30 @@ class CommandAgent(DeliveryAgent):
                 await proc.wait()
             raise
         return result_for(item, settings.argv[0], proc.returncode or 0, err)
+
+
+async def communicate(proc: asyncio.subprocess.Process, body: MessageBody) -> bytes:
+    """Give ``body`` to the program's standard input; its standard error once it exits.
+
+    A small body goes in one piece, as ``Process.communicate`` always did; a spooled one in
+    chunks, with standard error and the exit awaited concurrently."""
+    if not body.spooled:
+        return (await proc.communicate(body.prefix))[1]
+    assert proc.stdin is not None and proc.stderr is not None
+    _, err, _ = await asyncio.gather(_feed(proc.stdin, body), proc.stderr.read(), proc.wait())
+    return err
+
+
+async def _feed(stdin: asyncio.StreamWriter, body: MessageBody) -> None:
+    """Write ``body`` and close the pipe; a program that exits without reading it all is
+    no error here (its exit status answers), as with ``Process.communicate``."""
+    try:
+        async for chunk in body.achunks():
+            stdin.write(chunk)
+            await stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    stdin.close()
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:

@@ -4,7 +4,8 @@ Each mail item becomes one file in the Replay format (``X-Sender``/``X-Receiver`
 then the message), so a drop file copied into ``replay/`` is submitted again unchanged.
 File names come from the queue's own ids, never from message data; the file appears
 exactly once (``hubport.core.file_commit``). Organization and forest X-headers are removed first
-(the header firewall).
+(the header firewall). A spooled (large) message is never read whole: the firewall rewrites
+its header section only, and the file is written as the envelope lines then the body's chunks.
 """
 
 from __future__ import annotations
@@ -22,11 +23,18 @@ from hubport.core.api import (
     DeliveryAgent,
     ItemResult,
     MailItem,
+    MessageBody,
     RecipientResult,
 )
 from hubport.core.file_commit import FilePlan, commit_files, response_for
 from hubport.core.folder_formats import format_replay
-from hubport.core.headers import parse_header_section, rebuild
+from hubport.core.headers import (
+    HeaderField,
+    ParsedMessage,
+    parse_header_section,
+    rebuild,
+    rewrite_header_section,
+)
 from hubport.core.model import NextHop, SmtpResponse
 
 if TYPE_CHECKING:
@@ -44,8 +52,19 @@ def strip_firewalled_headers(data: bytes) -> bytes:
     head = (data if end < 0 else data[:end]).lower()
     if b"x-ms-exchange-" not in head:
         return data
-    parsed = parse_header_section(data)
-    return rebuild(parsed, remove=lambda f: f.name.lower().encode().startswith(FIREWALLED_PREFIXES))
+    return firewall(parse_header_section(data)) or data
+
+
+def _firewalled(field: HeaderField) -> bool:
+    return field.name.lower().encode().startswith(FIREWALLED_PREFIXES)
+
+
+def firewall(parsed: ParsedMessage) -> bytes | None:
+    """``parsed`` without its organization and forest X-headers, or None when it has none
+    (the rewrite ``rewrite_header_section`` takes)."""
+    if not any(_firewalled(f) for f in parsed.fields):
+        return None
+    return rebuild(parsed, remove=_firewalled)
 
 
 def drop_file_name(server: str, store_id: str, item: MailItem, recipient_ids: Sequence[int]) -> str:
@@ -134,8 +153,14 @@ class DropDirectoryAgent(DeliveryAgent):
             envelope = item.envelope
             envelope.recipients = [e for e, r in zip(envelope.recipients, item.recipients)
                                    if r.id in fresh]
-            content = format_replay(envelope, strip_firewalled_headers(item.data))
-            used += len(content)
+            content: bytes | tuple[bytes, MessageBody]
+            if item.body.spooled:  # the envelope lines, then the body streamed as it is written
+                body = await asyncio.to_thread(rewrite_header_section, item.body, firewall)
+                content = (format_replay(envelope, b""), body)  # b"": the envelope lines alone
+                used += len(content[0]) + body.size
+            else:
+                content = format_replay(envelope, strip_firewalled_headers(item.data))
+                used += len(content)
             plans.append(FilePlan(index, [r.id for r in chosen], name,
                                   directory / f".{name}.tmp", directory / name, content))
         await commit_files(plans, self.context, f"Drop directory {directory}")

@@ -6,6 +6,10 @@ Connector fields: ``Url`` (http:// or https://, required), ``Timeout`` (per requ
 Answers: 2xx delivers, 408/429 and 5xx defer (honouring ``Retry-After``), other 4xx fail
 with 550 5.6.0, a timeout or connection error defers. Built on asyncio streams: no
 dependency beyond the standard library.
+
+A large (spooled) message is never held in memory: the same JSON document is sent in pieces,
+the text before the message's value, its base64 one chunk at a time, then the closing text,
+with a ``Content-Length`` computed beforehand (so the gateway sees the very same request).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ import base64
 import json
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from hubport.core.api import DeliveryAgent, ItemResult, MailItem
+from hubport.core.api import DeliveryAgent, ItemResult, MailItem, MessageBody
 from hubport.core.model import SmtpResponse
 
 if TYPE_CHECKING:
@@ -61,15 +66,60 @@ def retry_after(value: str | None, now: float) -> float | None:
         return None
 
 
-def envelope_json(item: MailItem) -> bytes:
+@dataclass(frozen=True)
+class StreamedJson:
+    """A request body of ``length`` octets sent piece by piece (a large message)."""
+
+    length: int
+    pieces: AsyncIterator[bytes]
+
+
+def _envelope(item: MailItem, message_base64: str) -> bytes:
     return json.dumps({
         "sender": item.message.mail_from.address,
         "recipients": [r.address for r in item.recipients],
         "message_id": item.message.message_id,
         "internal_id": item.message.id,
         "next_hop": item.next_hop.domain,
-        "message_base64": base64.b64encode(item.data).decode("ascii"),
+        "message_base64": message_base64,  # last: a streamed document ends with it
     }).encode()
+
+
+def envelope_json(item: MailItem) -> bytes:
+    return _envelope(item, base64.b64encode(item.data).decode("ascii"))
+
+
+def streamed_envelope(item: MailItem) -> StreamedJson:
+    """``envelope_json`` octet for octet, without the whole message in memory.
+
+    With an empty ``message_base64`` the document ends in ``""}``: the base64 text (which
+    JSON never escapes) goes between that opening quote and the closing ``"}``.
+    """
+    text = _envelope(item, "")
+    head, tail = text[:-2], text[-2:]
+    length = len(head) + 4 * ((item.body.size + 2) // 3) + len(tail)
+    return StreamedJson(length, _pieces(head, item.body, tail))
+
+
+async def _pieces(head: bytes, body: MessageBody, tail: bytes) -> AsyncIterator[bytes]:
+    yield head
+    async for encoded in base64_chunks(body):
+        yield encoded
+    yield tail
+
+
+async def base64_chunks(body: MessageBody) -> AsyncIterator[bytes]:
+    """Base64 of ``body`` in pieces whose concatenation is ``b64encode`` of the whole: each
+    piece encodes a multiple of 3 octets, the remainder is carried into the next one."""
+    carry = b""
+    async for piece in body.achunks():
+        chunk = memoryview(carry + piece)
+        cut = len(chunk) - len(chunk) % 3
+        carry = bytes(chunk[cut:])
+        if cut:
+            yield base64.b64encode(chunk[:cut])
+    if carry:
+        yield base64.b64encode(carry)
 
 
 class HttpAgent(DeliveryAgent):
@@ -102,7 +152,8 @@ class HttpAgent(DeliveryAgent):
         settings: HttpSettings = self.settings
         try:
             async with asyncio.timeout(settings.timeout):
-                answer = await post(settings, envelope_json(item))
+                body = streamed_envelope(item) if item.body.spooled else envelope_json(item)
+                answer = await post(settings, body)
         except (TimeoutError, OSError, ValueError) as exc:
             reason = ("timed out" if isinstance(exc, TimeoutError)
                       else str(exc) or type(exc).__name__)
@@ -120,17 +171,28 @@ class HttpAgent(DeliveryAgent):
         return ItemResult.fail(item, SmtpResponse(550, "5.6.0", text))
 
 
-async def post(settings: HttpSettings, body: bytes) -> HttpAnswer:
-    """One HTTP/1.1 POST with ``Connection: close``; reads the status line and headers."""
+async def post(settings: HttpSettings, body: bytes | StreamedJson) -> HttpAnswer:
+    """One HTTP/1.1 POST with ``Connection: close``; reads the status line and headers.
+
+    A ``StreamedJson`` body is written piece by piece, draining after each, so at most
+    about one piece is buffered whatever the message's size."""
     context = ssl.create_default_context() if settings.tls else None
     reader, writer = await asyncio.open_connection(settings.host, settings.port, ssl=context,
                                                    limit=MAX_RESPONSE_HEAD)
     try:
+        length = len(body) if isinstance(body, bytes) else body.length
         head = [f"POST {settings.path} HTTP/1.1", f"Host: {settings.host}:{settings.port}",
-                "Content-Type: application/json", f"Content-Length: {len(body)}",
+                "Content-Type: application/json", f"Content-Length: {length}",
                 "Connection: close", "User-Agent: hubport-http-agent"]
         head += [f"{k}: {v}" for k, v in settings.headers]
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        request_head = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        if isinstance(body, bytes):
+            writer.write(request_head + body)
+        else:
+            writer.write(request_head)
+            async for piece in body.pieces:
+                writer.write(piece)
+                await writer.drain()
         await writer.drain()
         answer = parse_head(await reader.readuntil(b"\r\n\r\n"))
         while 100 <= answer.status < 200:  # interim (100 Continue ...): the real one follows

@@ -4,16 +4,19 @@ Each recipient gets one file in ``<StateDirectory>/mailboxes/<alias>/new``, name
 queue's ids, made visible exactly once (``hubport.core.file_commit``): written in ``tmp/``,
 synced, intent committed, renamed into ``new/``. Final delivery adds ``Return-Path`` (RFC
 5321 §4.4) and ``Delivered-To``, and stores lines with LF endings as Maildir readers expect.
+A spooled (large) message is converted to LF chunk by chunk while each file is written.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
-from hubport.core.api import DeliveryAgent, ItemResult, MailItem, RecipientResult
-from hubport.core.file_commit import FilePlan, commit_files, response_for
+from hubport.core import body as message_body
+from hubport.core.api import DeliveryAgent, ItemResult, MailItem, MessageBody, RecipientResult
+from hubport.core.file_commit import FilePart, FilePlan, commit_files, response_for
 from hubport.core.headers import make_field
 from hubport.core.model import SmtpResponse
 
@@ -41,6 +44,33 @@ def local_header(item: MailItem, address: str) -> bytes:
     return head.replace(b"\r\n", b"\n")
 
 
+def lf_body(item: MailItem) -> FilePart:
+    """The message with LF line endings, for every mailbox of the item: converted once in
+    memory when small; when spooled, a function converting it chunk by chunk as each file
+    is written (in the writer thread, never the whole message at once)."""
+    if not item.body.spooled:
+        return item.data.replace(b"\r\n", b"\n")
+    return partial(_lf_chunks, item.body)
+
+
+def _lf_chunks(body: MessageBody) -> Iterator[bytes]:
+    return crlf_to_lf(body.chunks(message_body.CHUNK_SIZE))
+
+
+def crlf_to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The joined ``chunks`` with each CRLF turned into LF, piece by piece (the same octets
+    as converting them whole): a CR ending one chunk is held back until the next shows
+    whether an LF follows it."""
+    held = b""
+    for chunk in chunks:
+        if held:
+            chunk = held + chunk
+        chunk, held = (chunk[:-1], b"\r") if chunk.endswith(b"\r") else (chunk, b"")
+        yield chunk.replace(b"\r\n", b"\n")
+    if held:
+        yield held
+
+
 class MaildirAgent(DeliveryAgent):
     """Delivers each recipient of a mail item into its mailbox's Maildir."""
 
@@ -56,7 +86,7 @@ class MaildirAgent(DeliveryAgent):
         plans: list[FilePlan] = []
         roots: set[Path] = set()
         for index, item in enumerate(items):
-            body: bytes | None = None
+            body: FilePart | None = None
             for r in item.recipients:
                 if r.drop_intent:  # recovery: the intent names the mailbox it was written for
                     alias, _, name = r.drop_intent.rpartition("/")
@@ -73,8 +103,8 @@ class MaildirAgent(DeliveryAgent):
                 roots.add(root)
                 name = (f"{int(item.message.received_at)}.H{self.context.store_id}"
                         f"M{item.message.id}R{r.id}.{server.name}")
-                if body is None:  # one LF copy of the message serves every mailbox
-                    body = item.data.replace(b"\r\n", b"\n")
+                if body is None:  # one LF message (or its converter) serves every mailbox
+                    body = lf_body(item)
                 data = (local_header(item, r.address), body)
                 plans.append(FilePlan(index, [r.id], f"{box.alias}/{name}", root / "tmp" / name,
                                       root / "new" / name, data))

@@ -321,3 +321,44 @@ def wait_running(log_path: Path, proc: subprocess.Popen[bytes], timeout: float =
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"hubport did not start; see {log_path}")
         time.sleep(0.05)
+
+
+# -- one process's memory, and the daemon's control commands (bench/large_message.py) ---------
+
+
+def process_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of ``pid`` alone, in KiB: not of its children (a command delivery
+    agent's program is a child of the worker, and its memory is not the worker's). Zeros
+    once the process has gone."""
+    found = {"VmRSS": 0, "VmHWM": 0}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return found
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name in found:
+            found[name] = int(value.split()[0])
+    return found
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset ``pid``'s VmHWM to its present VmRSS (``clear_refs`` value 5, Linux 4.0 and
+    later), so that the peak read later is the peak since now, not since the process
+    started; False when the file cannot be written (another user's process, an old kernel)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def hubport_output(root: Path, *args: str) -> str:
+    """What ``hubport <args>`` prints for the daemon on ``root/org.toml`` (its output and
+    errors, never raising): for a report of what a benchmark last saw."""
+    try:
+        done = subprocess.run([str(HUBPORT), *args, "--config", "org.toml"], cwd=root,
+                              capture_output=True, text=True, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        return f"hubport {' '.join(args)}: no answer within 60 s"
+    return (done.stdout + done.stderr).strip()

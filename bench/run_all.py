@@ -6,8 +6,12 @@ the test command (it takes minutes and wants an idle machine); needs Debian's ``
 package for ``smtp-source``, ``smtp-sink`` and the private Postfix instances.
 
     .venv/bin/python bench/run_all.py [--runs 3] [--quick] [--json FILE] [--plot FILE]
+           [--large SIZE]
 
 ``--quick`` runs small counts (a smoke test of the benchmarks, not figures to publish).
+``--large 1G`` also runs ``large_message.py`` once with a message of that size (the daemon's
+memory while it passes each way in and out); it writes several GB, so it is not run unless
+asked.
 """
 
 from __future__ import annotations
@@ -67,10 +71,16 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
     parser.add_argument("--plot", type=Path, help="draw the cost curve into this PNG "
                         "(needs matplotlib: pip install -e .[bench])")
+    parser.add_argument("--large", metavar="SIZE", help="also pass one message of SIZE "
+                        "(64M, 1G ...) through each way in and out: bench/large_message.py")
     args = parser.parse_args()
     started = time.monotonic()
     reports = []
-    for script, full, quick in BENCHMARKS:
+    benchmarks = list(BENCHMARKS)
+    if args.large:  # one run: minutes of I/O per gigabyte, and memory hardly varies
+        large = ["--size", args.large, "--runs", "1"]
+        benchmarks.append(("large_message.py", large, large))
+    for script, full, quick in benchmarks:
         # a later --runs (memory.py's own) wins over the common one
         command = [sys.executable, str(HERE / script), "--json", "--runs", str(args.runs),
                    *(quick if args.quick else full)]
@@ -84,8 +94,9 @@ def main() -> None:
     print(f"hubport benchmarks, {time.strftime('%Y-%m-%d')}, {machine()}")
     print(f"{args.runs} runs each{' (quick counts)' if args.quick else ''},"
           f" {time.monotonic() - started:.0f} s in all\n")
-    for report in reports:
-        print(table(report["benchmark"], report["unit"], report["runs"]) + "\n")
+    for report in reports:  # a report with a table of its own (large_message.py) prints it
+        print((report.get("table") or table(report["benchmark"], report["unit"],
+                                            report["runs"])) + "\n")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "reports": reports}, indent=2))
 

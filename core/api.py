@@ -17,6 +17,7 @@ from __future__ import annotations
 from hubport.core import __version__, hookimpl, hookspec
 from hubport.core.address_space import AddressSpace
 from hubport.core.agent_runner import run_agent, run_connections
+from hubport.core.body import MessageBody
 from hubport.core.categorizer import (
     CategorizeResult,
     Decision,
@@ -88,6 +89,7 @@ __all__ = [
     "ItemResult",
     "MailFrom",
     "MailItem",
+    "MessageBody",
     "NextHop",
     "Notify",
     "Organization",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hubport.core.addresses import imcea_decode
+from hubport.core.body import MessageBody
 from hubport.core.model import (
     Envelope,
     EnvelopeRecipient,
@@ -106,8 +107,16 @@ class MailItem:
     default_domain: str | None = None
 
     @property
+    def body(self) -> MessageBody:
+        """The message's octets as a handle (core/body.py): stream ``body.achunks()`` (or
+        ``body.chunks()`` in a thread) so that a large message costs bounded memory."""
+        return self.message.body
+
+    @property
     def data(self) -> bytes:
-        return self.message.data
+        """The whole message in memory: simple, but a 1 GB message costs 1 GB. Built-in
+        agents stream ``body`` instead."""
+        return self.message.body.read()
 
     def address_of(self, recipient: QueuedRecipient) -> RecipientAddress:
         """The recipient as the foreign system knows it: ``SMS:+15551234`` for

@@ -86,12 +86,15 @@ def build_dsn(
     now: float | None = None,
     max_return_size: int = 10 * 1024 * 1024,
     max_listed: int = MAX_LISTED_RECIPIENTS,
+    original_size: int | None = None,
 ) -> tuple[bytes, str]:
     """Returns (the DSN message as CRLF bytes, its Message-ID header value '<...>').
 
     Only the first `max_listed` recipients get their lines and per-recipient blocks; the
     text says how many more there were. Raises ValueError only for caller mistakes (null
     sender, no recipients, unknown action); a malformed original always still yields a DSN.
+    ``original_size`` is the original's real size when ``original`` holds only its first
+    octets (a large spooled message: only its header section can be returned).
     """
     if _clean(mail_from.address) in ("", "<>"):
         raise ValueError("a DSN is never sent to the null sender")
@@ -111,7 +114,8 @@ def build_dsn(
     parts = [
         _text_part(recipients, actions, reporting_mta, subject, now, total),
         _status_part(recipients, actions, mail_from, reporting_mta, arrival_date),
-        _returned_part(original, header_section, mail_from, all_actions, max_return_size),
+        _returned_part(original, header_section, mail_from, all_actions, max_return_size,
+                       len(original) if original_size is None else original_size),
     ]
     boundary = _boundary(parts)
     headers = _top_headers(
@@ -509,10 +513,11 @@ def _returned_part(
     mail_from: MailFrom,
     actions: list[str],
     max_return_size: int,
+    original_size: int,
 ) -> _Part:
     """The full original only for failures (RFC 3461 4.3), unless RET=HDRS or too big."""
     wants_full = (mail_from.ret or "").strip().upper() != "HDRS"
-    if "failed" in actions and wants_full and len(original) <= max_return_size:
+    if "failed" in actions and wants_full and original_size <= max_return_size:
         cte = _transfer_encoding(original)
         headers = (
             "Content-Type: message/rfc822",

@@ -10,6 +10,10 @@ Recovery, when a recipient arrives with an intent already recorded: temp present
 the rename; temp gone → the rename happened (the consumer may already have taken the
 file), so it is delivered. No intent → a stale temp is removed and the file written again.
 The consumer taking a file therefore never causes a second copy.
+
+A file's content may name a spooled message body instead of holding it: the writer thread
+reads it chunk by chunk (at most ``CHUNK_SIZE`` at a time), so writing a 1 GB message costs
+no more memory than a small one. Small messages are plain bytes, written as before.
 """
 
 from __future__ import annotations
@@ -17,17 +21,29 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hubport.core import body as message_body
+from hubport.core.body import MessageBody
 from hubport.core.durable import fsync_dir, rename_noreplace, sync_many, write_new_file
 from hubport.core.failpoints import failpoint
 from hubport.core.model import SmtpResponse
 
 if TYPE_CHECKING:  # hubport.core.delivery imports this module for FolderWriter
     from hubport.core.delivery import DeliveryContext
+
+
+#: One piece of a file: bytes; a message body, read chunk by chunk in the writer thread; or a
+#: function that makes the chunks there (a body converted on the way, as Maildir's LF lines)
+FilePart = bytes | MessageBody | Callable[[], Iterable[bytes]]
+
+
+class BodyUnreadable(Exception):
+    """A message body's spool file failed to read: not the folder's fault, so the error
+    response must not blame the folder."""
 
 
 @dataclass(slots=True)
@@ -39,7 +55,7 @@ class FilePlan:
     intent: str
     temp: Path
     final: Path
-    data: bytes | tuple[bytes, ...] | None  # chunks; None: recovery, written before a crash
+    data: bytes | tuple[FilePart, ...] | None  # parts in order; None: recovery (written before)
     error: SmtpResponse | None = None
     recovered: bool = field(default=False)
     #: the recorded intent names a file that never became visible: forget it on retry
@@ -82,13 +98,16 @@ def _write_and_sync(plans: Sequence[FilePlan], what: str) -> None:
                 continue
             try:
                 try:
-                    fd = write_new_file(plan.temp, plan.data)
+                    fd = _write_new(plan.temp, plan.data)
                 except FileExistsError:  # a stale temp from before a crash: never published
                     _unlink_quietly(plan.temp)
-                    fd = write_new_file(plan.temp, plan.data)
+                    fd = _write_new(plan.temp, plan.data)
                 fds.append((plan, fd))
             except OSError as exc:
                 plan.error = response_for(exc, what)
+            except BodyUnreadable as exc:
+                plan.error = SmtpResponse(451, "4.3.0", f"{what}: message body unreadable"
+                                          f" ({exc})")
         try:
             sync_many(fd for _, fd in fds)
         except OSError as exc:
@@ -99,6 +118,44 @@ def _write_and_sync(plans: Sequence[FilePlan], what: str) -> None:
             os.close(fd)
             if plan.error is not None:
                 _unlink_quietly(plan.temp)
+
+
+def _write_new(path: Path, data: bytes | tuple[FilePart, ...]) -> int:
+    """``write_new_file`` for a plan's content: bytes at once, else part after part (the
+    in-memory ones as they are, a body or a chunk function chunk by chunk). Returns the fd;
+    on any error the file is closed and removed."""
+    if isinstance(data, bytes):
+        return write_new_file(path, data)
+    fd = write_new_file(path, b"")
+    try:
+        for chunk in _chunks(data):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    return fd
+
+
+def _chunks(parts: Iterable[FilePart]) -> Iterator[bytes]:
+    """The octets of ``parts`` in order; a read error of a body is ``BodyUnreadable``."""
+    for part in parts:
+        if isinstance(part, MessageBody):
+            pieces: Iterable[bytes] = part.chunks(message_body.CHUNK_SIZE)
+        elif callable(part):
+            pieces = part()
+        else:
+            yield part
+            continue
+        try:
+            yield from pieces
+        except OSError as exc:
+            raise BodyUnreadable(os.strerror(exc.errno) if exc.errno else str(exc)) from exc
 
 
 def _publish(plans: Sequence[FilePlan], what: str) -> None:

@@ -35,6 +35,7 @@ from hubport.core.model import Envelope, EnvelopeRecipient, MailFrom, Notify
 __all__ = [
     "REPLAY_ENVELOPE_HEADERS",
     "ContentRejected",
+    "LineEndings",
     "MessageFormatError",
     "display_name",
     "format_replay",
@@ -95,6 +96,7 @@ _HELO_RE = re.compile(r"[A-Za-z0-9.\-_:\[\]]{1,255}\Z")
 # drops from the top of its input)
 _MBOX_FROM_RE = re.compile(rb">*From ")
 _UNSAFE_IN_HEAD_RE = re.compile(rb"\x00|\r(?!\n)")
+_BARE_CR_RE = re.compile(rb"\r(?!\n)")
 
 
 class ContentRejected(MessageFormatError):
@@ -113,6 +115,60 @@ class ContentRejected(MessageFormatError):
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces
+
+
+class LineEndings:
+    """``canonicalize_line_endings`` for a file read in pieces (a large folder file is
+    never held whole): LF-only or mixed line endings become CRLF, and a NUL or a bare CR
+    refuses the file with the very reason the whole-file check gives.
+
+    A CR that ends a piece is held back until the next piece shows whether an LF follows,
+    so a CRLF split between two reads is neither doubled nor taken for a bare CR. The whole-
+    file check reports the first NUL anywhere before any bare CR, so after a bare CR the
+    pieces are still looked at for a NUL (``feed`` then returns nothing) and ``end`` reports
+    the bare CR.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0  # octets of the file seen so far
+        self._lines = 0  # LFs seen so far (the line number of a bare CR)
+        self._carry = b""
+        self._bare_cr: int | None = None  # the line of the first bare CR
+
+    def feed(self, raw: bytes) -> bytes:
+        """The CRLF form of the next piece of the file (less a CR held back)."""
+        nul = raw.find(b"\x00")
+        if nul >= 0:
+            raise MessageFormatError(f"NUL byte at offset {self.offset + nul}")
+        self.offset += len(raw)
+        if self._bare_cr is not None:
+            return b""
+        piece = self._carry + raw
+        self._carry = b""
+        if piece.endswith(b"\r"):
+            piece, self._carry = piece[:-1], b"\r"
+        crs = piece.count(b"\r")
+        if crs == 0:
+            self._lines += piece.count(b"\n")
+            return piece.replace(b"\n", CRLF)
+        if crs != piece.count(CRLF):
+            bare = _BARE_CR_RE.search(piece)
+            assert bare is not None
+            self._bare_cr = self._lines + piece.count(b"\n", 0, bare.start()) + 1
+            self._carry = b""
+            return b""
+        lfs = piece.count(b"\n")
+        self._lines += lfs
+        if lfs == crs:
+            return piece  # already CRLF only
+        return piece.replace(CRLF, b"\n").replace(b"\n", CRLF)
+
+    def end(self) -> None:
+        """The file has ended: raises for a bare CR (also a CR that was its last octet)."""
+        if self._bare_cr is None and self._carry:
+            self._bare_cr = self._lines + 1
+        if self._bare_cr is not None:
+            raise MessageFormatError(f"bare CR in line {self._bare_cr}")
 
 
 def _drop_mbox_from_lines(data: bytes, pos: int) -> tuple[bytes, int]:
@@ -288,12 +344,17 @@ def parse_pickup(
     max_recipients: int = DEFAULT_MAX_RECIPIENTS,
     now: float | None = None,
     repairs: list[str] | None = None,
+    rest_is_8bit: bool = False,
 ) -> tuple[Envelope, bytes]:
     """Read a Pickup file: the envelope comes from From/Sender and To/Cc/Bcc.
 
     Raises MessageFormatError (→ `.bad`) or its subclass ContentRejected (→ NDR to
     `exc.sender`) for limits broken by a file whose sender is known and valid. What
     `repair_header_section` had to repair is appended to `repairs` when it is given.
+
+    `data` may be only the start of the file, up to the end of its header section (a large
+    file whose rest is streamed to a spool file): the result is then that start rewritten,
+    and `rest_is_8bit` says whether the rest holds 8-bit octets (BODY=8BITMIME).
     """
     now = time.time() if now is None else now
     data = canonicalize_line_endings(data)
@@ -338,7 +399,7 @@ def parse_pickup(
     smtputf8 = not sender.isascii() or any(not r.isascii() for r in recipients)
     mail_from = MailFrom(
         address=sender,
-        body=None if data.isascii() else "8BITMIME",
+        body=None if data.isascii() and not rest_is_8bit else "8BITMIME",
         smtputf8=smtputf8,
     )
     envelope = Envelope(mail_from, [EnvelopeRecipient(address) for address in recipients])
@@ -537,7 +598,8 @@ def parse_replay(
     repairs: list[str] | None = None,
 ) -> tuple[Envelope, bytes]:
     """Read a Replay file: the envelope comes from X-Sender/X-Receiver; the Pickup limits do
-    not apply. `repairs` as for `parse_pickup`."""
+    not apply. `repairs`, and `data` being only the start of the file, as for
+    `parse_pickup`."""
     now = time.time() if now is None else now
     data = canonicalize_line_endings(data)
     data, parsed = _parse_repaired(data, True, repairs)

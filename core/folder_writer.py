@@ -12,8 +12,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from hubport.core.body import MessageBody
 from hubport.core.delivery import DeliveryContext, ItemResult, RecipientResult
-from hubport.core.file_commit import FilePlan, commit_files
+from hubport.core.file_commit import FilePart, FilePlan, commit_files
 from hubport.core.model import QueuedRecipient, SmtpResponse
 
 #: the longest file name most filesystems take (bytes), for the ``.<name>.tmp`` temp file too
@@ -54,9 +55,12 @@ class FolderWriter:
         self._fresh: set[str] = set()
 
     def add(self, result: ItemResult, recipients: Sequence[QueuedRecipient], name: str,
-            data: bytes | Sequence[bytes], response: SmtpResponse | None = None) -> None:
+            data: bytes | MessageBody | Sequence[bytes | MessageBody],
+            response: SmtpResponse | None = None) -> None:
         """Plan the file ``name`` holding ``data`` (bytes, or chunks written in order) for
-        ``recipients``; ``commit`` acknowledges them in ``result``.
+        ``recipients``; ``commit`` acknowledges them in ``result``. A ``MessageBody`` (such
+        as ``item.body``) is read and written chunk by chunk during ``commit``, so a large
+        message is never held in memory.
 
         ``name`` must never be used again for another file: build it from the queue's ids
         (``context.store_id``, ``item.message.id``, the lowest recipient id), not from the
@@ -73,14 +77,15 @@ class FolderWriter:
                 recovering.setdefault(intent, []).append(r.id)
             else:  # no write recorded (another writer's record names no file here)
                 fresh.append(r.id)
-        chunks = (data,) if isinstance(data, bytes) else tuple(data)
+        chunks: tuple[FilePart, ...] = (
+            (data,) if isinstance(data, (bytes, MessageBody)) else tuple(data))
         for intent, rids in recovering.items():
             self._plan(result, response, rids, intent, None)
         if fresh:
             self._plan(result, response, fresh, name, chunks)
 
     def _plan(self, result: ItemResult, response: SmtpResponse | None, rids: list[int],
-              name: str, data: tuple[bytes, ...] | None) -> None:
+              name: str, data: tuple[FilePart, ...] | None) -> None:
         # one name, one file: a second plan for it would race its temp and final name (two
         # recoveries of one recorded name are fine: the second finds the rename done)
         if name in self._fresh or (data is not None and name in self._names):

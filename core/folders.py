@@ -15,7 +15,12 @@ file beside them; a file we cannot read is left in place and retried.
 
 Memory is bounded: a file over the organization's size limit is never read past its header
 (``size_limit``), others are read in chunks, and a batch holds at most ``BATCH_BYTES`` of
-message data (a file that would not fit waits for the next batch).
+message data (a file that would not fit waits for the next batch). A file over
+``body.SPOOL_THRESHOLD`` is not held at all: its header section is read and parsed as any
+file's, its rest copied (as CRLF) into a file of the queue's spool folder, and the commit
+that names that file hands it to the queue (``_take_spooled``); a message not committed
+has its spool file removed here (``_ingest``), a crash leaves it to the queue's sweep at
+start.
 """
 
 from __future__ import annotations
@@ -45,10 +50,13 @@ try:  # Linux: the inotify reader under watchdog's Observer, used with a narrow 
 except ImportError:  # pragma: no cover - other platforms use the generic Observer
     InotifyFD = None  # type: ignore[assignment,misc]
 
+from hubport.core import body as body_module
 from hubport.core import queue as q
+from hubport.core.body import MessageBody, SpoolWriter, discard_spool, spool_folder
 from hubport.core.failpoints import failpoint
 from hubport.core.folder_formats import (
     ContentRejected,
+    LineEndings,
     display_name,
     notice_envelope,
     parse_pickup,
@@ -56,6 +64,8 @@ from hubport.core.folder_formats import (
     repair_header_section,
 )
 from hubport.core.headers import (
+    CRLF,
+    HEADER_SCAN,
     MessageFormatError,
     canonicalize_line_endings,
     message_id_of,
@@ -93,6 +103,11 @@ class Claimed:
 
     ``oversize`` is the file's size when it is over the size limit: ``data`` then holds
     only its first ``HEAD_LIMIT`` bytes, enough to find whom to send the NDR.
+
+    ``spool`` is the rest of a file over ``SPOOL_THRESHOLD``, after its header section, in
+    a spool file: ``data`` then holds only that header section (as CRLF), ``stored`` the
+    same rewritten, and ``rest_is_8bit`` whether the rest has 8-bit octets. The spool file
+    is ours until the commit that names it (``_submit`` then sets ``spool`` to None).
     """
 
     key: str
@@ -104,6 +119,8 @@ class Claimed:
     error: MessageFormatError | None = None
     oversize: int | None = None
     repairs: list[str] | None = None
+    spool: MessageBody | None = None
+    rest_is_8bit: bool = False
 
 
 class _Later:
@@ -408,6 +425,7 @@ class PickupDirectory:
         """Claim and read files until the batch holds ``BATCH_BYTES``; also returns the
         names left for the next batch."""
         limit = self.size_limit()
+        spool = self._spool_folder()
         dirfd = os.open(self.bpath, os.O_RDONLY | os.O_DIRECTORY)
         claimed: list[Claimed] = []
         later: list[bytes] = []
@@ -415,7 +433,7 @@ class PickupDirectory:
         try:
             for name in names:
                 budget = BATCH_BYTES - held if claimed else None
-                c = self._claim_one(dirfd, name, name in unsure, limit, budget)
+                c = self._claim_one(dirfd, name, name in unsure, limit, budget, spool)
                 if c is LATER:
                     later.append(name)
                 elif isinstance(c, Claimed):
@@ -426,11 +444,12 @@ class PickupDirectory:
             os.close(dirfd)
 
     def _claim_one(self, dirfd: int, name: bytes, need_proof: bool = False,
-                   limit: int = MAX_FILE_SIZE,
-                   budget: int | None = None) -> Claimed | _Later | None:
+                   limit: int = MAX_FILE_SIZE, budget: int | None = None,
+                   spool: Path | None = None) -> Claimed | _Later | None:
         """Claim one file; ``need_proof``: only seen created, so a lease must show that no
         writer still has it open (else the settle-time rescan decides). A file that would
-        take more than ``budget`` bytes in memory is left alone (``LATER``)."""
+        take more than ``budget`` bytes in memory is left alone (``LATER``). ``spool``: the
+        folder a large file's body is copied to (``_take``)."""
         key = f"{self.key_prefix}{time.time_ns():x}-{next(_claims)}"
         work_name = _work_name(key, name)
         try:
@@ -468,7 +487,7 @@ class PickupDirectory:
             except FileNotFoundError:
                 return None
             try:
-                return _take(fd, st.st_size, limit, Claimed(key, work_name, name))
+                return _take(fd, st.st_size, limit, Claimed(key, work_name, name), spool)
             except OSError:
                 self._unclaim(dirfd, work_name, name)
                 raise
@@ -509,18 +528,27 @@ class PickupDirectory:
         self.pipeline.tracking.log("BADMAIL", self.source, custom_data={
             "file": display_name(name), "reason": reason}, connector_id=self.kind)
 
+    def _spool_folder(self) -> Path:
+        """Where a large file's body goes: the queue's own spool folder, so that the commit
+        naming the file hands it to the queue (core/body.py)."""
+        return spool_folder(self.pipeline.store.path)
+
     # -- parsing and submitting --------------------------------------------------------
 
-    def _parse(self, data: bytes, repairs: list[str]) -> tuple[Envelope, bytes]:
+    def _parse(self, data: bytes, repairs: list[str],
+               rest_is_8bit: bool = False) -> tuple[Envelope, bytes]:
         server = self.server
         return parse_pickup(
             data, default_domain=self.pipeline.org.default_domain.domain_name,
             server_name=server.fqdn, max_header_size=server.pickup_directory_max_header_size,
-            max_recipients=server.pickup_directory_max_recipients_per_message, repairs=repairs)
+            max_recipients=server.pickup_directory_max_recipients_per_message, repairs=repairs,
+            rest_is_8bit=rest_is_8bit)
 
     def _parse_all(self, claimed: list[Claimed]) -> None:
         limit = self.size_limit()
         for c in claimed:
+            if c.error is not None:  # refused while it was read (a large file's NUL, bare CR)
+                continue
             data = c.data or b""
             try:
                 assert c.data is not None
@@ -528,9 +556,13 @@ class PickupDirectory:
                     self._refuse_oversize(c, c.oversize, limit, data)
                     continue
                 c.repairs = []
-                c.envelope, c.stored = self._parse(data, c.repairs)
-                if len(c.stored) > limit:  # the file fitted; as CRLF with our fields not
-                    self._refuse_oversize(c, len(c.stored), limit, c.stored, c.envelope)
+                c.envelope, c.stored = self._parse(data, c.repairs, c.rest_is_8bit)
+                if c.spool is not None and CRLF + CRLF not in c.stored:
+                    # a large file's header section went on past what was read of it
+                    raise MessageFormatError(f"header section exceeds {HEADER_SCAN} bytes")
+                size = len(c.stored) + (c.spool.size if c.spool is not None else 0)
+                if size > limit:  # the file fitted; as CRLF with our fields not
+                    self._refuse_oversize(c, size, limit, c.stored, c.envelope)
             except ContentRejected as exc:
                 c.error = exc
                 c.envelope, c.stored = self._rejected(data)
@@ -550,6 +582,9 @@ class PickupDirectory:
                   "(MaxSendSize, MaxReceiveSize)")
         c.envelope = None
         c.stored = None
+        if c.spool is not None:  # the NDR returns the header only: the body is not needed
+            discard_spool(c.spool)
+            c.spool = None
         try:
             if envelope is None:
                 envelope, header = notice_envelope(head, replay=self.replay)
@@ -576,10 +611,16 @@ class PickupDirectory:
         return envelope, message
 
     async def _ingest(self, claimed: list[Claimed]) -> None:
-        await asyncio.to_thread(self._parse_all, claimed)
-        failpoint("after_claim_before_commit")
-        results = await asyncio.gather(*(self._submit(c) for c in claimed),
-                                       return_exceptions=True)
+        try:
+            await asyncio.to_thread(self._parse_all, claimed)
+            failpoint("after_claim_before_commit")
+            results = await asyncio.gather(*(self._submit(c) for c in claimed),
+                                           return_exceptions=True)
+        except Exception:
+            # nothing was committed (gather returns its errors): the spool files are ours. A
+            # cancellation (at stop) may come after a commit: the start-up sweep decides then
+            _discard_all([c.spool for c in claimed if c.spool is not None])
+            raise
         done: list[Claimed] = []
         back: list[Claimed] = []
         bad: list[tuple[Claimed, str]] = []
@@ -594,6 +635,12 @@ class PickupDirectory:
                 if isinstance(outcome, BaseException):
                     store_error = outcome
             c.envelope = c.stored = None  # committed or not, the bytes are not needed now
+        # a spool file no commit named (refused, bounced, bad, given back) is still ours
+        uncommitted = [c.spool for c in claimed if c.spool is not None]
+        for c in claimed:
+            c.spool = None
+        if uncommitted:
+            await asyncio.to_thread(_discard_all, uncommitted)
         # the rate limit counts files taken (submitted or moved aside), not ones given back
         self._rate.extend([time.monotonic()] * (len(done) + len(bad)))
         if done:
@@ -620,6 +667,7 @@ class PickupDirectory:
         sub = self._submission(c, c.envelope, c.stored)
         refused = (await self.pipeline.submit(sub)).response
         if refused is None:
+            c.spool = None  # committed: the queue owns the spool file now
             return True
         if refused.code >= 500 and sub.envelope.mail_from.address:
             await self.pipeline.bounce(sub, refused)
@@ -629,6 +677,9 @@ class PickupDirectory:
         return False  # deferred by an agent: back to the folder, retried later
 
     def _submission(self, c: Claimed, envelope: Envelope, data: bytes) -> Submission:
+        """The message of ``c``: ``data``, then the spool file of a large one (``data`` is
+        then its header section, which is all the parse below needs)."""
+        body = MessageBody.of(data) if c.spool is None else c.spool.replace_prefix(0, data)
         try:
             parsed = parse_header_section(data)
             message_id, subject = message_id_of(parsed), subject_of(parsed)
@@ -637,7 +688,7 @@ class PickupDirectory:
         context = f"file={display_name(c.original)}"  # last: a name may hold anything
         if c.repairs:
             context = f"repaired={'; '.join(c.repairs)}; {context}"
-        return Submission(envelope=envelope, data=data, source=self.source,
+        return Submission(envelope=envelope, body=body, source=self.source,
                           source_name=self.kind, message_id=message_id, subject=subject,
                           client_ip="127.0.0.1", client_hostname="localhost", claim=c.key,
                           context=context)
@@ -728,6 +779,7 @@ class PickupDirectory:
         """Read claimed files left by a stop, up to one batch (``BATCH`` files,
         ``BATCH_BYTES``); returns them and the entries left for the next batch."""
         limit = self.size_limit()
+        spool = self._spool_folder()
         out: list[Claimed] = []
         held = 0
         for index, (key, name) in enumerate(entries):
@@ -743,7 +795,8 @@ class PickupDirectory:
                         raise OSError(errno.EINVAL, "not a regular file")
                     if out and held + _in_memory(st.st_size, limit) > BATCH_BYTES:
                         return out, entries[index:]
-                    c = _take(fd, st.st_size, limit, Claimed(key, WORK + b"/" + name, original))
+                    c = _take(fd, st.st_size, limit, Claimed(key, WORK + b"/" + name, original),
+                              spool)
                 finally:
                     os.close(fd)
             except OSError as exc:
@@ -767,7 +820,8 @@ class ReplayDirectory(PickupDirectory):
         """PickupDirectoryMaxMessagesPerMinute is the server's: each worker takes its share."""
         return self.pipeline.worker.share(self.server.pickup_directory_max_messages_per_minute)
 
-    def _parse(self, data: bytes, repairs: list[str]) -> tuple[Envelope, bytes]:
+    def _parse(self, data: bytes, repairs: list[str],
+               rest_is_8bit: bool = False) -> tuple[Envelope, bytes]:
         return parse_replay(data, default_domain=self.pipeline.org.default_domain.domain_name,
                             server_name=self.server.fqdn, repairs=repairs)
 
@@ -963,8 +1017,9 @@ def _release_lease(fd: int) -> None:
 
 
 def _in_memory(size: int, limit: int) -> int:
-    """The bytes a file of ``size`` takes in memory once claimed (only the head if too big)."""
-    return min(size, HEAD_LIMIT) if size > limit else size
+    """The bytes a file of ``size`` takes in memory once claimed: only the head if too big
+    or large enough to be spooled (``_take``)."""
+    return min(size, HEAD_LIMIT) if size > min(limit, body_module.SPOOL_THRESHOLD) else size
 
 
 def _read_bounded(fd: int, most: int, expect: int) -> bytes:
@@ -984,13 +1039,19 @@ def _read_bounded(fd: int, most: int, expect: int) -> bytes:
     return b"".join(chunks)
 
 
-def _take(fd: int, size: int, limit: int, claimed: Claimed) -> Claimed:
-    """Read a claimed file: whole when it is within ``limit``, else only its head."""
+def _take(fd: int, size: int, limit: int, claimed: Claimed,
+          spool: Path | None = None) -> Claimed:
+    """Read a claimed file: whole when it is within ``limit``, else only its head. With a
+    ``spool`` folder, a file over ``SPOOL_THRESHOLD`` (read at call time) is not held
+    whole but streamed (``_take_spooled``); a small one costs exactly what it always did."""
     if size <= limit:
-        data = _read_bounded(fd, limit + 1, size)
-        if len(data) <= limit:
+        whole = limit if spool is None else min(limit, body_module.SPOOL_THRESHOLD)
+        data = _read_bounded(fd, whole + 1, size) if size <= whole else b""
+        if size <= whole and len(data) <= whole:
             claimed.data = data
             return claimed
+        if spool is not None:  # large (or it grew past the threshold after fstat)
+            return _take_spooled(fd, limit, claimed, spool)
         size = max(len(data), os.fstat(fd).st_size)  # it grew after fstat
         data = data[:HEAD_LIMIT]
     else:
@@ -998,6 +1059,79 @@ def _take(fd: int, size: int, limit: int, claimed: Claimed) -> Claimed:
     claimed.data = data
     claimed.oversize = size
     return claimed
+
+
+def _take_spooled(fd: int, limit: int, claimed: Claimed, folder: Path) -> Claimed:
+    """Read a large file a chunk at a time: its header section (as CRLF) into ``data``, the
+    rest, with the same CRLF line endings, into a new spool file in ``folder`` (``spool``).
+
+    The parse and the repairs look only at the header section, so the message is octet for
+    octet what a whole read makes of the file. The header section ends after the first
+    empty line, or is cut at the last whole line within ``HEADER_SCAN`` octets
+    (``_parse_all`` refuses a file whose header section goes on past that). A NUL or bare
+    CR sets ``error``; a file that grew over ``limit`` is ``oversize`` as in ``_take``. The
+    spool file is removed on every way out but a good ``spool``.
+    """
+    endings = LineEndings()
+    writer = SpoolWriter(folder, threshold=0)
+    head = bytearray()
+    cut = -1  # where the header section ends in ``head``; -1 while not known
+    read = 0
+    rest_is_8bit = False
+    try:
+        while read <= limit:
+            raw = os.pread(fd, min(body_module.CHUNK_SIZE, limit + 1 - read), read)
+            if not raw:
+                break
+            read += len(raw)
+            piece = endings.feed(raw)
+            if cut < 0:
+                start = max(0, len(head) - 3)  # an empty line may straddle two pieces
+                head += piece
+                cut = _header_end(head, start)
+                if cut < 0:
+                    continue
+                piece = bytes(head[cut:])
+                del head[cut:]
+            rest_is_8bit = rest_is_8bit or not piece.isascii()
+            writer.write_sync(piece)
+        if read > limit:  # it grew after fstat: refused as any file over the limit
+            writer.discard()
+            claimed.data = os.pread(fd, HEAD_LIMIT, 0)
+            claimed.oversize = max(read, os.fstat(fd).st_size)
+            return claimed
+        endings.end()
+        rest = writer.finish_sync()
+    except MessageFormatError as exc:
+        writer.discard()
+        claimed.error = exc
+        return claimed
+    except BaseException:
+        writer.discard()
+        raise
+    claimed.data = bytes(head)
+    if rest.spooled:  # else the file ended inside what was read as its header section
+        claimed.spool = rest
+        claimed.rest_is_8bit = rest_is_8bit
+    return claimed
+
+
+def _header_end(head: bytearray, start: int) -> int:
+    """Where the header section ends in the CRLF start of a file: after its first empty line
+    (looked for from ``start``), else once ``HEADER_SCAN`` octets are in after the last
+    whole line; -1 while not known."""
+    blank = head.find(CRLF + CRLF, start)
+    if blank >= 0:
+        return blank + 4
+    if len(head) < HEADER_SCAN:
+        return -1
+    line = head.rfind(CRLF)
+    return line + 2 if line >= 0 else len(head)
+
+
+def _discard_all(bodies: list[MessageBody]) -> None:
+    for body in bodies:
+        discard_spool(body)
 
 
 def folder_types() -> dict[str, Callable[..., PickupDirectory]]:

@@ -18,6 +18,8 @@ from datetime import datetime
 from email.header import decode_header, make_header
 from email.utils import format_datetime, getaddresses
 
+from hubport.core.body import MessageBody
+
 CRLF = b"\r\n"
 MAX_LINE = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
 
@@ -325,3 +327,32 @@ def subject_of(parsed: ParsedMessage) -> str:
     """The decoded Subject ('' if none)."""
     field = parsed.get("subject")
     return field.value().strip() if field is not None else ""
+
+
+#: how much of a large body is read to find its header section (receive limits keep a
+#: header section far smaller)
+HEADER_SCAN = 1024 * 1024
+
+
+def rewrite_header_section(body: MessageBody,
+                           rewrite: Callable[[ParsedMessage], bytes | None],
+                           limit: int = HEADER_SCAN) -> MessageBody:
+    """``body`` with its header section rewritten, without reading the rest of it.
+
+    ``rewrite`` gets the parsed first ``limit`` octets and returns them rewritten (``rebuild``
+    returns exactly that) or None for no change. Blocking when the body is spooled: call it
+    in a thread from the event loop. Raises ``MessageFormatError`` as ``parse_header_section``.
+    """
+    head = body.read_prefix(limit)
+    parsed = parse_header_section(head)
+    new = rewrite(parsed)
+    return body if new is None else replace_header_section(body, parsed, new)
+
+
+def replace_header_section(body: MessageBody, parsed: ParsedMessage, rebuilt: bytes
+                           ) -> MessageBody:
+    """``body`` with the header section ``parsed`` (of its first octets) replaced by the
+    header part of ``rebuilt`` (what ``rebuild(parsed, ...)`` returned): only the header
+    octets are replaced, so the body's in-memory prefix stays the size of a header."""
+    tail = len(parsed.data) - parsed.header_bytes_size  # the octets rebuild copied after it
+    return body.replace_prefix(parsed.header_bytes_size, rebuilt[:len(rebuilt) - tail])

@@ -1,14 +1,17 @@
 """The message model: envelope, recipients and their per-recipient delivery state.
 
-The message bytes are held once (`Message.data`) and never re-serialized; every stage
-works on the envelope and on per-recipient state, so a message can be delivered to some
-recipients, deferred for others and failed for the rest.
+The message bytes are held once (a ``MessageBody``: in memory when small, in a spool file
+beside the queue when large; core/body.py) and never re-serialized; every stage works on
+the envelope and on per-recipient state, so a message can be delivered to some recipients,
+deferred for others and failed for the rest.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+
+from hubport.core.body import MessageBody
 
 
 class RecipientStatus(str, enum.Enum):
@@ -113,11 +116,12 @@ class Submission:
 
     `source` is the tracking Source (SMTP, PICKUP, ADMIN, DSN, AGENT) and `source_name`
     the receive connector or folder name. `claim` names the folder file whose removal
-    waits for this commit (the exactly-once folder protocol).
+    waits for this commit (the exactly-once folder protocol). ``body`` may be given as
+    ``bytes`` (it becomes an in-memory ``MessageBody``).
     """
 
     envelope: Envelope
-    data: bytes
+    body: MessageBody
     source: str
     source_name: str = ""
     message_id: str = ""
@@ -130,6 +134,15 @@ class Submission:
     reference: str | None = None  # for a DSN: the Message-Id it reports on
     #: the RECEIVE event's source-context (a folder file's name and what was repaired in it)
     context: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.body, (bytes, bytearray, memoryview)):
+            self.body = MessageBody.of(bytes(self.body))
+
+    @property
+    def data(self) -> bytes:
+        """The whole message in memory (``body.read()``): costs its size when spooled."""
+        return self.body.read()
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +202,7 @@ class QueuedMessage:
     internal_id: str
     message_id: str
     mail_from: MailFrom
-    data: bytes
+    body: MessageBody
     size: int
     source: str
     source_name: str
@@ -198,6 +211,16 @@ class QueuedMessage:
     expires_at: float
     crash_count: int = 0
     recipients: list[QueuedRecipient] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.body, (bytes, bytearray, memoryview)):
+            self.body = MessageBody.of(bytes(self.body))
+
+    @property
+    def data(self) -> bytes:
+        """The whole message in memory (``body.read()``): costs its size when spooled;
+        deliveries stream ``body.chunks()`` / ``body.achunks()`` instead."""
+        return self.body.read()
 
 
 @dataclass(slots=True)

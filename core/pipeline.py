@@ -25,11 +25,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from hubport.core import queue as q
+from hubport.core.body import SPOOL_SUFFIX, MessageBody, make_durable_folder, spool_folder
 from hubport.core.categorizer import EXPANDED, FAIL, ROUTE, UNREACHABLE, Categorized, Categorizer
 from hubport.core.delivery import (
     DEFERRED,
@@ -70,6 +72,12 @@ SHARED_STATE_POLL = 5.0
 #: seconds one worker's attempt at a queue after its Retry holds off the others when the
 #: worker dies before recording its outcome
 ATTEMPT_HOLD = 120.0
+#: seconds between removals of the spool files of finished messages
+SPOOL_SWEEP_INTERVAL = 2.0
+#: an original larger than this comes back in an NDR as its header section only
+DSN_RETURN_LIMIT = 10 * 1024 * 1024
+#: how much of such an original is read to find that header section
+DSN_HEADER_SCAN = 1024 * 1024
 
 if TYPE_CHECKING:
     from hubport.core.config import Organization, TransportServer
@@ -201,6 +209,7 @@ class Pipeline:
         added = await self.store.write(q.upgrade)
         if added:
             log.info("queue database upgraded", added=added)
+        await self._sweep_spool_orphans()
         renumbered = await self.store.write(q.adopt_queues)
         if renumbered:
             log.warning("delivery queues took the server's ids", queues=renumbered)
@@ -233,7 +242,8 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._categorizer_loop(), name="categorizer"),
                        loop.create_task(self._dispatch_loop(), name="dispatcher"),
-                       loop.create_task(self._sweep_loop(), name="sweeper")]
+                       loop.create_task(self._sweep_loop(), name="sweeper"),
+                       loop.create_task(self._spool_loop(), name="spool")]
         self._categorizer_wake.set()
         self._dispatch_wake.set()
         return recovery
@@ -873,17 +883,31 @@ class Pipeline:
 
     def _insert_dsn(self, conn: sqlite3.Connection, message: QueuedMessage,
                     recipients: list[DsnRecipient]) -> tuple[int, str]:
-        data = message.data or conn.execute(
-            "SELECT data FROM message WHERE id=?", (message.id,)).fetchone()[0]
+        body = message.body
+        if body.size < message.size:  # loaded without its body
+            loaded = q.load_messages(conn, [message.id], recipient_filter="0")
+            body = loaded[0].body if loaded else body
+        # only a failure returns the whole original (RET=FULL), and a large one is returned
+        # as its header section only (build_dsn's limit): read no more of it than that
+        returned = any(r.action == "failed" for r in recipients) and \
+            (message.mail_from.ret or "").strip().upper() != "HDRS"
+        whole = returned and body.size <= DSN_RETURN_LIMIT
+        try:
+            original = body.read() if whole else body.read_prefix(DSN_HEADER_SCAN)
+        except OSError as exc:  # a spool file lost (a restore without it): the NDR still goes
+            log.error("message body unreadable; the DSN returns what is left of it",
+                      internal_message_id=message.id, error=str(exc))
+            original = body.prefix
         domain = self.org.default_domain.domain_name
         dsn, dsn_msgid = build_dsn(
-            original=bytes(data), mail_from=message.mail_from, recipients=recipients,
+            original=original, original_size=body.size, max_return_size=DSN_RETURN_LIMIT,
+            mail_from=message.mail_from, recipients=recipients,
             reporting_mta=self.server.fqdn, postmaster=self.org.postmaster,
             arrival_date=message.received_at, message_id_domain=domain, now=self.clock())
         sub = Submission(
             envelope=Envelope(MailFrom(""), [EnvelopeRecipient(message.mail_from.address,
                                                                frozenset({Notify.NEVER}))]),
-            data=dsn, source="DSN", source_name="DSN", message_id=dsn_msgid,
+            body=MessageBody.of(dsn), source="DSN", source_name="DSN", message_id=dsn_msgid,
             subject=subject_of(parse_header_section(dsn)), reference=message.message_id)
         now = self.clock()
         dsn_id = q.insert_submission(conn, sub, now, now + self.server.message_expiration_timeout)
@@ -891,6 +915,31 @@ class Pipeline:
         return dsn_id, dsn_msgid
 
     # -- expiry and delay notifications ------------------------------------------------
+
+    async def _sweep_spool_orphans(self) -> None:
+        """Make the spool folder durable, then remove the spool files no message row names:
+        bodies written for commits that never happened (a crash, a refused message). Only
+        at start: while running, a file being received is named by no row yet."""
+        folder = spool_folder(self.store.path)
+        await asyncio.to_thread(make_durable_folder, folder)
+        named = await self.store.read(q.spool_names)
+        orphans = await asyncio.to_thread(_remove_unnamed, folder, named)
+        if orphans:
+            log.info("spool files of uncommitted messages removed", count=orphans)
+
+    async def _spool_loop(self) -> None:
+        """Remove the spool files of messages the queue is done with (``spool_garbage``),
+        after the commit that removed the last message naming them."""
+        folder = spool_folder(self.store.path)
+        while not self._stopping:
+            try:
+                remove, seen = await self.store.read(q.spool_garbage)
+                if seen:
+                    await asyncio.to_thread(_unlink_all, folder, remove)
+                    await self.store.write(partial(q.forget_spool_garbage, names=seen))
+            except Exception:
+                log.exception("spool clean-up failed")
+            await asyncio.sleep(SPOOL_SWEEP_INTERVAL)
 
     async def _sweep_loop(self) -> None:
         while not self._stopping:
@@ -1013,6 +1062,25 @@ def _store_id(conn: sqlite3.Connection) -> str:
     return value
 
 
+def _remove_unnamed(folder: Path, named: set[str]) -> int:
+    """Remove the files of ``folder`` not in ``named``; how many went."""
+    try:
+        present = [p for p in folder.iterdir() if p.name.endswith(SPOOL_SUFFIX)]
+    except FileNotFoundError:
+        return 0
+    unnamed = [p.name for p in present if p.name not in named]
+    _unlink_all(folder, unnamed)
+    return len(unnamed)
+
+
+def _unlink_all(folder: Path, names: Iterable[str]) -> None:
+    for name in names:
+        try:
+            (folder / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
 def _delay_status(r: QueuedRecipient) -> str:
     if r.last_response:
         try:
@@ -1025,7 +1093,7 @@ def _delay_status(r: QueuedRecipient) -> str:
 def _message_of(msg_id: int, sub: Submission, now: float, expires: float) -> QueuedMessage:
     return QueuedMessage(
         id=msg_id, internal_id=str(msg_id), message_id=sub.message_id,
-        mail_from=sub.envelope.mail_from, data=sub.data, size=len(sub.data), source=sub.source,
+        mail_from=sub.envelope.mail_from, body=sub.body, size=sub.body.size, source=sub.source,
         source_name=sub.source_name, subject=sub.subject, received_at=now, expires_at=expires,
         recipients=[QueuedRecipient(0, msg_id, r.address, S.SUBMITTED, r.notify, r.orcpt)
                     for r in sub.envelope.recipients])

@@ -27,7 +27,9 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from hubport.core.body import MessageBody, spool_folder
 from hubport.core.model import (
     Envelope,
     EnvelopeRecipient,
@@ -63,7 +65,10 @@ CREATE TABLE IF NOT EXISTS message (
     crash_count INTEGER NOT NULL DEFAULT 0,
     suspect INTEGER NOT NULL DEFAULT 0,
     not_before REAL,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    -- a large body: data is its first octets, the rest is this file of the spool folder
+    -- from spool_offset on (core/body.py)
+    spool TEXT, spool_offset INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS message_state ON message(state, suspended);
 CREATE INDEX IF NOT EXISTS message_suspect ON message(id) WHERE suspect=1;
@@ -123,6 +128,17 @@ ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("delivery_queue", "last_retry", "REAL"),
     ("delivery_queue", "attempt_by", "INTEGER"),
     ("delivery_queue", "attempt_until", "REAL"),
+    ("message", "spool", "TEXT"),
+    ("message", "spool_offset", "INTEGER NOT NULL DEFAULT 0"),
+)
+#: made after the columns they use exist (``upgrade``): a removed message's spool file is
+#: remembered in the same transaction, and removed once no message row names it
+_SPOOL = (
+    "CREATE TABLE IF NOT EXISTS spool_garbage (name TEXT PRIMARY KEY)",
+    "CREATE INDEX IF NOT EXISTS message_spool ON message(spool) WHERE spool IS NOT NULL",
+    "CREATE TRIGGER IF NOT EXISTS message_spool_gone AFTER DELETE ON message"
+    " WHEN old.spool IS NOT NULL"
+    " BEGIN INSERT OR IGNORE INTO spool_garbage (name) VALUES (old.spool); END",
 )
 
 MESSAGE_COLUMNS = (
@@ -260,6 +276,8 @@ def upgrade(conn: sqlite3.Connection) -> list[str]:
                     raise
                 continue
             added.append(f"{'server.' if db is not conn else ''}{table}.{column}")
+    for statement in _SPOOL:
+        conn.execute(statement)
     return added
 
 
@@ -284,17 +302,55 @@ def recipient_from_row(row: sqlite3.Row) -> QueuedRecipient:
     )
 
 
-def message_from_row(row: sqlite3.Row, data: bytes = b"") -> QueuedMessage:
+def message_from_row(row: sqlite3.Row, data: bytes = b"", folder: Path | None = None
+                     ) -> QueuedMessage:
+    """The message of ``row``; its whole body when ``data`` holds the row's data column and
+    ``folder`` the spool folder (``load_messages``), else just ``data``."""
+    if folder is not None and row["spool"] is not None:
+        body = MessageBody(prefix=data, spool=folder / row["spool"],
+                           offset=row["spool_offset"], size=row["size"])
+    else:
+        body = MessageBody.of(data)
     return QueuedMessage(
         id=row["id"], internal_id=str(row["id"]), message_id=row["message_id"],
         mail_from=MailFrom(
             address=row["sender"], body=row["body"], ret=row["ret"], envid=row["envid"],
             auth=row["auth"], smtputf8=bool(row["smtputf8"]),
         ),
-        data=data, size=row["size"], source=row["source"], source_name=row["source_name"],
+        body=body, size=row["size"], source=row["source"], source_name=row["source_name"],
         subject=row["subject"], received_at=row["received_at"], expires_at=row["expires_at"],
         crash_count=row["crash_count"],
     )
+
+
+# -- spool files ---------------------------------------------------------------------------
+
+
+def spool_folder_of(conn: sqlite3.Connection) -> Path:
+    """The spool folder of the queue database ``conn`` has open (core/body.py)."""
+    for _, name, file in conn.execute("PRAGMA database_list"):
+        if name == "main":
+            return spool_folder(Path(file))
+    raise LookupError("no main database")
+
+
+def spool_names(conn: sqlite3.Connection) -> set[str]:
+    """Every spool file a message row names (a file not among them is nobody's)."""
+    return {r[0] for r in conn.execute("SELECT spool FROM message WHERE spool IS NOT NULL")}
+
+
+def spool_garbage(conn: sqlite3.Connection, limit: int = 200) -> tuple[list[str], list[str]]:
+    """(spool files to remove now, garbage rows to forget): the files of removed messages
+    that no other message row still names."""
+    names = [r[0] for r in conn.execute("SELECT name FROM spool_garbage LIMIT ?", (limit,))]
+    named = {r[0] for r in conn.execute(
+        f"SELECT spool FROM message WHERE spool IN ({','.join('?' * len(names))})",
+        names)} if names else set()
+    return [n for n in names if n not in named], names
+
+
+def forget_spool_garbage(conn: sqlite3.Connection, names: Sequence[str]) -> None:
+    conn.executemany("DELETE FROM spool_garbage WHERE name=?", [(n,) for n in names])
 
 
 # -- submission --------------------------------------------------------------------------
@@ -305,13 +361,19 @@ def insert_submission(
 ) -> int:
     """Commit a new message to the Submission queue; returns its internal id."""
     mf = sub.envelope.mail_from
+    body = sub.body
+    if body.spool is not None and body.spool.parent != spool_folder_of(conn):
+        raise ValueError(f"{body.spool} is not in this queue's spool folder: only a file the "
+                         "queue can find again may be named")
     cur = conn.execute(
         "INSERT INTO message (message_id, sender, body, ret, envid, auth, smtputf8, size,"
         " source, source_name, subject, client_ip, client_hostname, reference,"
-        " received_at, expires_at, data) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " received_at, expires_at, data, spool, spool_offset)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (sub.message_id, mf.address, mf.body, mf.ret, mf.envid, mf.auth, int(mf.smtputf8),
-         len(sub.data), sub.source, sub.source_name, sub.subject, sub.client_ip,
-         sub.client_hostname, sub.reference, now, expires_at, sub.data),
+         body.size, sub.source, sub.source_name, sub.subject, sub.client_ip,
+         sub.client_hostname, sub.reference, now, expires_at, body.prefix,
+         body.spool.name if body.spool is not None else None, body.offset),
     )
     msg_id = cur.lastrowid
     assert msg_id is not None
@@ -359,11 +421,13 @@ def load_messages(
     if not ids:
         return []
     marks = ",".join("?" * len(ids))
-    data_col = ", m.data" if with_data else ""
+    data_col = ", m.data, m.spool, m.spool_offset" if with_data else ""
     rows = conn.execute(
         f"SELECT {MESSAGE_COLUMNS}{data_col} FROM message m WHERE m.id IN ({marks})"
         " ORDER BY m.id", list(ids)).fetchall()
-    messages = {r["id"]: message_from_row(r, bytes(r["data"]) if with_data else b"")
+    folder = spool_folder_of(conn) if with_data and any(
+        r["spool"] is not None for r in rows) else None
+    messages = {r["id"]: message_from_row(r, bytes(r["data"]) if with_data else b"", folder)
                 for r in rows}
     clause = f" AND ({recipient_filter})" if recipient_filter else ""
     for row in conn.execute(

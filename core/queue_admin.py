@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import fnmatch
+import itertools
 import os
 import re
 import tempfile
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from hubport.core import queue as q
+from hubport.core.body import CHUNK_SIZE, MessageBody
 from hubport.core.control import RequestError
 from hubport.core.folder_formats import format_replay
 from hubport.core.model import RecipientStatus, SmtpResponse
@@ -417,13 +419,16 @@ class QueueAdmin:
         if not suspended:
             raise AdminError(f"message {identity} must be suspended before it is exported"
                              " (Suspend-Message)")
-        try:
-            data = format_replay(q.envelope_of(message, message.recipients), message.data)
+        try:  # b"": the envelope lines alone; the body is encoded after them, piece by piece
+            head = format_replay(q.envelope_of(message, message.recipients), b"")
         except ValueError as exc:
             raise AdminError(f"message {identity} cannot be written as a Replay file: {exc}"
                              ) from None
-        return {"identity": identity, "size": len(data),
-                "data": base64.b64encode(data).decode("ascii")}
+        try:
+            encoded = await asyncio.to_thread(_base64_of, head, message.body)
+        except OSError as exc:  # its spool file: the message was removed meanwhile
+            raise AdminError(f"message {identity} cannot be read: {exc}") from None
+        return {"identity": identity, "size": len(head) + message.body.size, "data": encoded}
 
     # dispatch (the control socket)
 
@@ -440,6 +445,20 @@ class QueueAdmin:
     async def handle(self, request: dict[str, Any]) -> Any:
         """Run one control request ``{"op": ..., "args": {...}}``; AdminError when refused."""
         return await dispatch(self.operations(), request)
+
+
+def _base64_of(head: bytes, body: MessageBody, size: int = CHUNK_SIZE) -> str:
+    """Base64 of ``head`` then ``body``, encoded chunk by chunk (a thread's blocking reads):
+    the raw file is never held whole beside its encoding."""
+    encoded = bytearray()
+    rest = b""
+    for chunk in itertools.chain((head,), body.chunks(size)):
+        chunk = rest + chunk
+        cut = len(chunk) - len(chunk) % 3  # whole 3-octet groups encode on their own
+        encoded += base64.b64encode(chunk[:cut])
+        rest = chunk[cut:]
+    encoded += base64.b64encode(rest)
+    return encoded.decode("ascii")
 
 
 async def dispatch(operations: dict[str, Callable[..., Awaitable[Any]]],

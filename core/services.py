@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from hubport.core.backpressure import INSUFFICIENT_RESOURCES, BackPressure
+from hubport.core.body import SpoolWriter, spool_folder
 from hubport.core.counters import SharedCounters
 from hubport.core.model import SmtpResponse, Submission, SubmitResult
 from hubport.core.workers import WorkerSlot
@@ -81,6 +82,13 @@ class ServiceRuntime:
     @property
     def server(self) -> TransportServer:
         return self.organization.server(self.server_name)
+
+    def spool_writer(self) -> SpoolWriter:
+        """A writer for a body being received (core/body.py): in memory while small, in
+        this worker's spool folder when large. Give its ``finish()`` to a ``Submission``;
+        ``discard()`` it when the message is not queued (the writer owns the file until a
+        queued result)."""
+        return SpoolWriter(spool_folder(self.pipeline.store.path))
 
     async def submit(self, submission: Submission) -> SubmitResult:
         """Commit a message durably (``Pipeline.submit``): queued with its id, or refused by a

@@ -527,6 +527,7 @@ def mail_item(sender: str = "alice@contoso.test",
     recovery after a crash).
     """
     from hubport.core.api import MailItem as Item
+    from hubport.core.body import MessageBody
     from hubport.core.headers import (
         MessageFormatError,
         canonicalize_line_endings,
@@ -556,7 +557,7 @@ def mail_item(sender: str = "alice@contoso.test",
         header_id, subject = "", ""
     queued = QueuedMessage(message_id, f"kit-{message_id}",
                            header_id or f"<kit-{message_id}@kit.test>", MailFrom(sender),
-                           content, len(content), "REPLAY", "", subject, now,
+                           MessageBody.of(content), len(content), "REPLAY", "", subject, now,
                            now + 2 * 86400)
     hop = next_hop or NextHop("DeliveryAgent", AGENT_HOP_DOMAIN, "Agent")
     return Item(queued, rows, hop, queue_id, default_domain)

@@ -337,7 +337,7 @@ def queued(*addresses: str, notify: frozenset[Notify] = frozenset(),
     recipients = [QueuedRecipient(i + 1, 1, a, RecipientStatus.SUBMITTED, notify)
                   for i, a in enumerate(addresses)]
     return QueuedMessage(id=1, internal_id="1", message_id="<m@test>",
-                         mail_from=MailFrom("sender@example.org"), data=b"x" * size, size=size,
+                         mail_from=MailFrom("sender@example.org"), body=b"x" * size, size=size,
                          source="PICKUP", source_name="Pickup", subject="s", received_at=0.0,
                          expires_at=1e12, recipients=recipients)
 

@@ -3,14 +3,20 @@
 The message ends only at ``<CRLF>.<CRLF>`` (RFC 5321 §4.1.1.4); every other newline-dot
 variant of the smuggling vectors (docs/reliability.md 1–4) stays inside the content, and a content
 holding a lone CR or LF is then refused as a whole (or normalized where the connector says
-so). The reader works on blocks, not lines: it keeps at most ``max_size`` bytes, and past
-that only looks for the terminator, so an oversized upload costs no memory.
+so). The reader works on blocks, not lines, and hands the content on as it arrives
+(``feed`` returns it, dot-unstuffed), so a message of any size costs bounded memory: it
+keeps only what follows the last CRLF, and past ``max_size`` (or past an over-long line,
+refused anyway) only looks for the terminator.
+
+Content is cut only right after a CRLF and the reader keeps that CRLF in front of the rest:
+the terminator is still found across blocks, every piece starts a line (a leading '.' is a
+stuffing dot), and no CRLF pair straddles a cut, so counting CR, LF and CRLF per piece and
+normalizing per piece give exactly what the whole message would.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 TERMINATOR = b"\r\n.\r\n"
@@ -22,7 +28,6 @@ READ_SIZE = 256 * 1024
 class DataOutcome:
     """What arrived between the 354 and the terminator, and what is wrong with it."""
 
-    content: bytes  # dot-unstuffed (empty when discarded)
     size: int  # octets received before the terminator
     too_big: bool = False
     line_too_long: bool = False
@@ -33,17 +38,28 @@ class DataOutcome:
 
 
 class DataReader:
-    """Collects one message from blocks handed to ``feed``; ``done`` once terminated."""
+    """Frames one message from blocks handed to ``feed``; ``done`` once terminated.
 
-    def __init__(self, *, max_size: int | None, max_line: int) -> None:
+    ``feed`` returns the content that block completed (dot-unstuffed; with lone CR/LF made
+    CRLF when ``normalize``), in pieces of about ``emit_size`` octets: a message smaller
+    than that comes out whole, in one piece, with the final block. Nothing more comes out
+    once the message is refused for its size or a line length (the caller drops what it
+    has then; ``outcome`` says why).
+    """
+
+    def __init__(self, *, max_size: int | None, max_line: int, normalize: bool = False,
+                 emit_size: int = READ_SIZE) -> None:
         self.max_size = max_size
         self.max_segment = max_line + 2  # + the stuffing dot and the CR before LF
+        self.normalize = normalize
+        self.emit_size = emit_size
         # a virtual CRLF before the first line: ".\r\n" at once is an empty message
         self._buffer = bytearray(b"\r\n")
-        self._scanned = 0
         self._run = 0  # length of the current (unterminated) line segment
         self._long = False
-        self._size = 0
+        self._bare = False
+        self._nul = False
+        self.size = 0
         self._discarding = False
         self.outcome: DataOutcome | None = None
 
@@ -51,35 +67,46 @@ class DataReader:
     def done(self) -> bool:
         return self.outcome is not None
 
-    def feed(self, block: bytes) -> None:
-        """Take the next block; sets ``outcome`` when the terminator is in it."""
+    def feed(self, block: bytes) -> bytes:
+        """Take the next block; returns the content it completed (often b"") and sets
+        ``outcome`` when the terminator is in it."""
         buffer = self._buffer
         start = max(0, len(buffer) - 4)
         buffer += block
         end = buffer.find(TERMINATOR, start)
         if end < 0:
             self._account(bytes(block))
+            if not self._discarding and (self._long or self._over()):
+                self._discarding = True  # refused whatever follows: keep nothing
             if self._discarding:
-                del buffer[:-4]
-            elif self.max_size is not None and self._size > self.max_size:
-                self._discarding = True
-                del buffer[:-4]
-            return
+                del buffer[:-4]  # enough to find a terminator that straddles blocks
+                return b""
+            if len(buffer) < self.emit_size:
+                return b""
+            cut = buffer.rfind(b"\r\n")
+            if cut <= 0:  # no line ended since the last piece
+                return b""
+            piece = self._judge(bytes(buffer[:cut + 2]))
+            del buffer[:cut]  # keep the CRLF: the next piece starts a line
+            return piece
         # the part of this block that belongs to the message (up to the CRLF before ".")
         consumed_before = len(buffer) - len(block)
         in_message = max(0, end + 2 - consumed_before)
         self._account(bytes(block[:in_message]))
         rest = bytes(buffer[end + len(TERMINATOR):])
-        if self._discarding or (self.max_size is not None and self._size > self.max_size):
-            self.outcome = DataOutcome(b"", self._size, too_big=True,
-                                       line_too_long=self._long, rest=rest)
-            return
-        raw = bytes(buffer[: end + 2])  # with the virtual CRLF in front
-        self.outcome = self._judge(raw, rest)
+        refused = self._discarding or self._long or self._over()
+        piece = b"" if refused else self._judge(bytes(buffer[:end + 2]))
+        self.outcome = DataOutcome(self.size, too_big=self._over(), line_too_long=self._long,
+                                   bare_line_ending=self._bare, nul=self._nul, rest=rest)
+        buffer.clear()
+        return piece
+
+    def _over(self) -> bool:
+        return self.max_size is not None and self.size > self.max_size
 
     def _account(self, part: bytes) -> None:
         """Count octets and track the longest line across block boundaries."""
-        self._size += len(part)
+        self.size += len(part)
         if self._long or not part:
             return
         segments = part.split(b"\n")
@@ -96,25 +123,19 @@ class DataReader:
         if self._run > self.max_segment:
             self._long = True
 
-    def _judge(self, raw: bytes, rest: bytes) -> DataOutcome:
+    def _judge(self, raw: bytes) -> bytes:
+        """One piece, from the CRLF before its first line to the CRLF after its last:
+        note lone CR/LF and NUL, and return its content."""
         crlf = raw.count(b"\r\n")
         bare = raw.count(b"\r") != crlf or raw.count(b"\n") != crlf
+        self._bare = self._bare or bare
+        self._nul = self._nul or b"\x00" in raw
         content = raw.replace(b"\r\n.", b"\r\n")[2:]
-        return DataOutcome(content, self._size, line_too_long=self._long,
-                           bare_line_ending=bare, nul=b"\x00" in raw, rest=rest)
+        if bare and self.normalize:
+            content = normalize_line_endings(content)
+        return content
 
 
 def normalize_line_endings(content: bytes) -> bytes:
     """Every lone CR or LF becomes CRLF (the connector's Normalize mode)."""
     return _BARE_NEWLINE.sub(b"\r\n", content)
-
-
-async def read_message(read: Callable[[], Awaitable[bytes]], reader: DataReader) -> DataOutcome:
-    """Feed ``reader`` from ``read`` until the terminator; EOFError when the client left."""
-    while not reader.done:
-        block = await read()
-        if not block:
-            raise EOFError("connection closed during DATA")
-        reader.feed(block)
-    assert reader.outcome is not None
-    return reader.outcome

@@ -18,18 +18,21 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiosmtpd.smtp import SMTP
 
 from hubport.core.addresses import AddressError, normalize_address
+from hubport.core.body import MessageBody, SpoolWriter
 from hubport.core.failpoints import failpoint
 from hubport.core.headers import (
     MessageFormatError,
     message_id_of,
     parse_header_section,
     rebuild,
+    replace_header_section,
     subject_of,
 )
 from hubport.core.model import (
@@ -40,14 +43,11 @@ from hubport.core.model import (
     ReceiveSession,
     SmtpResponse,
     Submission,
+    SubmitResult,
 )
 from hubport.core.store import StoreError
 from hubport.plugins.smtp_receive import policy
-from hubport.plugins.smtp_receive.data import (
-    READ_SIZE,
-    DataReader,
-    normalize_line_endings,
-)
+from hubport.plugins.smtp_receive.data import READ_SIZE, DataOutcome, DataReader
 from hubport.plugins.smtp_receive.permissions import Principal, Right, rights_for
 
 if TYPE_CHECKING:
@@ -130,6 +130,8 @@ class ReceiveProtocol(SMTP):
         self.source_key = ""
         self.own_addresses: tuple[str, ...] | None = None
         self.in_data = False
+        #: the body of the message in DATA, until the queue owns it (else discarded)
+        self._spool: SpoolWriter | None = None
         self.plog: Any = None
         self._errors = 0
         self._bare_lf = 0
@@ -874,32 +876,50 @@ class ReceiveProtocol(SMTP):
             return
         await self.push("354 Start mail input; end with <CRLF>.<CRLF>", flush=True)
         self.in_data = True  # a stopping service waits for this message and its reply
+        self._spool = writer = self.service.runtime.spool_writer()
         try:
-            outcome = await self._receive_data(connector)
+            outcome = await self._receive_data(connector, writer)
             if outcome is None:
                 return
             self.deadline = float("inf")  # the commit is ours to finish, not the client's
-            response = await self._accept(outcome.content, outcome, connector, info)
+            response = await self._accept(writer, outcome, connector, info)
+            if self._spool is not None:  # a refused message leaves no file behind its reply
+                spool, self._spool = self._spool, None
+                await asyncio.to_thread(spool.discard)  # unlinking 1 GB takes a while
             self._reset_transaction()
             await self.reply(response)
         finally:
             self.in_data = False
+            self._drop_spool()
             self._reset_timeout(connector.connection_inactivity_timeout)
 
-    async def _receive_data(self, connector: ReceiveConnector) -> Any:
+    def _drop_spool(self) -> None:
+        """Remove the body of a message that was not queued (the queue owns a queued one's
+        spool file, and ``_commit`` then clears ``_spool``)."""
+        if self._spool is not None:
+            self._spool.discard()
+            self._spool = None
+
+    async def _receive_data(self, connector: ReceiveConnector,
+                            writer: SpoolWriter) -> DataOutcome | None:
+        """Read up to the terminator, handing the content to ``writer`` as it comes (a
+        large message goes to a spool file, never wholly into memory)."""
         bypass = Right.BYPASS_MESSAGE_SIZE_LIMIT in self.rights
         reader = DataReader(max_size=None if bypass else connector.max_message_size,
-                            max_line=connector.max_line_length)
+                            max_line=connector.max_line_length,
+                            normalize=connector.bare_line_endings == "Normalize")
         started = time.monotonic()
         while not reader.done:
             self._reset_timeout(connector.connection_inactivity_timeout)
             block = await self._reader.read(READ_SIZE)
             if not block:
                 return None  # the client left: nothing was queued
-            reader.feed(block)
+            content = reader.feed(block)
+            if content:
+                await writer.write(content)
             elapsed = time.monotonic() - started
             if (connector.min_data_rate and elapsed > DATA_GRACE and not reader.done
-                    and reader._size / elapsed < connector.min_data_rate):
+                    and reader.size / elapsed < connector.min_data_rate):
                 await self._goodbye(R(421, "4.4.2", "Data transfer too slow"))
                 return None
         self._reset_timeout(connector.connection_inactivity_timeout)
@@ -909,8 +929,8 @@ class ReceiveProtocol(SMTP):
             self._reader._buffer[0:0] = outcome.rest  # type: ignore[attr-defined]
         return outcome
 
-    async def _accept(self, content: bytes, outcome: Any, connector: ReceiveConnector,
-                      info: ReceiveSession) -> SmtpResponse:
+    async def _accept(self, writer: SpoolWriter, outcome: DataOutcome,
+                      connector: ReceiveConnector, info: ReceiveSession) -> SmtpResponse:
         """Judge a complete message and commit it; the reply to send after the dot."""
         if outcome.too_big:
             return TOO_BIG
@@ -918,21 +938,23 @@ class ReceiveProtocol(SMTP):
             return LINE_TOO_LONG
         if outcome.nul:
             return NUL_OCTETS
-        if outcome.bare_line_ending:
-            if connector.bare_line_endings != "Normalize":
-                return BARE_NEWLINE
-            content = normalize_line_endings(content)
+        if outcome.bare_line_ending and connector.bare_line_endings != "Normalize":
+            return BARE_NEWLINE  # (in Normalize mode the reader already normalized)
         try:
-            return await self._commit(content, connector, info)
+            return await self._commit(await writer.finish(), connector, info)
         except Exception:
             log.exception("accepting a message failed; the client is told to retry",
                           session=info.session_id)
             return LOCAL_ERROR
 
-    async def _commit(self, content: bytes, connector: ReceiveConnector,
+    async def _commit(self, body: MessageBody, connector: ReceiveConnector,
                       info: ReceiveSession) -> SmtpResponse:
+        # a spooled body: only its first octets are read (in a thread), enough to find a
+        # header section of up to max_header_size (parse_header_section looks that far)
+        head = (await asyncio.to_thread(body.read_prefix, connector.max_header_size + 4)
+                if body.spooled else body.prefix)
         try:
-            parsed = parse_header_section(content, connector.max_header_size)
+            parsed = parse_header_section(head, connector.max_header_size)
         except MessageFormatError:
             return HEADER_TOO_BIG
         if parsed.header_bytes_size > connector.max_header_size:
@@ -952,9 +974,10 @@ class ReceiveProtocol(SMTP):
             user=info.authenticated_as, session_id=info.session_id,
             recipient=info.recipients[0].address if len(info.recipients) == 1 else None,
             when=time.time())
-        data = rebuild(parsed, remove=policy.firewalled(self.rights), prepend=[received])
+        rewritten = rebuild(parsed, remove=policy.firewalled(self.rights), prepend=[received])
         submission = Submission(
-            Envelope(info.mail_from, list(info.recipients)), data, source="SMTP",
+            Envelope(info.mail_from, list(info.recipients)),
+            replace_header_section(body, parsed, rewritten), source="SMTP",
             source_name=connector.name, message_id=message_id_of(parsed),
             subject=subject_of(parsed), client_ip=info.remote_ip,
             client_hostname=policy.helo_for_header(info.helo), server_ip=info.local_ip)
@@ -962,16 +985,24 @@ class ReceiveProtocol(SMTP):
                                            submission=submission)
         if verdict is not None:
             return verdict
+        committing = asyncio.ensure_future(self.service.runtime.submit(submission))
         try:
             # shielded: a client that leaves now must not cut the commit short (its
             # message is then queued and tracked whole, a duplicate at worst)
-            result = await asyncio.shield(self.service.runtime.submit(submission))
+            result = await asyncio.shield(committing)
         except StoreError:
             log.error("queue commit failed; the client is told to retry",
                       session=info.session_id)
             return LOCAL_ERROR
+        except asyncio.CancelledError:
+            # the commit goes on without us: its result decides who owns the spool file
+            writer, self._spool = self._spool, None
+            if writer is not None:
+                committing.add_done_callback(partial(_keep_if_queued, writer))
+            raise
         if result.response is not None:  # a receive hook refused it
             return result.response
+        self._spool = None  # queued: the spool file is the queue's now
         internal = result.message_id
         info.messages += 1
         failpoint("after_receive_commit_before_reply")  # crash tests: queued, 250 never sent
@@ -1012,6 +1043,16 @@ class ReceiveProtocol(SMTP):
 
 
 # -- argument syntax -------------------------------------------------------------------------
+
+
+def _keep_if_queued(writer: SpoolWriter, commit: asyncio.Future[SubmitResult]) -> None:
+    """A commit the session stopped waiting for has ended: the spool file goes when a hook
+    refused the message. A commit cancelled or failed may still have named the file (it is
+    cancelled at shutdown, possibly after its transaction): the start-up sweep removes the
+    file then if, and only if, no message row names it."""
+    if not commit.cancelled() and commit.exception() is None and \
+            commit.result().response is not None:
+        writer.discard()
 
 
 def _control_reply(command: str) -> SmtpResponse:

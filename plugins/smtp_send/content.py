@@ -1,10 +1,13 @@
 """What leaves through a connection: header firewall, 8-bit downgrade, envelope parameters.
 
-Pure functions on bytes and envelope values, so they are tested without a network.
+Pure functions on bytes, message bodies and envelope values, so they are tested without a
+network. The ``*_body`` variants are for a spooled body (core/body.py): they read only the
+header section or scan in chunks, so their memory does not grow with the message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.encoders
 import email.policy
@@ -14,7 +17,15 @@ from email.generator import BytesGenerator
 from email.message import Message
 from io import BytesIO
 
-from hubport.core.headers import HeaderField, MessageFormatError, parse_header_section, rebuild
+from hubport.core.body import MessageBody
+from hubport.core.headers import (
+    HeaderField,
+    MessageFormatError,
+    ParsedMessage,
+    parse_header_section,
+    rebuild,
+    rewrite_header_section,
+)
 from hubport.core.model import MailFrom, Notify
 
 _ORG_PREFIXES = ("x-ms-exchange-organization-", "x-ms-exchange-forest-")
@@ -59,11 +70,44 @@ def apply_firewall(data: bytes, usage: str | None) -> bytes:
     return rebuild(parsed, remove=remove)
 
 
+def apply_firewall_body(body: MessageBody, usage: str | None) -> MessageBody:
+    """``apply_firewall`` for a spooled body: only the header section is read and rewritten
+    (``rewrite_header_section``), the spool file is not copied. Blocking: run it in a
+    thread."""
+    remove = firewall_predicate(usage)
+    if remove is None:
+        return body
+
+    def rewrite(parsed: ParsedMessage) -> bytes | None:
+        if not any(remove(f) for f in parsed.fields):
+            return None
+        return rebuild(parsed, remove=remove)
+
+    try:
+        return rewrite_header_section(body, rewrite)
+    except MessageFormatError:
+        return body
+
+
 # -- 8-bit and SMTPUTF8 (RFC 6152, RFC 6531) -----------------------------------------------
 
 
+def declares_8bit(mail_from: MailFrom) -> bool:
+    """The sender's BODY parameter says 8-bit (BINARYMIME goes on as 8BITMIME)."""
+    return (mail_from.body or "").upper() in ("8BITMIME", "BINARYMIME")
+
+
 def is_8bit(data: bytes, mail_from: MailFrom) -> bool:
-    return (mail_from.body or "").upper() in ("8BITMIME", "BINARYMIME") or not data.isascii()
+    return declares_8bit(mail_from) or not data.isascii()
+
+
+async def body_is_ascii(body: MessageBody) -> bool:
+    """Whether every octet of ``body`` is 7-bit, scanned chunk by chunk in a thread (stops
+    at the first 8-bit chunk)."""
+    def scan() -> bool:
+        return all(piece.isascii() for piece in body.chunks())
+
+    return await asyncio.to_thread(scan)
 
 
 def needs_smtputf8(mail_from: MailFrom, recipients: list[str]) -> bool:

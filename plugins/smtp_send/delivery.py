@@ -36,6 +36,7 @@ from hubport.core.api import (
     DeliveryContext,
     ItemResult,
     MailItem,
+    MessageBody,
     RecipientResult,
 )
 from hubport.core.counters import SharedCounters
@@ -91,7 +92,9 @@ class Unit:
     index: int  # of the item in the call
     item: MailItem
     recipients: list[QueuedRecipient]
-    data: bytes
+    #: the message after the header firewall: bytes when it is small (the path it always
+    #: took), the body handle when it is spooled (streamed, never read whole)
+    data: bytes | MessageBody
 
 
 @dataclass
@@ -255,7 +258,7 @@ async def deliver_items(next_hop: NextHop, connector: Any, items: Sequence[MailI
 async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
                   context: DeliveryContext, relay: bool, profile: Profile) -> list[Route]:
     server = context.server
-    datas = [content.apply_firewall(item.data, profile.usage) for item in items]
+    datas = [await _outgoing(item.body, profile.usage) for item in items]
     external = bool(isinstance(connector, SendConnector)
                     and connector.use_external_dns_servers_enabled
                     and server.external_dns_servers)
@@ -288,6 +291,14 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
     for route, resolution in zip(by_domain.values(), resolutions):
         route.resolution = resolution
     return list(by_domain.values())
+
+
+async def _outgoing(body: MessageBody, usage: str | None) -> bytes | MessageBody:
+    """The message as it leaves (header firewall applied): a small one as bytes, as it
+    always was; a spooled one stays a handle, only its header section read (in a thread)."""
+    if not body.spooled:
+        return content.apply_firewall(body.prefix, usage)
+    return await asyncio.to_thread(content.apply_firewall_body, body, usage)
 
 
 def _profile(connector: SendConnector, server: TransportServer) -> Profile:

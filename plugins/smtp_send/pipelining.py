@@ -8,6 +8,11 @@ unparsed. For the transaction the session therefore lends the connection to ``Re
 (``transport.set_protocol``): it buffers every byte and hands the replies out one at a
 time, in order, whatever the server's write pattern. The connection goes back to aiosmtplib
 afterwards with nothing outstanding.
+
+A large (spooled) message is sent the same way, lent connection and all: ``send_body``
+writes it chunk by chunk through a ``DotStuffer`` and waits for the transport to drain
+between chunks (the reader does the flow control aiosmtplib's protocol would), so only about
+one chunk is ever in memory, however large the message.
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ from aiosmtplib import (
     SMTPResponse,
     SMTPResponseException,
     SMTPServerDisconnected,
+    SMTPTimeoutError,
 )
+
+from hubport.core import body as message_body
+from hubport.core.body import MessageBody
 
 #: RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets; be lenient, stay bounded
 MAX_REPLY_LINE = 4096
@@ -32,6 +41,7 @@ MAX_REPLY = 64 * 1024
 MAX_BUFFERED = 4 * MAX_REPLY
 _LEADING_DOT = re.compile(rb"^\.", re.M)
 _BARE_LINE_END = re.compile(rb"\r\n|\r|\n")
+_DOT_AFTER_LINE_END = re.compile(rb"\n\.")
 
 
 class ReplyReader(asyncio.Protocol):
@@ -44,6 +54,8 @@ class ReplyReader(asyncio.Protocol):
         self._lost: BaseException | None = None
         self._closed = False
         self._flooded = False
+        self._writable = asyncio.Event()  # cleared while the transport asks us to pause
+        self._writable.set()
         #: connection_lost ran while the connection was lent (aiosmtplib must hear of it)
         self.disconnected = False
 
@@ -69,6 +81,13 @@ class ReplyReader(asyncio.Protocol):
         self._closed = True
         self._lost = exc
         self._wakeup.set()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
 
     # -- for the session ---------------------------------------------------------------
 
@@ -87,6 +106,18 @@ class ReplyReader(asyncio.Protocol):
         if self._closed or self._transport.is_closing():
             raise SMTPServerDisconnected("Connection lost")
         self._transport.write(data)
+
+    async def drain(self, timeout: float | None) -> None:
+        """Wait until the transport's buffer is below its low-water mark again (it paused
+        us above the high-water mark): the backpressure that bounds a streamed message's
+        memory. A peer that takes nothing for ``timeout`` seconds times the session out."""
+        if not self._writable.is_set():
+            try:
+                await asyncio.wait_for(self._writable.wait(), timeout)
+            except TimeoutError as exc:
+                raise SMTPTimeoutError("Timed out sending the message") from exc
+        if self._closed:
+            raise SMTPServerDisconnected("Connection lost")
 
     async def read(self, timeout: float | None) -> SMTPResponse:
         """The next complete reply (multi-line replies joined with newlines)."""
@@ -161,3 +192,52 @@ def data_block(message: bytes) -> bytes:
     if not wire.endswith(b"\r\n"):
         wire += b"\r\n"
     return wire + b".\r\n"
+
+
+class DotStuffer:
+    """``data_block`` for a message that comes in pieces: feed every piece in order, then
+    ``end``. The concatenated output is exactly ``data_block`` of the whole message.
+
+    Two things straddle a piece boundary and are carried over: a CR ending a piece (the
+    next piece may start with its LF, so it is held back until then) and being at the start
+    of a line (a piece that begins with ``.`` right after a line end gets its dot doubled).
+    """
+
+    def __init__(self) -> None:
+        self._held = b""  # a trailing CR not yet known to be a bare one
+        self._line_start = True
+        self._sent = False
+
+    def feed(self, piece: bytes) -> bytes:
+        piece = self._held + piece
+        self._held = b""
+        if piece.endswith(b"\r"):
+            piece, self._held = piece[:-1], b"\r"
+        if not piece:
+            return b""
+        wire = _BARE_LINE_END.sub(b"\r\n", piece)
+        wire = _DOT_AFTER_LINE_END.sub(b"\n..", wire)
+        if self._line_start and wire.startswith(b"."):
+            wire = b"." + wire
+        self._line_start = wire.endswith(b"\n")
+        self._sent = True
+        return wire
+
+    def end(self) -> bytes:
+        """The rest: a held CR as a line end, a CRLF if the message lacks its last one (or
+        is empty), and the terminating ``.`` line."""
+        if self._held or not (self._sent and self._line_start):
+            return b"\r\n.\r\n"
+        return b".\r\n"
+
+
+async def send_body(reader: ReplyReader, body: MessageBody, timeout: float | None) -> None:
+    """Write ``body`` after a 354 as ``data_block`` would, one chunk at a time (file reads
+    in a thread), draining the transport after each chunk so that memory stays bounded."""
+    stuffer = DotStuffer()
+    async for piece in body.achunks(message_body.CHUNK_SIZE):  # read now: tests patch it
+        wire = stuffer.feed(piece)
+        if wire:
+            reader.write(wire)
+            await reader.drain(timeout)
+    reader.write(stuffer.end())

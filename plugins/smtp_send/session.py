@@ -7,6 +7,10 @@ gets MAIL, every RCPT and DATA in one write, and every reply is read back in ord
 (``pipelining.ReplyReader``); others get one command at a time. Every outcome is
 data (``SmtpResponse`` per recipient); only ``open`` raises, with ``SessionFailure``.
 
+A small message (bytes) goes exactly as it always did. A large one (a spooled
+``MessageBody``) is never held whole: its 8-bit check scans it in chunks and DATA streams it
+(``pipelining.send_body``) over the connection lent to a ``ReplyReader``, pipelined or not.
+
 Rules (docs/reliability.md 63–65): success is the 250 after DATA, whatever QUIT does (QUIT has a
 short deadline and its failure is ignored); a drop or a timeout after the final dot defers
 with 4.4.2 (the peer may have the message: a possible duplicate, never a loss).
@@ -35,10 +39,16 @@ from aiosmtplib import (
 )
 
 from hubport.core.api import RecipientResult
+from hubport.core.body import MessageBody
 from hubport.core.model import MailFrom, QueuedRecipient, SmtpResponse
 from hubport.plugins.smtp_send import content
 from hubport.plugins.smtp_send.connector import CredentialError
-from hubport.plugins.smtp_send.pipelining import ReplyReader, data_block, lent_connection
+from hubport.plugins.smtp_send.pipelining import (
+    ReplyReader,
+    data_block,
+    lent_connection,
+    send_body,
+)
 from hubport.plugins.smtp_send.policy import (
     AUTH_NEEDS_TLS,
     AUTH_NOT_OFFERED,
@@ -69,6 +79,10 @@ NEEDS_SMTPUTF8 = SmtpResponse(553, "5.6.7", "SMTPSEND.SmtpUtf8; the next hop doe
 CANNOT_DOWNGRADE = SmtpResponse(554, "5.6.3", "SMTPSEND.8BitMime; the next hop does not accept"
                                               " 8-bit data and the message cannot be"
                                               " converted to 7 bits")
+#: RFC 3463 X.6.3 "Conversion required but not supported": converting is not practical here
+TOO_LARGE_TO_CONVERT = SmtpResponse(554, "5.6.3", "SMTPSEND.8BitMime; conversion to 7-bit"
+                                                  " required but the message is too large"
+                                                  " to convert")
 TOO_BIG = SmtpResponse(552, "5.3.4", "SMTPSEND.SizeLimit; the message exceeds the next hop's"
                                      " SIZE limit")
 PROTOCOL = SmtpResponse(451, "4.5.0", "SMTPSEND.Protocol; unexpected reply")
@@ -300,18 +314,28 @@ class SmtpSession:
         return str(sockname[0]) if sockname else ""
 
     async def send(self, mail_from: MailFrom, recipients: Sequence[QueuedRecipient],
-                   data: bytes) -> SendOutcome:
-        """One transaction: per-recipient results (delivered only after the 250 to DATA)."""
+                   data: bytes | MessageBody) -> SendOutcome:
+        """One transaction: per-recipient results (delivered only after the 250 to DATA).
+
+        ``data`` is the message as bytes, or as a body handle: one held in memory is taken
+        as its bytes (the path small messages always took), a spooled one is streamed.
+        """
+        if isinstance(data, MessageBody) and not data.spooled:
+            data = data.prefix
         out = SendOutcome(detail=f"{self.target.host}[{self.address}]",
                           remote_host=self.target.host, remote_ip=self.address,
                           local_ip=self._local_ip())
-        refused = self._local_checks(mail_from, recipients, data, out)
+        refused = self._local_checks(mail_from, recipients, out)
         if refused is not None:
             return refused
         ext = self.extensions
         utf8 = content.needs_smtputf8(mail_from, [r.address for r in recipients])
         body: str | None = None
-        if content.is_8bit(data, mail_from):
+        if isinstance(data, MessageBody):
+            body, refused = await self._spooled_8bit(mail_from, data, out, recipients)
+            if refused is not None:
+                return refused
+        elif content.is_8bit(data, mail_from):
             if "8bitmime" in ext:
                 body = "8BITMIME"
             else:
@@ -348,8 +372,31 @@ class SmtpSession:
             await self._reset()
             return _fill(out, recipients, RecipientResult.failed(BAD_RECIPIENT))
 
+    async def _spooled_8bit(self, mail_from: MailFrom, data: MessageBody, out: SendOutcome,
+                            recipients: Sequence[QueuedRecipient],
+                            ) -> tuple[str | None, SendOutcome | None]:
+        """The BODY parameter for a spooled message, or its refusal.
+
+        The same decision as for bytes, without holding the message: the 8-bit scan reads
+        it in chunks in a thread (skipped when the sender's BODY=8BITMIME already decides).
+        A message that is 8-bit for a peer without 8BITMIME is not converted: the
+        conversion (``downgrade_to_7bit``) parses and re-encodes the whole message in
+        memory, which a spooled message must never cost. Its recipients on this route fail
+        with 554 5.6.3 (RFC 3463: conversion required but not supported, which covers a
+        conversion that is "not practical" in the forwarding path) rather than being
+        retried, since every retry would meet the same peer; the sender's NDR says why.
+        """
+        if "8bitmime" in self.extensions:
+            if content.declares_8bit(mail_from) or not await content.body_is_ascii(data):
+                return "8BITMIME", None
+            return None, None
+        if await content.body_is_ascii(data):
+            return None, None
+        self.plog.info("8-bit content too large to convert for a peer without 8BITMIME")
+        return None, _all(out, recipients, RecipientResult.failed(TOO_LARGE_TO_CONVERT))
+
     def _local_checks(self, mail_from: MailFrom, recipients: Sequence[QueuedRecipient],
-                      data: bytes, out: SendOutcome) -> SendOutcome | None:
+                      out: SendOutcome) -> SendOutcome | None:
         if content.has_control(mail_from.address):
             log.error("sender address with a control character refused", host=self.target.host)
             return _all(out, recipients, RecipientResult.failed(BAD_SENDER))
@@ -365,7 +412,7 @@ class SmtpSession:
         return None
 
     async def _transaction(self, mail_from: MailFrom, recipients: Sequence[QueuedRecipient],
-                           data: bytes, options: list[str], dsn: bool, encoding: str,
+                           data: bytes | MessageBody, options: list[str], dsn: bool, encoding: str,
                            out: SendOutcome) -> SendOutcome:
         sender = f"<{mail_from.address}>".encode(encoding)
         reply = await self._command(b"MAIL", b"FROM:" + sender,
@@ -393,7 +440,7 @@ class SmtpSession:
         return await self._data(accepted, data, out, dsn=dsn)
 
     async def _pipelined(self, mail_from: MailFrom, recipients: Sequence[QueuedRecipient],
-                         data: bytes, options: list[str], dsn: bool, encoding: str,
+                         data: bytes | MessageBody, options: list[str], dsn: bool, encoding: str,
                          out: SendOutcome) -> SendOutcome:
         """MAIL, every RCPT and DATA in one write (RFC 2920), then their replies in order.
 
@@ -442,14 +489,8 @@ class SmtpSession:
                 reader.write(b".\r\n")
                 await self._reply(reader)
             elif go.code == 354:
-                self.plog.info(f"<message of {len(data)} bytes>")
-                reader.write(data_block(data))
-                try:  # the transport buffers the message; the reply has the whole timeout
-                    final = await self._reply(reader)
-                except (SMTPServerDisconnected, SMTPTimeoutError, SMTPResponseException,
-                        ConnectionError):
-                    self.plog.info("no usable reply to the message")
-                    self.close()
+                final = await self._message(reader, data)
+                if final is None:
                     return _fill(out, accepted, RecipientResult.deferred(DROPPED_AFTER_DATA))
             elif accepted:
                 _all(out, accepted, _classify(go, self.target.host))
@@ -470,8 +511,65 @@ class SmtpSession:
         self.plog.reply(reply.code, reply.message)
         return response_of(reply.code, reply.message)
 
-    async def _data(self, accepted: list[QueuedRecipient], data: bytes, out: SendOutcome,
-                    *, dsn: bool) -> SendOutcome:
+    async def _message(self, reader: ReplyReader,
+                       data: bytes | MessageBody) -> SmtpResponse | None:
+        """After a 354: the message, then its reply; None (the connection closed) when
+        there is no usable reply, which the caller defers as a possible duplicate.
+
+        Bytes go in one write, as they always did (the transport buffers them and the
+        reply has the whole timeout); a spooled body streams chunk by chunk, each write
+        waiting for the transport to drain within the timeout.
+        """
+        self.plog.info(f"<message of {len(data)} bytes>")
+        try:
+            if isinstance(data, MessageBody):
+                try:
+                    await send_body(reader, data, self.timeout)
+                except BaseException:
+                    # a drop, a spool read that failed or a cancellation midway: the message
+                    # can never be ended cleanly (anything sent now would be its content)
+                    self.close()
+                    raise
+            else:
+                reader.write(data_block(data))
+            return await self._reply(reader)
+        except (SMTPServerDisconnected, SMTPTimeoutError, SMTPResponseException,
+                ConnectionError):
+            self.plog.info("no usable reply to the message")
+            self.close()
+            return None
+
+    async def _streamed_data(self, accepted: list[QueuedRecipient], data: MessageBody,
+                             out: SendOutcome, *, dsn: bool) -> SendOutcome:
+        """DATA for a spooled message without PIPELINING: aiosmtplib's ``data`` takes
+        the message as one bytes object, so the connection is lent to a ``ReplyReader``
+        for DATA, the streamed message and the reply (read with the session's timeout as
+        aiosmtplib would)."""
+        assert self.smtp is not None and self.smtp.protocol is not None
+        with lent_connection(self.smtp.protocol) as reader:
+            self.plog.sent("DATA")
+            try:
+                reader.write(b"DATA\r\n")
+                go = await self._reply(reader)
+            except (SMTPServerDisconnected, SMTPTimeoutError, SMTPResponseException,
+                    ConnectionError):
+                self.plog.info("no usable reply to DATA")
+                self.close()
+                return _fill(out, accepted, RecipientResult.deferred(DROPPED_AFTER_DATA))
+            final = await self._message(reader, data) if go.code == 354 else go
+        if final is None:
+            return _fill(out, accepted, RecipientResult.deferred(DROPPED_AFTER_DATA))
+        if final.code != 250:
+            result = _classify(final, self.target.host)
+            await self._reset()
+            return _fill(out, accepted, result)
+        # a peer without DSN got no NOTIFY: a NOTIFY=SUCCESS is ours to answer, "relayed"
+        return _fill(out, accepted, RecipientResult.delivered(final, relayed=not dsn))
+
+    async def _data(self, accepted: list[QueuedRecipient], data: bytes | MessageBody,
+                    out: SendOutcome, *, dsn: bool) -> SendOutcome:
+        if isinstance(data, MessageBody):
+            return await self._streamed_data(accepted, data, out, dsn=dsn)
         assert self.smtp is not None
         self.plog.sent("DATA")
         self.plog.info(f"<message of {len(data)} bytes>")
