@@ -2,11 +2,13 @@
 
 The reader hands the content on in pieces as blocks arrive; the tests below check that any
 split of the stream into blocks, with pieces cut as often as possible, gives exactly what
-judging the whole message at once gives (``whole`` is that reference).
+judging the whole message at once gives (``whole`` is that reference), and that its buffer
+stays small whatever the line endings (LF only, CR only, none at all).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -44,51 +46,69 @@ class Fed:
     content: bytes
     outcome: DataOutcome
     unfed: bytes  # blocks never given to the reader (it was done before)
+    pieces: list[bytes]  # what each block's feed returned
+    peak: int  # the longest the reader's buffer was between two blocks
 
 
 def feed_blocks(blocks: list[bytes], *, max_size: int | None = None, max_line: int = 998,
                 normalize: bool = False, emit_size: int = 1) -> Fed:
     """Feed ``blocks`` in order until the reader is done; ``emit_size=1`` cuts a piece at
-    every CRLF a block completes (the most boundaries there can be)."""
+    every line ending a block completes (the most boundaries there can be)."""
     reader = DataReader(max_size=max_size, max_line=max_line, normalize=normalize,
                         emit_size=emit_size)
-    content = bytearray()
-    for index, block in enumerate(blocks):
-        if reader.done:
-            return Fed(bytes(content), reader.outcome, b"".join(blocks[index:]))
-        if block:
-            content += reader.feed(block)
+    pieces: list[bytes] = []
+    peak = fed = 0
+    while fed < len(blocks) and not reader.done:
+        if blocks[fed]:
+            pieces.append(reader.feed(blocks[fed]))
+            peak = max(peak, len(reader._buffer))
+        fed += 1
     assert reader.outcome is not None, "no terminator"
-    return Fed(bytes(content), reader.outcome, b"")
+    return Fed(b"".join(pieces), reader.outcome, b"".join(blocks[fed:]), pieces, peak)
 
 
-def feed_split(data: bytes, cut: int | None) -> Fed:
-    return feed_blocks([data] if cut is None else [data[:cut], data[cut:]])
+def feed_split(data: bytes, cut: int | None, *, normalize: bool = False) -> Fed:
+    return feed_blocks([data] if cut is None else [data[:cut], data[cut:]],
+                       normalize=normalize)
 
 
-def whole(stream: bytes, *, max_line: int = 998) -> tuple[bytes, bool, bool, bool, bytes]:
-    """The reference: (content, bare CR/LF, NUL, line too long, rest) judged on the whole
-    message at once, as the reader did before it streamed."""
+@dataclass
+class Judged:
+    """The reference: a message judged whole, as the reader did before it streamed."""
+
+    content: bytes  # dot-unstuffed, normalized when asked and needed
+    size: int
+    bare: bool
+    nul: bool
+    long: bool
+    rest: bytes
+
+
+def whole(stream: bytes, *, max_line: int = 998, normalize: bool = False) -> Judged:
     buffered = b"\r\n" + stream
     end = buffered.find(TERMINATOR)
     raw = buffered[:end + 2]
     crlf = raw.count(b"\r\n")
     bare = raw.count(b"\r") != crlf or raw.count(b"\n") != crlf
     long = any(len(line) > max_line + 2 for line in raw[2:].split(b"\n"))
-    return (raw.replace(b"\r\n.", b"\r\n")[2:], bare, b"\x00" in raw, long,
-            buffered[end + len(TERMINATOR):])
+    content = raw.replace(b"\r\n.", b"\r\n")[2:]
+    if bare and normalize:
+        content = normalize_line_endings(content)
+    return Judged(content, end, bare, b"\x00" in raw, long, buffered[end + len(TERMINATOR):])
 
 
 def assert_like_whole(fed: Fed, stream: bytes, *, max_line: int = 998,
-                      normalize: bool = False) -> None:
-    content, bare, nul, long, rest = whole(stream, max_line=max_line)
+                      normalize: bool = False, max_size: int | None = None) -> None:
+    """Same outcome as the whole message, and, for a message not refused, the same content
+    (of a refused one the caller drops whatever was handed on)."""
+    ref = whole(stream, max_line=max_line, normalize=normalize)
+    too_big = max_size is not None and ref.size > max_size
     outcome = fed.outcome
-    assert outcome.line_too_long == long
-    assert outcome.rest + fed.unfed == rest
-    if long:
-        return  # refused: nothing more is judged or handed on
-    assert (outcome.bare_line_ending, outcome.nul) == (bare, nul)
-    assert fed.content == (normalize_line_endings(content) if bare and normalize else content)
+    assert (outcome.size, outcome.too_big, outcome.line_too_long, outcome.nul,
+            outcome.bare_line_ending) == (ref.size, too_big, ref.long, ref.nul, ref.bare)
+    assert outcome.rest + fed.unfed == ref.rest
+    if not (too_big or ref.long or (ref.bare and not normalize)):
+        assert fed.content == ref.content
 
 
 def test_plain_message_and_dot_unstuffing() -> None:
@@ -106,13 +126,15 @@ def test_empty_message() -> None:
 @pytest.mark.parametrize("name", sorted(VECTORS))
 def test_a_smuggling_vector_never_ends_the_message(name: str) -> None:
     stream = b"Subject: a\r\n\r\nfirst" + VECTORS[name] + SMUGGLED + b".\r\n"
-    for cut in range(len(stream) + 1):
-        fed = feed_split(stream, cut)
-        outcome = fed.outcome
-        assert outcome.rest == b"", (name, cut)  # nothing left over for a second message
-        assert b"spoof@victim.example" in fed.content
-        assert outcome.bare_line_ending or outcome.nul, (name, cut)
-        assert_like_whole(fed, stream)
+    for normalize in (False, True):
+        for cut in range(len(stream) + 1):
+            fed = feed_split(stream, cut, normalize=normalize)
+            outcome = fed.outcome
+            assert outcome.rest == b"", (name, cut)  # nothing left over for a second message
+            assert outcome.bare_line_ending or outcome.nul, (name, cut)
+            if normalize:  # (refused otherwise, and no longer handed on)
+                assert b"spoof@victim.example" in fed.content
+            assert_like_whole(fed, stream, normalize=normalize)
 
 
 def test_terminator_split_across_every_boundary() -> None:
@@ -230,15 +252,118 @@ def test_a_line_without_end_is_not_kept() -> None:
 
 TOKENS = [b"a", b"Subject: b", b".", b"..", b"\r", b"\n", b"\r\n", b"\r\n.", b"\x00",
           b"\r\n\r\n", b"\r\n.\r"]
+# lines ended by a lone LF, dots after it (not stuffing) and a lone LF before ".\r\n"
+LF_TOKENS = [b"x\n", b"\n.", b"\n..", b"\n.\r\n", b"\n\n", b".\n", b"\r\r\n"]
 
 
-@given(st.lists(st.sampled_from(TOKENS), max_size=40),
+@given(st.lists(st.sampled_from(TOKENS + LF_TOKENS), max_size=40),
        st.lists(st.integers(min_value=0, max_value=200), max_size=6),
-       st.sampled_from([1, 3, 16, 1 << 20]), st.booleans(), st.sampled_from([4, 998]))
+       st.sampled_from([1, 3, 16, 1 << 20]), st.booleans(), st.sampled_from([4, 998]),
+       st.sampled_from([None, 10, 60]))
 def test_any_split_judges_like_the_whole(tokens: list[bytes], cuts: list[int], emit_size: int,
-                                         normalize: bool, max_line: int) -> None:
+                                         normalize: bool, max_line: int,
+                                         max_size: int | None) -> None:
     stream = b"".join(tokens) + TERMINATOR + b"RSET\r\n"
     points = sorted({min(c, len(stream)) for c in cuts})
     blocks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
-    fed = feed_blocks(blocks, max_line=max_line, normalize=normalize, emit_size=emit_size)
-    assert_like_whole(fed, stream, max_line=max_line, normalize=normalize)
+    fed = feed_blocks(blocks, max_line=max_line, normalize=normalize, emit_size=emit_size,
+                      max_size=max_size)
+    assert_like_whole(fed, stream, max_line=max_line, normalize=normalize, max_size=max_size)
+
+
+# -- lone line endings: bounded memory, the same content and outcome ----------------------------
+
+
+EMIT = 64 * 1024
+BLOCK = 64 * 1024
+BOUND = 4 * EMIT + BLOCK  # the most the reader may keep between two blocks
+
+
+def lone_ending_message(ending: bytes, size: int = 3 * 1024 * 1024, *, crlf: float = 0,
+                        seed: int = 5) -> bytes:
+    """A stream of about ``size`` octets whose lines end in ``ending`` (b"\n", b"\r" or
+    none), some starting with one or two dots; at the rate ``crlf`` a line ends in CRLF
+    instead or is followed by ".\r\n" (no terminator: a lone LF or CR before it); then
+    the real terminator and a command."""
+    rng = random.Random(seed)
+    lines = [b"Subject: lone endings" + ending + ending]
+    total = 0
+    while total < size:
+        line = rng.choice([b"", b".", b".."]) + b"y" * rng.randrange(0, 200)
+        if rng.random() < crlf:
+            line += b"y\r\n"  # (never "\r\n" right before ".\r\n")
+        else:
+            line += ending + (b".\r\n" if ending and rng.random() < crlf else b"")
+        lines.append(line)
+        total += len(line)
+    body = b"".join(lines) + b"last"
+    assert TERMINATOR not in b"\r\n" + body + b"\r\n"
+    return body + TERMINATOR + b"QUIT\r\n"
+
+
+def random_blocks(stream: bytes, *, seed: int = 7) -> list[bytes]:
+    rng = random.Random(seed)
+    blocks, at = [], 0
+    while at < len(stream):
+        step = rng.randrange(1, BLOCK + 1)
+        blocks.append(stream[at:at + step])
+        at += step
+    return blocks
+
+
+@pytest.mark.parametrize("crlf", [0, 0.01])  # LF only, or a CRLF now and then
+@pytest.mark.parametrize("max_size", [None, 1024 * 1024])  # the bypass right, or a limit
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_large_lf_only_message(normalize: bool, max_size: int | None, crlf: float) -> None:
+    stream = lone_ending_message(b"\n", crlf=crlf)
+    fed = feed_blocks(random_blocks(stream), normalize=normalize, emit_size=EMIT,
+                      max_size=max_size)
+    assert fed.outcome.bare_line_ending and not fed.outcome.line_too_long
+    assert_like_whole(fed, stream, normalize=normalize, max_size=max_size)
+    assert fed.peak <= BOUND
+    assert fed.outcome.too_big == (max_size is not None)
+    if not normalize:  # refused at once: nothing kept but what finds the terminator
+        assert fed.peak <= 4
+    elif max_size is None:  # accepted: handed on in pieces as it came
+        assert len(fed.content) > 3 * 1024 * 1024 and len(fed.pieces) > 20
+        assert max(map(len, fed.pieces)) <= BOUND
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("ending", [b"\r", b""])
+def test_a_large_message_without_lf_is_not_kept(normalize: bool, ending: bytes) -> None:
+    stream = lone_ending_message(ending)  # one line of megabytes: refused as too long
+    fed = feed_blocks(random_blocks(stream), normalize=normalize, emit_size=EMIT)
+    assert fed.outcome.line_too_long
+    assert_like_whole(fed, stream, normalize=normalize)
+    assert fed.peak <= BOUND
+
+
+def test_a_lone_lf_before_a_cut_keeps_the_dot_after_it() -> None:
+    blocks = [b"a\n", b".b\n", b"..c\n.\r\n", b"d\r\n", b"..e\r\n.\r\n"]
+    fed = feed_blocks(blocks, normalize=True)
+    assert fed.pieces == [b"a\r\n", b".b\r\n", b"..c\r\n.\r\n", b"d\r\n", b".e\r\n"]
+    assert_like_whole(fed, b"".join(blocks), normalize=True)
+
+
+@pytest.mark.parametrize("blocks", [
+    [b"a\n", b"b\r", b"\n.", b"\r\n"],  # a CR ending a block: never cut before its LF
+    [b"a\n", b"b\r", b"\n", b".\r\n"],
+    [b"a\n\r", b"\n.\r\nNOOP\r\n"],
+])
+def test_a_crlf_after_a_lone_lf_still_ends_the_message(blocks: list[bytes]) -> None:
+    fed = feed_blocks(blocks, normalize=True)
+    assert fed.content.endswith(b"\r\n") and fed.outcome.rest + fed.unfed in (b"", b"NOOP\r\n")
+    assert_like_whole(fed, b"".join(blocks), normalize=True)
+
+
+@pytest.mark.parametrize("blocks", [
+    [b"Subject: a\r\n\r\nx\ny\r\n", b"z" * 5000 + b"\r\n", b"\x00\r\n.\r\n"],
+    [b"Subject: a\r\n\r\nx\ny\x00\r\n", b".\r\n"],
+    [b"Subject: a\r\n\r\nx\ny\r\n" + b"z\r\n" * 1000, b"\x00", b"\r\n.\r\n"],
+])
+def test_a_nul_after_the_first_lone_lf_is_still_reported(blocks: list[bytes]) -> None:
+    fed = feed_blocks(blocks, emit_size=16)
+    assert fed.outcome.nul and fed.outcome.bare_line_ending  # the NUL reply comes first
+    assert fed.peak <= 4 + 2 and fed.content == b""
+    assert_like_whole(fed, b"".join(blocks))
