@@ -86,7 +86,7 @@ def test_killing_workers_and_the_supervisor_loses_and_duplicates_nothing(
     writer.start()
     restarts = 0
     try:
-        for round_ in range(6):  # a worker killed mid-flow, the supervisor starts it again
+        for round_ in range(4):  # a worker killed mid-flow, the supervisor starts it again
             if not writer.in_burst.wait(5.0):
                 time.sleep(rng.uniform(0.2, 1.0))
             time.sleep(rng.uniform(0.0, 0.25))
