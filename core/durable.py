@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 _libc = None
@@ -76,7 +76,7 @@ def rename_noreplace(src: Path | str, dst: Path | str) -> None:
     os.rename(src, dst)
 
 
-def write_new_file(path: Path, data: bytes | Sequence[bytes], mode: int = 0o644) -> int:
+def write_new_file(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644) -> int:
     """Create ``path`` exclusively (never following a link) and write ``data`` (bytes, or
     chunks written one after the other, so a body shared by many files is not copied for
     each); returns the fd. The caller syncs and closes the descriptor.

@@ -124,22 +124,7 @@ def _write_new(path: Path, data: bytes | tuple[FilePart, ...]) -> int:
     """``write_new_file`` for a plan's content: bytes at once, else part after part (the
     in-memory ones as they are, a body or a chunk function chunk by chunk). Returns the fd;
     on any error the file is closed and removed."""
-    if isinstance(data, bytes):
-        return write_new_file(path, data)
-    fd = write_new_file(path, b"")
-    try:
-        for chunk in _chunks(data):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        raise
-    return fd
+    return write_new_file(path, data if isinstance(data, bytes) else _chunks(data))
 
 
 def _chunks(parts: Iterable[FilePart]) -> Iterator[bytes]:

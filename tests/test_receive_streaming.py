@@ -159,36 +159,42 @@ async def test_a_small_message_never_touches_the_spool_folder(hub_factory) -> No
         agent.GATE.set()
 
 
-@pytest.mark.parametrize("case", ["too-big", "line-too-long", "bare-lf", "header-too-big",
-                                  "agent-refuses", "receive-hook-defers"])
-async def test_a_refused_large_message_leaves_no_spool_file(hub_factory, case: str) -> None:
+REFUSALS = ["too-big", "line-too-long", "bare-lf", "header-too-big", "agent-refuses",
+            "receive-hook-defers"]
+
+
+def refused_case(case: str) -> tuple[bytes, str, tuple[int, str]]:
+    """The content, recipient and expected reply of one refusal of a spooled message."""
+    content = large_message(SPOOL_THRESHOLD * 3 // 2)  # spooled, within 2 MB
+    if case == "too-big":
+        return large_message(3 * SPOOL_THRESHOLD), "x@hold.test", (552, "5.3.4")
+    if case == "line-too-long":  # after the body went to the spool file
+        return content + b"y" * 70000 + b"\r\n", "x@hold.test", (500, "5.5.2")
+    if case == "bare-lf":  # at the very end, after everything else was spooled
+        return content + b"bare\nline\r\n", "x@hold.test", (550, "5.6.11")
+    if case == "header-too-big":  # 64 KB by default: read back from the spool file
+        return b"X-Filler: abcdefgh\r\n" * 4000 + content, "x@hold.test", (552, "5.3.4")
+    if case == "agent-refuses":
+        return content, "refuse@hold.test", (550, "5.7.1")
+    return content, "later@hold.test", (451, "4.7.1")
+
+
+async def test_a_refused_large_message_leaves_no_spool_file(hub_factory) -> None:
     port = free_port()
     extra = CONNECTOR + receive_connector("Default", [f"127.0.0.1:{port}"],
                                           MaxMessageSize="2MB", MaxLineLength=65536,
                                           **ANONYMOUS)
-    content = large_message(SPOOL_THRESHOLD * 3 // 2)  # spooled, within 2 MB
-    recipient, expected = "x@hold.test", None
-    if case == "too-big":
-        content, expected = large_message(3 * SPOOL_THRESHOLD), (552, "5.3.4")
-    elif case == "line-too-long":  # after the body went to the spool file
-        content, expected = content + b"y" * 70000 + b"\r\n", (500, "5.5.2")
-    elif case == "bare-lf":  # at the very end, after everything else was spooled
-        content, expected = content + b"bare\nline\r\n", (550, "5.6.11")
-    elif case == "header-too-big":  # 64 KB by default: read back from the spool file
-        content, expected = b"X-Filler: abcdefgh\r\n" * 4000 + content, (552, "5.3.4")
-    elif case == "agent-refuses":
-        recipient, expected = "refuse@hold.test", (550, "5.7.1")
-    else:
-        recipient, expected = "later@hold.test", (451, "4.7.1")
-    async with hub_factory(extra=extra, plugins=holding_agent()) as hub, \
-            connected(port) as client:
-        await start_data(client, recipient)
-        await client.send(stuffed(content))
-        reply = await client.reply()
-        assert (reply.code, reply.enhanced) == expected, reply
-        assert spool_files(hub) == []  # gone before the reply was sent
-        assert (await client.cmd("NOOP")).code == 250
-        assert await queued_count(hub) == 0
+    async with hub_factory(extra=extra, plugins=holding_agent()) as hub:
+        for case in REFUSALS:  # one server, a session per refusal
+            content, recipient, expected = refused_case(case)
+            async with connected(port) as client:
+                await start_data(client, recipient)
+                await client.send(stuffed(content))
+                reply = await client.reply()
+                assert (reply.code, reply.enhanced) == expected, (case, reply)
+                assert spool_files(hub) == [], case  # gone before the reply was sent
+                assert (await client.cmd("NOOP")).code == 250
+                assert await queued_count(hub) == 0, case
 
 
 async def test_a_client_leaving_mid_data_leaves_no_spool_file(hub_factory) -> None:
