@@ -30,6 +30,32 @@ CORPUS = CORPUS_DIR
 __all__ = ["Hub", "running_hub"]
 
 
+FIGURES = "figures"
+_figures: list[str] = []
+
+
+@pytest.fixture
+def figures(record_property: Callable[[str, object], None]) -> Callable[[str], None]:
+    """``figures(line)``: a line a long test wants in every CI log (the crash tests' ledgers).
+
+    Recorded as a test property, so it reaches the summary from xdist's test processes too,
+    where a print would be lost."""
+    return lambda line: record_property(FIGURES, line)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _figures.extend(str(value) for name, value in report.user_properties
+                        if name == FIGURES)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _figures:
+        terminalreporter.section("figures of the crash tests")
+        for line in _figures:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture
 def hub_factory(tmp_path: Path) -> Callable[..., object]:
     """``async with hub_factory(server_extra=...) as hub:`` starts a daemon in tmp_path."""

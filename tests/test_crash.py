@@ -18,7 +18,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,7 +233,7 @@ def wait_then_kill(daemon: Daemon, kind: str, writer: Writer, rng: random.Random
 
 @pytest.mark.timeout(300)
 def test_sigkill_at_random_moments_delivers_every_message_exactly_once(
-        tmp_path: Path, pool: DaemonPool, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, pool: DaemonPool, figures: Callable[[str], None]) -> None:
     started = time.monotonic()
     rng = random.Random(SEED)
     ledger = make_ledger(rng, FILES)
@@ -264,10 +264,9 @@ def test_sigkill_at_random_moments_delivers_every_message_exactly_once(
     report = check_exactly_once(tmp_path, ledger)
     elapsed = time.monotonic() - started
     recovered = recovery_counts(d.log_text() for d in pool.started)
-    with capsys.disabled():
-        print(f"\ncrash test: seed={SEED} files={FILES} kills={len(landed)} "
-              f"({', '.join(f'{k}={landed.count(k)}' for k in sorted(set(landed)))}) "
-              f"{report.summary()} recovered={recovered} time={elapsed:.1f}s")
+    figures(f"crash test: seed={SEED} files={FILES} kills={len(landed)} "
+            f"({', '.join(f'{k}={landed.count(k)}' for k in sorted(set(landed)))}) "
+            f"{report.summary()} recovered={recovered} time={elapsed:.1f}s")
     assert report.ok, report.details()
     assert sum(recovered.values()) > 0  # the kills did catch work in progress
     assert report.delivered == report.expected > FILES

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,22 +26,21 @@ MESSAGES = 240
 
 @pytest.mark.timeout(300)
 def test_twenty_kills_lose_nothing_double_nothing_and_track_every_delivery(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, figures: Callable[[str], None]) -> None:
     root = tmp_path / "soak"
     root.mkdir()
     # one process: the suite's time budget; tests/test_workers.py kills workers and
     # supervisors, and ``./dev soak`` (two workers by default) soaks both kinds
     soak = run_soak(root, kills=KILLS, seed=SEED, messages=MESSAGES, workers=1)
     ledger = soak.ledger
-    with capsys.disabled():
-        print(f"\ncrash soak: seed={SEED} kills={ledger.kills} accepted={ledger.accepted} "
-              f"copies={ledger.delivered_copies}/{ledger.expected_copies} "
-              f"lost={len(ledger.lost)} dup={len(ledger.duplicated_acknowledged)} "
-              f"dup-unseen={len(ledger.duplicated_250_unseen)} "
-              f"dup-handoff={len(ledger.duplicated_handoff)} phantom={len(ledger.phantom)} "
-              f"corrupt={len(ledger.corrupted)} untracked={len(ledger.untracked)} "
-              f"slowest-recovery={ledger.slowest_recovery}s time={ledger.seconds}s "
-              f"(kills {ledger.kill_phase_seconds}s, drain {ledger.drain_seconds}s)")
+    figures(f"crash soak: seed={SEED} kills={ledger.kills} accepted={ledger.accepted} "
+            f"copies={ledger.delivered_copies}/{ledger.expected_copies} "
+            f"lost={len(ledger.lost)} dup={len(ledger.duplicated_acknowledged)} "
+            f"dup-unseen={len(ledger.duplicated_250_unseen)} "
+            f"dup-handoff={len(ledger.duplicated_handoff)} phantom={len(ledger.phantom)} "
+            f"corrupt={len(ledger.corrupted)} untracked={len(ledger.untracked)} "
+            f"slowest-recovery={ledger.slowest_recovery}s time={ledger.seconds}s "
+            f"(kills {ledger.kill_phase_seconds}s, drain {ledger.drain_seconds}s)")
     assert ledger.ok, ledger.text()
     assert sum(ledger.kills_by_kind.values()) == KILLS, ledger.text()
     assert ledger.accepted == MESSAGES, ledger.text()  # every client got its 250 in the end
