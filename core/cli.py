@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     pressure.add_argument("--format", "-format", default="table",
                           choices=["table", "list", "json"])
 
+    certificate = sub.add_parser(
+        "new-servercertificate",
+        help="issue a transport server's internal transport certificate from the"
+             " organization's CA on this machine, for a hub on another machine")
+    _common(certificate)
+    certificate.add_argument("identity", metavar="SERVER", help="the transport server's Name")
+    certificate.add_argument("--out", "-out", type=Path, default=None,
+                             help="folder for <fqdn>.crt, <fqdn>.key and ca.crt"
+                                  " (default: ./<SERVER>-certificate)")
+
     passwd = sub.add_parser("set-password",
                             help="set a mailbox's password for SMTP authentication")
     _common(passwd)
@@ -110,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _run, "plugins": _plugins, "test-config": _test_config,
         "get-messagetrackinglog": _tracking, "get-queue": _queue,
         "set-password": _set_password, "get-backpressure": _backpressure,
+        "new-servercertificate": _new_server_certificate,
     }
     commands.update(dict.fromkeys(_QUEUE_ARGS, _queue))
     if args.command is None:
@@ -421,6 +432,36 @@ def _queue_list(rows: list[dict[str, Any]], kind: str) -> str:
                        for p in r["recipients"]]
         blocks.append("\n".join(f"{name:<18}: {value}" for name, value in fields))
     return "\n\n".join(blocks)
+
+
+def _new_server_certificate(args: argparse.Namespace) -> int:
+    """New-ServerCertificate for another machine's hub: the files to copy there."""
+    from hubport.core.internal_tls import issue_for, organization_ca_folder
+    from hubport.core.tls import TlsConfigError
+
+    _, org, server = _load(args)
+    try:
+        target = org.server(args.identity)
+    except KeyError as exc:
+        print(f"hubport: {exc.args[0]}", file=sys.stderr)
+        return 1
+    out = args.out or Path.cwd() / f"{target.name}-certificate"
+    try:
+        written = issue_for(org, target.name, out)
+    except (TlsConfigError, OSError) as exc:
+        print(f"hubport: cannot issue a certificate for {target.name}: {exc}", file=sys.stderr)
+        return 1
+    cert, key, ca = written
+    folder = target.state_directory / "certs" / "internal"
+    print(f"Issued an internal transport certificate for {target.name} ({target.fqdn}):")
+    for path in written:
+        print(f"  {path}")
+    print(f"On {target.name}'s machine, put {cert.name} and {key.name} (mode 0600) in {folder}"
+          f" and {ca.name} in {organization_ca_folder(org, target)}, or name them in its"
+          f" InternalTransportCertificateFile, InternalTransportCertificateKeyFile and"
+          f" InternalTransportCertificateAuthorityFile. The CA's key stays here"
+          f" ({organization_ca_folder(org, server) / 'ca.key'}).")
+    return 0
 
 
 def _set_password(args: argparse.Namespace) -> int:

@@ -279,6 +279,10 @@ class TransportServer:
     intra_org_connector_protocol_logging_level: str = "None"
     #: hubport: the password file for SMTP Basic authentication (core/credentials.py)
     password_file_path: Path = Path("var/auth/passwords")
+    #: hub-to-hub trust (core/internal_tls.py): None = issued from the organization's CA
+    internal_transport_certificate_file: Path | None = None
+    internal_transport_certificate_key_file: Path | None = None
+    internal_transport_certificate_authority_file: Path | None = None
     #: hubport: how long one plugin's implementation of a stage hook or event may run
     #: (core/hooks.py); ``deliver`` gets its own, longer limit (a whole batch over SMTP)
     plugin_hook_timeout: float = 30.0
@@ -846,7 +850,28 @@ class _Loader:
             **self._back_pressure_settings(r),
             **self._protocol_log_settings(r, state),
             password_file_path=r.path("PasswordFilePath", state / "auth" / "passwords"),
+            **self._internal_transport_certificate(r),
         )
+
+    @staticmethod
+    def _internal_transport_certificate(r: FieldReader) -> dict[str, Any]:
+        """The administrator's own hub certificate and CA (else the organization's CA
+        issues one): a key without its certificate is an error."""
+        cert = r.path("InternalTransportCertificateFile", None, nullable=True)
+        key = r.path("InternalTransportCertificateKeyFile", None, nullable=True)
+        authority = r.path("InternalTransportCertificateAuthorityFile", None, nullable=True)
+        if key is not None and cert is None:
+            r.error("InternalTransportCertificateKeyFile",
+                    "needs InternalTransportCertificateFile")
+        if authority is not None and cert is None:
+            r.error("InternalTransportCertificateAuthorityFile",
+                    "needs InternalTransportCertificateFile (this server's certificate from"
+                    " that authority: the other hubs check it against the same file)")
+        return {
+            "internal_transport_certificate_file": cert,
+            "internal_transport_certificate_key_file": key,
+            "internal_transport_certificate_authority_file": authority,
+        }
 
     def _back_pressure_settings(self, r: FieldReader) -> dict[str, Any]:
         """Back pressure (core/backpressure.py): Exchange's EdgeTransport.exe.config names."""

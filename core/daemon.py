@@ -34,11 +34,13 @@ from hubport.core.control import start_control
 from hubport.core.counters import SharedCounters
 from hubport.core.folders import PickupDirectory, ReplayDirectory
 from hubport.core.hooks import Hooks, PluginError
+from hubport.core.internal_tls import internal_tls
 from hubport.core.pipeline import Pipeline
 from hubport.core.queue_admin import QueueAdmin
 from hubport.core.rotating_log import log_writer
 from hubport.core.services import ConnectorService, ServiceError, ServiceRuntime
 from hubport.core.store import SharedDatabaseError, Store
+from hubport.core.tls import TlsConfigError
 from hubport.core.tracking import TrackingLog, TrackingSettings
 from hubport.core.workers import WorkerSlot, signal_ready
 
@@ -367,7 +369,16 @@ class Daemon:
                 self.services[section] = create(runtime)
 
     async def _start_services(self) -> None:
-        """Hand each service its connectors: listeners open, send settings apply."""
+        """Hand each service its connectors: listeners open, send settings apply.
+
+        In an organization of several servers this one's internal transport certificate
+        is made (or renewed) first, so the other hubs can trust it from its first start."""
+        if len(self.org.servers) > 1:
+            try:
+                await asyncio.to_thread(internal_tls, self.org, self.server)
+            except (TlsConfigError, OSError) as exc:
+                raise StartupError(f"internal transport certificate: {exc}",
+                                   EXIT_SERVICE) from exc
         for section, service in self.services.items():
             try:
                 await service.apply(self.org.connectors_of(section))

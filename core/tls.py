@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,13 +121,14 @@ def _load_ca(ctx: ssl.SSLContext, ca: Path) -> None:
 def server_context(
     pair: CertificatePair,
     *,
-    client_ca: Path | None = None,
+    client_ca: Path | Sequence[Path] | None = None,
     request_client_certificate: bool = False,
 ) -> ssl.SSLContext:
     """A TLS >= 1.2 server context; optionally asks clients for a certificate.
 
     With `request_client_certificate` a client may still connect without one (CERT_OPTIONAL),
-    but one it presents must chain to `client_ca` (or the system CAs), else the handshake fails.
+    but one it presents must chain to one of `client_ca` (or the system CAs), else the
+    handshake fails.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -134,7 +136,8 @@ def server_context(
     if request_client_certificate:
         ctx.verify_mode = ssl.CERT_OPTIONAL
         if client_ca is not None:
-            _load_ca(ctx, client_ca)
+            for ca in [client_ca] if isinstance(client_ca, Path) else client_ca:
+                _load_ca(ctx, ca)
         else:
             ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)
     return ctx

@@ -339,3 +339,20 @@ class ScriptedDns:
         self._stop.set()
         self._thread.join(5)
         self.sock.close()
+
+
+def hub_tls(org: Any, server_name: str) -> ssl.SSLContext:
+    """A server context for a peer standing in for another hub of ``org``: a certificate for
+    that server's FQDN from the organization's CA (made if there is none yet), as its
+    internal transport certificate would be."""
+    from hubport.core.internal_tls import CertificateAuthority, organization_ca_folder
+
+    server = org.server(server_name)
+    ca = CertificateAuthority(organization_ca_folder(org, server))
+    ca.ensure(org.transport_config.organization_name)
+    cert, key = ca.issue([server.fqdn])
+    pem = ca.folder / f"peer-{server.fqdn}.pem"
+    pem.write_bytes(cert + key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pem)
+    return context

@@ -62,13 +62,35 @@ async def start_tls_session(port: int, context: ssl.SSLContext) -> Client:
 
 async def test_exchange_server_authentication_by_client_certificate(
         hub_factory, tmp_path: Path, ca: trustme.CA) -> None:
+    """The administrator's own CA (InternalTransportCertificate* on the transport server)
+    proves the hubs; a partner CA the connector also trusts proves no hub, whatever name
+    its certificate carries."""
     ca_file = tmp_path / "org-ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
+    mine = ca.issue_cert("hub01.contoso.test")
+    mine.cert_chain_pems[0].write_to_path(str(tmp_path / "hub01.crt"))
+    mine.private_key_pem.write_to_path(str(tmp_path / "hub01.key"))
+    server_extra = (f'InternalTransportCertificateFile = "{tmp_path / "hub01.crt"}"\n'
+                    f'InternalTransportCertificateKeyFile = "{tmp_path / "hub01.key"}"\n'
+                    f'InternalTransportCertificateAuthorityFile = "{ca_file}"\n')
+    partners = trustme.CA()
+    partner_file = tmp_path / "partner-ca.pem"
+    partners.cert_pem.write_to_path(str(partner_file))
     port = free_port()
     extra = HUB02 + receive_connector(
         "Internal", [f"127.0.0.1:{port}"], AuthMechanism=["Tls", "ExchangeServer"],
-        PermissionGroups=["ExchangeServers"], TlsClientCertificateAuthorityFile=str(ca_file))
-    async with hub_factory(extra=extra) as hub:
+        PermissionGroups=["ExchangeServers", "Partners"],
+        TlsClientCertificateAuthorityFile=str(partner_file))
+    async with hub_factory(extra=extra, server_extra=server_extra) as hub:
+        impostor = await start_tls_session(port, client_context(partners, "hub02.contoso.test"))
+        # a partner may not send as the organization's own domain (and may not relay)
+        reply = await impostor.cmd("MAIL FROM:<alice@contoso.test>")
+        assert (reply.code, reply.enhanced) == (550, "5.7.1"), reply
+        assert (await impostor.cmd("MAIL FROM:<someone@partner.example>")).code == 250
+        reply = await impostor.cmd("RCPT TO:<x@external.example>")
+        assert (reply.code, reply.enhanced) == (550, "5.7.1"), reply
+        await impostor.close()
+
         server = await start_tls_session(port, client_context(ca, "hub02.contoso.test"))
         assert (await server.cmd("MAIL FROM:<alice@contoso.test>")).code == 250
         assert (await server.cmd("RCPT TO:<x@external.example>")).code == 250  # may relay
@@ -79,9 +101,11 @@ async def test_exchange_server_authentication_by_client_certificate(
         (data,) = await queued_data(hub)
         assert b"X-MS-Exchange-Organization-Scl: 1" in data  # a server's org headers stay
 
+        # the hubs' CA, but no server of the organization: a partner at most, no relay
         stranger = await start_tls_session(port, client_context(ca, "stranger.example"))
-        reply = await stranger.cmd("MAIL FROM:<a@example.org>")
-        assert (reply.code, reply.enhanced) == (530, "5.7.1"), reply
+        assert (await stranger.cmd("MAIL FROM:<a@example.org>")).code == 250
+        reply = await stranger.cmd("RCPT TO:<x@external.example>")
+        assert (reply.code, reply.enhanced) == (550, "5.7.1"), reply
         await stranger.close()
 
         anonymous = await start_tls_session(port, client_context(ca, None))

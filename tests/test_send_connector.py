@@ -26,7 +26,7 @@ from hubport.core.model import (
 )
 from hubport.plugins.smtp_send import SendConnector, content
 from hubport.plugins.smtp_send.delivery import deliver_items
-from send_peers import Script, ScriptedSink, make_ca, silent_server, smtp_sink
+from send_peers import Script, ScriptedSink, hub_tls, make_ca, silent_server, smtp_sink
 from support import maildir, message, wait_for, write_org
 
 pytestmark = pytest.mark.timeout(60)
@@ -404,8 +404,8 @@ class FakeReceiveConnector:
 
 async def test_relay_to_the_source_server(tmp_path: Path) -> None:
     hub02 = '[[transport_server]]\nName = "HUB02"\nStateDirectory = "var2"\n'
-    with ScriptedSink() as sink:
-        org = load_org(tmp_path, hub02)
+    org = load_org(tmp_path, hub02)
+    with ScriptedSink(tls=hub_tls(org, "HUB02")) as sink:
         rc = FakeReceiveConnector("Default HUB02", "HUB02", (("127.0.0.1", sink.port),),
                                   frozenset({"ExchangeServers"}))
         org = dataclasses.replace(org, connectors=(*org.connectors, rc))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from hubport.core.protocol_log import FIELDS
-from send_peers import ScriptedSink
+from send_peers import ScriptedSink, hub_tls
 from support import message, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -144,9 +144,9 @@ async def test_the_hub_relay_logs_with_intra_org_connector_protocol_logging(
     from test_send_connector import FakeReceiveConnector, context, item, kinds, load_org
 
     hub02 = '[[transport_server]]\nName = "HUB02"\nStateDirectory = "var2"\n'
-    with ScriptedSink() as sink:
-        org = load_org(tmp_path, hub02,
-                       server_extra='IntraOrgConnectorProtocolLoggingLevel = "Verbose"')
+    org = load_org(tmp_path, hub02,
+                   server_extra='IntraOrgConnectorProtocolLoggingLevel = "Verbose"')
+    with ScriptedSink(tls=hub_tls(org, "HUB02")) as sink:
         rc = FakeReceiveConnector("Default HUB02", "HUB02", (("127.0.0.1", sink.port),),
                                   frozenset({"ExchangeServers"}))
         org = dataclasses.replace(org, connectors=(*org.connectors, rc))

@@ -126,6 +126,8 @@ class ReceiveProtocol(SMTP):
         self.command_size_limits = {}  # aiosmtpd's is shared by every instance
         self.connector: ReceiveConnector | None = None
         self.info: ReceiveSession | None = None
+        #: the TLS transport whose client certificate may prove another hub
+        self._tls_transport: Any = None
         self.refusal: SmtpResponse | None = None
         self.source_key = ""
         self.own_addresses: tuple[str, ...] | None = None
@@ -169,6 +171,7 @@ class ReceiveProtocol(SMTP):
         if self.implicit_tls:
             self.info.tls = self.service.describe_tls(transport)
             self.info.peer_certificate = self.service.peer_name(transport, connector)
+            self._tls_transport = transport
         self._update_rights()
         self.source_key, self.refusal = self.service.opened(self)
         self._counted = True
@@ -465,8 +468,8 @@ class ReceiveProtocol(SMTP):
         if self.info.authenticated_as is not None:
             return Principal.AUTHENTICATED_USER
         if self.info.peer_certificate is not None:
-            if self.service.is_exchange_server(self.info.peer_certificate) and \
-                    "ExchangeServer" in self.connector.auth_mechanism:
+            if "ExchangeServer" in self.connector.auth_mechanism and \
+                    self.service.proven_server(self._tls_transport) is not None:
                 return Principal.EXCHANGE_SERVER
             return Principal.PARTNER
         return Principal.ANONYMOUS
@@ -574,6 +577,7 @@ class ReceiveProtocol(SMTP):
         self._reset_transaction()
         self.info.tls = self.service.describe_tls(self.transport)
         self.info.peer_certificate = self.service.peer_name(self.transport, self.connector)
+        self._tls_transport = self.transport
         self._update_rights()
         verdict = await self.service.event("on_starttls", session=self.info)
         if verdict is not None:

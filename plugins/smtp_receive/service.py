@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from hubport.core.credentials import PasswordStore, hash_password, mailbox_for_login
+from hubport.core.internal_tls import InternalTls, internal_tls
 from hubport.core.model import SmtpResponse
 from hubport.core.protocol_log import ProtocolLog
 from hubport.core.rotating_log import log_writer
@@ -68,6 +69,7 @@ class ReceiveService:
         self.sessions: set[ReceiveProtocol] = set()
         self._rates: dict[str, deque[float]] = {}
         self._tls: dict[str, ssl.SSLContext] = {}
+        self._internal: InternalTls | None = None
         self._passwords: PasswordStore | None = None
         self._protocol_log: ProtocolLog | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -85,7 +87,8 @@ class ReceiveService:
         mine = [dataclasses.replace(c, fqdn=c.fqdn or server.fqdn) for c in connectors
                 if isinstance(c, ReceiveConnector) and c.enabled
                 and c.server.lower() == server.name.lower()]
-        contexts = await asyncio.to_thread(self._tls_contexts, mine, server.state_directory)
+        contexts, internal = await asyncio.to_thread(self._tls_contexts, mine,
+                                                     server.state_directory)
         wanted = _sockets(mine)
         self._tls = {**self._tls, **contexts}  # implicit-TLS listeners need them now
         opened: dict[tuple[str, int, bool], asyncio.AbstractServer] = {}
@@ -101,7 +104,7 @@ class ReceiveService:
         for key in [k for k in self.listeners if k not in wanted]:
             self.listeners.pop(key).close()
         self.listeners.update(opened)
-        self.connectors, self._tls = mine, contexts
+        self.connectors, self._tls, self._internal = mine, contexts, internal
         self._passwords = PasswordStore(server.password_file_path)
         self._start_protocol_log()
         if self._sweeper is None:
@@ -131,26 +134,42 @@ class ReceiveService:
             reuse_address=True, reuse_port=shared or None, backlog=512, ssl=context,
             ssl_handshake_timeout=handshake)
 
-    def _tls_contexts(self, connectors: list[ReceiveConnector],
-                      state: Path) -> dict[str, ssl.SSLContext]:
-        """One server context per TLS connector (a self-signed certificate when none given)."""
+    def _tls_contexts(self, connectors: list[ReceiveConnector], state: Path
+                      ) -> tuple[dict[str, ssl.SSLContext], InternalTls | None]:
+        """One server context per TLS connector, and this server's internal transport
+        certificate when a connector takes other hubs (the ExchangeServer mechanism).
+
+        Such a connector presents that certificate (unless it names its own) and asks for
+        the client's, checked against the organization's CA; any other TLS connector
+        presents its own certificate or a self-signed one, as Exchange does at setup."""
+        internal = None
+        if any("ExchangeServer" in c.auth_mechanism for c in connectors if c.offers_tls):
+            try:
+                internal = internal_tls(self.runtime.organization, self.runtime.server)
+            except (TlsConfigError, OSError) as exc:
+                raise ServiceError(f"internal transport certificate: {exc}") from exc
         contexts = {}
         for c in connectors:
             if not c.offers_tls:
                 continue
+            exchange = internal is not None and "ExchangeServer" in c.auth_mechanism
             try:
                 if c.tls_certificate_file is not None and c.tls_certificate_key_file is not None:
                     pair = CertificatePair(c.tls_certificate_file, c.tls_certificate_key_file)
+                elif exchange:
+                    assert internal is not None
+                    pair = internal.pair
                 else:
                     pair = ensure_self_signed(state / "tls", c.fqdn)
-                mutual = "ExchangeServer" in c.auth_mechanism or \
-                    c.tls_client_certificate_authority_file is not None
+                authorities = [internal.authority] if exchange and internal else []
+                if c.tls_client_certificate_authority_file is not None:
+                    authorities.append(c.tls_client_certificate_authority_file)
                 contexts[c.name] = server_context(
-                    pair, client_ca=c.tls_client_certificate_authority_file,
-                    request_client_certificate=mutual)
+                    pair, client_ca=authorities or None,
+                    request_client_certificate=bool(authorities))
             except (TlsConfigError, OSError, ValueError, ssl.SSLError) as exc:
                 raise ServiceError(f"{c.label}: TLS certificate: {exc}") from exc
-        return contexts
+        return contexts, internal
 
     def _start_protocol_log(self) -> None:
         if self._protocol_log is not None:
@@ -305,8 +324,14 @@ class ReceiveService:
             names += [v for k, v in rdn if k == "commonName"]
         return names[0].lower() if names else None
 
-    def is_exchange_server(self, name: str) -> bool:
-        return name.lower().rstrip(".") in self.local_names(every_server=True)
+    def proven_server(self, transport: Any) -> str | None:
+        """The organization's transport server the client certificate proves (issued by
+        the organization's CA, naming a server of the organization), else None: a
+        certificate from any other CA never makes a session an Exchange server."""
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        if ssl_object is None or self._internal is None:
+            return None
+        return self._internal.proves_server(ssl_object.getpeercert(binary_form=True))
 
     def local_names(self, *, every_server: bool = False) -> frozenset[str]:
         """FQDNs that mean "us": this server's (or every server's of the organization).

@@ -42,8 +42,10 @@ from hubport.core.api import (
 from hubport.core.counters import SharedCounters
 from hubport.core.delivery import LOCAL_ERROR
 from hubport.core.failpoints import failpoint
+from hubport.core.internal_tls import InternalTls, internal_tls
 from hubport.core.model import NextHop, QueuedRecipient, SmtpResponse
 from hubport.core.retry import retry_delay
+from hubport.core.tls import TlsConfigError
 from hubport.core.workers import WorkerSlot
 from hubport.plugins.smtp_send import content, resolver
 from hubport.plugins.smtp_send.connector import SendConnector
@@ -59,7 +61,7 @@ from hubport.plugins.smtp_send.resolver import Resolution, Target
 from hubport.plugins.smtp_send.session import SendOutcome, SessionFailure, SmtpSession
 
 if TYPE_CHECKING:
-    from hubport.core.config import TransportServer
+    from hubport.core.config import Organization, TransportServer
 
 log = structlog.get_logger("hubport.send")
 
@@ -264,11 +266,25 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
                     and server.external_dns_servers)
     dns = resolver.make_resolver(server.external_dns_servers if external else ())
     lookup = resolver.dns_address_lookup(dns) if external else resolver.system_address_lookup
+    internal: InternalTls | None = None
+    failure: SmtpResponse | None = None
+    if relay or getattr(connector, "smart_host_auth_mechanism", None) == "ExchangeServer":
+        try:
+            internal = await asyncio.to_thread(internal_tls, context.organization, server)
+        except (TlsConfigError, OSError) as exc:
+            log.error("no internal transport certificate", server=server.name, error=str(exc))
+            failure = SmtpResponse(451, "4.7.5", f"SMTPSEND.TLS.Certificate; {exc}")
     if relay or connector.smart_hosts:
-        tls = intra_org_tls() if relay else tls_policy(connector, server, None)
+        if relay:
+            hub = _hub_fqdn(context.organization, next_hop.domain)
+            tls = intra_org_tls(internal, hub) if internal is not None else TlsPolicy()
+        else:
+            tls = tls_policy(connector, server, None, internal)
         one = Route(next_hop.domain, tls, [
             Unit(i, item, list(item.recipients), datas[i]) for i, item in enumerate(items)])
-        if relay:
+        if failure is not None:
+            one.resolution = Resolution(failure=failure)
+        elif relay:
             one.resolution = await resolver.resolve_hub(context.organization,
                                                         next_hop.domain, lookup)
         else:
@@ -282,7 +298,8 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
         for domain, recipients in groups.items():
             route = by_domain.get(domain)
             if route is None:
-                route = by_domain[domain] = Route(domain, tls_policy(connector, server, domain))
+                route = by_domain[domain] = Route(
+                    domain, tls_policy(connector, server, domain, internal))
             route.units.append(Unit(i, item, recipients, datas[i]))
     me = resolver.local_identity(context.organization, server, profile.ehlo)
     resolutions = await asyncio.gather(*(
@@ -291,6 +308,15 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
     for route, resolution in zip(by_domain.values(), resolutions):
         route.resolution = resolution
     return list(by_domain.values())
+
+
+def _hub_fqdn(org: Organization, server_name: str) -> str:
+    """The name another hub's certificate must carry (its FQDN; the name if unknown, which
+    resolve_hub then fails with its own reason)."""
+    try:
+        return org.server(server_name).fqdn
+    except KeyError:
+        return server_name
 
 
 async def _outgoing(body: MessageBody, usage: str | None) -> bytes | MessageBody:

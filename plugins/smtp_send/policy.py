@@ -18,6 +18,7 @@ from hubport.core.model import SmtpResponse
 
 if TYPE_CHECKING:
     from hubport.core.config import TransportServer
+    from hubport.core.internal_tls import InternalTls
     from hubport.plugins.smtp_send.connector import Credential, SendConnector
 
 TLS_REQUIRED = SmtpResponse(451, "4.7.4", "SMTPSEND.TLS.Required; the next hop does not offer"
@@ -43,19 +44,14 @@ class TlsPolicy:
     ca_file: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
-    self_signed_dir: Path | None = None  # ExchangeServer auth without configured files
-    fqdn: str = ""
 
     def context(self) -> ssl.SSLContext:
         """A client SSL context for this policy (hubport.core.tls when it exists)."""
         tls = _core_tls()
-        client_pair = None
-        if tls is not None and self.client_cert is None and self.self_signed_dir is not None:
-            client_pair = tls.ensure_self_signed(self.self_signed_dir, self.fqdn)
         if tls is not None:
             ctx: ssl.SSLContext = tls.client_context(
                 verify=self.verify, ca=self.ca_file,
-                check_hostname=self.expected_name is not None, client_pair=client_pair)
+                check_hostname=self.expected_name is not None)
         else:
             ctx = _stdlib_context(self.verify, self.ca_file, self.expected_name is not None)
         if self.client_cert is not None:
@@ -100,14 +96,17 @@ def _stdlib_context(verify: bool, ca: Path | None, check_hostname: bool) -> ssl.
     return ctx
 
 
-def tls_policy(connector: SendConnector, server: TransportServer, recipient_domain: str | None
-               ) -> TlsPolicy:
-    """The TLS policy of a Send connector for one next hop."""
+def tls_policy(connector: SendConnector, server: TransportServer, recipient_domain: str | None,
+               internal: InternalTls | None = None) -> TlsPolicy:
+    """The TLS policy of a Send connector for one next hop. With ExchangeServer
+    authentication the server presents its internal transport certificate (``internal``)
+    unless the connector names a client certificate of its own."""
     level = connector.tls_auth_level if connector.require_tls else None
     expected = None
     if level == "DomainValidation":
         expected = connector.tls_domain or recipient_domain
     exchange = connector.smart_host_auth_mechanism == "ExchangeServer"
+    own = connector.tls_client_certificate_file
     return TlsPolicy(
         use=not connector.ignore_starttls,
         require=connector.require_tls or exchange
@@ -115,16 +114,19 @@ def tls_policy(connector: SendConnector, server: TransportServer, recipient_doma
         verify=level in ("CertificateValidation", "DomainValidation"),
         expected_name=expected,
         ca_file=connector.tls_certificate_authority_file,
-        client_cert=connector.tls_client_certificate_file,
-        client_key=connector.tls_client_key_file,
-        self_signed_dir=(server.state_directory / "certs") if exchange else None,
-        fqdn=connector.fqdn or server.fqdn,
+        client_cert=own or (internal.pair.certificate if exchange and internal else None),
+        client_key=connector.tls_client_key_file if own else (
+            internal.pair.key if exchange and internal else None),
     )
 
 
-def intra_org_tls() -> TlsPolicy:
-    """Hub to hub: opportunistic STARTTLS (hubport has no Kerberos/Exchange certificates)."""
-    return TlsPolicy()
+def intra_org_tls(internal: InternalTls, hub_fqdn: str) -> TlsPolicy:
+    """Hub to hub (docs/exchange.md, "Hub-to-hub trust"): TLS is required, the other hub's
+    certificate must come from the organization's CA and name it, and this server presents
+    its own internal transport certificate, so the other hub grants it ExchangeServers."""
+    return TlsPolicy(use=True, require=True, verify=True, expected_name=hub_fqdn,
+                     ca_file=internal.authority, client_cert=internal.pair.certificate,
+                     client_key=internal.pair.key)
 
 
 def auth_policy(connector: SendConnector) -> AuthPolicy:

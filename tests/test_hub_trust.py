@@ -1,0 +1,183 @@
+"""Hub-to-hub trust (core/internal_tls.py): real daemons of one organization on loopback.
+
+HUB02's receive connector has Exchange's defaults for hubs (ExchangeServers only, no
+AnonymousUsers), so mail from HUB01 arrives only if HUB01 proves itself with the internal
+transport certificate the organization's CA issued it; a certificate from another CA, or
+from the organization's CA for a name that is no server of the organization, proves nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from daemon_process import DaemonPool, daemon_pool, hubport
+from hubport.core.internal_tls import CertificateAuthority
+from smtp_support import Client, body, free_port, receive_connector
+from support import write_org
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[DaemonPool]:
+    with daemon_pool(tmp_path) as daemons:
+        yield daemons
+
+
+def organization(folder: Path, port1: int, port2: int) -> Path:
+    """HUB01 takes mail from anyone; HUB02 (Carol's mailbox) only from the hubs."""
+    hub02 = """
+[[transport_server]]
+Name = "HUB02"
+Fqdn = "hub02.contoso.test"
+StateDirectory = "var2"
+PickupDirectoryPath = "pickup2"
+ReplayDirectoryPath = "replay2"
+RootDropDirectoryPath = "drop2"
+QueueGlitchRetryInterval = "1s"
+MessageRetryInterval = "1s"
+
+[[mailbox]]
+Name = "Carol"
+PrimarySmtpAddress = "carol@contoso.test"
+Server = "HUB02"
+"""
+    extra = hub02 + receive_connector(
+        "Default HUB01", [f"127.0.0.1:{port1}"], Server="HUB01",
+        PermissionGroups=["AnonymousUsers", "ExchangeServers"]) + receive_connector(
+        "Default HUB02", [f"127.0.0.1:{port2}"], Server="HUB02",
+        AuthMechanism=["Tls", "ExchangeServer"], PermissionGroups=["ExchangeServers"])
+    return write_org(folder, server_extra='Fqdn = "hub01.contoso.test"', extra=extra)
+
+
+async def send(port: int, rcpt: str, subject: str) -> None:
+    client = await Client.connect(port)
+    await client.hello("client.example")
+    assert (await client.cmd("MAIL FROM:<someone@example.org>")).code == 250
+    reply = await client.cmd(f"RCPT TO:<{rcpt}>")
+    assert reply.code == 250, reply
+    assert (await client.cmd("DATA")).code == 354
+    await client.send(f"Subject: {subject}\r\n".encode() + body() + b"\r\n.\r\n")
+    reply = await client.reply()
+    assert reply.code == 250, reply
+    await client.close()
+
+
+def wait_for_file(folder: Path, timeout: float, what: str) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted(folder.glob("*")) if folder.is_dir() else []
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: nothing in {folder} within {timeout}s")
+
+
+def test_hubs_of_one_machine_trust_each_other_with_no_manual_step(
+        tmp_path: Path, pool: DaemonPool) -> None:
+    port1, port2 = free_port(), free_port()
+    config = organization(tmp_path, port1, port2)
+    hub1 = pool.start("--server", "HUB01", config=config)
+    hub2 = pool.start("--server", "HUB02", config=config)
+    hub1.wait_ready(60)
+    hub2.wait_ready(60)
+    ca = tmp_path / "org-ca"
+    assert (ca / "ca.crt").exists() and (ca / "ca.key").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "var" / "certs" / "internal" / "hub01.contoso.test.crt").exists()
+    assert (tmp_path / "var2" / "certs" / "internal" / "hub02.contoso.test.crt").exists()
+
+    asyncio.run(send(port1, "carol@contoso.test", "across hubs"))
+    mail = wait_for_file(tmp_path / "var2" / "mailboxes" / "Carol" / "new", 60,
+                         "HUB01 relays to Carol's hub")
+    content = mail.read_bytes()
+    assert b"Subject: across hubs" in content
+    assert b"by hub01.contoso.test" in content and b"by hub02.contoso.test" in content
+
+    # HUB02's tracking log: received over SMTP from HUB01, then delivered
+    done = hubport("get-messagetrackinglog", "--config", str(config), "--server", "HUB02",
+                   "-format", "json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    events = {json.loads(line)["event-id"] for line in done.stdout.splitlines() if line}
+    assert {"RECEIVE", "DELIVER"} <= events, done.stdout
+
+    asyncio.run(strangers_get_no_rights(port2, ca))
+
+
+async def strangers_get_no_rights(port: int, ca_folder: Path) -> None:
+    """A certificate from another CA fails the handshake; one from the organization's CA
+    that names no transport server gets no ExchangeServers rights (530 5.7.1)."""
+    foreign = trustme.CA()
+    client = await Client.connect(port)
+    await client.hello("hub01.contoso.test")
+    assert (await client.cmd("STARTTLS")).code == 220
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    foreign.issue_cert("hub01.contoso.test").configure_cert(context)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await client.writer.start_tls(context, server_hostname="")
+        await client.cmd("EHLO hub01.contoso.test")  # TLS 1.3 reports it here
+    await client.close()
+
+    cert_pem, key_pem = CertificateAuthority(ca_folder).issue(["stranger.example"])
+    pem = ca_folder.parent / "stranger.pem"
+    pem.write_bytes(cert_pem + key_pem)
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.load_cert_chain(pem)
+    client = await Client.connect(port)
+    await client.hello("stranger.example")
+    assert (await client.cmd("STARTTLS")).code == 220
+    await client.writer.start_tls(context, server_hostname="")
+    assert (await client.cmd("EHLO stranger.example")).code == 250
+    reply = await client.cmd("MAIL FROM:<a@example.org>")
+    assert (reply.code, reply.enhanced) == (530, "5.7.1"), reply
+    await client.close()
+
+
+def test_a_hub_on_another_machine_gets_its_certificate_from_where_the_ca_key_lives(
+        tmp_path: Path, pool: DaemonPool) -> None:
+    """HUB02 runs from its own copy of the organization file ("another machine"), with the
+    CA certificate but never the CA key: its certificate comes from new-servercertificate."""
+    port1, port2 = free_port(), free_port()
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    config1 = organization(one, port1, port2)
+    config2 = two / "org.toml"
+    shutil.copy(config1, config2)
+
+    hub1 = pool.start("--server", "HUB01", config=config1)
+    hub1.wait_ready(60)  # the organization's CA is made on machine one
+    (two / "org-ca").mkdir()
+    shutil.copy(one / "org-ca" / "ca.crt", two / "org-ca" / "ca.crt")
+    # with the CA certificate but no certificate of its own, HUB02 says what to run
+    lonely = pool.start("--server", "HUB02", config=config2)
+    assert lonely.wait(60) == 5
+    assert "hubport new-servercertificate HUB02" in lonely.log_text()
+
+    out = tmp_path / "for-hub02"
+    done = hubport("new-servercertificate", "HUB02", "--config", str(config1),
+                   "--server", "HUB01", "--out", str(out), cwd=one)
+    assert done.returncode == 0, done.stderr
+    assert "hub02.contoso.test.crt" in done.stdout
+    assert (out / "ca.crt").read_bytes() == (two / "org-ca" / "ca.crt").read_bytes()
+    internal = two / "var2" / "certs" / "internal"
+    internal.mkdir(parents=True, exist_ok=True)
+    for name in ("hub02.contoso.test.crt", "hub02.contoso.test.key"):
+        shutil.copy(out / name, internal / name)
+
+    hub2 = pool.start("--server", "HUB02", config=config2)
+    hub2.wait_ready(60)
+    assert not (two / "org-ca" / "ca.key").exists()
+    asyncio.run(send(port1, "carol@contoso.test", "to the other machine"))
+    wait_for_file(two / "var2" / "mailboxes" / "Carol" / "new", 60,
+                  "HUB01 relays to HUB02 on the other machine")
