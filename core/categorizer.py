@@ -27,7 +27,7 @@ from hubport.core.model import (
     RecipientStatus,
     SmtpResponse,
 )
-from hubport.core.routing import RouteDecision, RoutingTable
+from hubport.core.routing import RouteDecision, RouteExplanation, RoutingTable
 
 if TYPE_CHECKING:
     from hubport.core.config import Organization, TransportServer
@@ -134,6 +134,8 @@ class Categorizer:
         self.directory = directory
         self.routing = RoutingTable(org, server)
         self.hooks = hooks
+        #: set by test-route: (routed address, address type, explanation) of each routing
+        self.explanations: list[tuple[str, str, RouteExplanation]] | None = None
 
     async def categorize(self, message: QueuedMessage) -> Categorized:
         result = Categorized(message)
@@ -291,6 +293,10 @@ class Categorizer:
             "route", message=message, recipient=recipient, organization=self.org,
             server=self.server.name)
         candidates = [c for result in extra if result for c in result]
+        if self.explanations is not None:
+            explained = self.routing.explain(addr_type, address, message.size, candidates)
+            self.explanations.append((address, addr_type, explained))
+            return explained.decision
         return self.routing.choose(addr_type, address, message.size, candidates)
 
 

@@ -74,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     pressure.add_argument("--format", "-format", default="table",
                           choices=["table", "list", "json"])
 
+    route = sub.add_parser(
+        "test-route", help="explain where a recipient goes from this server and why:"
+                           " the categorizer's result, the candidates, the rule that chose")
+    _common(route)
+    route.add_argument("recipient", metavar="RECIPIENT", help="an address, e.g. bob@contoso.com")
+    route.add_argument("--sender", "-sender", default="", help="the envelope sender")
+    route.add_argument("--size", "-size", type=_size, default=0,
+                       help="the message size (bytes, or 10MB, 1.5GB)")
+    route.add_argument("--json", action="store_true", help="the report as JSON")
+
     certificate = sub.add_parser(
         "new-servercertificate",
         help="issue a transport server's internal transport certificate from the"
@@ -120,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _run, "plugins": _plugins, "test-config": _test_config,
         "get-messagetrackinglog": _tracking, "get-queue": _queue,
         "set-password": _set_password, "get-backpressure": _backpressure,
-        "new-servercertificate": _new_server_certificate,
+        "new-servercertificate": _new_server_certificate, "test-route": _test_route,
     }
     commands.update(dict.fromkeys(_QUEUE_ARGS, _queue))
     if args.command is None:
@@ -432,6 +442,38 @@ def _queue_list(rows: list[dict[str, Any]], kind: str) -> str:
                        for p in r["recipients"]]
         blocks.append("\n".join(f"{name:<18}: {value}" for name, value in fields))
     return "\n\n".join(blocks)
+
+
+def _size(text: str) -> int:
+    from hubport.core.config_fields import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size is None:
+        raise argparse.ArgumentTypeError("a message has a size: give bytes, e.g. 10MB")
+    return size
+
+
+def _test_route(args: argparse.Namespace) -> int:
+    """Test-Route: the categorizer and routing table of --server, run on nothing real."""
+    import asyncio
+
+    from hubport.core.addresses import AddressError, normalize_address
+    from hubport.core.route_report import format_report, route_report
+
+    hooks, org, server = _load(args)
+    try:
+        recipient = normalize_address(args.recipient, smtputf8=True)
+        sender = normalize_address(args.sender, smtputf8=True, allow_null=True)
+    except AddressError as exc:
+        print(f"hubport: not an address: {exc}", file=sys.stderr)
+        return 2
+    report = asyncio.run(route_report(org, server, hooks, recipient, sender=sender,
+                                      size=args.size))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
 
 
 def _new_server_certificate(args: argparse.Namespace) -> int:

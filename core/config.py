@@ -445,11 +445,53 @@ class Organization:
 
     def site_cost(self, from_site: str, to_site: str) -> int | None:
         """Lowest total site-link cost between two sites (0 for the same), None if unreachable."""
+        path = self.site_path(from_site, to_site)
+        return None if path is None else sum(step.cost for step in path)
+
+    def site_path(self, from_site: str, to_site: str) -> list[SiteHop] | None:
+        """The least-cost path between two sites, one hop per site link ([] for the same
+        site), None if no link reaches it. Ties go to fewer hops, then to site names."""
         names = {s.name.lower(): s.name for s in self.sites}
         start, goal = names.get(from_site.lower()), names.get(to_site.lower())
         if start is None or goal is None:
             return None
         return _cheapest_path(self.site_links, start, goal)
+
+
+@dataclass(frozen=True)
+class SiteHop:
+    """One step of a path across sites: the link taken, the site it reaches, its cost."""
+
+    link: str
+    site: str
+    cost: int
+
+
+def _cheapest_path(links: Sequence[SiteLink], start: str, goal: str) -> list[SiteHop] | None:
+    """Dijkstra over site links; a link joining n sites joins every pair of them. Paths are
+    compared by (cost, hop count, site names), so the choice is the same on every hub."""
+    graph: dict[str, list[tuple[str, SiteLink]]] = {}
+    for link in links:
+        for a in link.sites:
+            for b in link.sites:
+                if a != b:
+                    graph.setdefault(a, []).append((b, link))
+    best: dict[str, tuple[int, int, tuple[str, ...]]] = {start: (0, 0, (start,))}
+    paths: dict[str, list[SiteHop]] = {start: []}
+    heap: list[tuple[int, int, tuple[str, ...], str]] = [(0, 0, (start,), start)]
+    while heap:
+        cost, hops, names, site = heapq.heappop(heap)
+        if site == goal:
+            return paths[site]
+        if (cost, hops, names) > best.get(site, (cost, hops, names)):
+            continue
+        for neighbour, link in graph.get(site, ()):
+            key = (cost + link.cost, hops + 1, (*names, neighbour))
+            if neighbour not in best or key < best[neighbour]:
+                best[neighbour] = key
+                paths[neighbour] = [*paths[site], SiteHop(link.name, neighbour, link.cost)]
+                heapq.heappush(heap, (*key, neighbour))
+    return None
 
 
 def _thresholds(r: FieldReader, stem: str, defaults: Thresholds | None, *,
@@ -494,30 +536,6 @@ def _best_domain(domains: Sequence[AcceptedDomain], domain: str) -> AcceptedDoma
         if score is not None and (best is None or score > best[0]):
             best = (score, candidate)
     return best[1] if best else None
-
-
-def _cheapest_path(links: Sequence[SiteLink], start: str, goal: str) -> int | None:
-    """Dijkstra over site links; a link joining n sites joins every pair of them."""
-    graph: dict[str, list[tuple[str, int]]] = {}
-    for link in links:
-        for a in link.sites:
-            for b in link.sites:
-                if a != b:
-                    graph.setdefault(a, []).append((b, link.cost))
-    best = {start: 0}
-    heap = [(0, start)]
-    while heap:
-        cost, site = heapq.heappop(heap)
-        if site == goal:
-            return cost
-        if cost > best.get(site, cost):
-            continue
-        for neighbour, step in graph.get(site, ()):
-            total = cost + step
-            if total < best.get(neighbour, total + 1):
-                best[neighbour] = total
-                heapq.heappush(heap, (total, neighbour))
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,6 +56,32 @@ class RouteDecision:
         return self.candidate is None and self.failure is None
 
 
+@dataclass(frozen=True, slots=True)
+class RouteExplanation:
+    """Why a recipient goes where it goes (``hubport test-route``)."""
+
+    decision: RouteDecision
+    candidates: list[RouteCandidate]  # in the order of selection, the chosen one first
+    eliminated: list[tuple[str, str]]  # (connector, why it cannot serve this recipient)
+    rule: str  # what decided between the first two candidates
+
+
+#: the selection rules, in the order of RouteCandidate.sort_key
+RULES = ("the most specific address space", "the lowest aggregate cost",
+         "proximity (local server, then same site, then a remote site)",
+         "the connector name, lowest first")
+
+
+def _deciding_rule(ranked: list[RouteCandidate]) -> str:
+    if not ranked:
+        return "no connector can serve the recipient"
+    if len(ranked) == 1:
+        return "the only candidate"
+    first, second = ranked[0].sort_key(), ranked[1].sort_key()
+    index = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), len(RULES) - 1)
+    return RULES[index]
+
+
 class RoutingTable:
     """Connector selection for one server of one organization."""
 
@@ -65,13 +91,24 @@ class RoutingTable:
         self.connectors: list[Connector] = [
             c for c in org.connectors if getattr(c, "address_spaces", None)]
 
-    def candidates(self, addr_type: str, address: str,
-                   size: int) -> tuple[list[RouteCandidate], bool]:
-        """Matching candidates and whether some match was dropped only for its size."""
+    def candidates(self, addr_type: str, address: str, size: int,
+                   eliminated: list[tuple[str, str]] | None = None,
+                   ) -> tuple[list[RouteCandidate], bool]:
+        """Matching candidates and whether some match was dropped only for its size;
+        ``eliminated`` (test-route) collects (connector, why) for the others."""
         out: list[RouteCandidate] = []
         too_big = False
+
+        def drop(connector: Connector, why: str) -> None:
+            if eliminated is not None:
+                eliminated.append((connector.name, why))
+
         for connector in self.connectors:
-            if not connector.enabled or not self._in_scope(connector):
+            if not connector.enabled:
+                drop(connector, "disabled")
+                continue
+            if not self._in_scope(connector):
+                drop(connector, "scoped to another site (IsScopedConnector)")
                 continue
             best: tuple[int, AddressSpace] | None = None
             for space in connector.address_spaces:
@@ -81,13 +118,17 @@ class RoutingTable:
                 if best is None or (score, -space.cost) > (best[0], -best[1].cost):
                     best = (score, space)
             if best is None:
+                drop(connector, "no address space matches")
                 continue
             if connector.max_message_size is not None and size > connector.max_message_size:
                 too_big = True
+                drop(connector, f"MaxMessageSize {connector.max_message_size} is below the"
+                                f" message's {size} bytes")
                 continue
             score, space = best
             site_cost, proximity, via = self._distance(connector)
             if not via:  # no site link reaches any source server: it cannot serve us
+                drop(connector, "no site link reaches any of its source servers")
                 continue
             if proximity == 0:
                 hop = NextHop(connector.delivery_type,
@@ -110,6 +151,18 @@ class RoutingTable:
         if addr_type != "SMTP":
             return RouteDecision(failure=NO_CONNECTOR_FOR_TYPE)
         return RouteDecision()
+
+    def explain(self, addr_type: str, address: str, size: int,
+                extra: Iterable[RouteCandidate] = ()) -> RouteExplanation:
+        """What ``choose`` decides, with every candidate in the order of selection, the
+        connectors eliminated and why, and the rule that decided between the first two."""
+        extra = list(extra)
+        eliminated: list[tuple[str, str]] = []
+        candidates, _ = self.candidates(addr_type, address, size, eliminated)
+        candidates.extend(extra)
+        ranked = sorted(candidates, key=RouteCandidate.sort_key)
+        return RouteExplanation(self.choose(addr_type, address, size, extra), ranked,
+                                eliminated, _deciding_rule(ranked))
 
     def _in_scope(self, connector: Connector) -> bool:
         """A scoped connector serves only servers in its source servers' AD site."""

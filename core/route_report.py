@@ -1,0 +1,152 @@
+"""``hubport test-route``: why a recipient goes where it goes.
+
+Runs the real categorizer of one server (with the plugins' categorize and route hooks) on a
+message that exists only in memory, and reports each step: what the recipient resolved to,
+then, for every address that needed a connector, each candidate with its address space,
+specificity and aggregate cost (the site-link path that makes it up, link by link), the
+connectors that could not serve it and why, and the rule that chose. Nothing is queued or
+sent. The same decisions the daemon makes, because it is the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from hubport.core.body import MessageBody
+from hubport.core.categorizer import Categorizer
+from hubport.core.directory import RecipientDirectory
+from hubport.core.model import MailFrom, NextHop, QueuedMessage, QueuedRecipient, RecipientStatus
+from hubport.core.routing import RouteCandidate, RouteExplanation
+
+if TYPE_CHECKING:
+    from hubport.core.config import Organization, TransportServer
+    from hubport.core.hooks import Hooks
+
+__all__ = ["format_report", "route_report"]
+
+PROXIMITY = {0: "this server", 1: "same site", 2: "remote site"}
+
+
+async def route_report(org: Organization, server: TransportServer, hooks: Hooks,
+                       recipient: str, *, sender: str = "", size: int = 0) -> dict[str, Any]:
+    """The report as plain data (``--json`` prints it as it is)."""
+    now = time.time()
+    message = QueuedMessage(
+        id=0, internal_id="test-route", message_id="<test-route@hubport>",
+        mail_from=MailFrom(sender), body=MessageBody.of(b""), size=size, source="TEST-ROUTE",
+        source_name="", subject="", received_at=now, expires_at=now + 86400,
+        recipients=[QueuedRecipient(0, 0, recipient, RecipientStatus.SUBMITTED)])
+    categorizer = Categorizer(org, server, RecipientDirectory(org), hooks)
+    categorizer.explanations = []
+    result = await categorizer.categorize(message)
+    return {
+        "recipient": recipient, "sender": sender, "size": size,
+        "server": server.name, "site": server.site,
+        "categorizer": [{
+            "address": d.address, "outcome": d.kind, "event": d.event or None,
+            "related": d.related or None,
+            "next_hop": _hop(d.next_hop), "response": str(d.response) if d.response else None,
+            "path": _path_to_hop(org, server, d.next_hop),
+        } for d in result.decisions],
+        "routing": [_explained(org, server, address, addr_type, e)
+                    for address, addr_type, e in categorizer.explanations],
+    }
+
+
+def _explained(org: Organization, server: TransportServer, address: str, addr_type: str,
+               explained: RouteExplanation) -> dict[str, Any]:
+    decision = explained.decision
+    chosen = decision.candidate
+    return {
+        "address": address, "address_type": addr_type,
+        "candidates": [_candidate(org, server, c) for c in explained.candidates],
+        "eliminated": [{"connector": name, "why": why} for name, why in explained.eliminated],
+        "chosen": chosen.name if chosen else None,
+        "rule": explained.rule,
+        "outcome": ("route" if chosen else "fail" if decision.failure else "unreachable"),
+        "response": str(decision.failure) if decision.failure else None,
+    }
+
+
+def _candidate(org: Organization, server: TransportServer, c: RouteCandidate) -> dict[str, Any]:
+    return {
+        "connector": c.name, "address_space": f"{c.address_space.type}:"
+                                              f"{c.address_space.space}",
+        "specificity": c.specificity, "address_space_cost": c.address_space.cost,
+        "site_cost": c.cost - c.address_space.cost, "cost": c.cost,
+        "proximity": PROXIMITY.get(c.proximity, str(c.proximity)),
+        "next_hop": _hop(c.next_hop), "path": _path_to_hop(org, server, c.next_hop),
+    }
+
+
+def _hop(hop: NextHop | None) -> dict[str, str] | None:
+    if hop is None:
+        return None
+    return {"delivery_type": hop.delivery_type, "domain": hop.domain,
+            "connector": hop.connector}
+
+
+def _path_to_hop(org: Organization, server: TransportServer,
+                 hop: NextHop | None) -> list[dict[str, Any]] | None:
+    """The site links a relay to another hub crosses (None when the hop is this server's)."""
+    if hop is None or not hop.delivery_type.startswith("SmtpRelay"):
+        return None
+    try:
+        target = org.server(hop.domain)
+    except KeyError:
+        return None
+    path = org.site_path(server.site, target.site)
+    if path is None:
+        return None
+    return [{"link": step.link, "site": step.site, "cost": step.cost} for step in path]
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report for a person: one block per step."""
+    lines = [f"Test-Route {report['recipient']} from {report['sender'] or '<>'}"
+             f" ({report['size']} bytes) on {report['server']} (site {report['site']})", "",
+             "Categorizer:"]
+    for d in report["categorizer"]:
+        how = f" ({d['event']} from {d['related']})" if d["related"] else ""
+        lines.append(f"  {d['address']}: {d['outcome']}{how}")
+        if d["next_hop"]:
+            lines.append(f"    next hop {_show_hop(d['next_hop'])}")
+            lines += _show_path(d["path"], report["site"], "      ")
+        if d["response"]:
+            lines.append(f"    {d['response']}")
+    for r in report["routing"]:
+        lines += ["", f"Routing {r['address_type']}:{r['address']}:"]
+        if not r["candidates"]:
+            lines.append("  no candidate")
+        for rank, c in enumerate(r["candidates"], 1):
+            mark = "*" if c["connector"] == r["chosen"] and rank == 1 else " "
+            lines.append(
+                f" {mark}{rank}. {c['connector']}: address space {c['address_space']}"
+                f" (specificity {c['specificity']}), cost {c['cost']} = site links"
+                f" {c['site_cost']} + address space {c['address_space_cost']},"
+                f" {c['proximity']}, next hop {_show_hop(c['next_hop'])}")
+            lines += _show_path(c["path"], report["site"], "      ")
+        for e in r["eliminated"]:
+            lines.append(f"    eliminated {e['connector']}: {e['why']}")
+        if r["chosen"]:
+            lines.append(f"  chosen: {r['chosen']}, by {r['rule']}")
+        else:
+            lines.append(f"  outcome: {r['outcome']}"
+                         + (f" ({r['response']})" if r["response"] else ""))
+    return "\n".join(lines)
+
+
+def _show_hop(hop: dict[str, str]) -> str:
+    via = f" via {hop['connector']}" if hop["connector"] else ""
+    return f"{hop['delivery_type']} {hop['domain']}{via}"
+
+
+def _show_path(path: list[dict[str, Any]] | None, site: str, indent: str) -> list[str]:
+    if path is None:
+        return []
+    if not path:
+        return [f"{indent}site path: within {site}"]
+    steps = " ".join(f"-[{s['link']} {s['cost']}]-> {s['site']}" for s in path)
+    return [f"{indent}site path: {site} {steps}"
+            f" (cost {sum(s['cost'] for s in path)})"]
