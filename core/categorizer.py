@@ -271,21 +271,13 @@ class Categorizer:
         if box_server.lower() == self.server.name.lower():
             hop = mailbox_next_hop(self.server.name)
         else:
-            hop = NextHop(self._relay_type(box_server), box_server, "")
+            hop = self.routing.relay_hop(box_server)
         result.decisions.append(Decision(
             ROUTE, primary, row,
             None if row is not None else EnvelopeRecipient(primary, notify, new_orcpt),
             next_hop=hop, orcpt=new_orcpt,
             related=address if rewritten else related,
             event="RESOLVE" if rewritten else event))
-
-    def _relay_type(self, server_name: str) -> str:
-        """2010's queue to another hub: within the local AD site, or to a remote site."""
-        try:
-            site = self.org.server(server_name).site
-        except KeyError:
-            site = self.server.site
-        return "SmtpRelayWithinAdSite" if site == self.server.site else "SmtpRelayToRemoteAdSite"
 
     async def _route(self, message: QueuedMessage, recipient: QueuedRecipient, addr_type: str,
                      address: str) -> RouteDecision:

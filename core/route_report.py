@@ -76,7 +76,8 @@ def _candidate(org: Organization, server: TransportServer, c: RouteCandidate) ->
         "specificity": c.specificity, "address_space_cost": c.address_space.cost,
         "site_cost": c.cost - c.address_space.cost, "cost": c.cost,
         "proximity": PROXIMITY.get(c.proximity, str(c.proximity)),
-        "next_hop": _hop(c.next_hop), "path": _path_to_hop(org, server, c.next_hop),
+        "source_server": c.source_server or None,
+        "next_hop": _hop(c.next_hop), "path": _site_path(org, server, c.source_server),
     }
 
 
@@ -89,14 +90,22 @@ def _hop(hop: NextHop | None) -> dict[str, str] | None:
 
 def _path_to_hop(org: Organization, server: TransportServer,
                  hop: NextHop | None) -> list[dict[str, Any]] | None:
-    """The site links a relay to another hub crosses (None when the hop is this server's)."""
+    """The site links a relay to another hub (or hub site) crosses; None for this server."""
     if hop is None or not hop.delivery_type.startswith("SmtpRelay"):
         return None
-    try:
-        target = org.server(hop.domain)
-    except KeyError:
+    return _site_path(org, server, hop.domain)
+
+
+def _site_path(org: Organization, server: TransportServer,
+               name: str) -> list[dict[str, Any]] | None:
+    """The least-cost path from this server's site to server or site ``name``."""
+    if not name:
         return None
-    path = org.site_path(server.site, target.site)
+    try:
+        site = org.server(name).site
+    except KeyError:
+        site = name
+    path = org.site_path(server.site, site)
     if path is None:
         return None
     return [{"link": step.link, "site": step.site, "cost": step.cost} for step in path]
@@ -125,7 +134,8 @@ def format_report(report: dict[str, Any]) -> str:
                 f" {mark}{rank}. {c['connector']}: address space {c['address_space']}"
                 f" (specificity {c['specificity']}), cost {c['cost']} = site links"
                 f" {c['site_cost']} + address space {c['address_space_cost']},"
-                f" {c['proximity']}, next hop {_show_hop(c['next_hop'])}")
+                f" {c['proximity']}{' on ' + c['source_server'] if c['source_server'] else ''},"
+                f" next hop {_show_hop(c['next_hop'])}")
             lines += _show_path(c["path"], report["site"], "      ")
         for e in r["eliminated"]:
             lines.append(f"    eliminated {e['connector']}: {e['why']}")

@@ -39,6 +39,8 @@ class RouteCandidate:
     proximity: int  # 0 local server, 1 same site, 2 remote site
     name: str
     connector: Any = None
+    #: the transport server that hosts the connector (its site gives the site-link cost)
+    source_server: str = ""
 
     def sort_key(self) -> tuple[int, int, int, str]:
         return (-self.specificity, self.cost, self.proximity, self.name.lower())
@@ -134,10 +136,9 @@ class RoutingTable:
                 hop = NextHop(connector.delivery_type,
                               connector.next_hop_domain(space, address), connector.name)
             else:  # another hub hosts the connector: relay the message to it
-                relay = "SmtpRelayWithinAdSite" if proximity == 1 else "SmtpRelayToRemoteAdSite"
-                hop = NextHop(relay, via, connector.name)
+                hop = self.relay_hop(via, connector.name)
             out.append(RouteCandidate(hop, space, score, site_cost + space.cost, proximity,
-                                      connector.name, connector))
+                                      connector.name, connector, via))
         return out, too_big
 
     def choose(self, addr_type: str, address: str, size: int,
@@ -151,6 +152,31 @@ class RoutingTable:
         if addr_type != "SMTP":
             return RouteDecision(failure=NO_CONNECTOR_FOR_TYPE)
         return RouteDecision()
+
+    def relay_hop(self, server_name: str, connector: str = "") -> NextHop:
+        """The queue for mail that another hub delivers (docs/exchange.md, "Sites and hub
+        sites"): that hub, within this site or in another; or, when the least-cost path
+        to its site crosses a hub site, that hub site (the first on the path), whose hubs
+        take the mail and route it on from there."""
+        try:
+            target = self.org.server(server_name)
+        except KeyError:
+            return NextHop("SmtpRelayToRemoteAdSite", server_name, connector)
+        if target.site.lower() == self.server.site.lower():
+            return NextHop("SmtpRelayWithinAdSite", target.name, connector)
+        hub_site = self.hub_site_on_path(target.site)
+        return NextHop("SmtpRelayToRemoteAdSite", hub_site or target.name, connector)
+
+    def hub_site_on_path(self, site: str) -> str | None:
+        """The first hub site (HubSiteEnabled, with a transport server) strictly between
+        this server's site and ``site`` on the least-cost path, else None."""
+        path = self.org.site_path(self.server.site, site) or []
+        staffed = {s.site.lower() for s in self.org.servers}
+        hub_sites = {s.name.lower() for s in self.org.sites if s.hub_site_enabled}
+        for step in path[:-1]:
+            if step.site.lower() in hub_sites and step.site.lower() in staffed:
+                return step.site
+        return None
 
     def explain(self, addr_type: str, address: str, size: int,
                 extra: Iterable[RouteCandidate] = ()) -> RouteExplanation:

@@ -32,6 +32,31 @@ from hubport.plugins.pytest_plugin import (  # noqa: F401
     write_org,
 )
 
+#: three sites, London a hub site on the least-cost path between Paris and Tokyo (Paris-Tokyo
+#: directly costs 30, through London 20): the article's hub-site example
+THREE_SITES = """
+[[site]]
+Name = "Paris"
+[[site]]
+Name = "London"
+HubSiteEnabled = true
+[[site]]
+Name = "Tokyo"
+
+[[site_link]]
+Name = "Paris-London"
+Sites = ["Paris", "London"]
+Cost = 10
+[[site_link]]
+Name = "London-Tokyo"
+Sites = ["London", "Tokyo"]
+Cost = 10
+[[site_link]]
+Name = "Paris-Tokyo"
+Sites = ["Paris", "Tokyo"]
+Cost = 30
+"""
+
 
 def base_org_text(server: dict[str, str] | None = None, extra: str = "") -> str:
     """``BASE_ORG`` with ``extra`` tables and HUB01's ``server`` keys (TOML values): a key the

@@ -7,28 +7,9 @@ import json
 from pathlib import Path
 
 from daemon_process import hubport
+from support import THREE_SITES
 
-ORG = """
-[[site]]
-Name = "Paris"
-[[site]]
-Name = "London"
-HubSiteEnabled = true
-[[site]]
-Name = "Tokyo"
-
-[[site_link]]
-Name = "Paris-London"
-Sites = ["Paris", "London"]
-Cost = 10
-[[site_link]]
-Name = "London-Tokyo"
-Sites = ["London", "Tokyo"]
-Cost = 10
-[[site_link]]
-Name = "Paris-Tokyo"
-Sites = ["Paris", "Tokyo"]
-Cost = 30
+ORG = THREE_SITES + """
 
 [[transport_server]]
 Name = "HUB01"
@@ -97,6 +78,7 @@ def test_the_cheapest_path_wins_and_the_report_says_which_links_make_its_cost(
     assert london["next_hop"]["delivery_type"] == "SmtpRelayToRemoteAdSite"
     # Paris-Tokyo directly costs 30; through London 20: the path says so, link by link
     assert (tokyo["connector"], tokyo["cost"]) == ("Internet via Tokyo", 21)
+    assert tokyo["next_hop"]["domain"] == "London"  # staged through the hub site
     assert [(s["link"], s["site"], s["cost"]) for s in tokyo["path"]] == \
         [("Paris-London", "London", 10), ("London-Tokyo", "Tokyo", 10)]
     assert {"connector": "Partner", "why": "no address space matches"} in routing["eliminated"]
@@ -115,9 +97,11 @@ def test_specificity_beats_cost_and_size_eliminates(tmp_path: Path) -> None:
 
 def test_a_remote_mailbox_shows_its_relay_and_site_path(tmp_path: Path) -> None:
     text = run(tmp_path, "kenji@contoso.test", "--server", "HUB01")
-    assert "next hop SmtpRelayToRemoteAdSite HUB03" in text, text
-    assert "site path: Paris -[Paris-London 10]-> London -[London-Tokyo 10]-> Tokyo (cost 20)" \
-        in text
+    # London, a hub site, is on the least-cost path to Tokyo: the mail is staged there
+    assert "next hop SmtpRelayToRemoteAdSite London" in text, text
+    assert "site path: Paris -[Paris-London 10]-> London (cost 10)" in text
+    onward = run(tmp_path, "kenji@contoso.test", "--server", "HUB02")
+    assert "next hop SmtpRelayToRemoteAdSite HUB03" in onward, onward
     local = run(tmp_path, "kenji@contoso.test", "--server", "HUB03")
     assert "next hop MapiDelivery Mailbox Database HUB03" in local
 

@@ -61,7 +61,7 @@ from hubport.plugins.smtp_send.resolver import Resolution, Target
 from hubport.plugins.smtp_send.session import SendOutcome, SessionFailure, SmtpSession
 
 if TYPE_CHECKING:
-    from hubport.core.config import Organization, TransportServer
+    from hubport.core.config import TransportServer
 
 log = structlog.get_logger("hubport.send")
 
@@ -276,8 +276,7 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
             failure = SmtpResponse(451, "4.7.5", f"SMTPSEND.TLS.Certificate; {exc}")
     if relay or connector.smart_hosts:
         if relay:
-            hub = _hub_fqdn(context.organization, next_hop.domain)
-            tls = intra_org_tls(internal, hub) if internal is not None else TlsPolicy()
+            tls = intra_org_tls(internal) if internal is not None else TlsPolicy()
         else:
             tls = tls_policy(connector, server, None, internal)
         one = Route(next_hop.domain, tls, [
@@ -308,15 +307,6 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
     for route, resolution in zip(by_domain.values(), resolutions):
         route.resolution = resolution
     return list(by_domain.values())
-
-
-def _hub_fqdn(org: Organization, server_name: str) -> str:
-    """The name another hub's certificate must carry (its FQDN; the name if unknown, which
-    resolve_hub then fails with its own reason)."""
-    try:
-        return org.server(server_name).fqdn
-    except KeyError:
-        return server_name
 
 
 async def _outgoing(body: MessageBody, usage: str | None) -> bytes | MessageBody:

@@ -120,13 +120,13 @@ def tls_policy(connector: SendConnector, server: TransportServer, recipient_doma
     )
 
 
-def intra_org_tls(internal: InternalTls, hub_fqdn: str) -> TlsPolicy:
+def intra_org_tls(internal: InternalTls) -> TlsPolicy:
     """Hub to hub (docs/exchange.md, "Hub-to-hub trust"): TLS is required, the other hub's
-    certificate must come from the organization's CA and name it, and this server presents
-    its own internal transport certificate, so the other hub grants it ExchangeServers."""
-    return TlsPolicy(use=True, require=True, verify=True, expected_name=hub_fqdn,
-                     ca_file=internal.authority, client_cert=internal.pair.certificate,
-                     client_key=internal.pair.key)
+    certificate must come from the organization's CA and name it (each target carries the
+    hub's FQDN as its ``tls_name``), and this server presents its own internal transport
+    certificate, so the other hub grants it ExchangeServers."""
+    return TlsPolicy(use=True, require=True, verify=True, ca_file=internal.authority,
+                     client_cert=internal.pair.certificate, client_key=internal.pair.key)
 
 
 def auth_policy(connector: SendConnector) -> AuthPolicy:

@@ -342,13 +342,34 @@ def receive_connectors_of(org: Organization, server_name: str) -> list[Any]:
             and getattr(rc, "enabled", True)]
 
 
-async def resolve_hub(org: Organization, server_name: str, lookup: AddressLookup
-                      ) -> Resolution:
-    """The receive connector of another hub that grants ExchangeServers (else port 25)."""
+async def resolve_hub(org: Organization, name: str, lookup: AddressLookup) -> Resolution:
+    """The hubs a relay goes to: the server ``name``, or every server of the AD site
+    ``name`` (a hub site mail is staged through), in name order for failover. Each target
+    is a hub's receive connector that grants ExchangeServers (else its FQDN on port 25),
+    and carries the hub's FQDN: its certificate must name it."""
     try:
-        hub = org.server(server_name)
+        hubs = [org.server(name)]
     except KeyError:
+        hubs = sorted((s for s in org.servers if s.site.lower() == name.lower()),
+                      key=lambda s: s.name.lower())
+    if not hubs:
         return Resolution(failure=NO_TARGET_HUB)
+    targets: list[Target] = []
+    unresolved: list[str] = []
+    for hub in hubs:
+        target = await _hub_target(org, hub, lookup)
+        if target is None:
+            unresolved.append(hub.fqdn)
+        else:
+            targets.append(target)
+    if not targets:
+        return Resolution(failure=SmtpResponse(
+            451, "4.4.0", f"SMTPSEND.Relay; the target hub {', '.join(unresolved)} does not"
+                          " resolve"))
+    return Resolution(targets)
+
+
+async def _hub_target(org: Organization, hub: Any, lookup: AddressLookup) -> Target | None:
     port = 25
     address: str | None = None
     for rc in receive_connectors_of(org, hub.name):
@@ -360,12 +381,11 @@ async def resolve_hub(org: Organization, server_name: str, lookup: AddressLookup
                 address = ip
             break
     if address is not None:
-        return Resolution([Target(hub.fqdn, (address,), port)])
+        return Target(hub.fqdn, (address,), port, tls_name=hub.fqdn)
     try:
         addresses = await lookup(hub.fqdn)
     except _Temporary:
         addresses = None
     if not addresses:
-        return Resolution(failure=SmtpResponse(
-            451, "4.4.0", f"SMTPSEND.Relay; the target hub {hub.fqdn} does not resolve"))
-    return Resolution([Target(hub.fqdn, tuple(addresses), port)])
+        return None
+    return Target(hub.fqdn, tuple(addresses), port, tls_name=hub.fqdn)
