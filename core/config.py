@@ -1239,9 +1239,13 @@ class _Loader:
                 if self._unique(seen, connector.name, reader, index):
                     connectors.append(connector)
         for cls in self.types.values():
+            own = [c for c in connectors if type(c) is cls]
             check_all = getattr(cls, "check_all", None)
             if check_all is not None:  # rules across the objects of one type
-                check_all([c for c in connectors if type(c) is cls], self.ctx)
+                check_all(own, self.ctx)
+            check_across = getattr(cls, "check_across", None)
+            if check_across is not None:  # rules that name connectors of other types
+                check_across(own, connectors, self.ctx)
         return tuple(connectors)
 
 

@@ -38,11 +38,13 @@ class Connector:
     kind: ClassVar[str] = "Connector"
 
     @classmethod
-    def read_common(cls, reader: FieldReader, ctx: ConfigContext) -> dict[str, Any]:
+    def read_common(cls, reader: FieldReader, ctx: ConfigContext, *,
+                    address_spaces_required: bool = True) -> dict[str, Any]:
         """Read the fields of this base class; a subclass adds its own."""
         return {
             "name": reader.name(),
-            "address_spaces": reader.address_spaces("AddressSpaces", required=True),
+            "address_spaces": reader.address_spaces("AddressSpaces",
+                                                    required=address_spaces_required),
             "source_transport_servers": reader.server_list(
                 "SourceTransportServers", default=ctx.default_source_servers()
             ),

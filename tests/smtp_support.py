@@ -166,6 +166,21 @@ def body(subject: str = "test", sender: str = "someone@example.org",
     return (f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n\r\n{text}").encode()
 
 
+async def send_one(port: int, rcpt: str, subject: str,
+                   sender: str = "someone@example.org") -> None:
+    """One message to ``rcpt`` over a plain SMTP session; every reply must be a success."""
+    client = await Client.connect(port)
+    await client.hello("client.example")
+    assert (await client.cmd(f"MAIL FROM:<{sender}>")).code == 250
+    reply = await client.cmd(f"RCPT TO:<{rcpt}>")
+    assert reply.code == 250, reply
+    assert (await client.cmd("DATA")).code == 354
+    await client.send(body(subject, sender, rcpt) + b"\r\n.\r\n")
+    reply = await client.reply()
+    assert reply.code == 250, reply
+    await client.close()
+
+
 HubFactory = Callable[..., Any]
 
 

@@ -13,15 +13,14 @@ import asyncio
 import json
 import re
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from daemon_process import Daemon, DaemonPool, daemon_pool, hubport
-from smtp_support import Client, body, free_port, receive_connector
-from support import THREE_SITES, write_org
+from smtp_support import free_port, receive_connector, send_one
+from support import THREE_SITES, wait_for_sync, write_org
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -67,18 +66,6 @@ Server = "HUB03"
                      extra=sites + servers + mailbox + connectors)
 
 
-async def send(port: int, rcpt: str, subject: str) -> None:
-    client = await Client.connect(port)
-    await client.hello("client.example")
-    assert (await client.cmd("MAIL FROM:<someone@example.org>")).code == 250
-    assert (await client.cmd(f"RCPT TO:<{rcpt}>")).code == 250
-    assert (await client.cmd("DATA")).code == 354
-    await client.send(f"Subject: {subject}\r\n".encode() + body() + b"\r\n.\r\n")
-    reply = await client.reply()
-    assert reply.code == 250, reply
-    await client.close()
-
-
 def query(root: Path, server: str, *args: str) -> list[dict[str, object]]:
     done = hubport(*args, "--config", str(root / "org.toml"), "--server", server,
                    "-format", "json", cwd=root)
@@ -94,17 +81,6 @@ def tracked(root: Path, server: str, subject: str) -> set[str]:
     """The event ids the hub's own tracking log holds for a message."""
     return {str(e["event-id"]) for e in query(root, server, "get-messagetrackinglog")
             if e.get("message-subject") == subject}
-
-
-def wait_until(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    seen: object = None
-    while time.monotonic() < deadline:
-        seen = check()
-        if seen:
-            return seen
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout}s (last saw {seen!r})")
 
 
 def inbox(root: Path) -> list[bytes]:
@@ -124,9 +100,9 @@ def test_paris_to_tokyo_is_staged_in_the_london_hub_site_and_waits_there_for_tok
     organization(tmp_path, ports)
     hubs = {name: start(pool, tmp_path, name) for name in HUBS}
 
-    asyncio.run(send(ports["HUB01"], "kenji@contoso.test", "staged in London"))
-    wait_until(lambda: any(b"staged in London" in m for m in inbox(tmp_path)), 60,
-               "Kenji's mail from Paris")
+    asyncio.run(send_one(ports["HUB01"], "kenji@contoso.test", "staged in London"))
+    wait_for_sync(lambda: any(b"staged in London" in m for m in inbox(tmp_path)), 60,
+                  what="Kenji's mail from Paris")
     (mail,) = inbox(tmp_path)
     # three hubs stamped it, in the order it travelled
     order = re.findall(rb"\bby (hub0\d)\.contoso\.test", mail)
@@ -138,7 +114,7 @@ def test_paris_to_tokyo_is_staged_in_the_london_hub_site_and_waits_there_for_tok
     # Tokyo's hub goes down: the next message leaves Paris and waits in London
     hubs["HUB03"].signal(signal.SIGTERM)
     assert hubs["HUB03"].wait(60) == 0
-    asyncio.run(send(ports["HUB01"], "kenji@contoso.test", "waits in London"))
+    asyncio.run(send_one(ports["HUB01"], "kenji@contoso.test", "waits in London"))
 
     london: list[dict[str, object]] = []
 
@@ -148,16 +124,14 @@ def test_paris_to_tokyo_is_staged_in_the_london_hub_site_and_waits_there_for_tok
                 if r.get("next_hop") == "HUB03" and r.get("message_count")]
         return rows and rows[0].get("last_error") and rows[0]
 
-    try:
-        row = wait_until(london_holds_it, 60, "London's queue for HUB03 holds the message")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}; London's queues: {london}") from None
+    row = wait_for_sync(london_holds_it, 60, what="London's queue for HUB03 holds the message",
+                        describe=lambda: london)
     assert "hub03.contoso.test" in str(row), row  # the queue says why it waits
     paris = [r for r in query(tmp_path, "HUB01", "get-queue")
              if str(r.get("delivery_type", "")).startswith("SmtpRelay")]
     assert all(r["message_count"] == 0 for r in paris), paris  # nothing waits in Paris
 
     start(pool, tmp_path, "HUB03")
-    wait_until(lambda: any(b"waits in London" in m for m in inbox(tmp_path)), 90,
-               "the waiting mail once Tokyo is back")
+    wait_for_sync(lambda: any(b"waits in London" in m for m in inbox(tmp_path)), 90,
+                  what="the waiting mail once Tokyo is back")
     assert len(inbox(tmp_path)) == 2  # each message once

@@ -21,7 +21,7 @@ import trustme
 
 from daemon_process import DaemonPool, daemon_pool, hubport
 from hubport.core.internal_tls import CertificateAuthority
-from smtp_support import Client, body, free_port, receive_connector
+from smtp_support import Client, free_port, receive_connector, send_one
 from support import write_org
 
 pytestmark = pytest.mark.timeout(180)
@@ -59,19 +59,6 @@ Server = "HUB02"
     return write_org(folder, server_extra='Fqdn = "hub01.contoso.test"', extra=extra)
 
 
-async def send(port: int, rcpt: str, subject: str) -> None:
-    client = await Client.connect(port)
-    await client.hello("client.example")
-    assert (await client.cmd("MAIL FROM:<someone@example.org>")).code == 250
-    reply = await client.cmd(f"RCPT TO:<{rcpt}>")
-    assert reply.code == 250, reply
-    assert (await client.cmd("DATA")).code == 354
-    await client.send(f"Subject: {subject}\r\n".encode() + body() + b"\r\n.\r\n")
-    reply = await client.reply()
-    assert reply.code == 250, reply
-    await client.close()
-
-
 def wait_for_file(folder: Path, timeout: float, what: str) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -95,7 +82,7 @@ def test_hubs_of_one_machine_trust_each_other_with_no_manual_step(
     assert (tmp_path / "var" / "certs" / "internal" / "hub01.contoso.test.crt").exists()
     assert (tmp_path / "var2" / "certs" / "internal" / "hub02.contoso.test.crt").exists()
 
-    asyncio.run(send(port1, "carol@contoso.test", "across hubs"))
+    asyncio.run(send_one(port1, "carol@contoso.test", "across hubs"))
     mail = wait_for_file(tmp_path / "var2" / "mailboxes" / "Carol" / "new", 60,
                          "HUB01 relays to Carol's hub")
     content = mail.read_bytes()
@@ -178,6 +165,6 @@ def test_a_hub_on_another_machine_gets_its_certificate_from_where_the_ca_key_liv
     hub2 = pool.start("--server", "HUB02", config=config2)
     hub2.wait_ready(60)
     assert not (two / "org-ca" / "ca.key").exists()
-    asyncio.run(send(port1, "carol@contoso.test", "to the other machine"))
+    asyncio.run(send_one(port1, "carol@contoso.test", "to the other machine"))
     wait_for_file(two / "var2" / "mailboxes" / "Carol" / "new", 60,
                   "HUB01 relays to HUB02 on the other machine")

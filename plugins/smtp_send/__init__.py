@@ -5,7 +5,7 @@ AddressSpaces, SourceTransportServers, IsScopedConnector, Enabled, MaxMessageSiz
 DNSRoutingEnabled, UseExternalDNSServersEnabled, SmartHosts, Port, SmartHostAuthMechanism,
 AuthenticationCredential, RequireTLS, IgnoreSTARTTLS, TlsAuthLevel, TlsDomain, Fqdn,
 ForceHELO, SmtpMaxMessagesPerConnection, ConnectionInactivityTimeOut, ErrorPolicies,
-ProtocolLoggingLevel; hubport extensions TlsCertificateAuthorityFile,
+ProtocolLoggingLevel, LinkedReceiveConnector; hubport extensions TlsCertificateAuthorityFile,
 TlsClientCertificateFile and TlsClientKeyFile.
 
 ErrorPolicies supported: ``Default`` (a 5xx greeting/EHLO or a refused AUTH fails the
@@ -17,7 +17,8 @@ TLS failures always defer (4.7.x) and never fall back to plaintext when TLS is r
 Modules: ``connector`` (config), ``resolver`` (MX / smart hosts / hub relay),
 ``policy`` (TLS and AUTH), ``session`` (one SMTP client connection), ``content`` (header
 firewall, 8-bit downgrade, DSN parameters), ``protolog`` (protocol log adapter) and
-``delivery`` (the deliver hook body).
+``delivery`` (the deliver hook body), ``linked`` (linked connectors: the categorize hook's
+routing override and the loop guard).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from collections.abc import Callable
 from typing import Any
 
 from hubport.core import hookimpl
-from hubport.core.api import DeliveryContext, MailItem
-from hubport.core.model import NextHop
+from hubport.core.api import DeliveryContext, MailItem, Organization, QueuedMessage
+from hubport.core.model import NextHop, QueuedRecipient
 from hubport.plugins.smtp_send.connector import SendConnector
 from hubport.plugins.smtp_send.delivery import RELAY_TYPES, deliver_items
+from hubport.plugins.smtp_send.linked import route_through_link
 
-__all__ = ["RELAY_TYPES", "SendConnector", "deliver", "register_connector_types"]
+__all__ = ["RELAY_TYPES", "SendConnector", "categorize", "deliver", "register_connector_types"]
 
 
 @hookimpl
@@ -46,3 +48,11 @@ async def deliver(next_hop: NextHop, connector: Any, items: list[MailItem],
     if next_hop.delivery_type in RELAY_TYPES or isinstance(connector, SendConnector):
         return await deliver_items(next_hop, connector, items, context)
     return None
+
+
+@hookimpl
+def categorize(message: QueuedMessage, recipient: QueuedRecipient,
+               organization: Organization) -> Any:
+    """Linked connectors: mail from a linked receive connector goes to its send connector
+    whatever its recipients (plugins/smtp_send/linked.py)."""
+    return route_through_link(message, organization)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -105,6 +106,8 @@ class SendConnector(Connector):
     error_policies: frozenset[str] = field(default_factory=lambda: frozenset({"Default"}))
     protocol_logging_level: str = "None"
     use_external_dns_servers_enabled: bool = False
+    #: a linked connector: every message that receive connector takes leaves through this one
+    linked_receive_connector: str | None = None
 
     section: ClassVar[str] = "send_connector"
     kind: ClassVar[str] = "SendConnector"
@@ -136,7 +139,8 @@ class SendConnector(Connector):
     def from_config(cls, reader: FieldReader, ctx: ConfigContext) -> SendConnector:
         usage = reader.string("Usage", default="Custom", choices=USAGES) or "Custom"
         template = USAGE_TEMPLATES[usage]
-        common = cls.read_common(reader, ctx)
+        linked = (reader.string("LinkedReceiveConnector", default=None) or "").strip() or None
+        common = cls.read_common(reader, ctx, address_spaces_required=linked is None)
         smart_hosts = _smart_hosts(reader)
         dns_default = False if smart_hosts else template.get("DNSRoutingEnabled", True)
         connector = cls(
@@ -168,9 +172,41 @@ class SendConnector(Connector):
                 "ProtocolLoggingLevel", default="None", choices=LOGGING_LEVELS) or "None",
             use_external_dns_servers_enabled=reader.bool(
                 "UseExternalDNSServersEnabled", default=False),
+            linked_receive_connector=linked,
         )
         _check(connector, reader, explicit_tls_level=reader.has("TlsAuthLevel"))
+        if linked is not None:
+            _check_linked(connector, reader)
         return connector
+
+    @classmethod
+    def check_across(cls, connectors: Sequence[SendConnector], everything: Sequence[Connector],
+                     ctx: ConfigContext) -> None:
+        """Linked connectors: the receive connector exists, one send connector links it,
+        and the send connector is hosted on that receive connector's server."""
+        receive = {c.name.lower(): c for c in everything if type(c).section == "receive_connector"}
+        taken: dict[str, str] = {}
+        for c in connectors:
+            if c.linked_receive_connector is None:
+                continue
+            key = c.linked_receive_connector.lower()
+            rc = receive.get(key)
+            label = f"send_connector {c.name!r}"
+            if rc is None:
+                ctx.error(label, "LinkedReceiveConnector",
+                          f"no receive connector is named {c.linked_receive_connector!r}")
+                continue
+            if key in taken:
+                ctx.error(label, "LinkedReceiveConnector",
+                          f"{rc.name!r} is already linked to send connector {taken[key]!r}:"
+                          " a receive connector links to one send connector")
+                continue
+            taken[key] = c.name
+            server = str(getattr(rc, "server", ""))
+            if [s.lower() for s in c.source_transport_servers] != [server.lower()]:
+                ctx.error(label, "SourceTransportServers",
+                          f"must be [{server!r}] alone: a linked connector is hosted on the"
+                          f" server of its receive connector {rc.name!r}")
 
 
 def _host(reader: FieldReader, key: str) -> str | None:
@@ -257,6 +293,21 @@ def _error_policies(reader: FieldReader) -> frozenset[str]:
         else:
             chosen.add(match)
     return frozenset(chosen or {"Default"})
+
+
+def _check_linked(c: SendConnector, reader: FieldReader) -> None:
+    """Exchange's rules for a linked connector (New-SendConnector -LinkedReceiveConnector),
+    each broken one named by its field."""
+    if c.address_spaces:
+        reader.error("AddressSpaces", "must be empty on a linked connector: every message of"
+                                      f" {c.linked_receive_connector!r} leaves through it,"
+                                      " whatever its recipients")
+    if not c.smart_hosts:
+        reader.error("SmartHosts", "required on a linked connector (the scanner to send to)")
+    if c.dns_routing_enabled:
+        reader.error("DNSRoutingEnabled", "must be false on a linked connector")
+    if c.max_message_size is not None:
+        reader.error("MaxMessageSize", "must be unlimited on a linked connector")
 
 
 def _check(c: SendConnector, reader: FieldReader, *, explicit_tls_level: bool) -> None:

@@ -47,7 +47,7 @@ from hubport.core.model import NextHop, QueuedRecipient, SmtpResponse
 from hubport.core.retry import retry_delay
 from hubport.core.tls import TlsConfigError
 from hubport.core.workers import WorkerSlot
-from hubport.plugins.smtp_send import content, resolver
+from hubport.plugins.smtp_send import content, linked, resolver
 from hubport.plugins.smtp_send.connector import SendConnector
 from hubport.plugins.smtp_send.policy import (
     AuthPolicy,
@@ -260,7 +260,10 @@ async def deliver_items(next_hop: NextHop, connector: Any, items: Sequence[MailI
 async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
                   context: DeliveryContext, relay: bool, profile: Profile) -> list[Route]:
     server = context.server
-    datas = [await _outgoing(item.body, profile.usage) for item in items]
+    link = connector.name if isinstance(connector, SendConnector) and \
+        connector.linked_receive_connector else None
+    datas = [await _outgoing(linked.stamp(item.body, link) if link else item.body,
+                             profile.usage) for item in items]
     external = bool(isinstance(connector, SendConnector)
                     and connector.use_external_dns_servers_enabled
                     and server.external_dns_servers)
