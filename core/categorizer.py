@@ -271,6 +271,17 @@ class Categorizer:
         if box_server.lower() == self.server.name.lower():
             hop = mailbox_next_hop(self.server.name)
         else:
+            narrow = self.routing.narrow_link(box_server, message.size)
+            if narrow is not None:
+                result.decisions.append(Decision(
+                    FAIL, primary, row,
+                    None if row is not None else EnvelopeRecipient(primary, notify, new_orcpt),
+                    response=SmtpResponse(
+                        550, "5.3.4", f"ROUTING.SizeLimit; the message is larger than the"
+                                      f" {narrow.max_message_size} bytes site link"
+                                      f" {narrow.link} takes"),
+                    related=address if rewritten else related))
+                return
             hop = self.routing.relay_hop(box_server)
         result.decisions.append(Decision(
             ROUTE, primary, row,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
@@ -212,6 +213,7 @@ class SiteLink:
     name: str
     sites: tuple[str, ...]
     cost: int = 100
+    max_message_size: int | None = None  # None: unlimited
 
 
 #: back pressure defaults: 0 derives a disk threshold from the volume; Exchange 2010's
@@ -441,6 +443,15 @@ class Organization:
                 f"refused with 550 5.1.1, although RFC 5321 §4.5.1 requires it to be "
                 f"accepted; add {default} to the EmailAddresses of the mailbox that should "
                 "receive it")
+        legacy = [c.name for c in self.connectors
+                  if "exchangelegacyservers" in {str(g).lower()
+                                                 for g in getattr(c, "permission_groups", ())}]
+        if legacy:
+            warnings.append(
+                f"the ExchangeLegacyServers permission group on {', '.join(legacy)} grants its"
+                " rights to legacy servers, which hubport recognizes only as the servers of a"
+                " routing group (not supported yet): no session matches it, so its rights are"
+                " unused")
         return tuple(warnings)
 
     def site_cost(self, from_site: str, to_site: str) -> int | None:
@@ -465,6 +476,7 @@ class SiteHop:
     link: str
     site: str
     cost: int
+    max_message_size: int | None = None
 
 
 def _cheapest_path(links: Sequence[SiteLink], start: str, goal: str) -> list[SiteHop] | None:
@@ -489,7 +501,8 @@ def _cheapest_path(links: Sequence[SiteLink], start: str, goal: str) -> list[Sit
             key = (cost + link.cost, hops + 1, (*names, neighbour))
             if neighbour not in best or key < best[neighbour]:
                 best[neighbour] = key
-                paths[neighbour] = [*paths[site], SiteHop(link.name, neighbour, link.cost)]
+                paths[neighbour] = [*paths[site], SiteHop(link.name, neighbour, link.cost,
+                                                          link.max_message_size)]
                 heapq.heappush(heap, (*key, neighbour))
     return None
 
@@ -729,11 +742,12 @@ class _Loader:
             names = reader.string_list("Sites")
             ad_cost = reader.int("Cost", 100, min=1, max=100)
             exchange_cost = reader.int("ExchangeCost", None, min=1, max=100)
+            size = reader.size("MaxMessageSize", default=None)
             reader.finish()
             sites = self._link_sites(reader, names)
             if self._unique(seen, name, reader, index) and sites:
                 cost = exchange_cost if exchange_cost is not None else ad_cost
-                links.append(SiteLink(name, sites, cost if cost is not None else 100))
+                links.append(SiteLink(name, sites, cost if cost is not None else 100, size))
         return tuple(links)
 
     def _link_sites(self, reader: FieldReader, names: Sequence[str]) -> tuple[str, ...]:
@@ -827,12 +841,20 @@ class _Loader:
         if not readers and "transport_server" not in self.data:
             readers = [(0, self.ctx.reader({"Name": IMPLICIT_SERVER},
                                            f'transport_server "{IMPLICIT_SERVER}"'))]
+        states: dict[Path, str] = {}
         for index, reader in readers:
             server = self._server(reader)
             reader.finish()
             if self._unique(seen, server.name, reader, index):
                 servers.append(server)
                 self.ctx.add_server(server.name, server.site, server)
+                # two hubs on one state folder would fight over one queue and lock
+                state = Path(os.path.normpath(server.state_directory))
+                if state in states:
+                    reader.error("StateDirectory",
+                                 f"{server.state_directory} is the state folder of transport"
+                                 f" server {states[state]!r} too: each hub needs its own")
+                states.setdefault(state, server.name)
         return tuple(servers)
 
     def _server(self, r: FieldReader) -> TransportServer:

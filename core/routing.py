@@ -19,7 +19,7 @@ from hubport.core.address_space import AddressSpace
 from hubport.core.model import NextHop, SmtpResponse
 
 if TYPE_CHECKING:
-    from hubport.core.config import Organization, TransportServer
+    from hubport.core.config import Organization, SiteHop, TransportServer
     from hubport.core.connectors import Connector
 
 NO_CONNECTOR_FOR_TYPE = SmtpResponse(
@@ -132,6 +132,12 @@ class RoutingTable:
             if not via:  # no site link reaches any source server: it cannot serve us
                 drop(connector, "no site link reaches any of its source servers")
                 continue
+            narrow = self.narrow_link(via, size)
+            if narrow is not None:
+                too_big = True
+                drop(connector, f"site link {narrow.link} takes at most"
+                                f" {narrow.max_message_size} bytes, the message has {size}")
+                continue
             if proximity == 0:
                 hop = NextHop(connector.delivery_type,
                               connector.next_hop_domain(space, address), connector.name)
@@ -166,6 +172,18 @@ class RoutingTable:
             return NextHop("SmtpRelayWithinAdSite", target.name, connector)
         hub_site = self.hub_site_on_path(target.site)
         return NextHop("SmtpRelayToRemoteAdSite", hub_site or target.name, connector)
+
+    def narrow_link(self, server_name: str, size: int) -> SiteHop | None:
+        """The first site link on the way to ``server_name`` whose MaxMessageSize is below
+        ``size``, else None."""
+        try:
+            site = self.org.server(server_name).site
+        except KeyError:
+            return None
+        for step in self.org.site_path(self.server.site, site) or []:
+            if step.max_message_size is not None and size > step.max_message_size:
+                return step
+        return None
 
     def hub_site_on_path(self, site: str) -> str | None:
         """The first hub site (HubSiteEnabled, with a transport server) strictly between

@@ -159,3 +159,12 @@ def test_embedded_default_has_the_two_default_connectors() -> None:
     org = load_organization(None, Hooks().registry.connector_types)
     names = {c.name for c in org.connectors_of("receive_connector")}
     assert names == {"Default HUB01", "Client HUB01"}
+
+
+def test_exchange_legacy_servers_is_dead_configuration_and_a_warning_says_so() -> None:
+    org = load('[[receive_connector]]\nName = "Legacy"\nBindings = ["0.0.0.0:2526"]\n'
+               'PermissionGroups = ["ExchangeLegacyServers", "AnonymousUsers"]\n')
+    (warning,) = [w for w in org.config_warnings if "ExchangeLegacyServers" in w]
+    assert "Legacy" in warning and "rights are unused" in warning
+    plain = load('[[receive_connector]]\nName = "Plain"\nBindings = ["0.0.0.0:2526"]\n')
+    assert not [w for w in plain.config_warnings if "ExchangeLegacyServers" in w]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from daemon_process import hubport
 from support import THREE_SITES
@@ -111,3 +112,27 @@ def test_a_bad_address_is_a_clear_error(tmp_path: Path) -> None:
     config.write_text(ORG)
     done = hubport("test-route", "not an address", "--config", str(config), cwd=tmp_path)
     assert done.returncode == 2 and "not an address" in done.stderr, done.stderr
+
+
+def test_a_site_link_too_narrow_for_the_message_eliminates_and_fails(tmp_path: Path) -> None:
+    narrow = ORG.replace('Name = "London-Tokyo"\nSites = ["London", "Tokyo"]\nCost = 10\n',
+                         'Name = "London-Tokyo"\nSites = ["London", "Tokyo"]\nCost = 10\n'
+                         'MaxMessageSize = "1MB"\n')
+    assert narrow != ORG
+    config = tmp_path / "org.toml"
+    config.write_text(narrow)
+
+    def route(*args: str) -> dict[str, Any]:
+        done = hubport("test-route", *args, "--json", "--config", str(config), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        report: dict[str, Any] = json.loads(done.stdout)
+        return report
+
+    (kenji,) = route("kenji@contoso.test", "--size", "2MB")["categorizer"]
+    assert kenji["outcome"] == "fail" and "5.3.4" in kenji["response"], kenji
+    assert "London-Tokyo" in kenji["response"]
+    assert route("kenji@contoso.test", "--size", "10KB")["categorizer"][0]["outcome"] == "route"
+    (routing,) = route("x@example.org", "--size", "2MB")["routing"]
+    assert routing["chosen"] == "Internet via London"
+    (tokyo,) = [e for e in routing["eliminated"] if e["connector"] == "Internet via Tokyo"]
+    assert "site link London-Tokyo" in tokyo["why"], tokyo
