@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import os
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
@@ -841,20 +840,12 @@ class _Loader:
         if not readers and "transport_server" not in self.data:
             readers = [(0, self.ctx.reader({"Name": IMPLICIT_SERVER},
                                            f'transport_server "{IMPLICIT_SERVER}"'))]
-        states: dict[Path, str] = {}
         for index, reader in readers:
             server = self._server(reader)
             reader.finish()
             if self._unique(seen, server.name, reader, index):
                 servers.append(server)
                 self.ctx.add_server(server.name, server.site, server)
-                # two hubs on one state folder would fight over one queue and lock
-                state = Path(os.path.normpath(server.state_directory))
-                if state in states:
-                    reader.error("StateDirectory",
-                                 f"{server.state_directory} is the state folder of transport"
-                                 f" server {states[state]!r} too: each hub needs its own")
-                states.setdefault(state, server.name)
         return tuple(servers)
 
     def _server(self, r: FieldReader) -> TransportServer:

@@ -155,8 +155,13 @@ def lock_state(path: Path) -> int:
     """The state folder's lock: one server per state folder."""
     fd = lock_file(path)
     if fd is None:
-        raise StartupError(f"another hubport daemon is using the state folder {path.parent}",
-                           EXIT_LOCKED)
+        try:
+            holder = f" (pid {int(path.read_text().split()[0])})"
+        except (OSError, ValueError, IndexError):
+            holder = ""
+        raise StartupError(f"another hubport daemon{holder} is using the state folder"
+                           f" {path.parent}; each transport server needs a StateDirectory of"
+                           " its own", EXIT_LOCKED)
     return fd
 
 

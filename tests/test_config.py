@@ -1084,19 +1084,6 @@ def test_parse_organization_from_text(tmp_path: Path) -> None:
     assert org.server("HUB01").pickup_directory_path == tmp_path / "pickup"
 
 
-def test_two_hubs_on_one_state_folder_is_an_error_naming_both(tmp_path: Path) -> None:
-    error = only_error(tmp_path, """
-        [[transport_server]]
-        Name = "HUB01"
-        StateDirectory = "var"
-        [[transport_server]]
-        Name = "HUB02"
-        StateDirectory = "./var/"
-        """)
-    assert (error.object, error.field) == ('transport_server "HUB02"', "StateDirectory"), error
-    assert "'HUB01'" in error.reason and "each hub needs its own" in error.reason
-
-
 def test_a_site_link_limits_the_size_of_what_crosses_it(tmp_path: Path) -> None:
     org = load(tmp_path, SITES.replace('Cost = 10\n[[site_link]]\nName = "London-Madrid"',
                                        'Cost = 10\nMaxMessageSize = "1MB"\n[[site_link]]\n'
