@@ -154,3 +154,27 @@ def test_a_receive_connector_links_to_one_send_connector_that_names_it(tmp_path:
     text = str(info.value)
     assert "already linked to send connector 'Scan A'" in text, text
     assert "no receive connector is named 'Nowhere'" in text, text
+
+
+def test_the_loop_guard_sees_a_stamp_made_this_very_second(tmp_path: Path) -> None:
+    """The stamp is in whole seconds: a copy back within the same second still counts."""
+    from hubport.core.body import MessageBody
+    from hubport.core.model import MailFrom, QueuedMessage
+    from hubport.plugins.smtp_send.linked import route_through_link, stamp
+
+    extra = receive_connector("From Internet", ["127.0.0.1:2600"])
+    extra += ('[[send_connector]]\nName = "Scan"\nLinkedReceiveConnector = "From Internet"\n'
+              'SmartHosts = ["[127.0.0.1]"]\n')
+    org = load_organization(write_org(tmp_path, extra=extra), HOOKS.registry.connector_types)
+    now = 1_800_000_000.9
+    stamped = stamp(MessageBody.of(b"Subject: x\r\n\r\nbody\r\n"), "Scan", now=now)
+    message = QueuedMessage(1, "i", "<m@x>", MailFrom("a@example.org"), stamped,
+                            stamped.size, "SMTP", "From Internet", "x", now, now + 60)
+    verdict = route_through_link(message, org, now=now)
+    assert type(verdict).__name__ == "Reject", verdict
+    fresh = QueuedMessage(2, "j", "<n@x>", MailFrom("a@example.org"),
+                          MessageBody.of(b"Subject: y\r\n\r\nbody\r\n"), 20, "SMTP",
+                          "From Internet", "y", now, now + 60)
+    assert type(route_through_link(fresh, org, now=now)).__name__ == "RouteTo"
+    assert type(route_through_link(message, org, now=now + 7200)).__name__ == "RouteTo"
+

@@ -61,14 +61,16 @@ def route_through_link(message: QueuedMessage, org: Organization,
 
 def stamp(body: MessageBody, connector: str, now: float | None = None) -> MessageBody:
     """The body with the linked connector's stamp as its first header field."""
-    when = time.time() if now is None else now
-    return body.replace_prefix(0, HEADER + f": {connector}; {when:.0f}\r\n".encode())
+    when = int(time.time() if now is None else now)  # whole seconds, never ahead of now
+    return body.replace_prefix(0, HEADER + f": {connector}; {when}\r\n".encode())
 
 
 def _went_round(header: bytes, connector: str, now: float) -> bool:
     section = header.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
     for match in _STAMP.finditer(section):
         name, when = match.group(1).decode("utf-8", "replace"), float(match.group(2))
-        if name.strip().lower() == connector.lower() and 0 <= now - when <= LOOP_WINDOW:
+        # a second of slack: the stamp is in whole seconds (and never from the future
+        # beyond that, or a forged far-future stamp would bounce mail for ever)
+        if name.strip().lower() == connector.lower() and -1 <= now - when <= LOOP_WINDOW:
             return True
     return False
