@@ -442,6 +442,19 @@ class Organization:
                 f"refused with 550 5.1.1, although RFC 5321 §4.5.1 requires it to be "
                 f"accepted; add {default} to the EmailAddresses of the mailbox that should "
                 "receive it")
+        if len(self.servers) > 1:
+            unreachable = [
+                s.name for s in self.servers
+                if not any(str(getattr(c, "server", "")).lower() == s.name.lower()
+                           and "exchangeservers" in {str(g).lower() for g in
+                                                     getattr(c, "permission_groups", ())}
+                           and "ExchangeServer" in getattr(c, "auth_mechanism", ())
+                           for c in self.connectors_of("receive_connector"))]
+            if unreachable:
+                warnings.append(
+                    f"no receive connector of {', '.join(unreachable)} has the ExchangeServer"
+                    " mechanism and the ExchangeServers permission group: other hubs cannot"
+                    " relay to it (their mail for it waits with 4.7.5 or 5.7.1)")
         legacy = [c.name for c in self.connectors
                   if "exchangelegacyservers" in {str(g).lower()
                                                  for g in getattr(c, "permission_groups", ())}]

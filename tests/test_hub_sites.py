@@ -57,6 +57,7 @@ Server = "HUB03"
 """
     connectors = receive_connector(
         "Default HUB01", [f"127.0.0.1:{ports['HUB01']}"], Server="HUB01",
+        AuthMechanism=["Tls", "ExchangeServer"],
         PermissionGroups=["AnonymousUsers", "ExchangeServers"])
     for name in ("HUB02", "HUB03"):
         connectors += receive_connector(

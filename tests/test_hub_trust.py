@@ -21,7 +21,7 @@ import trustme
 
 from daemon_process import DaemonPool, daemon_pool, hubport
 from hubport.core.internal_tls import CertificateAuthority
-from smtp_support import Client, free_port, receive_connector, send_one
+from smtp_support import Client, body, free_port, receive_connector, send_one
 from support import write_org
 
 pytestmark = pytest.mark.timeout(180)
@@ -50,9 +50,15 @@ MessageRetryInterval = "1s"
 Name = "Carol"
 PrimarySmtpAddress = "carol@contoso.test"
 Server = "HUB02"
+
+[[mailbox]]
+Name = "Dora"
+PrimarySmtpAddress = "dora@contoso.test"
+Server = "HUB01"
 """
     extra = hub02 + receive_connector(
         "Default HUB01", [f"127.0.0.1:{port1}"], Server="HUB01",
+        AuthMechanism=["Tls", "ExchangeServer"],
         PermissionGroups=["AnonymousUsers", "ExchangeServers"]) + receive_connector(
         "Default HUB02", [f"127.0.0.1:{port2}"], Server="HUB02",
         AuthMechanism=["Tls", "ExchangeServer"], PermissionGroups=["ExchangeServers"])
@@ -97,6 +103,31 @@ def test_hubs_of_one_machine_trust_each_other_with_no_manual_step(
     assert {"RECEIVE", "DELIVER"} <= events, done.stdout
 
     asyncio.run(strangers_get_no_rights(port2, ca))
+
+    # the envelope survives the hop: HUB02 answers NOTIFY=SUCCESS with a DSN that carries
+    # the ENVID and ORCPT given to HUB01, and sends it back to Dora's mailbox on HUB01
+    asyncio.run(send_with_dsn(port1))
+    report = wait_for_file(tmp_path / "var" / "mailboxes" / "Dora" / "new", 60,
+                           "the success DSN back on HUB01").read_bytes()
+    assert b"Action: delivered" in report or b"Action: relayed" in report, report[:3000]
+    assert b"Original-Envelope-Id: track-42" in report, report[:3000]
+    assert b"Original-Recipient: rfc822;Carol.Original@contoso.test" in report, report[:3000]
+    assert b"Reporting-MTA: dns; hub02.contoso.test" in report, report[:3000]
+
+
+async def send_with_dsn(port: int) -> None:
+    client = await Client.connect(port)
+    await client.hello("client.example")
+    reply = await client.cmd("MAIL FROM:<dora@contoso.test> RET=HDRS ENVID=track-42")
+    assert reply.code == 250, reply
+    reply = await client.cmd("RCPT TO:<carol@contoso.test> NOTIFY=SUCCESS"
+                             " ORCPT=rfc822;Carol.Original@contoso.test")
+    assert reply.code == 250, reply
+    assert (await client.cmd("DATA")).code == 354
+    await client.send(body("with a DSN", "dora@contoso.test", "carol@contoso.test")
+                      + b"\r\n.\r\n")
+    assert (await client.reply()).code == 250
+    await client.close()
 
 
 async def strangers_get_no_rights(port: int, ca_folder: Path) -> None:

@@ -168,3 +168,17 @@ def test_exchange_legacy_servers_is_dead_configuration_and_a_warning_says_so() -
     assert "Legacy" in warning and "rights are unused" in warning
     plain = load('[[receive_connector]]\nName = "Plain"\nBindings = ["0.0.0.0:2526"]\n')
     assert not [w for w in plain.config_warnings if "ExchangeLegacyServers" in w]
+
+
+def test_a_hub_other_hubs_cannot_relay_to_is_a_warning() -> None:
+    two = '[[transport_server]]\nName = "HUB02"\nStateDirectory = "var2"\n'
+    org = load(two + '[[receive_connector]]\nName = "Open"\nBindings = ["0.0.0.0:2526"]\n'
+               'PermissionGroups = ["AnonymousUsers", "ExchangeServers"]\n'
+               'AuthMechanism = ["Tls"]\n')
+    (warning,) = [w for w in org.config_warnings if "other hubs cannot relay" in w]
+    assert warning.startswith("no receive connector of HUB01, HUB02 has"), warning
+    fine = load(two + "".join(
+        f'[[receive_connector]]\nName = "Hubs {s}"\nServer = "{s}"\nBindings = ["0.0.0.0:2526"]\n'
+        'PermissionGroups = ["ExchangeServers"]\nAuthMechanism = ["Tls", "ExchangeServer"]\n'
+        for s in ("HUB01", "HUB02")))
+    assert not [w for w in fine.config_warnings if "other hubs cannot relay" in w]

@@ -369,10 +369,18 @@ async def resolve_hub(org: Organization, name: str, lookup: AddressLookup) -> Re
     return Resolution(targets)
 
 
+def takes_hubs(rc: Any) -> bool:
+    """A receive connector other hubs relay to: ExchangeServers rights, proven by the
+    ExchangeServer mechanism (it presents the internal transport certificate)."""
+    groups = {str(g).lower() for g in getattr(rc, "permission_groups", ())}
+    return "exchangeservers" in groups and "ExchangeServer" in getattr(rc, "auth_mechanism", ())
+
+
 async def _hub_target(org: Organization, hub: Any, lookup: AddressLookup) -> Target | None:
     port = 25
     address: str | None = None
-    for rc in receive_connectors_of(org, hub.name):
+    connectors = receive_connectors_of(org, hub.name)
+    for rc in sorted(connectors, key=lambda c: not takes_hubs(c)):  # the hubs' own first
         groups = {str(g).lower() for g in getattr(rc, "permission_groups", ())}
         bindings = tuple(getattr(rc, "bindings", ()))
         if "exchangeservers" in groups and bindings:
