@@ -163,6 +163,11 @@ class InternalTls:
     servers: frozenset[str]
 
     @cached_property
+    def pem(self) -> bytes:
+        """The certificate as it was when this was made (a renewal replaces the file)."""
+        return self.pair.certificate.read_bytes()
+
+    @cached_property
     def _authorities(self) -> tuple[x509.Certificate, ...]:
         return tuple(_certificates(self.authority))
 
@@ -198,6 +203,7 @@ def internal_tls(org: Organization, server: TransportServer) -> InternalTls:
         if cached is not None and _fresh(cached.pair.certificate):
             return cached
         made = _make(org, server)
+        made.pem  # noqa: B018  (read now: a later renewal replaces the file)
         _cache[key] = made
         return made
 

@@ -59,6 +59,15 @@ SMTP_EVENTS = ("on_connect", "on_helo", "on_starttls", "on_auth", "on_mail_from"
                "on_data", "on_end_of_headers", "on_end_of_data", "on_disconnect")
 
 
+#: seconds between checks that the internal transport certificate is not due for renewal
+RENEWAL_CHECK = 6 * 3600.0
+
+
+def _differs(old: InternalTls, new: InternalTls) -> bool:
+    """Whether ``new`` presents another certificate than ``old`` did when it was loaded."""
+    return new is not old and new.pair.certificate.read_bytes() != old.pem
+
+
 class ReceiveService:
     """Implements ``hubport.core.services.ConnectorService`` for ``[[receive_connector]]``."""
 
@@ -74,6 +83,7 @@ class ReceiveService:
         self._protocol_log: ProtocolLog | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
         #: local_names() for the organization and connectors in force
         self._names: dict[bool, frozenset[str]] = {}
         self._names_of: Any = None
@@ -110,6 +120,9 @@ class ReceiveService:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle(),
                                                                    name="smtp-idle-sweeper")
+        if self._renewer is None:
+            self._renewer = asyncio.get_running_loop().create_task(
+                self._renew_internal(), name="internal-certificate-renewal")
         for key in opened:
             log.info("receive connector listening", binding=_show(key),
                      connectors=[c.name for c in mine if _serves(key, c)])
@@ -196,10 +209,40 @@ class ReceiveService:
                     log.exception("closing an idle session failed")
                     self.sessions.discard(session)
 
+    async def _renew_internal(self) -> None:
+        """Renew the internal transport certificate while the server runs: every
+        ``RENEWAL_CHECK`` seconds it is issued again when due (core/internal_tls.py), and
+        the connectors that present it take the new one for their next handshakes."""
+        while True:
+            await asyncio.sleep(RENEWAL_CHECK)
+            current = self._internal
+            if current is None:
+                continue
+            try:
+                fresh = await asyncio.to_thread(internal_tls, self.runtime.organization,
+                                                self.runtime.server)
+                changed = await asyncio.to_thread(_differs, current, fresh)
+                if not changed:
+                    continue
+                for c in self.connectors:
+                    context = self._tls.get(c.name)
+                    if context is not None and c.tls_certificate_file is None and \
+                            "ExchangeServer" in c.auth_mechanism:
+                        await asyncio.to_thread(context.load_cert_chain,
+                                                fresh.pair.certificate, fresh.pair.key)
+            except (TlsConfigError, OSError, ssl.SSLError) as exc:
+                log.error("internal transport certificate: renewal failed", error=str(exc))
+                continue
+            self._internal = fresh
+            log.info("internal transport certificate renewed",
+                     certificate=str(fresh.pair.certificate))
+
     async def stop(self) -> None:
         """Close the listeners, let messages in DATA finish, then close the sessions."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._renewer is not None:
+            self._renewer.cancel()
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
