@@ -84,15 +84,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="the message size (bytes, or 10MB, 1.5GB)")
     route.add_argument("--json", action="store_true", help="the report as JSON")
 
-    certificate = sub.add_parser(
-        "new-servercertificate",
-        help="issue a transport server's internal transport certificate from the"
-             " organization's CA on this machine, for a hub on another machine")
-    _common(certificate)
-    certificate.add_argument("identity", metavar="SERVER", help="the transport server's Name")
-    certificate.add_argument("--out", "-out", type=Path, default=None,
-                             help="folder for <fqdn>.crt, <fqdn>.key and ca.crt"
-                                  " (default: ./<SERVER>-certificate)")
+    # certificates from the organization's CA on this machine (core/internal_tls.py)
+    for command, purpose, metavar, what, files in (
+            ("new-servercertificate", "a transport server's internal transport certificate,"
+             " for a hub on another machine", "SERVER", "the transport server's Name",
+             "<fqdn>.crt, <fqdn>.key and ca.crt (default: ./<SERVER>-certificate)"),
+            ("new-admincertificate", "an administrator's certificate for the hubs'"
+             " management endpoints (ManagementBindings)", "NAME", "the administrator's name",
+             "NAME.pem and ca.crt (default: ./NAME-admin)")):
+        issue = sub.add_parser(command, help=f"issue {purpose}, from the organization's CA"
+                                             " on this machine")
+        _common(issue)
+        issue.add_argument("identity", metavar=metavar, help=what)
+        issue.add_argument("--out", "-out", type=Path, default=None, help=f"folder for {files}")
 
     passwd = sub.add_parser("set-password",
                             help="set a mailbox's password for SMTP authentication")
@@ -131,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "get-messagetrackinglog": _tracking, "get-queue": _queue,
         "set-password": _set_password, "get-backpressure": _backpressure,
         "new-servercertificate": _new_server_certificate, "test-route": _test_route,
+        "new-admincertificate": _new_admin_certificate,
     }
     commands.update(dict.fromkeys(_QUEUE_ARGS, _queue))
     if args.command is None:
@@ -229,15 +234,25 @@ def _queue(args: argparse.Namespace) -> int:
     """Get-Queue and the other queue cmdlets: a request to the running daemon."""
     from hubport.core.control import ControlError, call
     from hubport.core.queue_admin import write_export
+    from hubport.core.tls import TlsConfigError
 
-    _, _, server = _load(args)
+    _, org, server = _load(args)
     op = args.command
     request = {name: value for name, value in vars(args).items()
                if name in _QUEUE_ARGS.get(op, ()) and value not in (None, False)}
     if op == "export-message":
         request.pop("path", None)
     try:
-        result = call(server.state_directory, op, request)
+        if args.certificate is not None:  # a hub on another machine
+            from hubport.core.management import admin_files, call_remote
+
+            try:
+                certificate, authority = admin_files(args.certificate, org, server)
+            except TlsConfigError as exc:
+                raise ControlError(str(exc)) from None
+            result = call_remote(server, certificate, authority, op, request)
+        else:
+            result = call(server.state_directory, op, request)
     except ControlError as exc:
         print(f"hubport: {exc}", file=sys.stderr)
         return 1
@@ -394,6 +409,11 @@ def _add_queue_commands(sub: Any) -> None:
                          choices=["table", "list", "json"])
         if op in ("get-queue", "get-message"):
             cmd.add_argument("--json", action="store_true", help="same as --format json")
+        cmd.add_argument("--certificate", "-certificate", type=Path,
+                         default=os.environ.get("HUBPORT_ADMIN_CERTIFICATE") or None,
+                         help="reach --server's management endpoint (ManagementBindings) as"
+                              " the administrator of this PEM (new-admincertificate); default:"
+                              " $HUBPORT_ADMIN_CERTIFICATE, else the local control socket")
 
 
 def _clock(value: object) -> str:
@@ -503,6 +523,24 @@ def _new_server_certificate(args: argparse.Namespace) -> int:
           f" InternalTransportCertificateFile, InternalTransportCertificateKeyFile and"
           f" InternalTransportCertificateAuthorityFile. The CA's key stays here"
           f" ({organization_ca_folder(org, server) / 'ca.key'}).")
+    return 0
+
+
+def _new_admin_certificate(args: argparse.Namespace) -> int:
+    """An administrator's certificate for the hubs' management endpoints."""
+    from hubport.core.management import issue_admin
+    from hubport.core.tls import TlsConfigError
+
+    _, org, _ = _load(args)
+    out = args.out or Path.cwd() / f"{args.identity}-admin"
+    try:
+        pem, ca = issue_admin(org, args.identity, out)
+    except (TlsConfigError, OSError, ValueError) as exc:
+        print(f"hubport: cannot issue an administrator's certificate: {exc}", file=sys.stderr)
+        return 1
+    print(f"Issued an administrator's certificate for {args.identity}:\n  {pem}\n  {ca}\n"
+          f"Keep {pem.name} private (it holds the key). Use it with any queue command:"
+          f" hubport get-queue --server HUB02 --certificate {pem}")
     return 0
 
 

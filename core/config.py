@@ -215,6 +215,9 @@ class SiteLink:
     max_message_size: int | None = None  # None: unlimited
 
 
+#: the management endpoint's port when a ManagementBindings entry names none
+MANAGEMENT_PORT = 5480
+
 #: back pressure defaults: 0 derives a disk threshold from the volume; Exchange 2010's
 #: 71/73/75 % of physical memory for its process
 DERIVED_DISK_THRESHOLDS = Thresholds(0, 0, 0)
@@ -284,6 +287,8 @@ class TransportServer:
     internal_transport_certificate_file: Path | None = None
     internal_transport_certificate_key_file: Path | None = None
     internal_transport_certificate_authority_file: Path | None = None
+    #: TCP endpoints of the management endpoint (core/management.py); () = off
+    management_bindings: tuple[tuple[str, int], ...] = ()
     #: hubport: how long one plugin's implementation of a stage hook or event may run
     #: (core/hooks.py); ``deliver`` gets its own, longer limit (a whole batch over SMTP)
     plugin_hook_timeout: float = 30.0
@@ -895,6 +900,7 @@ class _Loader:
             **self._protocol_log_settings(r, state),
             password_file_path=r.path("PasswordFilePath", state / "auth" / "passwords"),
             **self._internal_transport_certificate(r),
+            management_bindings=r.endpoints("ManagementBindings", port=MANAGEMENT_PORT),
         )
 
     @staticmethod

@@ -30,11 +30,12 @@ from hubport.core import queue as q
 from hubport.core.backpressure import BackPressure
 from hubport.core.config import Organization, load_organization, plugin_modules
 from hubport.core.config_fields import ConfigError
-from hubport.core.control import start_control
+from hubport.core.control import Handler, start_control
 from hubport.core.counters import SharedCounters
 from hubport.core.folders import PickupDirectory, ReplayDirectory
 from hubport.core.hooks import Hooks, PluginError
 from hubport.core.internal_tls import internal_tls
+from hubport.core.management import ManagementServer, start_management
 from hubport.core.pipeline import Pipeline
 from hubport.core.queue_admin import QueueAdmin
 from hubport.core.rotating_log import log_writer
@@ -235,7 +236,7 @@ class Daemon:
                     for k in range(self.worker.count) if k != self.worker.index]
         self.backpressure = BackPressure(lambda: self.org, self.server_name, store,
                                          siblings=siblings)
-        control = None
+        control = management = None
         try:
             self._create_services(tracking)
             recovery = await self.pipeline.start()
@@ -247,8 +248,10 @@ class Daemon:
                 control_folder = self.worker.control_folder(control_folder)
                 await asyncio.to_thread(control_folder.mkdir, mode=0o700, parents=True,
                                         exist_ok=True)
-            control = await start_control(
-                control_folder, QueueAdmin(self.pipeline, backpressure=self.backpressure).handle)
+            admin = QueueAdmin(self.pipeline, backpressure=self.backpressure)
+            control = await start_control(control_folder, admin.handle)
+            if not self.supervised:  # a supervisor serves the whole server's
+                management = await self._start_management(admin.handle)
             if self.signals:
                 self._install_signals()
             self._watch_config()
@@ -268,6 +271,8 @@ class Daemon:
             log.info("draining", server=self.server_name)
             if control is not None:  # queue commands stop before the pipeline does
                 await control.stop()
+            if management is not None:
+                await management.stop()
             for service in self.services.values():
                 try:
                     await service.stop()
@@ -372,6 +377,14 @@ class Daemon:
             create = getattr(cls, "create_service", None)
             if create is not None:
                 self.services[section] = create(runtime)
+
+    async def _start_management(self, handler: Handler) -> ManagementServer | None:
+        """The control requests on TCP for administrators on other machines
+        (``ManagementBindings``); a binding that cannot be opened stops the start."""
+        try:
+            return await start_management(self.org, self.server, handler)
+        except (TlsConfigError, OSError) as exc:
+            raise StartupError(f"management endpoint: {exc}", EXIT_SERVICE) from exc
 
     async def _start_services(self) -> None:
         """Hand each service its connectors: listeners open, send settings apply.

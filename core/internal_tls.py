@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from cryptography import x509
@@ -117,17 +117,21 @@ class CertificateAuthority:
                     " file, and their own certificates from 'hubport new-servercertificate'",
                     certificate=str(self.certificate), key=str(self.key))
 
-    def issue(self, names: Sequence[str], days: int = SERVER_DAYS) -> tuple[bytes, bytes]:
-        """(certificate PEM, key PEM) for a server known by ``names`` (its FQDN first), good
-        for both ends of a connection."""
+    def load_key(self) -> Any:
+        """The CA's private key; TlsConfigError when it is not on this machine."""
         try:
-            ca_key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
+            return serialization.load_pem_private_key(self.key.read_bytes(), password=None)
         except FileNotFoundError:
             raise TlsConfigError(
                 f"{self.key}: the organization CA's key is not on this machine; issue the"
-                f" certificate where it is (hubport new-servercertificate)") from None
+                f" certificate where it is") from None
         except (OSError, ValueError, TypeError) as exc:
             raise TlsConfigError(f"{self.key}: not a usable CA key ({exc})") from None
+
+    def issue(self, names: Sequence[str], days: int = SERVER_DAYS) -> tuple[bytes, bytes]:
+        """(certificate PEM, key PEM) for a server known by ``names`` (its FQDN first), good
+        for both ends of a connection."""
+        ca_key = self.load_key()
         (ca_cert,) = _certificates(self.certificate)[:1]
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
@@ -148,7 +152,7 @@ class CertificateAuthority:
                 critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
                 ca_cert.public_key()), critical=False)  # type: ignore[arg-type]
-            .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+            .sign(ca_key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
@@ -171,6 +175,13 @@ class InternalTls:
     def _authorities(self) -> tuple[x509.Certificate, ...]:
         return tuple(_certificates(self.authority))
 
+    def issued_here(self, cert: x509.Certificate) -> bool:
+        """Issued by the organization's CA (any of the authority file's) and valid now."""
+        now = dt.datetime.now(dt.UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            return False
+        return any(_issued_by(cert, ca) for ca in self._authorities)
+
     def proves_server(self, der: bytes | None) -> str | None:
         """The transport server a peer's certificate (DER) proves, else None: it must be
         issued by the organization's CA, be valid now, and name a server of the
@@ -181,10 +192,7 @@ class InternalTls:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
             return None
-        now = dt.datetime.now(dt.UTC)
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            return None
-        if not any(_issued_by(cert, ca) for ca in self._authorities):
+        if not self.issued_here(cert):
             return None
         for name in _dns_names(cert):
             if name in self.servers:

@@ -52,7 +52,9 @@ from hubport.core.daemon import (
     warn_about,
 )
 from hubport.core.failpoints import ENV as FAILPOINTS_ENV
+from hubport.core.management import start_management
 from hubport.core.server_admin import ServerAdmin
+from hubport.core.tls import TlsConfigError
 from hubport.core.workers import WorkerSlot
 
 log = structlog.get_logger("hubport.supervisor")
@@ -101,6 +103,7 @@ class Supervisor:
         warn_about(org)
         self.server_name = pick_server(org, server)
         transport = org.server(self.server_name)
+        self.org, self.transport = org, transport
         self.state = transport.state_directory
         self.count = _workers_needed(workers, self.state, self.server_name,
                                      [transport.pickup_directory_path,
@@ -116,7 +119,7 @@ class Supervisor:
     async def run(self) -> int:
         paths = prepare_state(self.state)
         lock = lock_state(paths.lock)
-        control = None
+        control = management = None
         try:
             await asyncio.to_thread(SharedCounters.create, self.state / COUNTERS_NAME,
                                     self.count)
@@ -133,6 +136,12 @@ class Supervisor:
                 return code
             admin = ServerAdmin(self.server_name, self.state, self.count)
             control = await start_control(self.state, admin.handle, admin.refusals)
+            try:
+                management = await start_management(self.org, self.transport, admin.handle,
+                                                    admin.refusals)
+            except (TlsConfigError, OSError) as exc:
+                log.error("management endpoint cannot start", error=str(exc))
+                return EXIT_SERVICE
             log.info("hubport running", server=self.server_name, workers=self.count,
                      pids=[w.process.pid for w in self.workers if w.process],
                      config=str(self.config or "<embedded default>"), state=str(self.state))
@@ -147,6 +156,8 @@ class Supervisor:
             log.info("stopping workers", server=self.server_name)
             if control is not None:
                 await control.stop()
+            if management is not None:
+                await management.stop()
             await asyncio.gather(*(self._end(w) for w in self.workers))
             os.close(lock)
             log.info("hubport stopped", server=self.server_name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -33,8 +34,10 @@ def pool(tmp_path: Path) -> Iterator[DaemonPool]:
         yield daemons
 
 
-def organization(folder: Path, port1: int, port2: int) -> Path:
-    """HUB01 takes mail from anyone; HUB02 (Carol's mailbox) only from the hubs."""
+def organization(folder: Path, port1: int, port2: int, management: int | None = None) -> Path:
+    """HUB01 takes mail from anyone; HUB02 (Carol's mailbox) only from the hubs, and is
+    managed on TCP when ``management`` is given."""
+    bindings = f'ManagementBindings = ["127.0.0.1:{management}"]\n' if management else ""
     hub02 = """
 [[transport_server]]
 Name = "HUB02"
@@ -45,7 +48,7 @@ ReplayDirectoryPath = "replay2"
 RootDropDirectoryPath = "drop2"
 QueueGlitchRetryInterval = "1s"
 MessageRetryInterval = "1s"
-
+{bindings}
 [[mailbox]]
 Name = "Carol"
 PrimarySmtpAddress = "carol@contoso.test"
@@ -55,7 +58,7 @@ Server = "HUB02"
 Name = "Dora"
 PrimarySmtpAddress = "dora@contoso.test"
 Server = "HUB01"
-"""
+""".replace("{bindings}", bindings)
     extra = hub02 + receive_connector(
         "Default HUB01", [f"127.0.0.1:{port1}"], Server="HUB01",
         AuthMechanism=["Tls", "ExchangeServer"],
@@ -199,3 +202,51 @@ def test_a_hub_on_another_machine_gets_its_certificate_from_where_the_ca_key_liv
     asyncio.run(send_one(port1, "carol@contoso.test", "to the other machine"))
     wait_for_file(two / "var2" / "mailboxes" / "Carol" / "new", 60,
                   "HUB01 relays to HUB02 on the other machine")
+
+
+def test_an_administrator_manages_a_hub_over_tcp_and_nobody_else_does(
+        tmp_path: Path, pool: DaemonPool) -> None:
+    """ManagementBindings: Get-Queue reaches HUB02 over mutual TLS with an administrator's
+    certificate; a hub's own certificate, another CA's, or none is refused."""
+    port1, port2, manage = free_port(), free_port(), free_port()
+    config = organization(tmp_path, port1, port2, management=manage)
+    pool.start("--server", "HUB01", config=config).wait_ready(60)
+    # two workers: the supervisor serves the endpoint with the merged view
+    pool.start("--server", "HUB02", config=config, workers=2).wait_ready(60)
+
+    done = hubport("new-admincertificate", "Ana", "--config", str(config), "--out",
+                   str(tmp_path / "ana"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    pem = tmp_path / "ana" / "Ana.pem"
+    assert pem.stat().st_mode & 0o077 == 0
+    remote = ("get-queue", "--config", str(config), "--server", "HUB02", "--json")
+    done = hubport(*remote, "--certificate", str(pem), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert {r["identity"] for r in json.loads(done.stdout)} >= {"HUB02\\Submission"}
+
+    # a hub's own certificate is no administrator's
+    hub = tmp_path / "var" / "certs" / "internal"
+    (tmp_path / "hub").mkdir()
+    impostor = tmp_path / "hub" / "hub01.pem"
+    impostor.write_bytes((hub / "hub01.contoso.test.crt").read_bytes()
+                         + (hub / "hub01.contoso.test.key").read_bytes())
+    (tmp_path / "hub" / "ca.crt").write_bytes((tmp_path / "org-ca" / "ca.crt").read_bytes())
+    done = hubport(*remote, "--certificate", str(impostor), cwd=tmp_path)
+    assert done.returncode == 1 and "not an administrator" in done.stderr, done.stderr
+
+    # another CA's certificate, and none at all: no TLS session
+    foreign = trustme.CA().issue_cert("Ana")
+    stranger = tmp_path / "hub" / "stranger.pem"
+    stranger.write_bytes(foreign.cert_chain_pems[0].bytes() + foreign.private_key_pem.bytes())
+    done = hubport(*remote, "--certificate", str(stranger), cwd=tmp_path)
+    assert done.returncode == 1 and "management endpoint HUB02" in done.stderr, done.stderr
+    context = ssl.create_default_context(cafile=str(tmp_path / "org-ca" / "ca.crt"))
+    answer = b""
+    try:  # TLS 1.2 fails the handshake; TLS 1.3 closes the connection after it
+        with socket.create_connection(("127.0.0.1", manage), timeout=30) as raw, \
+                context.wrap_socket(raw, server_hostname="hub02.contoso.test") as sock:
+            sock.sendall(b'{"op": "get-queue", "args": {}}\n')
+            answer = sock.recv(1024)
+    except (ssl.SSLError, ConnectionError):
+        pass
+    assert answer == b"", answer
