@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -56,7 +57,10 @@ CA_DAYS = 10 * 365
 SERVER_DAYS = 397  # what public CAs may issue at most; renewed well before
 RENEW_BEFORE = dt.timedelta(days=30)
 
-_cache: dict[tuple[str, str], InternalTls] = {}
+#: seconds before a certificate due for renewal (where it cannot be renewed) is looked at again
+RECHECK = 600.0
+
+_cache: dict[tuple[object, ...], tuple[InternalTls, float]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -204,16 +208,32 @@ def internal_tls(org: Organization, server: TransportServer) -> InternalTls:
     """This server's internal transport certificate: configured, or issued from the
     organization's CA (created if there is none yet) and renewed before it expires.
 
-    Blocking (files, key generation): call it in a thread. Cached per process and server."""
-    key = (org.source, server.name)
+    Blocking (files, key generation): call it in a thread. Cached per process for what it
+    depends on (the servers of the organization, the names, the configured files), and
+    made again when the file on disk changed (new files copied in, another worker's
+    renewal) or, every ``RECHECK`` seconds, when it is due for renewal."""
+    key = (org.source, server.name, frozenset(s.fqdn.lower() for s in org.servers),
+           tuple(_names_of(org, server)), server.internal_transport_certificate_file,
+           server.internal_transport_certificate_key_file,
+           server.internal_transport_certificate_authority_file)
     with _cache_lock:
         cached = _cache.get(key)
-        if cached is not None and _fresh(cached.pair.certificate):
-            return cached
+        if cached is not None and _current(*cached):
+            return cached[0]
         made = _make(org, server)
         made.pem  # noqa: B018  (read now: a later renewal replaces the file)
-        _cache[key] = made
+        _cache[key] = (made, time.monotonic())
         return made
+
+
+def _current(made: InternalTls, checked: float) -> bool:
+    try:
+        on_disk = made.pair.certificate.read_bytes()
+    except OSError:
+        return False
+    if on_disk != made.pem:
+        return False
+    return _fresh(made.pem) or time.monotonic() - checked < RECHECK
 
 
 def issue_for(org: Organization, server_name: str, out: Path) -> list[Path]:
@@ -221,8 +241,11 @@ def issue_for(org: Organization, server_name: str, out: Path) -> list[Path]:
     for ``server_name`` into ``out``, from this machine's organization CA."""
     server = org.server(server_name)
     ca = CertificateAuthority(organization_ca_folder(org, server))
-    if not ca.certificate.exists():
-        ca.ensure(org.transport_config.organization_name)
+    if not ca.certificate.exists():  # never a second CA the other hubs would not trust
+        raise TlsConfigError(
+            f"{ca.certificate}: there is no organization CA here; run this where it is (the"
+            " machine whose hubs started first, beside their organization file), or start"
+            " a hub of the organization here first to create it")
     cert_pem, key_pem = ca.issue(_names_of(org, server))
     with locked_folder(out):
         pair = CertificatePair(out / f"{server.fqdn}.crt", out / f"{server.fqdn}.key")
@@ -311,10 +334,10 @@ def _valid_now(pair: CertificatePair) -> bool:
     return cert.not_valid_after_utc > dt.datetime.now(dt.UTC)
 
 
-def _fresh(path: Path) -> bool:
+def _fresh(pem: bytes) -> bool:
     try:
-        (cert,) = _certificates(path)[:1]
-    except (TlsConfigError, ValueError):
+        (cert,) = x509.load_pem_x509_certificates(pem)[:1]
+    except ValueError:
         return False
     return dt.datetime.now(dt.UTC) + RENEW_BEFORE < cert.not_valid_after_utc
 

@@ -123,12 +123,13 @@ def server_context(
     *,
     client_ca: Path | Sequence[Path] | None = None,
     request_client_certificate: bool = False,
+    system_cas: bool = False,
 ) -> ssl.SSLContext:
     """A TLS >= 1.2 server context; optionally asks clients for a certificate.
 
     With `request_client_certificate` a client may still connect without one (CERT_OPTIONAL),
-    but one it presents must chain to one of `client_ca` (or the system CAs), else the
-    handshake fails.
+    but one it presents must chain to one of `client_ca` (or the system CAs: without
+    `client_ca`, or with `system_cas`), else the handshake fails.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -138,7 +139,7 @@ def server_context(
         if client_ca is not None:
             for ca in [client_ca] if isinstance(client_ca, Path) else client_ca:
                 _load_ca(ctx, ca)
-        else:
+        if client_ca is None or system_cas:
             ctx.load_default_certs(ssl.Purpose.CLIENT_AUTH)
     return ctx
 

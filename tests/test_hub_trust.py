@@ -176,6 +176,10 @@ def test_a_hub_on_another_machine_gets_its_certificate_from_where_the_ca_key_liv
     config2 = two / "org.toml"
     shutil.copy(config1, config2)
 
+    # where there is no CA, new-servercertificate makes none (the hubs would not trust it)
+    done = hubport("new-servercertificate", "HUB02", "--config", str(config2), cwd=two)
+    assert done.returncode == 1 and "no organization CA here" in done.stderr, done.stderr
+    assert not (two / "org-ca" / "ca.crt").exists()
     hub1 = pool.start("--server", "HUB01", config=config1)
     hub1.wait_ready(60)  # the organization's CA is made on machine one
     (two / "org-ca").mkdir()

@@ -51,10 +51,15 @@ def test_a_certificate_due_for_renewal_is_issued_again_where_the_ca_key_is(
     assert days_left(renewed.pair.certificate) > 390
 
     # without the CA's key a due certificate is kept (and a warning says what to run)
+    copied_cert, copied_key = CertificateAuthority(tmp_path / "org-ca").issue([server.fqdn])
     make_due(org, renewed.pair)
     (tmp_path / "org-ca" / "ca.key").unlink()
     kept = internal_tls(org, server)
     assert days_left(kept.pair.certificate) < 11
+    # ... until new files from new-servercertificate are copied in: they are used at once
+    kept.pair.key.write_bytes(copied_key)
+    kept.pair.certificate.write_bytes(copied_cert)
+    assert internal_tls(org, server).pem == copied_cert
 
 
 async def served_certificate(port: int) -> bytes:

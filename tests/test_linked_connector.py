@@ -178,3 +178,26 @@ def test_the_loop_guard_sees_a_stamp_made_this_very_second(tmp_path: Path) -> No
     assert type(route_through_link(fresh, org, now=now)).__name__ == "RouteTo"
     assert type(route_through_link(message, org, now=now + 7200)).__name__ == "RouteTo"
 
+
+
+def test_a_malformed_stamp_is_ignored_and_no_stamp_leaves_the_organization(
+        tmp_path: Path) -> None:
+    from hubport.core.body import MessageBody
+    from hubport.core.model import MailFrom, QueuedMessage
+    from hubport.plugins.smtp_send.content import apply_firewall
+    from hubport.plugins.smtp_send.linked import route_through_link
+
+    extra = receive_connector("From Internet", ["127.0.0.1:2600"])
+    extra += ('[[send_connector]]\nName = "Scan"\nLinkedReceiveConnector = "From Internet"\n'
+              'SmartHosts = ["[127.0.0.1]"]\n')
+    org = load_organization(write_org(tmp_path, extra=extra), HOOKS.registry.connector_types)
+    for junk in (b"x; 1.2.3", b"Scan; 99999999999999999999", b"Scan; -5", b"Scan;"):
+        data = b"X-Hubport-Linked: " + junk + b"\r\nSubject: x\r\n\r\nbody\r\n"
+        message = QueuedMessage(1, "i", "<m@x>", MailFrom("a@example.org"),
+                                MessageBody.of(data), len(data), "SMTP", "From Internet",
+                                "x", 0.0, 60.0)
+        assert type(route_through_link(message, org)).__name__ == "RouteTo", junk
+    stamped = b"X-Hubport-Linked: Scan; 1\r\nSubject: x\r\n\r\nbody\r\n"
+    for usage in ("Internal", "Internet", "Partner", "Custom"):
+        assert b"X-Hubport-Linked" not in apply_firewall(stamped, usage), usage
+    assert apply_firewall(stamped, None) == stamped  # hub to hub: kept

@@ -177,9 +177,13 @@ class ReceiveService:
                 authorities = [internal.authority] if exchange and internal else []
                 if c.tls_client_certificate_authority_file is not None:
                     authorities.append(c.tls_client_certificate_authority_file)
+                # an Internet server may present a certificate from a public CA: the
+                # system CAs stay trusted for the handshake; only the organization's CA
+                # makes an Exchange server (proven_server)
                 contexts[c.name] = server_context(
                     pair, client_ca=authorities or None,
-                    request_client_certificate=bool(authorities))
+                    request_client_certificate=bool(authorities),
+                    system_cas=exchange and c.tls_client_certificate_authority_file is None)
             except (TlsConfigError, OSError, ValueError, ssl.SSLError) as exc:
                 raise ServiceError(f"{c.label}: TLS certificate: {exc}") from exc
         return contexts, internal
@@ -228,8 +232,8 @@ class ReceiveService:
                     context = self._tls.get(c.name)
                     if context is not None and c.tls_certificate_file is None and \
                             "ExchangeServer" in c.auth_mechanism:
-                        await asyncio.to_thread(context.load_cert_chain,
-                                                fresh.pair.certificate, fresh.pair.key)
+                        # on the loop: a context is never changed under a handshake
+                        context.load_cert_chain(fresh.pair.certificate, fresh.pair.key)
             except (TlsConfigError, OSError, ssl.SSLError) as exc:
                 log.error("internal transport certificate: renewal failed", error=str(exc))
                 continue

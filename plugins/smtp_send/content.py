@@ -36,20 +36,28 @@ _POLICY = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)
 # -- header firewall by Usage (docs/exchange.md, "Send connectors") -------------------------
 
 
+#: the linked connectors' stamp (plugins/smtp_send/linked.py): a send connector strips it,
+#: and the linked one writes its own after that
+LINK_STAMP = "x-hubport-linked"
+
+
 def firewall_predicate(usage: str | None) -> Callable[[HeaderField], bool] | None:
     """Which fields a connector of this Usage strips; None = keep everything.
 
     Routing headers (Received, Resent-*) are kept for every usage except Custom;
-    organization and forest X-headers only for Internal and Partner. ``None`` is the
-    intra-organization relay to another hub, which keeps everything.
+    organization and forest X-headers only for Internal and Partner; the linked
+    connectors' stamp by none. ``None`` is the intra-organization relay to another hub,
+    which keeps everything.
     """
+    if usage is None:
+        return None
     strip_routing = usage == "Custom"
     strip_org = usage in ("Custom", "Internet")
-    if not (strip_routing or strip_org):
-        return None
 
     def remove(field: HeaderField) -> bool:
         name = field.lname
+        if name == LINK_STAMP:  # hubport's own: never leaves the organization
+            return True
         if strip_org and name.startswith(_ORG_PREFIXES):
             return True
         return strip_routing and (name == "received" or name.startswith("resent-"))

@@ -262,8 +262,9 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
     server = context.server
     link = connector.name if isinstance(connector, SendConnector) and \
         connector.linked_receive_connector else None
-    datas = [await _outgoing(linked.stamp(item.body, link) if link else item.body,
-                             profile.usage) for item in items]
+    datas = [await _outgoing(item.body, profile.usage) for item in items]
+    if link:  # after the firewall, which strips stamps of earlier rounds
+        datas = [linked.stamp(data, link) for data in datas]
     external = bool(isinstance(connector, SendConnector)
                     and connector.use_external_dns_servers_enabled
                     and server.external_dns_servers)

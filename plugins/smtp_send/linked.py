@@ -17,17 +17,17 @@ import re
 import time
 from typing import TYPE_CHECKING
 
+from hubport.core.body import MessageBody
 from hubport.core.categorizer import Reject, RouteTo
 from hubport.core.model import NextHop, QueuedMessage, SmtpResponse
 
 if TYPE_CHECKING:
-    from hubport.core.body import MessageBody
     from hubport.core.config import Organization
     from hubport.plugins.smtp_send.connector import SendConnector
 
 HEADER = b"X-Hubport-Linked"
 LOOP_WINDOW = 3600.0  # seconds a stamp counts as "this message went round just now"
-_STAMP = re.compile(rb"(?im)^x-hubport-linked:[ \t]*([^;\r\n]+?)[ \t]*;[ \t]*([0-9.]+)")
+_STAMP = re.compile(rb"(?im)^x-hubport-linked:[ \t]*([^;\r\n]+?)[ \t]*;[ \t]*([0-9]{1,12})\b")
 
 
 def linked_send_connector(org: Organization, receive_connector: str) -> SendConnector | None:
@@ -59,18 +59,25 @@ def route_through_link(message: QueuedMessage, org: Organization,
     return RouteTo(NextHop(connector.delivery_type, smart_hosts, connector.name))
 
 
-def stamp(body: MessageBody, connector: str, now: float | None = None) -> MessageBody:
-    """The body with the linked connector's stamp as its first header field."""
+def stamp(data: bytes | MessageBody, connector: str,
+          now: float | None = None) -> bytes | MessageBody:
+    """The message with the linked connector's stamp as its first header field."""
     when = int(time.time() if now is None else now)  # whole seconds, never ahead of now
-    return body.replace_prefix(0, HEADER + f": {connector}; {when}\r\n".encode())
+    line = HEADER + f": {connector}; {when}\r\n".encode()
+    if isinstance(data, bytes):
+        return line + data
+    return data.replace_prefix(0, line)
 
 
 def _went_round(header: bytes, connector: str, now: float) -> bool:
     section = header.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
     for match in _STAMP.finditer(section):
-        name, when = match.group(1).decode("utf-8", "replace"), float(match.group(2))
+        name = match.group(1).decode("utf-8", "replace").strip()
+        if name.lower() != connector.lower():
+            continue
+        when = int(match.group(2))  # at most 12 digits: always a number
         # a second of slack: the stamp is in whole seconds (and never from the future
         # beyond that, or a forged far-future stamp would bounce mail for ever)
-        if name.strip().lower() == connector.lower() and -1 <= now - when <= LOOP_WINDOW:
+        if -1 <= now - when <= LOOP_WINDOW:
             return True
     return False

@@ -379,8 +379,12 @@ def takes_hubs(rc: Any) -> bool:
 async def _hub_target(org: Organization, hub: Any, lookup: AddressLookup) -> Target | None:
     port = 25
     address: str | None = None
-    connectors = receive_connectors_of(org, hub.name)
-    for rc in sorted(connectors, key=lambda c: not takes_hubs(c)):  # the hubs' own first
+    linked = {str(getattr(c, "linked_receive_connector", "") or "").lower()
+              for c in org.connectors_of("send_connector")}
+    # never a linked connector (its mail goes to a scanner); the hubs' own connector first
+    connectors = [c for c in receive_connectors_of(org, hub.name)
+                  if c.name.lower() not in linked]
+    for rc in sorted(connectors, key=lambda c: not takes_hubs(c)):
         groups = {str(g).lower() for g in getattr(rc, "permission_groups", ())}
         bindings = tuple(getattr(rc, "bindings", ()))
         if "exchangeservers" in groups and bindings:
