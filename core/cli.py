@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     track.add_argument("-resultsize", dest="resultsize", default="1000")
     track.add_argument("--format", "-format", dest="format", default="table",
                        choices=["table", "list", "json"])
+    _certificate_option(track)
 
     _add_queue_commands(sub)
 
@@ -216,25 +217,50 @@ def _test_config(args: argparse.Namespace) -> int:
 
 
 def _tracking(args: argparse.Namespace) -> int:
+    from hubport.core.control import ControlError
     from hubport.core.tracking import format_events, search
 
-    _, _, server = _load(args)
+    _, org, server = _load(args)
     size = None if str(args.resultsize).lower() == "unlimited" else int(args.resultsize)
-    events = search(server.message_tracking_log_path, start=args.start, end=args.end,
-                    event_id=args.eventid, message_id=args.messageid,
-                    internal_message_id=args.internalmessageid,
-                    message_subject=args.messagesubject, recipients=args.recipients,
-                    sender=args.sender, reference=args.reference, source=args.source,
-                    result_size=size)
+    filters = {"event_id": args.eventid, "message_id": args.messageid,
+               "internal_message_id": args.internalmessageid,
+               "message_subject": args.messagesubject, "sender": args.sender,
+               "reference": args.reference, "source": args.source}
+    if args.certificate is None:  # the log files of this machine
+        events = search(server.message_tracking_log_path, start=args.start, end=args.end,
+                        recipients=args.recipients, result_size=size, **filters)
+    else:  # the server's own search, on its management endpoint
+        request = {k: v for k, v in filters.items() if v is not None}
+        request.update(recipients=args.recipients, result_size=size,
+                       start=args.start.isoformat() if args.start else None,
+                       end=args.end.isoformat() if args.end else None)
+        try:
+            events = _remote(args, org, server, "get-messagetrackinglog", request)
+        except ControlError as exc:
+            print(f"hubport: {exc}", file=sys.stderr)
+            return 1
     print(format_events(events, args.format))
     return 0
+
+
+def _remote(args: argparse.Namespace, org: Any, server: Any, op: str,
+            request: dict[str, Any]) -> Any:
+    """One request to ``server``'s management endpoint with ``--certificate``."""
+    from hubport.core.control import ControlError
+    from hubport.core.management import admin_files, call_remote
+    from hubport.core.tls import TlsConfigError
+
+    try:
+        certificate, authority = admin_files(args.certificate, org, server)
+    except TlsConfigError as exc:
+        raise ControlError(str(exc)) from None
+    return call_remote(server, certificate, authority, op, request)
 
 
 def _queue(args: argparse.Namespace) -> int:
     """Get-Queue and the other queue cmdlets: a request to the running daemon."""
     from hubport.core.control import ControlError, call
     from hubport.core.queue_admin import write_export
-    from hubport.core.tls import TlsConfigError
 
     _, org, server = _load(args)
     op = args.command
@@ -244,13 +270,7 @@ def _queue(args: argparse.Namespace) -> int:
         request.pop("path", None)
     try:
         if args.certificate is not None:  # a hub on another machine
-            from hubport.core.management import admin_files, call_remote
-
-            try:
-                certificate, authority = admin_files(args.certificate, org, server)
-            except TlsConfigError as exc:
-                raise ControlError(str(exc)) from None
-            result = call_remote(server, certificate, authority, op, request)
+            result = _remote(args, org, server, op, request)
         else:
             result = call(server.state_directory, op, request)
     except ControlError as exc:
@@ -409,11 +429,15 @@ def _add_queue_commands(sub: Any) -> None:
                          choices=["table", "list", "json"])
         if op in ("get-queue", "get-message"):
             cmd.add_argument("--json", action="store_true", help="same as --format json")
-        cmd.add_argument("--certificate", "-certificate", type=Path,
-                         default=os.environ.get("HUBPORT_ADMIN_CERTIFICATE") or None,
-                         help="reach --server's management endpoint (ManagementBindings) as"
-                              " the administrator of this PEM (new-admincertificate); default:"
-                              " $HUBPORT_ADMIN_CERTIFICATE, else the local control socket")
+        _certificate_option(cmd)
+
+
+def _certificate_option(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--certificate", "-certificate", type=Path,
+                     default=os.environ.get("HUBPORT_ADMIN_CERTIFICATE") or None,
+                     help="reach --server's management endpoint (ManagementBindings) as the"
+                          " administrator of this PEM (new-admincertificate); default:"
+                          " $HUBPORT_ADMIN_CERTIFICATE, else this machine's files and socket")
 
 
 def _clock(value: object) -> str:

@@ -45,6 +45,7 @@ from hubport.core.control import RequestError
 from hubport.core.folder_formats import format_replay
 from hubport.core.model import RecipientStatus, SmtpResponse
 from hubport.core.queue import RecipientUpdate
+from hubport.core.tracking import search_request
 
 if TYPE_CHECKING:
     from hubport.core.backpressure import BackPressure
@@ -175,7 +176,7 @@ def _term(key: str, op: str, value: str) -> Predicate:
 OPERATIONS = {op: op.replace("-", "_") for op in (
     "get-queue", "retry-queue", "suspend-queue", "resume-queue", "get-message",
     "suspend-message", "resume-message", "remove-message", "export-message",
-    "get-backpressure")}
+    "get-backpressure", "get-messagetrackinglog")}
 
 
 def operations_of(admin: object) -> dict[str, Callable[..., Awaitable[Any]]]:
@@ -442,6 +443,11 @@ class QueueAdmin:
             raise AdminError("this daemon runs no resource monitor")
         return self.backpressure.snapshot()
 
+    async def get_messagetrackinglog(self, **args: Any) -> list[dict[str, Any]]:
+        """Get-MessageTrackingLog on this server's log (for a management endpoint)."""
+        path = self.pipeline.server.message_tracking_log_path
+        return await search_request(path, **args)
+
     async def handle(self, request: dict[str, Any]) -> Any:
         """Run one control request ``{"op": ..., "args": {...}}``; AdminError when refused."""
         return await dispatch(self.operations(), request)
@@ -486,6 +492,9 @@ async def dispatch(operations: dict[str, Callable[..., Awaitable[Any]]],
 _ARGUMENT_TYPES: dict[str, tuple[type, ...]] = {
     "with_ndr": (bool,), "resubmit": (bool,), "result_size": (int,),
     "identity": (str,), "queue": (str,), "filter": (str,), "path": (str,),
+    "start": (str,), "end": (str,), "recipients": (list,), "event_id": (str,),
+    "message_id": (str,), "internal_message_id": (str,), "message_subject": (str,),
+    "sender": (str,), "reference": (str,), "source": (str,),
 }
 
 

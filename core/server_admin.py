@@ -48,6 +48,7 @@ from hubport.core.queue_admin import (
     queue_of,
     select_queues,
 )
+from hubport.core.tracking import search_request
 from hubport.core.workers import WorkerSlot, worker_of
 
 log = structlog.get_logger("hubport.server_admin")
@@ -92,11 +93,12 @@ class ServerAdmin:
     refusals: tuple[type[BaseException], ...] = refusals
 
     def __init__(self, server_name: str, state: Path, count: int, *,
-                 timeout: float = WORKER_TIMEOUT) -> None:
+                 timeout: float = WORKER_TIMEOUT, tracking: Path | None = None) -> None:
         if count < 1:
             raise ValueError(f"a server has at least one worker, not {count}")
         self.server = server_name
         self.state = state
+        self.tracking = tracking  # the message tracking log folder every worker writes
         self.count = count
         self.timeout = timeout
 
@@ -238,6 +240,12 @@ class ServerAdmin:
     async def get_backpressure(self) -> dict[str, Any]:
         """Get-BackPressure: the worst worker's level, with each worker's own."""
         return merge_backpressure(self._every(await self._ask_all("get-backpressure", {})))
+
+    async def get_messagetrackinglog(self, **args: Any) -> list[dict[str, Any]]:
+        """Get-MessageTrackingLog over every worker's files (one folder, a family each)."""
+        if self.tracking is None:
+            raise AdminError("this server's tracking log folder is not known")
+        return await search_request(self.tracking, **args)
 
     # dispatch (the parent's control socket)
 

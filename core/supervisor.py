@@ -134,7 +134,8 @@ class Supervisor:
                 code = next((c for c in codes if c is not None), None)
             if code is not None:
                 return code
-            admin = ServerAdmin(self.server_name, self.state, self.count)
+            admin = ServerAdmin(self.server_name, self.state, self.count,
+                                tracking=self.transport.message_tracking_log_path)
             control = await start_control(self.state, admin.handle, admin.refusals)
             try:
                 management = await start_management(self.org, self.transport, admin.handle,

@@ -227,6 +227,17 @@ def test_an_administrator_manages_a_hub_over_tcp_and_nobody_else_does(
     done = hubport(*remote, "--certificate", str(pem), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert {r["identity"] for r in json.loads(done.stdout)} >= {"HUB02\\Submission"}
+    # the tracking log search runs on HUB02 itself, over every worker's files
+    asyncio.run(send_one(port1, "carol@contoso.test", "managed from afar"))
+    wait_for_file(tmp_path / "var2" / "mailboxes" / "Carol" / "new", 60, "Carol's mail")
+    done = hubport("get-messagetrackinglog", "--config", str(config), "--server", "HUB02",
+                   "-messagesubject", "managed from afar", "-format", "json",
+                   "--certificate", str(pem), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines() if line]
+    assert {"RECEIVE", "DELIVER"} <= {e["event-id"] for e in events}, done.stdout
+    assert all(e["server-hostname"].lower().startswith("hub02") for e in events
+               if e.get("server-hostname")), done.stdout
 
     # a hub's own certificate is no administrator's
     hub = tmp_path / "var" / "certs" / "internal"
