@@ -23,7 +23,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-config", type=Path, default=None,
                         help="organization TOML file (default: the embedded default)")
     parser.add_argument("--server", "-server", default=None,
-                        help="the transport server this command acts for (default: the first)")
+                        help="the transport server this command acts for (default: the first;"
+                             " '*' for get-queue and get-message: every server)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -262,20 +263,37 @@ def _queue(args: argparse.Namespace) -> int:
     from hubport.core.control import ControlError, call
     from hubport.core.queue_admin import write_export
 
+    every = args.server == "*" and args.command in ("get-queue", "get-message")
+    if every:
+        args.server = None
     _, org, server = _load(args)
     op = args.command
     request = {name: value for name, value in vars(args).items()
                if name in _QUEUE_ARGS.get(op, ()) and value not in (None, False)}
     if op == "export-message":
         request.pop("path", None)
-    try:
-        if args.certificate is not None:  # a hub on another machine
-            result = _remote(args, org, server, op, request)
-        else:
-            result = call(server.state_directory, op, request)
-    except ControlError as exc:
-        print(f"hubport: {exc}", file=sys.stderr)
-        return 1
+
+    def ask(target: Any) -> Any:
+        if args.certificate is not None and (target.management_bindings or not every):
+            return _remote(args, org, target, op, request)  # a hub on another machine
+        return call(target.state_directory, op, request)
+
+    failed = False
+    result: Any
+    if every:  # --server '*': every server of the organization, one list
+        result = []
+        for target in org.servers:
+            try:
+                result.extend(ask(target))
+            except ControlError as exc:
+                print(f"hubport: {target.name}: {exc}", file=sys.stderr)
+                failed = True
+    else:
+        try:
+            result = ask(server)
+        except ControlError as exc:
+            print(f"hubport: {exc}", file=sys.stderr)
+            return 1
     if op == "export-message":
         import base64
 
@@ -298,11 +316,11 @@ def _queue(args: argparse.Namespace) -> int:
         rows = result if isinstance(result, list) else [result]
         kind = "message" if op.endswith("-message") else "queue"
         print(_queue_list(rows, kind) if fmt == "list" else _queue_table(rows, kind))
-        if op == "get-queue":
+        if op == "get-queue" and not every:
             note = _pressure_note(server.state_directory)
             if note:
                 print(note)
-    return 0
+    return 1 if failed else 0
 
 
 def _pressure_note(state: Path) -> str | None:

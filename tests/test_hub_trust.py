@@ -227,6 +227,12 @@ def test_an_administrator_manages_a_hub_over_tcp_and_nobody_else_does(
     done = hubport(*remote, "--certificate", str(pem), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert {r["identity"] for r in json.loads(done.stdout)} >= {"HUB02\\Submission"}
+    # every server of the organization at once: HUB02 over TCP, HUB01 (no endpoint) here
+    done = hubport("get-queue", "--config", str(config), "--server", "*", "--json",
+                   "--certificate", str(pem), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert {"HUB01\\Submission", "HUB02\\Submission"} <= \
+        {r["identity"] for r in json.loads(done.stdout)}, done.stdout
     # the tracking log search runs on HUB02 itself, over every worker's files
     asyncio.run(send_one(port1, "carol@contoso.test", "managed from afar"))
     wait_for_file(tmp_path / "var2" / "mailboxes" / "Carol" / "new", 60, "Carol's mail")
