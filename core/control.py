@@ -76,15 +76,68 @@ def _short_path(folder: Path, name: str) -> Iterator[str]:
 # -- the daemon's side ---------------------------------------------------------------------
 
 
-class ControlServer:
+class RequestServer:
+    """Answers the protocol's requests with ``handler`` on any stream: the control socket
+    here, the management endpoint (``core/management.py``) on TCP."""
+
+    def __init__(self, handler: Handler,
+                 refusals: tuple[type[BaseException], ...] = (RequestError,)) -> None:
+        self.handler = handler
+        self.refusals = refusals
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(CLIENT_IDLE):
+                        line = await reader.readline()
+                except TimeoutError:  # a client that says nothing frees its task
+                    return
+                except ValueError:  # longer than REQUEST_LIMIT
+                    await self._reply(writer, {"ok": False, "error": "request too long"})
+                    return
+                if not line:
+                    return
+                await self._reply(writer, await self._answer(line))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            return {"ok": False, "error": f"bad request: {exc}"}
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "bad request: a request is a JSON object"}
+        try:
+            return {"ok": True, "result": await self.handler(request)}
+        except self.refusals as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log.exception("control request failed", op=request.get("op"))
+            return {"ok": False, "error": f"internal error: {exc}"}
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
+        writer.write(json.dumps(response, default=str).encode() + b"\n")
+        try:
+            async with asyncio.timeout(CLIENT_IDLE):  # a client that never reads
+                await writer.drain()
+        except TimeoutError:
+            writer.transport.abort()
+            raise ConnectionError("control client stopped reading") from None
+
+
+class ControlServer(RequestServer):
     """Serves requests on the control socket with ``handler`` until stopped."""
 
     def __init__(self, state: Path, handler: Handler,
                  refusals: tuple[type[BaseException], ...] = (RequestError,)) -> None:
+        super().__init__(handler, refusals)
         self.state = state
         self.path = socket_path(state)
-        self.handler = handler
-        self.refusals = refusals
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
 
@@ -137,50 +190,6 @@ class ControlServer:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(CLIENT_IDLE):
-                        line = await reader.readline()
-                except TimeoutError:  # a client that says nothing frees its task
-                    return
-                except ValueError:  # longer than REQUEST_LIMIT
-                    await self._reply(writer, {"ok": False, "error": "request too long"})
-                    return
-                if not line:
-                    return
-                await self._reply(writer, await self._answer(line))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    async def _answer(self, line: bytes) -> dict[str, Any]:
-        try:
-            request = json.loads(line)
-        except ValueError as exc:
-            return {"ok": False, "error": f"bad request: {exc}"}
-        if not isinstance(request, dict):
-            return {"ok": False, "error": "bad request: a request is a JSON object"}
-        try:
-            return {"ok": True, "result": await self.handler(request)}
-        except self.refusals as exc:
-            return {"ok": False, "error": str(exc)}
-        except Exception as exc:
-            log.exception("control request failed", op=request.get("op"))
-            return {"ok": False, "error": f"internal error: {exc}"}
-
-    @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, response: dict[str, Any]) -> None:
-        writer.write(json.dumps(response, default=str).encode() + b"\n")
-        try:
-            async with asyncio.timeout(CLIENT_IDLE):  # a client that never reads
-                await writer.drain()
-        except TimeoutError:
-            writer.transport.abort()
-            raise ConnectionError("control client stopped reading") from None
 
 
 async def start_control(state: Path, handler: Handler,

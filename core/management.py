@@ -25,7 +25,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hubport.core.control import REQUEST_LIMIT, ControlError, ControlServer, Handler, RequestError
+from hubport.core.control import (
+    REQUEST_LIMIT,
+    ControlError,
+    Handler,
+    RequestError,
+    RequestServer,
+)
 from hubport.core.credentials import locked_folder, replace_file
 from hubport.core.internal_tls import (
     CertificateAuthority,
@@ -47,12 +53,12 @@ ADMIN_UNIT = "hubport administrators"
 ADMIN_DAYS = 397
 
 
-class ManagementServer(ControlServer):
+class ManagementServer(RequestServer):
     """The control handler on TCP endpoints, for administrators' certificates only."""
 
     def __init__(self, bindings: tuple[tuple[str, int], ...], internal: InternalTls,
                  handler: Handler, refusals: tuple[type[BaseException], ...]) -> None:
-        super().__init__(Path("."), handler, refusals)
+        super().__init__(handler, refusals)
         self.bindings = bindings
         self.internal = internal
         self._servers: list[asyncio.AbstractServer] = []

@@ -74,6 +74,19 @@ RULES = ("the most specific address space", "the lowest aggregate cost",
          "the connector name, lowest first")
 
 
+def _decision(candidates: list[RouteCandidate], too_big: bool, addr_type: str
+              ) -> RouteDecision:
+    """The lowest candidate; else 5.3.4 when size alone eliminated a match, 5.4.4 for a
+    non-SMTP address, and Unreachable for an SMTP one."""
+    if candidates:
+        return RouteDecision(min(candidates, key=RouteCandidate.sort_key))
+    if too_big:
+        return RouteDecision(failure=TOO_BIG_FOR_CONNECTORS)
+    if addr_type != "SMTP":
+        return RouteDecision(failure=NO_CONNECTOR_FOR_TYPE)
+    return RouteDecision()
+
+
 def _deciding_rule(ranked: list[RouteCandidate]) -> str:
     if not ranked:
         return "no connector can serve the recipient"
@@ -151,13 +164,7 @@ class RoutingTable:
                extra: Iterable[RouteCandidate] = ()) -> RouteDecision:
         candidates, too_big = self.candidates(addr_type, address, size)
         candidates.extend(extra)
-        if candidates:
-            return RouteDecision(min(candidates, key=RouteCandidate.sort_key))
-        if too_big:
-            return RouteDecision(failure=TOO_BIG_FOR_CONNECTORS)
-        if addr_type != "SMTP":
-            return RouteDecision(failure=NO_CONNECTOR_FOR_TYPE)
-        return RouteDecision()
+        return _decision(candidates, too_big, addr_type)
 
     def relay_hop(self, server_name: str, connector: str = "") -> NextHop:
         """The queue for mail that another hub delivers (docs/exchange.md, "Sites and hub
@@ -200,12 +207,11 @@ class RoutingTable:
                 extra: Iterable[RouteCandidate] = ()) -> RouteExplanation:
         """What ``choose`` decides, with every candidate in the order of selection, the
         connectors eliminated and why, and the rule that decided between the first two."""
-        extra = list(extra)
         eliminated: list[tuple[str, str]] = []
-        candidates, _ = self.candidates(addr_type, address, size, eliminated)
+        candidates, too_big = self.candidates(addr_type, address, size, eliminated)
         candidates.extend(extra)
         ranked = sorted(candidates, key=RouteCandidate.sort_key)
-        return RouteExplanation(self.choose(addr_type, address, size, extra), ranked,
+        return RouteExplanation(_decision(candidates, too_big, addr_type), ranked,
                                 eliminated, _deciding_rule(ranked))
 
     def _in_scope(self, connector: Connector) -> bool:

@@ -65,9 +65,18 @@ def firewall_predicate(usage: str | None) -> Callable[[HeaderField], bool] | Non
     return remove
 
 
+def _nothing_to_strip(usage: str | None, head: bytes) -> bool:
+    """Internal and Partner connectors strip only the linked stamp: no parse (on every
+    message they send) when the header section cannot hold one."""
+    if usage in ("Custom", "Internet"):
+        return False
+    section = head.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    return LINK_STAMP.encode() not in section.lower()
+
+
 def apply_firewall(data: bytes, usage: str | None) -> bytes:
     remove = firewall_predicate(usage)
-    if remove is None:
+    if remove is None or _nothing_to_strip(usage, data):
         return data
     try:
         parsed = parse_header_section(data)
@@ -83,7 +92,7 @@ def apply_firewall_body(body: MessageBody, usage: str | None) -> MessageBody:
     (``rewrite_header_section``), the spool file is not copied. Blocking: run it in a
     thread."""
     remove = firewall_predicate(usage)
-    if remove is None:
+    if remove is None or _nothing_to_strip(usage, body.prefix):
         return body
 
     def rewrite(parsed: ParsedMessage) -> bytes | None:
