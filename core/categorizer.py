@@ -28,6 +28,7 @@ from hubport.core.model import (
     SmtpResponse,
 )
 from hubport.core.routing import RouteDecision, RouteExplanation, RoutingTable
+from hubport.core.routing_groups import HOME_TYPE
 
 if TYPE_CHECKING:
     from hubport.core.config import Organization, TransportServer
@@ -251,7 +252,8 @@ class Categorizer:
                                     _member_notify(notify), result, seen, groups,
                                     entry.primary, "EXPAND")
             return
-        if entry.kind == "contact":
+        home = getattr(entry.obj, "routing_group", None)
+        if entry.kind == "contact" and not home:
             external = entry.obj.external_email_address  # type: ignore[union-attr]
             kind, _, value = external.partition(":") if ":" in external else ("SMTP", "", external)
             kind = kind.upper()
@@ -267,6 +269,15 @@ class Categorizer:
                 related=related, event="DUPLICATE"))
             return
         seen.add(primary.lower())
+        if home:  # homed in a legacy routing group: a Routing Group connector takes it
+            result.decisions.append(Decision(
+                RESOLVED, primary, row,
+                None if row is not None else EnvelopeRecipient(primary, notify, new_orcpt),
+                orcpt=new_orcpt, related=address if rewritten else related,
+                event="RESOLVE" if rewritten else event))
+            probe = row or QueuedRecipient(0, message.id, primary, RecipientStatus.SUBMITTED)
+            result.unrouted.append((result.decisions[-1], probe, HOME_TYPE, home))
+            return
         box_server = getattr(entry.obj, "server", None) or self.server.name
         if box_server.lower() == self.server.name.lower():
             hop = mailbox_next_hop(self.server.name)

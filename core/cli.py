@@ -212,6 +212,10 @@ def _test_config(args: argparse.Namespace) -> int:
     print(f"{org.source}: valid. Server {server.name} in site {server.site}; "
           f"{len(org.accepted_domains)} accepted domains, {len(org.mailboxes)} mailboxes, "
           f"{len(org.connectors)} connectors.")
+    for connector in org.connectors:
+        summary = getattr(connector, "summary", None)
+        print("  " + (summary() if summary is not None
+                      else f'{getattr(connector, "kind", "Connector")} "{connector.name}"'))
     for warning in org.config_warnings:
         print(f"{org.source}: warning: {warning}", file=sys.stderr)
     return 0

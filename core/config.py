@@ -37,6 +37,12 @@ from hubport.core.config_fields import (
     suggest,
 )
 from hubport.core.connectors import Connector, ConnectorType
+from hubport.core.routing_groups import (
+    LegacyServer,
+    RoutingGroup,
+    legacy_senders,
+    read_routing_groups,
+)
 
 __all__ = [
     "DEFAULT_DSN_COPY_CODES",
@@ -73,6 +79,7 @@ SECTIONS = (
     "site_link",
     "accepted_domain",
     "transport_server",
+    "routing_group",
     "mailbox",
     "mail_contact",
     "distribution_group",
@@ -154,6 +161,9 @@ class Mailbox(_RecipientMixin):
     primary_smtp_address: str
     email_addresses: tuple[str, ...] = ()  # proxy form, `SMTP:<primary>` first
     server: str | None = None  # the transport server whose mailbox database holds it
+    #: a legacy routing group that homes it instead (its mail leaves through a Routing
+    #: Group connector)
+    routing_group: str | None = None
     max_receive_size: int | None = None  # None: unlimited (the organization limit applies)
     password_hash: str | None = None
 
@@ -169,6 +179,8 @@ class MailContact(_RecipientMixin):
     external_email_address: str  # proxy form: `SMTP:x@example.net` or `FAX:+15551234`
     primary_smtp_address: str
     email_addresses: tuple[str, ...] = ()
+    #: a legacy routing group that homes it (its mail goes there, not to its address)
+    routing_group: str | None = None
 
     @property
     def external_type(self) -> str:
@@ -326,6 +338,17 @@ class Organization:
     connectors: tuple[Connector, ...]
     #: plugin modules the `[hubport]` table names (loaded at start, after the entry points)
     plugins: tuple[str, ...] = ()
+    #: legacy routing groups (``[[routing_group]]``)
+    routing_groups: tuple[RoutingGroup, ...] = ()
+
+    def routing_group(self, name: str) -> RoutingGroup | None:
+        wanted = name.lower()
+        return next((g for g in self.routing_groups if g.name.lower() == wanted), None)
+
+    @cached_property
+    def legacy_servers(self) -> tuple[LegacyServer, ...]:
+        """The servers the ExchangeLegacyServers permission group grants its rights to."""
+        return legacy_senders(self.routing_groups, self.connectors)
 
     @cached_property
     def default_domain(self) -> AcceptedDomain:
@@ -463,12 +486,22 @@ class Organization:
         legacy = [c.name for c in self.connectors
                   if "exchangelegacyservers" in {str(g).lower()
                                                  for g in getattr(c, "permission_groups", ())}]
-        if legacy:
+        if legacy and not self.legacy_servers:
             warnings.append(
                 f"the ExchangeLegacyServers permission group on {', '.join(legacy)} grants its"
-                " rights to legacy servers, which hubport recognizes only as the servers of a"
-                " routing group (not supported yet): no session matches it, so its rights are"
-                " unused")
+                " rights to the servers of a legacy routing group that sends to our hubs (a"
+                " Bidirectional [[routing_group_connector]]); there is none, so its rights"
+                " are unused")
+        homeable: list[Mailbox | MailContact] = [*self.mailboxes, *self.mail_contacts]
+        homed = {r.routing_group.lower(): r for r in homeable if r.routing_group}
+        reached = {str(getattr(c, "target_routing_group", "")).lower()
+                   for c in self.connectors if getattr(c, "address_spaces", ())}
+        for key, recipient in homed.items():
+            group = recipient.routing_group
+            if key not in reached:
+                warnings.append(
+                    f"{recipient.describe()} is homed in routing group {group}"
+                    " but no routing group connector leads there: its mail fails with 5.4.4")
         return tuple(warnings)
 
     def site_cost(self, from_site: str, to_site: str) -> int | None:
@@ -654,6 +687,7 @@ class _Loader:
         self.ctx = ctx
         self.types = dict(connector_types)
         self.sites: tuple[Site, ...] = ()
+        self.routing_groups: tuple[RoutingGroup, ...] = ()
         self.domains: tuple[AcceptedDomain, ...] = ()
         self.default_domain = "invalid"
 
@@ -663,6 +697,8 @@ class _Loader:
         self.domains = self._accepted_domains()
         links = self._site_links()
         servers = self._servers()
+        self.routing_groups = read_routing_groups(self._readers("routing_group"), self.ctx)
+        self.ctx.routing_groups = {g.name.lower(): g for g in self.routing_groups}
         transport = self._transport_config()
         mailboxes = self._recipients("mailbox", self._mailbox)
         contacts = self._recipients("mail_contact", self._mail_contact)
@@ -686,6 +722,7 @@ class _Loader:
             servers=servers,
             connectors=connectors,
             plugins=plugins,
+            routing_groups=self.routing_groups,
         )
 
     # -- sections
@@ -1104,12 +1141,17 @@ class _Loader:
         alias = self._alias(r, name)
         primary, proxies = self._proxy_addresses(r, alias)
         first_server = next(iter(self.ctx.servers), None)
+        group = self._routing_group_ref(r)
+        if group and r.has("Server"):
+            r.error("RoutingGroup", "a mailbox is homed on a transport server (Server) or in"
+                                    " a legacy routing group (RoutingGroup), not both")
         return Mailbox(
             name=name,
             alias=alias,
             primary_smtp_address=primary,
             email_addresses=proxies,
-            server=r.server("Server", first_server),
+            server=None if group else r.server("Server", first_server),
+            routing_group=group,
             max_receive_size=r.size("MaxReceiveSize", None),
             password_hash=r.string("PasswordHash"),
         )
@@ -1119,7 +1161,21 @@ class _Loader:
         alias = self._alias(r, name)
         external = self._external_address(r)
         primary, proxies = self._proxy_addresses(r, alias, exempt=external)
-        return MailContact(name, alias, external or "", primary, proxies)
+        group = self._routing_group_ref(r)
+        return MailContact(name, alias, external or "", primary, proxies, group)
+
+    def _routing_group_ref(self, r: FieldReader) -> str | None:
+        """A recipient's ``RoutingGroup``: the declared spelling, None (with an error)."""
+        value = r.string("RoutingGroup")
+        if value is None:
+            return None
+        group = next((g for g in self.routing_groups
+                      if g.name.lower() == value.strip().lower()), None)
+        if group is None:
+            names = [g.name for g in self.routing_groups]
+            r.error("RoutingGroup", f'no routing group named "{value}"{suggest(value, names)}')
+            return None
+        return group.name
 
     def _group(self, r: FieldReader) -> DistributionGroup | None:
         name = r.name()
@@ -1270,6 +1326,10 @@ class _Loader:
                 reader.finish()
                 if self._unique(seen, connector.name, reader, index):
                     connectors.append(connector)
+                    companions = getattr(connector, "companions", None)
+                    for companion in companions() if companions is not None else ():
+                        if self._unique(seen, companion.name, reader, index):
+                            connectors.append(companion)
         for cls in self.types.values():
             own = [c for c in connectors if type(c) is cls]
             check_all = getattr(cls, "check_all", None)

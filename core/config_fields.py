@@ -136,6 +136,8 @@ class ConfigContext:
         self.errors: list[ConfigError] = []
         #: DeliveryProtocol (upper case) -> agent class, for Delivery Agent connectors
         self.delivery_agents: dict[str, type] = {}
+        #: legacy routing groups by lower-case name, for Routing Group connectors
+        self.routing_groups: dict[str, Any] = {}
 
     # -- errors
 

@@ -53,6 +53,19 @@ class Connector:
             "max_message_size": reader.size("MaxMessageSize", default=None),
         }
 
+    def summary(self) -> str:
+        """One line for ``hubport test-config``: what it serves and where it runs."""
+        parts = [", ".join(str(s) for s in self.address_spaces)] if self.address_spaces else []
+        if self.source_transport_servers:
+            parts.append("from " + ", ".join(self.source_transport_servers))
+        line = f'{self.kind} "{self.name}"' + (": " + " ".join(parts) if parts else "")
+        return line + ("" if self.enabled else "; disabled")
+
+    def companions(self) -> tuple[Connector, ...]:
+        """Objects this one creates beside itself (a Bidirectional Routing Group
+        connector's reciprocal): the loader adds them to the organization."""
+        return ()
+
     def next_hop_domain(self, space: AddressSpace, address: str = "") -> str:
         """NextHopDomain of the queue recipient `address` matched through `space` lands in
         (a queue per value: one next hop whose failure puts the queue in Retry)."""

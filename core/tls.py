@@ -136,6 +136,9 @@ def server_context(
     _load_chain(ctx, pair)
     if request_client_certificate:
         ctx.verify_mode = ssl.CERT_OPTIONAL
+        # any certificate given as an authority is a trust anchor, a leaf too: a legacy
+        # server's own certificate is pinned that way (core/routing_groups.py)
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         if client_ca is not None:
             for ca in [client_ca] if isinstance(client_ca, Path) else client_ca:
                 _load_ca(ctx, ca)

@@ -103,6 +103,14 @@ class ReceiveConnector:
 
     # -- derived ---------------------------------------------------------------------
 
+    def summary(self) -> str:
+        """One line for ``hubport test-config``."""
+        bindings = ", ".join(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+                             for ip, port in self.bindings)
+        groups = ", ".join(sorted(self.permission_groups)) or "None"
+        return (f'{self.kind} "{self.name}": {bindings} on {self.server}; {groups}'
+                + ("" if self.enabled else "; disabled"))
+
     @property
     def offers_tls(self) -> bool:
         return "Tls" in self.auth_mechanism or self.implicit_tls

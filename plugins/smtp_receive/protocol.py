@@ -471,6 +471,10 @@ class ReceiveProtocol(SMTP):
             if "ExchangeServer" in self.connector.auth_mechanism and \
                     self.service.proven_server(self._tls_transport) is not None:
                 return Principal.EXCHANGE_SERVER
+        if "ExchangeLegacyServers" in self.connector.permission_groups and \
+                self.service.legacy_peer(self._tls_transport, self.info.remote_ip):
+            return Principal.LEGACY_SERVER
+        if self.info.peer_certificate is not None:
             return Principal.PARTNER
         return Principal.ANONYMOUS
 

@@ -30,6 +30,7 @@ from hubport.core.internal_tls import InternalTls, internal_tls
 from hubport.core.model import SmtpResponse
 from hubport.core.protocol_log import ProtocolLog
 from hubport.core.rotating_log import log_writer
+from hubport.core.routing_groups import is_legacy_peer
 from hubport.core.services import ServiceError, ServiceRuntime
 from hubport.core.tls import (
     CertificatePair,
@@ -177,6 +178,10 @@ class ReceiveService:
                 authorities = [internal.authority] if exchange and internal else []
                 if c.tls_client_certificate_authority_file is not None:
                     authorities.append(c.tls_client_certificate_authority_file)
+                if "ExchangeLegacyServers" in c.permission_groups:
+                    # a legacy server's own certificate is its trust anchor (pinned)
+                    authorities += [s.certificate for s in self.runtime.organization
+                                    .legacy_servers if s.certificate is not None]
                 # an Internet server may present a certificate from a public CA: the
                 # system CAs stay trusted for the handshake; only the organization's CA
                 # makes an Exchange server (proven_server)
@@ -379,6 +384,17 @@ class ReceiveService:
         if ssl_object is None or self._internal is None:
             return None
         return self._internal.proves_server(ssl_object.getpeercert(binary_form=True))
+
+    def legacy_peer(self, transport: Any, address: str | None) -> bool:
+        """Whether the session comes from a legacy server of the organization (a source
+        server of a routing group connector to our hubs): by the certificate it presented
+        or, with none, by its address (docs/exchange.md, "Routing Group connectors")."""
+        servers = self.runtime.organization.legacy_servers
+        if not servers:
+            return False
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        return is_legacy_peer(servers, address, der)
 
     def local_names(self, *, every_server: bool = False) -> frozenset[str]:
         """FQDNs that mean "us": this server's (or every server's of the organization).

@@ -32,20 +32,25 @@ from hubport.core.model import NextHop, QueuedRecipient
 from hubport.plugins.smtp_send.connector import SendConnector
 from hubport.plugins.smtp_send.delivery import RELAY_TYPES, deliver_items
 from hubport.plugins.smtp_send.linked import route_through_link
+from hubport.plugins.smtp_send.routing_group import RoutingGroupConnector
 
-__all__ = ["RELAY_TYPES", "SendConnector", "categorize", "deliver", "register_connector_types"]
+__all__ = ["RELAY_TYPES", "RoutingGroupConnector", "SendConnector", "categorize", "deliver",
+           "register_connector_types"]
 
 
 @hookimpl
 def register_connector_types(register: Callable[[type], None]) -> None:
     register(SendConnector)
+    register(RoutingGroupConnector)
 
 
 @hookimpl
 async def deliver(next_hop: NextHop, connector: Any, items: list[MailItem],
                   context: DeliveryContext) -> Any:
-    """Send connectors hosted here, and every relay queue to another hub."""
-    if next_hop.delivery_type in RELAY_TYPES or isinstance(connector, SendConnector):
+    """Send connectors and Routing Group connectors hosted here, and every relay queue to
+    another hub."""
+    if next_hop.delivery_type in RELAY_TYPES or \
+            isinstance(connector, (SendConnector, RoutingGroupConnector)):
         return await deliver_items(next_hop, connector, items, context)
     return None
 

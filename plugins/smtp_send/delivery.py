@@ -58,6 +58,7 @@ from hubport.plugins.smtp_send.policy import (
 )
 from hubport.plugins.smtp_send.protolog import open_session
 from hubport.plugins.smtp_send.resolver import Resolution, Target
+from hubport.plugins.smtp_send.routing_group import RoutingGroupConnector, legacy_targets
 from hubport.plugins.smtp_send.session import SendOutcome, SessionFailure, SmtpSession
 
 if TYPE_CHECKING:
@@ -205,7 +206,10 @@ async def deliver_items(next_hop: NextHop, connector: Any, items: Sequence[MailI
                         context: DeliveryContext) -> list[ItemResult] | DeferQueue:
     server = context.server
     relay = next_hop.delivery_type in RELAY_TYPES
-    profile = _intra_org_profile(server) if relay else _profile(connector, server)
+    if isinstance(connector, RoutingGroupConnector):
+        profile = _legacy_profile(connector, server)
+    else:
+        profile = _intra_org_profile(server) if relay else _profile(connector, server)
     routes = await _routes(next_hop, connector, items, context, relay, profile)
     per_item: list[dict[int, RecipientResult]] = [{} for _ in items]
     details: list[str] = ["" for _ in items]
@@ -260,6 +264,9 @@ async def deliver_items(next_hop: NextHop, connector: Any, items: Sequence[MailI
 async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
                   context: DeliveryContext, relay: bool, profile: Profile) -> list[Route]:
     server = context.server
+    if isinstance(connector, RoutingGroupConnector):
+        return [_legacy_route(next_hop, connector, items, context,
+                              [await _outgoing(item.body, profile.usage) for item in items])]
     link = connector.name if isinstance(connector, SendConnector) and \
         connector.linked_receive_connector else None
     datas = [await _outgoing(item.body, profile.usage) for item in items]
@@ -331,6 +338,26 @@ def _profile(connector: SendConnector, server: TransportServer) -> Profile:
         verbose=connector.protocol_logging_level == "Verbose",
         downgrade_auth="DowngradeAuthFailures" in connector.error_policies,
         downgrade_dns="DowngradeDnsFailures" in connector.error_policies)
+
+
+def _legacy_route(next_hop: NextHop, connector: RoutingGroupConnector,
+                  items: Sequence[MailItem], context: DeliveryContext,
+                  datas: list[bytes | MessageBody]) -> Route:
+    """One route to the legacy routing group: its target servers in the connector's order
+    (failover), STARTTLS when offered."""
+    route = Route(next_hop.domain, TlsPolicy(), [
+        Unit(i, item, list(item.recipients), datas[i]) for i, item in enumerate(items)])
+    targets = [Target(s.name, (s.address,), s.port)
+               for s in legacy_targets(context.organization, connector)]
+    route.resolution = Resolution(targets) if targets else Resolution(failure=SmtpResponse(
+        451, "4.4.0", f"SMTPSEND.RoutingGroup; no target server of {connector.name} is"
+                      " declared in its routing group"))
+    return route
+
+
+def _legacy_profile(connector: RoutingGroupConnector, server: TransportServer) -> Profile:
+    """A legacy routing group is part of the organization: no header firewall."""
+    return replace(_intra_org_profile(server), name=connector.name)
 
 
 def _intra_org_profile(server: TransportServer) -> Profile:
