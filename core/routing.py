@@ -155,7 +155,7 @@ class RoutingTable:
                 hop = NextHop(connector.delivery_type,
                               connector.next_hop_domain(space, address), connector.name)
             else:  # another hub hosts the connector: relay the message to it
-                hop = self.relay_hop(via, connector.name)
+                hop = self.relay_hop(via, connector)
             out.append(RouteCandidate(hop, space, score, site_cost + space.cost, proximity,
                                       connector.name, connector, via))
         return out, too_big
@@ -166,19 +166,60 @@ class RoutingTable:
         candidates.extend(extra)
         return _decision(candidates, too_big, addr_type)
 
-    def relay_hop(self, server_name: str, connector: str = "") -> NextHop:
+    def relay_hop(self, server_name: str, connector: Connector | None = None) -> NextHop:
         """The queue for mail that another hub delivers (docs/exchange.md, "Sites and hub
-        sites"): that hub, within this site or in another; or, when the least-cost path
-        to its site crosses a hub site, that hub site (the first on the path), whose hubs
-        take the mail and route it on from there."""
+        sites"). Within this site: that hub, or for a connector its source servers here
+        (the queue is named for the connector). In another site: the site, or the first hub
+        site on the least-cost path to it; any hub there takes the mail and routes it on.
+        Remote relays name no connector, so every recipient whose path starts the same way
+        travels as one copy (delayed fan-out)."""
         try:
             target = self.org.server(server_name)
         except KeyError:
-            return NextHop("SmtpRelayToRemoteAdSite", server_name, connector)
+            return NextHop("SmtpRelayToRemoteAdSite", server_name, "")
         if target.site.lower() == self.server.site.lower():
-            return NextHop("SmtpRelayWithinAdSite", target.name, connector)
+            if connector is not None:
+                return NextHop("SmtpRelayWithinAdSite", connector.name, connector.name)
+            return NextHop("SmtpRelayWithinAdSite", target.name, "")
         hub_site = self.hub_site_on_path(target.site)
-        return NextHop("SmtpRelayToRemoteAdSite", hub_site or target.name, connector)
+        return NextHop("SmtpRelayToRemoteAdSite", hub_site or target.site, "")
+
+    def relay_targets(self, next_hop: NextHop) -> list[TransportServer]:
+        """The hubs a relay queue goes to, in order (failover): the hub it names; the
+        source servers in this site of the connector it names; or the hubs of the site it
+        names, then, walking back along the least-cost path, those of each site before it
+        (queue at the point of failure: the mail waits at the closest reachable site).
+        This server is never one of them."""
+        me = self.server.name.lower()
+
+        def others(servers: Iterable[TransportServer]) -> list[TransportServer]:
+            return [s for s in servers if s.name.lower() != me]
+
+        name = next_hop.domain
+        try:
+            return others([self.org.server(name)])
+        except KeyError:
+            pass
+        connector = next((c for c in self.connectors if c.name.lower() == name.lower()), None)
+        if connector is not None:
+            return others(s for n in connector.source_transport_servers
+                          if (s := self._server(n)) is not None
+                          and s.site.lower() == self.server.site.lower())
+        path = self.org.site_path(self.server.site, name)
+        if path is None:
+            return []
+        sites = [path[-1].site, *(step.site for step in reversed(path[:-1]))] if path else []
+        return others(s for site in sites for s in self._hubs_of(site))
+
+    def _server(self, name: str) -> TransportServer | None:
+        try:
+            return self.org.server(name)
+        except KeyError:
+            return None
+
+    def _hubs_of(self, site: str) -> list[TransportServer]:
+        return sorted((s for s in self.org.servers if s.site.lower() == site.lower()),
+                      key=lambda s: s.name.lower())
 
     def narrow_link(self, server_name: str, size: int) -> SiteHop | None:
         """The first site link on the way to ``server_name`` whose MaxMessageSize is below
@@ -221,10 +262,8 @@ class RoutingTable:
         return any(self._site_of(s) == self.server.site for s in connector.source_transport_servers)
 
     def _site_of(self, server_name: str) -> str | None:
-        try:
-            return self.org.server(server_name).site
-        except KeyError:
-            return None
+        server = self._server(server_name)
+        return server.site if server is not None else None
 
     def _distance(self, connector: Connector) -> tuple[int, int, str]:
         """(site-link cost, proximity, server) of the nearest source server of a connector."""

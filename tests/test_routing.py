@@ -288,10 +288,14 @@ def test_local_source_server_delivers_itself() -> None:
 def test_connector_on_another_hub_relays_to_that_server() -> None:
     same = org(connector("Gateway", ["example.org"], servers=["HUB02"]))
     hop = table(same).choose("SMTP", "x@example.org", 1000).candidate.next_hop  # type: ignore[union-attr]
-    assert hop == NextHop("SmtpRelayWithinAdSite", "HUB02", "Gateway")
+    # within the site the queue is named for the connector: its source servers here take it
+    assert hop == NextHop("SmtpRelayWithinAdSite", "Gateway", "Gateway")
+    assert [s.name for s in table(same).relay_targets(hop)] == ["HUB02"]
     remote = org(connector("Gateway", ["example.org"], servers=["HUB03"]))
     hop = table(remote).choose("SMTP", "x@example.org", 1000).candidate.next_hop  # type: ignore[union-attr]
-    assert hop == NextHop("SmtpRelayToRemoteAdSite", "HUB03", "Gateway")
+    # in another site, the queue is the site's: any hub there routes it on
+    assert hop == NextHop("SmtpRelayToRemoteAdSite", "Site-B", "")
+    assert [s.name for s in table(remote).relay_targets(hop)] == ["HUB03"]
     # on its own source server the same connector is delivered directly
     hop = table(remote, "HUB03").choose("SMTP", "x@example.org", 1000).candidate.next_hop  # type: ignore[union-attr]
     assert hop == NextHop("DeliveryAgent", "example.org", "Gateway")
@@ -301,8 +305,19 @@ def test_nearest_of_several_source_servers_is_used() -> None:
     o = org(connector("Gateway", ["example.org"], servers=["HUB04", "HUB03"]))
     candidate = table(o).choose("SMTP", "x@example.org", 1000).candidate
     assert candidate is not None
-    assert candidate.next_hop == NextHop("SmtpRelayToRemoteAdSite", "HUB03", "Gateway")
-    assert candidate.cost == 11
+    assert candidate.next_hop == NextHop("SmtpRelayToRemoteAdSite", "Site-B", "")
+    assert candidate.source_server == "HUB03" and candidate.cost == 11
+
+
+def test_a_relay_to_a_far_site_falls_back_along_the_path_but_never_to_this_server() -> None:
+    o = org()
+    far = NextHop("SmtpRelayToRemoteAdSite", "Site-C", "")
+    # HUB04's site first; when it does not answer, the site before it on the path (Site-B):
+    # the mail waits at the closest reachable site (queue at the point of failure)
+    assert [s.name for s in table(o).relay_targets(far)] == ["HUB04", "HUB03"]
+    assert [s.name for s in table(o, "HUB03").relay_targets(far)] == ["HUB04"]
+    assert table(o).relay_targets(NextHop("SmtpRelayWithinAdSite", "HUB01", "")) == []
+    assert table(o).relay_targets(NextHop("SmtpRelayToRemoteAdSite", "Site-D", "")) == []
 
 
 def test_connector_whose_source_servers_no_site_link_reaches_is_not_a_candidate() -> None:
@@ -412,7 +427,7 @@ async def test_secondary_address_rewritten_to_primary_keeps_orcpt() -> None:
 async def test_mailbox_on_another_hub_is_relayed_by_site() -> None:
     hops = routed(await categorize(org(), queued("nick@contoso.test", "rita@contoso.test")))
     assert hops["nick@contoso.test"] == NextHop("SmtpRelayWithinAdSite", "HUB02", "")
-    assert hops["rita@contoso.test"] == NextHop("SmtpRelayToRemoteAdSite", "HUB03", "")
+    assert hops["rita@contoso.test"] == NextHop("SmtpRelayToRemoteAdSite", "Site-B", "")
     at_home = routed(await categorize(org(), queued("rita@contoso.test"), server="HUB03"))
     assert at_home["rita@contoso.test"] == mailbox_next_hop("HUB03")
 

@@ -295,8 +295,8 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
         if failure is not None:
             one.resolution = Resolution(failure=failure)
         elif relay:
-            one.resolution = await resolver.resolve_hub(context.organization,
-                                                        next_hop.domain, lookup)
+            one.resolution = await resolver.resolve_hub(context.organization, server,
+                                                        next_hop, lookup)
         else:
             one.resolution = await resolver.resolve_smart_hosts(connector, lookup)
         return [one]

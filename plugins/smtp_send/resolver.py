@@ -24,7 +24,8 @@ import dns.nameserver
 import dns.resolver
 import structlog
 
-from hubport.core.model import SmtpResponse
+from hubport.core.model import NextHop, SmtpResponse
+from hubport.core.routing import RoutingTable
 
 if TYPE_CHECKING:
     from hubport.core.config import Organization, TransportServer
@@ -342,31 +343,39 @@ def receive_connectors_of(org: Organization, server_name: str) -> list[Any]:
             and getattr(rc, "enabled", True)]
 
 
-async def resolve_hub(org: Organization, name: str, lookup: AddressLookup) -> Resolution:
-    """The hubs a relay goes to: the server ``name``, or every server of the AD site
-    ``name`` (a hub site mail is staged through), in name order for failover. Each target
-    is a hub's receive connector that grants ExchangeServers (else its FQDN on port 25),
-    and carries the hub's FQDN: its certificate must name it."""
-    try:
-        hubs = [org.server(name)]
-    except KeyError:
-        hubs = sorted((s for s in org.servers if s.site.lower() == name.lower()),
-                      key=lambda s: s.name.lower())
+async def resolve_hub(org: Organization, server: TransportServer, next_hop: NextHop,
+                      lookup: AddressLookup) -> Resolution:
+    """The hubs a relay queue goes to, in failover order (``RoutingTable.relay_targets``:
+    the hub, the connector's source servers here, or a site's hubs and then those of the
+    sites before it on the path). Each target is a hub's receive connector that grants
+    ExchangeServers (else its FQDN on port 25), and carries the hub's FQDN: its certificate
+    must name it. A target that is this server's own listening address is a loop (5.3.5)."""
+    hubs = RoutingTable(org, server).relay_targets(next_hop)
     if not hubs:
         return Resolution(failure=NO_TARGET_HUB)
+    mine = {(str(ip), int(port)) for rc in receive_connectors_of(org, server.name)
+            for ip, port in getattr(rc, "bindings", ())}
     targets: list[Target] = []
     unresolved: list[str] = []
+    looped: list[str] = []
     for hub in hubs:
         target = await _hub_target(org, hub, lookup)
         if target is None:
             unresolved.append(hub.fqdn)
+        elif any((address, target.port) in mine for address in target.addresses):
+            looped.append(hub.name)
         else:
             targets.append(target)
-    if not targets:
+    if targets:
+        return Resolution(targets)
+    if looped:
         return Resolution(failure=SmtpResponse(
-            451, "4.4.0", f"SMTPSEND.Relay; the target hub {', '.join(unresolved)} does not"
-                          " resolve"))
-    return Resolution(targets)
+            554, "5.3.5", f"ROUTING.Loop; the receive connector of {', '.join(looped)} is"
+                          f" this server's own ({server.name}): the organization's"
+                          " configuration sends the mail back here"))
+    return Resolution(failure=SmtpResponse(
+        451, "4.4.0", f"SMTPSEND.Relay; the target hub {', '.join(unresolved)} does not"
+                      " resolve"))
 
 
 def takes_hubs(rc: Any) -> bool:
