@@ -27,7 +27,13 @@ from hubport.core.model import (
     RecipientStatus,
     SmtpResponse,
 )
-from hubport.core.routing import RouteDecision, RouteExplanation, RoutingTable
+from hubport.core.routing import (
+    RouteDecision,
+    RouteExplanation,
+    RoutingTable,
+    disagreement,
+    previous_hub,
+)
 from hubport.core.routing_groups import HOME_TYPE
 
 if TYPE_CHECKING:
@@ -112,6 +118,8 @@ class Categorized:
     #: RESOLVED decisions waiting for the routing pass: (decision, the recipient the
     #: ``route`` hook sees, address type, address to route)
     unrouted: list[tuple[Decision, QueuedRecipient, str, str]] = field(default_factory=list)
+    #: (server, organization version) of the hub that relayed the message here, if any
+    previous: tuple[str, int] | None = None
 
     @property
     def next_hops(self) -> list[NextHop]:
@@ -140,6 +148,8 @@ class Categorizer:
 
     async def categorize(self, message: QueuedMessage) -> Categorized:
         result = Categorized(message)
+        if message.source == "SMTP":
+            result.previous = previous_hub(message.body.prefix)
         pending = [r for r in message.recipients if r.status.value == "Submitted"]
         limit = self.org.transport_config.max_recipient_envelope_limit
         # the limit is on the envelope: checked on the first pass only, when every row is an
@@ -162,10 +172,14 @@ class Categorizer:
         await self.hooks.notify("on_resolved", message=message, recipients=result.decisions)
         for decision, recipient, addr_type, route_address in result.unrouted:
             chosen = await self._route(message, recipient, addr_type, route_address)
+            held = chosen.candidate is not None and chosen.candidate.proximity > 0 and \
+                self._disagreement(result, chosen.candidate.source_server)
             if chosen.failure is not None:
                 decision.kind, decision.response = FAIL, chosen.failure
             elif chosen.candidate is None:
                 decision.kind = UNREACHABLE
+            elif held:
+                decision.kind, decision.response = UNREACHABLE, held
             else:
                 decision.kind, decision.next_hop = ROUTE, chosen.candidate.next_hop
         result.unrouted.clear()
@@ -294,12 +308,23 @@ class Categorizer:
                     related=address if rewritten else related))
                 return
             hop = self.routing.relay_hop(box_server)
+            held = self._disagreement(result, box_server)
+            if held is not None:
+                result.decisions.append(Decision(
+                    UNREACHABLE, primary, row,
+                    None if row is not None else EnvelopeRecipient(primary, notify, new_orcpt),
+                    response=held, orcpt=new_orcpt, related=address if rewritten else related,
+                    event="RESOLVE" if rewritten else event))
+                return
         result.decisions.append(Decision(
             ROUTE, primary, row,
             None if row is not None else EnvelopeRecipient(primary, notify, new_orcpt),
             next_hop=hop, orcpt=new_orcpt,
             related=address if rewritten else related,
             event="RESOLVE" if rewritten else event))
+
+    def _disagreement(self, result: Categorized, target: str) -> SmtpResponse | None:
+        return disagreement(self.server.name, result.previous, target, self.org.version)
 
     async def _route(self, message: QueuedMessage, recipient: QueuedRecipient, addr_type: str,
                      address: str) -> RouteDecision:

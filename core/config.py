@@ -14,7 +14,7 @@ import itertools
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -340,6 +340,9 @@ class Organization:
     plugins: tuple[str, ...] = ()
     #: legacy routing groups (``[[routing_group]]``)
     routing_groups: tuple[RoutingGroup, ...] = ()
+    #: which version of the file this is: its modification time (ns) when read, 0 for the
+    #: embedded default. Hubs compare it when they disagree on a route (core/categorizer.py)
+    version: int = 0
 
     def routing_group(self, name: str) -> RoutingGroup | None:
         wanted = name.lower()
@@ -624,6 +627,7 @@ def load_organization(
     path = Path(path)
     source = str(path)
     try:
+        version = path.stat().st_mtime_ns
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigErrors(
@@ -638,7 +642,7 @@ def load_organization(
         ) from None
     return parse_organization(
         text, source=source, base_dir=path.parent, connector_types=connector_types,
-        delivery_agents=delivery_agents,
+        delivery_agents=delivery_agents, version=version,
     )
 
 
@@ -649,6 +653,7 @@ def parse_organization(
     base_dir: Path,
     connector_types: Mapping[str, type[ConnectorType]],
     delivery_agents: Mapping[str, type] | None = None,
+    version: int = 0,
 ) -> Organization:
     """Validate TOML text as an organization (management commands check edits with this)."""
     try:
@@ -657,7 +662,7 @@ def parse_organization(
         raise ConfigErrors([_syntax_error(source, str(exc))]) from None
     ctx = ConfigContext(source, base_dir)
     ctx.delivery_agents = dict(delivery_agents or {})  # Delivery Agent connectors check theirs
-    return _Loader(data, ctx, connector_types).load()
+    return replace(_Loader(data, ctx, connector_types).load(), version=version)
 
 
 def _syntax_error(source: str, message: str) -> ConfigError:
@@ -697,6 +702,7 @@ class _Loader:
         self.domains = self._accepted_domains()
         links = self._site_links()
         servers = self._servers()
+        self._check_topology(links, servers)
         self.routing_groups = read_routing_groups(self._readers("routing_group"), self.ctx)
         self.ctx.routing_groups = {g.name.lower(): g for g in self.routing_groups}
         transport = self._transport_config()
@@ -803,6 +809,28 @@ class _Loader:
                 cost = exchange_cost if exchange_cost is not None else ad_cost
                 links.append(SiteLink(name, sites, cost if cost is not None else 100, size))
         return tuple(links)
+
+    def _check_topology(self, links: Sequence[SiteLink], servers: Sequence[TransportServer]
+                        ) -> None:
+        """With several sites, every site is on a site link and every site with a transport
+        server reaches every other such site: else some hub could never relay to another."""
+        if len(self.sites) < 2 or self.ctx.errors:
+            return
+        linked = {site.lower() for link in links for site in link.sites}
+        for site in self.sites:
+            if site.name.lower() not in linked:
+                self.ctx.error(f'site "{site.name}"', None,
+                               "is on no site link: add it to a [[site_link]] (Sites), or"
+                               " remove the site")
+        staffed = list(dict.fromkeys(s.site for s in servers))
+        if len(staffed) < 2 or any(s.lower() not in linked for s in staffed):
+            return
+        apart = [site for site in staffed[1:]
+                 if _cheapest_path(links, staffed[0], site) is None]
+        if apart:
+            self.ctx.error(f'site "{staffed[0]}"', None,
+                           f"no chain of site links joins it to {', '.join(apart)}: their"
+                           " transport servers could never relay to each other")
 
     def _link_sites(self, reader: FieldReader, names: Sequence[str]) -> tuple[str, ...]:
         """The declared spellings of a link's sites; () when any is wrong."""

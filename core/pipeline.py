@@ -491,8 +491,9 @@ class Pipeline:
                 updates.append(RecipientUpdate(row.id, S.SUBMITTED, address=address, orcpt=orcpt))
                 resubmit = True
             elif d.kind == UNREACHABLE:
+                why = str(d.response) if d.response else "Unreachable: no connector matches"
                 updates.append(RecipientUpdate(row.id, S.UNREACHABLE, address=address, orcpt=orcpt,
-                                               last_response="Unreachable: no connector matches"))
+                                               last_response=why))
             elif d.kind == EXPANDED:
                 updates.append(RecipientUpdate(row.id, S.EXPANDED, address=address))
             elif d.kind == FAIL:

@@ -11,6 +11,7 @@ server's site + address-space cost); 5. proximity (source server local, same sit
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,44 @@ class RouteExplanation:
     candidates: list[RouteCandidate]  # in the order of selection, the chosen one first
     eliminated: list[tuple[str, str]]  # (connector, why it cannot serve this recipient)
     rule: str  # what decided between the first two candidates
+
+
+#: stamped by a hub on each message it relays to another hub (an organization header: the
+#: receiving hub drops it from anyone but the organization's servers)
+ROUTED_BY = b"X-MS-Exchange-Organization-Hubport-RoutedBy"
+_ROUTED_BY = re.compile(
+    rb"(?im)^x-ms-exchange-organization-hubport-routedby:[ \t]*([^;\r\n]+?)[ \t]*;"
+    rb"[ \t]*([0-9]{1,20})[ \t]*\r?$")
+
+
+def routed_by_line(server: str, version: int) -> bytes:
+    """The stamp a relay puts on top: who routed the message here, with which version of
+    the organization."""
+    return ROUTED_BY + f": {server}; {version}\r\n".encode()
+
+
+def previous_hub(header: bytes) -> tuple[str, int] | None:
+    """(server, organization version) of the hub that relayed a message here: the most
+    recent stamp, the first in the header section."""
+    section = header.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    match = _ROUTED_BY.search(section)
+    if match is None:
+        return None
+    return match.group(1).decode("utf-8", "replace").strip(), int(match.group(2))
+
+
+def disagreement(server: str, previous: tuple[str, int] | None, target: str,
+                 version: int) -> SmtpResponse | None:
+    """Why a recipient waits instead of going back to the hub that just routed it here, or
+    None. Two hubs that route it to each other hold different versions of the organization
+    (one reloaded, one not yet): the newer one sends it back, the older one keeps it, as
+    Unreachable, until its own reload routes it again. So it neither loops nor bounces."""
+    if previous is None or previous[0].lower() != target.lower() or version > previous[1]:
+        return None
+    return SmtpResponse(
+        451, "4.4.6", f"ROUTING.Disagreement; {previous[0]} routed this recipient here and"
+                      f" {server} routes it back: {server}'s organization is not newer than"
+                      f" {previous[0]}'s, so it waits here until {server} reloads it")
 
 
 #: the selection rules, in the order of RouteCandidate.sort_key

@@ -854,6 +854,11 @@ Name = "Madrid"
 Name = "Oslo"
 [[site]]
 Name = "Tokyo"
+[[site]]
+Name = "Kyoto"
+[[site_link]]
+Name = "Tokyo-Kyoto"
+Sites = ["Tokyo", "Kyoto"]
 [[site_link]]
 Name = "Paris-London"
 Sites = ["Paris", "London"]
@@ -883,7 +888,7 @@ def test_site_cost(tmp_path: Path) -> None:
     assert org.site_cost("Paris", "London") == 10
     assert org.site_cost("Paris", "Madrid") == 20  # via London beats ExchangeCost 30
     assert org.site_cost("oslo", "PARIS") == 120  # default cost 100
-    assert org.site_cost("Paris", "Tokyo") is None  # no link
+    assert org.site_cost("Paris", "Tokyo") is None  # no chain of links (and no server there)
     assert org.site_cost("Paris", "Atlantis") is None
     link = next(x for x in org.site_links if x.name == "Paris-Madrid")
     assert link.cost == 30

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -23,7 +24,7 @@ import trustme
 from daemon_process import DaemonPool, daemon_pool, hubport
 from hubport.core.internal_tls import CertificateAuthority
 from smtp_support import Client, body, free_port, receive_connector, send_one
-from support import write_org
+from support import wait_for_sync, write_org
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -271,3 +272,49 @@ def test_an_administrator_manages_a_hub_over_tcp_and_nobody_else_does(
     except (ssl.SSLError, ConnectionError):
         pass
     assert answer == b"", answer
+
+
+def test_hubs_with_different_versions_of_the_organization_neither_loop_nor_lose_mail(
+        tmp_path: Path, pool: DaemonPool) -> None:
+    """Carol's mailbox moves from HUB02 to HUB01. HUB02 (another machine) has the new file,
+    HUB01 still runs the old one: HUB01 relays Carol's mail to HUB02, HUB02 (newer) sends it
+    back, HUB01 (older) keeps it as Unreachable and says why; once HUB01 has the new file
+    (it watches it), the mail is delivered, once."""
+    port1, port2 = free_port(), free_port()
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    old = organization(one, port1, port2)
+    pool.start("--server", "HUB01", config=old).wait_ready(60)
+    shutil.copytree(one / "org-ca", two / "org-ca")  # the organization's CA, on machine two
+    new = organization(two, port1, port2)
+    moved = new.read_text().replace('Name = "Carol"\nPrimarySmtpAddress = "carol@contoso.test"'
+                                    '\nServer = "HUB02"', 'Name = "Carol"\nPrimarySmtpAddress'
+                                    ' = "carol@contoso.test"\nServer = "HUB01"')
+    assert moved != new.read_text()
+    time.sleep(0.05)  # a version no older than the old file's, whatever the clock
+    new.write_text(moved)
+    pool.start("--server", "HUB02", config=new).wait_ready(60)
+
+    asyncio.run(send_one(port1, "carol@contoso.test", "moved mailbox"))
+    seen: list[str] = []
+
+    def held() -> bool:
+        done = hubport("get-message", "--config", str(old), "--server", "HUB01", "--json",
+                       cwd=one)
+        seen[:] = [done.stdout + done.stderr]
+        return "ROUTING.Disagreement" in done.stdout
+
+    wait_for_sync(held, 60, what="HUB01 keeps Carol's mail and says why",
+                  describe=lambda: seen)
+    assert not list((one / "var" / "mailboxes").glob("Carol/new/*"))
+    assert not list((two / "var2" / "mailboxes").glob("Carol/new/*"))
+
+    old.write_text(moved)  # HUB01 gets the new version and reloads it
+    mail = wait_for_file(one / "var" / "mailboxes" / "Carol" / "new", 60,
+                         "Carol's mail on HUB01 once it has the new file").read_bytes()
+    assert re.findall(rb"\bby (hub0\d)\.contoso\.test", mail) == \
+        [b"hub01", b"hub02", b"hub01"], mail[:1500]  # there and back once, never again
+    time.sleep(2)
+    assert len(list((one / "var" / "mailboxes" / "Carol" / "new").iterdir())) == 1
+    assert not list((two / "var2" / "mailboxes").glob("Carol/new/*"))

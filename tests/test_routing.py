@@ -4,7 +4,7 @@
 The routing table is exercised on organizations parsed from TOML with a tiny test connector
 type, so every rule is checked through the same config path the daemon uses. Three sites:
 HUB01 and HUB02 share Site-A, HUB03 is in Site-B (link cost 10), HUB04 in Site-C (another
-5 beyond Site-B); HUB05 sits in Site-D, which no site link reaches.
+5 beyond Site-B). A site that no link reaches is a config error.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from hubport.core.categorizer import (
     mailbox_next_hop,
 )
 from hubport.core.config import Organization, parse_organization
+from hubport.core.config_fields import ConfigError
 from hubport.core.directory import RecipientDirectory
 from hubport.core.hooks import Hooks
 from hubport.core.model import (
@@ -59,8 +60,6 @@ Name = "Site-A"
 Name = "Site-B"
 [[site]]
 Name = "Site-C"
-[[site]]
-Name = "Site-D"
 
 [[site_link]]
 Name = "A-B"
@@ -83,9 +82,6 @@ Site = "Site-B"
 [[transport_server]]
 Name = "HUB04"
 Site = "Site-C"
-[[transport_server]]
-Name = "HUB05"
-Site = "Site-D"
 
 [[accepted_domain]]
 Name = "contoso.test"
@@ -317,14 +313,20 @@ def test_a_relay_to_a_far_site_falls_back_along_the_path_but_never_to_this_serve
     assert [s.name for s in table(o).relay_targets(far)] == ["HUB04", "HUB03"]
     assert [s.name for s in table(o, "HUB03").relay_targets(far)] == ["HUB04"]
     assert table(o).relay_targets(NextHop("SmtpRelayWithinAdSite", "HUB01", "")) == []
-    assert table(o).relay_targets(NextHop("SmtpRelayToRemoteAdSite", "Site-D", "")) == []
+    assert table(o).relay_targets(NextHop("SmtpRelayToRemoteAdSite", "Site-Z", "")) == []
 
 
-def test_connector_whose_source_servers_no_site_link_reaches_is_not_a_candidate() -> None:
-    island = connector("Island", ["example.org"], servers=["HUB05"])
-    assert table(org(island)).choose("SMTP", "x@example.org", 1000).unreachable
-    assert chosen(org(island, connector("Any", ["*;100"])), "x@example.org") == "Any"
-    assert chosen(org(island), "x@example.org", server="HUB05") == "Island"
+@pytest.mark.parametrize(("extra", "reason"), [
+    ('[[site]]\nName = "Site-D"\n[[transport_server]]\nName = "HUB05"\nSite = "Site-D"\n',
+     'site "Site-D": is on no site link'),
+    ('[[site]]\nName = "Site-D"\n[[site]]\nName = "Site-E"\n[[site_link]]\nName = "D-E"\n'
+     'Sites = ["Site-D", "Site-E"]\n[[transport_server]]\nName = "HUB05"\nSite = "Site-D"\n',
+     "no chain of site links joins it to Site-D"),
+])
+def test_a_site_no_link_reaches_is_a_config_error(extra: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        org(extra)
+    assert reason in str(info.value), str(info.value)
 
 
 def test_non_smtp_address_spaces_route_foreign_types() -> None:

@@ -41,6 +41,13 @@ _POLICY = email.policy.compat32.clone(linesep="\r\n", max_line_length=0)
 LINK_STAMP = "x-hubport-linked"
 
 
+def prepend(data: bytes | MessageBody, line: bytes) -> bytes | MessageBody:
+    """The message with ``line`` (a whole header field, CRLF included) on top."""
+    if isinstance(data, bytes):
+        return line + data
+    return data.replace_prefix(0, line)
+
+
 def firewall_predicate(usage: str | None) -> Callable[[HeaderField], bool] | None:
     """Which fields a connector of this Usage strips; None = keep everything.
 

@@ -45,6 +45,7 @@ from hubport.core.failpoints import failpoint
 from hubport.core.internal_tls import InternalTls, internal_tls
 from hubport.core.model import NextHop, QueuedRecipient, SmtpResponse
 from hubport.core.retry import retry_delay
+from hubport.core.routing import routed_by_line
 from hubport.core.tls import TlsConfigError
 from hubport.core.workers import WorkerSlot
 from hubport.plugins.smtp_send import content, linked, resolver
@@ -272,6 +273,9 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
     datas = [await _outgoing(item.body, profile.usage) for item in items]
     if link:  # after the firewall, which strips stamps of earlier rounds
         datas = [linked.stamp(data, link) for data in datas]
+    if relay:  # who routed it, so two hubs that disagree never bounce it to and fro
+        line = routed_by_line(server.name, context.organization.version)
+        datas = [content.prepend(data, line) for data in datas]
     external = bool(isinstance(connector, SendConnector)
                     and connector.use_external_dns_servers_enabled
                     and server.external_dns_servers)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from hubport.core.body import MessageBody
 from hubport.core.categorizer import Reject, RouteTo
 from hubport.core.model import NextHop, QueuedMessage, SmtpResponse
+from hubport.plugins.smtp_send.content import prepend
 
 if TYPE_CHECKING:
     from hubport.core.config import Organization
@@ -63,10 +64,7 @@ def stamp(data: bytes | MessageBody, connector: str,
           now: float | None = None) -> bytes | MessageBody:
     """The message with the linked connector's stamp as its first header field."""
     when = int(time.time() if now is None else now)  # whole seconds, never ahead of now
-    line = HEADER + f": {connector}; {when}\r\n".encode()
-    if isinstance(data, bytes):
-        return line + data
-    return data.replace_prefix(0, line)
+    return prepend(data, HEADER + f": {connector}; {when}\r\n".encode())
 
 
 def _went_round(header: bytes, connector: str, now: float) -> bool:
