@@ -534,16 +534,19 @@ class SiteHop:
 
 def _cheapest_path(links: Sequence[SiteLink], start: str, goal: str) -> list[SiteHop] | None:
     """Dijkstra over site links; a link joining n sites joins every pair of them. Paths are
-    compared by (cost, hop count, site names), so the choice is the same on every hub."""
+    compared by (cost, hop count, site names), so the choice is the same on every hub; the
+    names are compared as Exchange does, from the site just before the destination walking
+    back (each path's names are kept in reverse, lower-cased)."""
     graph: dict[str, list[tuple[str, SiteLink]]] = {}
     for link in links:
         for a in link.sites:
             for b in link.sites:
                 if a != b:
                     graph.setdefault(a, []).append((b, link))
-    best: dict[str, tuple[int, int, tuple[str, ...]]] = {start: (0, 0, (start,))}
+    first = (start.lower(),)
+    best: dict[str, tuple[int, int, tuple[str, ...]]] = {start: (0, 0, first)}
     paths: dict[str, list[SiteHop]] = {start: []}
-    heap: list[tuple[int, int, tuple[str, ...], str]] = [(0, 0, (start,), start)]
+    heap: list[tuple[int, int, tuple[str, ...], str]] = [(0, 0, first, start)]
     while heap:
         cost, hops, names, site = heapq.heappop(heap)
         if site == goal:
@@ -551,7 +554,7 @@ def _cheapest_path(links: Sequence[SiteLink], start: str, goal: str) -> list[Sit
         if (cost, hops, names) > best.get(site, (cost, hops, names)):
             continue
         for neighbour, link in graph.get(site, ()):
-            key = (cost + link.cost, hops + 1, (*names, neighbour))
+            key = (cost + link.cost, hops + 1, (neighbour.lower(), *names))
             if neighbour not in best or key < best[neighbour]:
                 best[neighbour] = key
                 paths[neighbour] = [*paths[site], SiteHop(link.name, neighbour, link.cost,

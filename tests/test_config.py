@@ -1095,3 +1095,16 @@ def test_a_site_link_limits_the_size_of_what_crosses_it(tmp_path: Path) -> None:
                                        'Name = "London-Madrid"'))
     (first, _) = org.site_path("Paris", "Madrid") or []
     assert (first.link, first.max_message_size) == ("Paris-London", 1024 * 1024)
+
+
+def test_equal_paths_go_by_site_names_from_the_destination_back(tmp_path: Path) -> None:
+    """Same cost, same hops: Exchange compares the site just before the destination first
+    (Charlie beats Delta), whatever the sites nearer the start (Alpha would beat Bravo)."""
+    sites = "".join(f'[[site]]\nName = "{n}"\n' for n in
+                    ("Start", "Alpha", "Bravo", "Charlie", "Delta", "End"))
+    links = "".join(f'[[site_link]]\nName = "{a}-{b}"\nSites = ["{a}", "{b}"]\nCost = 1\n'
+                    for a, b in (("Start", "Alpha"), ("Alpha", "Delta"), ("Delta", "End"),
+                                 ("Start", "Bravo"), ("Bravo", "Charlie"), ("Charlie", "End")))
+    org = load(tmp_path, sites + links + '[[transport_server]]\nName = "HUB01"\nSite = "Start"\n')
+    path = org.site_path("Start", "End")
+    assert path is not None and [step.site for step in path] == ["Bravo", "Charlie", "End"]

@@ -75,7 +75,7 @@ def test_plugins_command_lists_builtins_hooks_and_call_order(tmp_path: Path) -> 
     assert order["deliver"] == " -> ".join(DELIVER_ORDER)  # last registered is called first
     assert order["register_connector_types"] == "delivery-agent -> receive -> send -> foreign"
     assert ("Connector types: delivery_agent_connector, foreign_connector, receive_connector,"
-            " send_connector") in text
+            " routing_group_connector, send_connector") in text
     assert "Delivery agents: COMMAND, DROP, HTTP, MAILDIR" in text
     assert not list(tmp_path.iterdir())  # listing plugins touches no folders
 

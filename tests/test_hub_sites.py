@@ -246,7 +246,10 @@ def test_without_a_hub_site_paris_relays_straight_to_tokyo_and_backs_off_to_lond
 def test_a_relay_that_comes_back_to_its_own_server_fails_with_5_3_5(tmp_path: Path) -> None:
     """HUB02's receive connector is declared on HUB01's own address: relaying there would
     send the mail back to HUB01 itself."""
-    extra = THREE_SITES.split("[[site_link]]")[0] + """
+    extra = """
+[[site]]
+Name = "Paris"
+
 [[transport_server]]
 Name = "HUB02"
 Site = "Paris"
