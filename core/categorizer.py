@@ -148,7 +148,7 @@ class Categorizer:
 
     async def categorize(self, message: QueuedMessage) -> Categorized:
         result = Categorized(message)
-        if message.source == "SMTP":
+        if message.source == "SMTP" and len(self.org.servers) > 1:
             result.previous = previous_hub(message.body.prefix)
         pending = [r for r in message.recipients if r.status.value == "Submitted"]
         limit = self.org.transport_config.max_recipient_envelope_limit

@@ -64,6 +64,7 @@ from hubport.core.model import (
 )
 from hubport.core.queue import RecipientUpdate
 from hubport.core.retry import EXPIRED, retry_delay
+from hubport.core.routing import RELAY_TYPES
 from hubport.core.store import Store
 from hubport.core.workers import WorkerSlot
 
@@ -709,7 +710,10 @@ class Pipeline:
             self._wake_queue(other)
 
     async def _call_deliver(self, hop: NextHop, items: list[MailItem]) -> Any:
-        connector = self.connectors.get(hop.connector.lower()) if hop.connector else None
+        # a relay names the connector the other hub delivers through: not one for this hub
+        relay = hop.delivery_type in RELAY_TYPES
+        connector = self.connectors.get(hop.connector.lower()) \
+            if hop.connector and not relay else None
         context = DeliveryContext(self.org, self.server, self.directory, self._record_intent,
                                   self.clock, self.store_id, log)
         try:

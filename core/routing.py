@@ -69,6 +69,11 @@ class RouteExplanation:
     rule: str  # what decided between the first two candidates
 
 
+#: the queues of mail another hub delivers: the connector such a queue names (if any) is
+#: served by that hub, so this one never hands it to a deliver hook
+RELAY_TYPES = frozenset({"SmtpRelayWithinAdSite", "SmtpRelayToRemoteAdSite",
+                         "SmtpRelayWithinAdSiteToEdge"})
+
 #: stamped by a hub on each message it relays to another hub (an organization header: the
 #: receiving hub drops it from anyone but the organization's servers)
 ROUTED_BY = b"X-MS-Exchange-Organization-Hubport-RoutedBy"

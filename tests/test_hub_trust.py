@@ -35,9 +35,11 @@ def pool(tmp_path: Path) -> Iterator[DaemonPool]:
         yield daemons
 
 
-def organization(folder: Path, port1: int, port2: int, management: int | None = None) -> Path:
+def organization(folder: Path, port1: int, port2: int, management: int | None = None,
+                 command_out: Path | None = None) -> Path:
     """HUB01 takes mail from anyone; HUB02 (Carol's mailbox) only from the hubs, and is
-    managed on TCP when ``management`` is given."""
+    managed on TCP when ``management`` is given. With ``command_out``, HUB02 hosts a
+    Delivery Agent connector for cmd.test that appends each message to that file."""
     bindings = f'ManagementBindings = ["127.0.0.1:{management}"]\n' if management else ""
     hub02 = """
 [[transport_server]]
@@ -66,6 +68,20 @@ Server = "HUB01"
         PermissionGroups=["AnonymousUsers", "ExchangeServers"]) + receive_connector(
         "Default HUB02", [f"127.0.0.1:{port2}"], Server="HUB02",
         AuthMechanism=["Tls", "ExchangeServer"], PermissionGroups=["ExchangeServers"])
+    if command_out is not None:
+        extra += f"""
+[[accepted_domain]]
+Name = "cmd.test"
+DomainName = "cmd.test"
+DomainType = "InternalRelay"
+
+[[delivery_agent_connector]]
+Name = "Cmd"
+AddressSpaces = ["SMTP:cmd.test;1"]
+SourceTransportServers = ["HUB02"]
+DeliveryProtocol = "COMMAND"
+Command = ["sh", "-c", "cat >> '{command_out}'"]
+"""
     return write_org(folder, server_extra='Fqdn = "hub01.contoso.test"', extra=extra)
 
 
@@ -82,7 +98,8 @@ def wait_for_file(folder: Path, timeout: float, what: str) -> Path:
 def test_hubs_of_one_machine_trust_each_other_with_no_manual_step(
         tmp_path: Path, pool: DaemonPool) -> None:
     port1, port2 = free_port(), free_port()
-    config = organization(tmp_path, port1, port2)
+    out = tmp_path / "cmd.out"
+    config = organization(tmp_path, port1, port2, command_out=out)
     hub1 = pool.start("--server", "HUB01", config=config)
     hub2 = pool.start("--server", "HUB02", config=config)
     hub1.wait_ready(60)
@@ -107,6 +124,14 @@ def test_hubs_of_one_machine_trust_each_other_with_no_manual_step(
     assert {"RECEIVE", "DELIVER"} <= events, done.stdout
 
     asyncio.run(strangers_get_no_rights(port2, ca))
+
+    # a Delivery Agent connector hosted on HUB02 serves HUB01 too: HUB01 relays the message
+    # (the queue is named for the connector) and HUB02's agent delivers it
+    asyncio.run(send_one(port1, "someone@cmd.test", "through the other hub's agent"))
+    wait_for_sync(lambda: out.exists() and b"other hub's agent" in out.read_bytes(), 60,
+                  what="the command agent's output")
+    assert re.findall(rb"\bby (hub0\d)\.contoso\.test", out.read_bytes()) == \
+        [b"hub02", b"hub01"], out.read_bytes()[:1500]
 
     # the envelope survives the hop: HUB02 answers NOTIFY=SUCCESS with a DSN that carries
     # the ENVID and ORCPT given to HUB01, and sends it back to Dora's mailbox on HUB01

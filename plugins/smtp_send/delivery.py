@@ -45,7 +45,7 @@ from hubport.core.failpoints import failpoint
 from hubport.core.internal_tls import InternalTls, internal_tls
 from hubport.core.model import NextHop, QueuedRecipient, SmtpResponse
 from hubport.core.retry import retry_delay
-from hubport.core.routing import routed_by_line
+from hubport.core.routing import RELAY_TYPES, routed_by_line
 from hubport.core.tls import TlsConfigError
 from hubport.core.workers import WorkerSlot
 from hubport.plugins.smtp_send import content, linked, resolver
@@ -67,8 +67,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("hubport.send")
 
-RELAY_TYPES = frozenset({"SmtpRelayWithinAdSite", "SmtpRelayToRemoteAdSite",
-                         "SmtpRelayWithinAdSiteToEdge"})
 INTRA_ORG_MESSAGES_PER_CONNECTION = 20
 INTRA_ORG_TIMEOUT = 600.0
 
