@@ -37,7 +37,8 @@ async def route_report(org: Organization, server: TransportServer, hooks: Hooks,
         mail_from=MailFrom(sender), body=MessageBody.of(b""), size=size, source="TEST-ROUTE",
         source_name="", subject="", received_at=now, expires_at=now + 86400,
         recipients=[QueuedRecipient(0, 0, recipient, RecipientStatus.SUBMITTED)])
-    categorizer = Categorizer(org, server, RecipientDirectory(org), hooks)
+    directory = RecipientDirectory(org)
+    categorizer = Categorizer(org, server, directory, hooks)
     categorizer.explanations = []
     result = await categorizer.categorize(message)
     return {
@@ -47,7 +48,9 @@ async def route_report(org: Organization, server: TransportServer, hooks: Hooks,
             "address": d.address, "outcome": d.kind, "event": d.event or None,
             "related": d.related or None,
             "next_hop": _hop(d.next_hop), "response": str(d.response) if d.response else None,
-            "path": _path_to_hop(org, server, d.next_hop),
+            "mailbox_server": _mailbox_server(directory, d.address, d.next_hop),
+            "path": _path_to_hop(org, server, d.next_hop,
+                                 _mailbox_server(directory, d.address, d.next_hop)),
         } for d in result.decisions],
         "routing": [_explained(org, server, address, addr_type, e)
                     for address, addr_type, e in categorizer.explanations],
@@ -88,12 +91,23 @@ def _hop(hop: NextHop | None) -> dict[str, str] | None:
             "connector": hop.connector}
 
 
-def _path_to_hop(org: Organization, server: TransportServer,
-                 hop: NextHop | None) -> list[dict[str, Any]] | None:
-    """The site links a relay to another hub (or hub site) crosses; None for this server."""
+def _mailbox_server(directory: RecipientDirectory, address: str,
+                    hop: NextHop | None) -> str | None:
+    """The hub holding the mailbox a relay carries a recipient to."""
     if hop is None or not hop.delivery_type.startswith("SmtpRelay"):
         return None
-    return _site_path(org, server, hop.domain)
+    mailbox = directory.mailbox(address)
+    return mailbox.server if mailbox is not None else None
+
+
+def _path_to_hop(org: Organization, server: TransportServer, hop: NextHop | None,
+                 destination: str | None = None) -> list[dict[str, Any]] | None:
+    """The site links a relay crosses, to the mailbox's hub when there is one (the next hop
+    may be a hub site on the way), else to the hub or site the next hop names; None for
+    this server."""
+    if hop is None or not hop.delivery_type.startswith("SmtpRelay"):
+        return None
+    return _site_path(org, server, destination or hop.domain)
 
 
 def _site_path(org: Organization, server: TransportServer,
@@ -121,6 +135,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {d['address']}: {d['outcome']}{how}")
         if d["next_hop"]:
             lines.append(f"    next hop {_show_hop(d['next_hop'])}")
+            if d.get("mailbox_server"):
+                lines.append(f"      mailbox on {d['mailbox_server']}")
             lines += _show_path(d["path"], report["site"], "      ")
         if d["response"]:
             lines.append(f"    {d['response']}")

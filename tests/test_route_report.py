@@ -100,7 +100,9 @@ def test_a_remote_mailbox_shows_its_relay_and_site_path(tmp_path: Path) -> None:
     text = run(tmp_path, "kenji@contoso.test", "--server", "HUB01")
     # London, a hub site, is on the least-cost path to Tokyo: the mail is staged there
     assert "next hop SmtpRelayToRemoteAdSite London" in text, text
-    assert "site path: Paris -[Paris-London 10]-> London (cost 10)" in text
+    assert "mailbox on HUB03" in text, text
+    assert "site path: Paris -[Paris-London 10]-> London -[London-Tokyo 10]-> Tokyo (cost 20)" \
+        in text, text
     onward = run(tmp_path, "kenji@contoso.test", "--server", "HUB02")
     assert "next hop SmtpRelayToRemoteAdSite Tokyo" in onward, onward
     local = run(tmp_path, "kenji@contoso.test", "--server", "HUB03")
