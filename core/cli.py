@@ -19,9 +19,17 @@ from typing import Any
 from hubport.core import __version__
 
 
+def config_argument(text: str) -> Path:
+    """``--config``: a file, or an organization store's URL (etcd://host:2379/contoso)."""
+    from hubport.core.org_store import StoreUrl, is_store_url
+
+    return StoreUrl(text) if is_store_url(text) else Path(text)  # type: ignore[return-value]
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-config", type=Path, default=None,
-                        help="organization TOML file (default: the embedded default)")
+    parser.add_argument("--config", "-config", type=config_argument, default=None,
+                        help="organization TOML file, or etcd://host:2379[,host:port]/prefix"
+                             " (docs/deployment.md; default: the embedded default)")
     parser.add_argument("--server", "-server", default=None,
                         help="the transport server this command acts for (default: the first;"
                              " '*' for get-queue and get-message: every server)")
@@ -52,6 +60,21 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("test-config", help="validate the organization file and exit")
     _common(check)
+
+    push = sub.add_parser("push-organization",
+                          help="validate an organization file and put it in force in the"
+                               " store --config names (etcd://...), all at once")
+    _common(push)
+    push.add_argument("file", type=Path, help="the organization TOML file")
+    pull = sub.add_parser("pull-organization",
+                          help="print the organization in force in the store --config names,"
+                               " as TOML that push-organization takes back unchanged")
+    _common(pull)
+    servers = sub.add_parser("get-transportserver",
+                             help="the transport servers and, for a store, the generation and"
+                                  " revision of the organization each one runs")
+    _common(servers)
+    servers.add_argument("--json", action="store_true")
 
     track = sub.add_parser("get-messagetrackinglog",
                            help="search the message tracking log (Get-MessageTrackingLog)")
@@ -138,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "set-password": _set_password, "get-backpressure": _backpressure,
         "new-servercertificate": _new_server_certificate, "test-route": _test_route,
         "new-admincertificate": _new_admin_certificate,
+        "push-organization": _push_organization, "pull-organization": _pull_organization,
+        "get-transportserver": _get_transport_server,
     }
     commands.update(dict.fromkeys(_QUEUE_ARGS, _queue))
     if args.command is None:
@@ -218,6 +243,93 @@ def _test_config(args: argparse.Namespace) -> int:
                       else f'{getattr(connector, "kind", "Connector")} "{connector.name}"'))
     for warning in org.config_warnings:
         print(f"{org.source}: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from hubport.core.org_store import OrganizationStore, StoreError, is_store_url
+
+    if not is_store_url(args.config):
+        print("hubport: --config must name an organization store (etcd://host:2379/prefix)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return OrganizationStore.from_url(str(args.config))
+    except StoreError as exc:
+        print(f"hubport: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _push_organization(args: argparse.Namespace) -> int:
+    """Validate as test-config does, then write the file as the store's new generation."""
+    import asyncio
+
+    from hubport.core.daemon import StartupError, load, make_hooks
+    from hubport.core.org_store import StoreError
+
+    store = _store(args)
+    try:
+        hooks = make_hooks(args.file)
+        org = load(args.file, hooks)
+    except StartupError as exc:
+        print(f"hubport: {exc}", file=sys.stderr)
+        return exc.exit_code
+    text = args.file.read_text(encoding="utf-8-sig")
+    try:
+        generation = asyncio.run(store.push(text))
+    except StoreError as exc:
+        print(f"hubport: {exc}", file=sys.stderr)
+        return 1
+    print(f"{store.url}: generation {generation} in force ({len(org.servers)} servers,"
+          f" {len(org.connectors)} connectors)")
+    return 0
+
+
+def _pull_organization(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from hubport.core.org_store import StoreError
+
+    store = _store(args)
+    try:
+        text, _generation, _revision = asyncio.run(store.read())
+    except StoreError as exc:
+        print(f"hubport: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
+
+
+def _get_transport_server(args: argparse.Namespace) -> int:
+    """Get-TransportServer: each server, and for a store what it runs (converged or not)."""
+    import asyncio
+
+    from hubport.core.org_store import StoreError, is_store_url
+
+    _, org, _server = _load(args)
+    running: dict[str, dict[str, Any]] = {}
+    current = None
+    if is_store_url(args.config):
+        store = _store(args)
+        try:
+            running = asyncio.run(store.hubs())
+            current, _ = asyncio.run(store.current())
+        except StoreError as exc:
+            print(f"hubport: {exc}", file=sys.stderr)
+            return 1
+    rows = [{"name": s.name, "site": s.site, "fqdn": s.fqdn,
+             "generation": running.get(s.name, {}).get("generation"),
+             "revision": running.get(s.name, {}).get("revision"),
+             "current": (running.get(s.name, {}).get("generation") == current)
+             if current else None} for s in org.servers]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'Name':<12} {'Site':<20} {'Generation':<10} {'Revision':<9} Fqdn")
+    for r in rows:
+        mark = "  (behind)" if r["generation"] and r["current"] is False else ""
+        print(f"{r['name']:<12} {r['site']:<20} {r['generation'] or '-':<10}"
+              f" {r['revision'] or '-':<9} {r['fqdn']}{mark}")
     return 0
 
 

@@ -1424,7 +1424,7 @@ def plugin_modules(path: Path | None) -> tuple[str, ...]:
     Plugins may add connector sections, so they must be registered before the organization
     is validated; errors in the file are left to the full load to report.
     """
-    if path is None:
+    if path is None or not isinstance(path, Path):  # a store's URL: entry points only
         return ()
     try:
         # decoded as the full load decodes it (a BOM is allowed); a file that is not UTF-8

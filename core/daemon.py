@@ -32,10 +32,23 @@ from hubport.core.config import Organization, load_organization, plugin_modules
 from hubport.core.config_fields import ConfigError
 from hubport.core.control import Handler, start_control
 from hubport.core.counters import SharedCounters
+from hubport.core.etcd import EtcdError
 from hubport.core.folders import PickupDirectory, ReplayDirectory
 from hubport.core.hooks import Hooks, PluginError
 from hubport.core.internal_tls import internal_tls
 from hubport.core.management import ManagementServer, start_management
+from hubport.core.org_store import (
+    Loaded,
+    OrganizationStore,
+    StoreError,
+    default_cache,
+    is_store_url,
+    parse_generation,
+    read_cache,
+    run_sync,
+    write_cache,
+)
+from hubport.core.org_store import load as load_from_store
 from hubport.core.pipeline import Pipeline
 from hubport.core.queue_admin import QueueAdmin
 from hubport.core.rotating_log import log_writer
@@ -82,7 +95,7 @@ def make_hooks(config: Path | None, extra: tuple[str | ModuleType, ...] = (), *,
     A module beside the configuration file is importable, for a quick local agent.
     """
     modules = plugin_modules(config)
-    if modules and config is not None and str(config.parent) not in sys.path:
+    if modules and isinstance(config, Path) and str(config.parent) not in sys.path:
         sys.path.insert(0, str(config.parent))
     try:
         return Hooks((*extra, *modules), entry_points=entry_points)
@@ -90,7 +103,39 @@ def make_hooks(config: Path | None, extra: tuple[str | ModuleType, ...] = (), *,
         raise StartupError(f"plugin refused: {exc}", EXIT_CONFIG) from exc
 
 
+def open_store(url: str) -> OrganizationStore:
+    try:
+        return OrganizationStore.from_url(url)
+    except StoreError as exc:
+        raise StartupError(f"configuration refused: {exc}", EXIT_CONFIG) from None
+
+
+def load_store(url: str, hooks: Hooks, cache: Path | None = None) -> Loaded:
+    """The organization in force in a store; when the store cannot be reached and a cache
+    is given, the last good organization from it (said in the log)."""
+    store = open_store(url)
+    types, agents = hooks.registry.connector_types, hooks.registry.delivery_agents
+    try:
+        return run_sync(lambda: load_from_store(store, types, agents))
+    except ConfigError as exc:
+        raise StartupError(f"configuration refused:\n{exc}", EXIT_CONFIG) from exc
+    except StoreError as exc:
+        cached = read_cache(cache) if cache is not None else None
+        if cached is None:
+            raise StartupError(f"configuration unavailable: {exc}", EXIT_CONFIG) from None
+        text, generation, revision = cached
+        log.warning("the organization store cannot be reached; starting from the cached"
+                    " organization", store=store.url, error=str(exc), cache=str(cache),
+                    generation=generation, revision=revision)
+        try:
+            return parse_generation(store, text, generation, revision, types, agents)
+        except ConfigError as bad:
+            raise StartupError(f"cached configuration refused:\n{bad}", EXIT_CONFIG) from bad
+
+
 def load(config: Path | None, hooks: Hooks) -> Organization:
+    if is_store_url(config):
+        return load_store(str(config), hooks).organization
     try:
         return load_organization(config, hooks.registry.connector_types,
                                  hooks.registry.delivery_agents)
@@ -180,10 +225,23 @@ class Daemon:
         self.worker = worker or WorkerSlot()
         self.restarted = restarted
         self.ready_fd = ready_fd
-        self.config_path = config.resolve() if config else None
+        #: the organization store, when --config names one (etcd://...), else None
+        self.store: OrganizationStore | None = None
+        self.loaded: Loaded | None = None
+        self.cache: Path | None = None
+        if is_store_url(config):
+            self.store = open_store(str(config))
+            self.cache = default_cache(self.store.url, server)
+            self.config_path = None
+        else:
+            self.config_path = config.resolve() if config else None
         self.server_arg = server
         self.hooks = make_hooks(self.config_path, extra_plugins, entry_points=entry_points)
-        self.org = load(self.config_path, self.hooks)
+        if self.store is not None:
+            self.loaded = load_store(str(config), self.hooks, self.cache)
+            self.org = self.loaded.organization
+        else:
+            self.org = load(self.config_path, self.hooks)
         warn_about(self.org)
         self.server_name = pick_server(self.org, server)
         self.pipeline: Pipeline | None = None
@@ -196,6 +254,7 @@ class Daemon:
         self._reload_requested = asyncio.Event()
         self._lock_fds: list[int] = []
         self._observer: Any = None
+        self._store_watch: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
     @property
@@ -255,9 +314,10 @@ class Daemon:
             if self.signals:
                 self._install_signals()
             self._watch_config()
+            await self._record_store()
             log.info("worker running" if self.supervised else "hubport running",
                      server=self.server_name, worker=self.worker.index,
-                     config=str(self.config_path or "<embedded default>"),
+                     config=self._config_name(),
                      state=str(server.state_directory),
                      pickup=str(server.pickup_directory_path),
                      replay=str(server.replay_directory_path),
@@ -293,6 +353,8 @@ class Daemon:
             self.counters.close()
             if self._observer is not None:
                 self._observer.stop()
+            if self._store_watch is not None:
+                self._store_watch.cancel()
             flusher.cancel()
             try:
                 await flusher
@@ -321,11 +383,26 @@ class Daemon:
 
     async def reload(self) -> bool:
         """Load the config again; apply it if valid, else keep the running one."""
+        loaded: Loaded | None = None
         try:
-            org = await asyncio.to_thread(load_organization, self.config_path,
-                                          self.hooks.registry.connector_types,
-                                          self.hooks.registry.delivery_agents)
+            if self.store is not None:
+                text, generation, revision = await self.store.read()
+                if self.loaded is not None and (generation, text) == (
+                        self.loaded.generation, self.loaded.text):
+                    return True  # a change that does not touch the organization in force
+                loaded = await asyncio.to_thread(
+                    parse_generation, self.store, text, generation, revision,
+                    self.hooks.registry.connector_types, self.hooks.registry.delivery_agents)
+                org = loaded.organization
+            else:
+                org = await asyncio.to_thread(load_organization, self.config_path,
+                                              self.hooks.registry.connector_types,
+                                              self.hooks.registry.delivery_agents)
             org.server(self.server_name)
+        except StoreError as exc:
+            log.warning("the organization store cannot be read; the running configuration"
+                        " stays", error=str(exc))
+            return False
         except (ConfigError, OSError, KeyError) as exc:
             log.error("configuration change refused; the running configuration stays",
                       error=str(exc))
@@ -361,8 +438,68 @@ class Daemon:
             except ServiceError as exc:
                 log.error("a connector change could not be applied; its service keeps what it"
                           " had", section=section, error=str(exc))
+        if loaded is not None:
+            self.loaded = loaded
+            await self._record_store()
         log.info("configuration reloaded", resubmitted=moved)
         return True
+
+    def _config_name(self) -> str:
+        if self.store is not None and self.loaded is not None:
+            return (f"{self.store.url} generation {self.loaded.generation} revision"
+                    f" {self.loaded.revision}")
+        return str(self.config_path or "<embedded default>")
+
+    async def _record_store(self) -> None:
+        """The organization in force from a store: cached (for a start while the store is
+        away), logged with its revision, and reported under the store's hubs/ key so an
+        administrator sees every hub has converged."""
+        if self.store is None or self.loaded is None:
+            return
+        loaded = self.loaded
+        log.info("organization in force", store=self.store.url, generation=loaded.generation,
+                 revision=loaded.revision, server=self.server_name)
+        if self.cache is not None:
+            try:
+                await asyncio.to_thread(write_cache, self.cache, loaded.text, self.store.url,
+                                        loaded.generation, loaded.revision)
+            except OSError as exc:
+                log.warning("the organization cache cannot be written", cache=str(self.cache),
+                            error=str(exc))
+        if self.worker.index == 0:
+            try:
+                await self.store.report(self.server_name, loaded.generation, loaded.revision)
+                current, _ = await self.store.current()
+                if current:  # the last hub to move removes what nobody runs any longer
+                    await self.store.collect(keep=current)
+            except StoreError as exc:
+                log.warning("cannot report the organization in force to the store",
+                            error=str(exc))
+
+    async def _watch_store(self) -> None:
+        """Follow the store: a change reloads the organization; a broken watch (the store
+        away, a compacted revision) reconnects with backoff and catches up by reading the
+        whole organization again."""
+        assert self.store is not None
+        delay = 1.0
+        while not self._stop.is_set():
+            revision = self.loaded.revision if self.loaded is not None else 0
+            try:
+                async for _changed in self.store.changes(revision):
+                    delay = 1.0
+                    self._reload_requested.set()
+            except (StoreError, EtcdError) as exc:
+                log.warning("watching the organization store failed; retrying",
+                            store=self.store.url, error=str(exc), retry_in=delay)
+            except asyncio.CancelledError:
+                return
+            try:
+                await asyncio.wait_for(self._stop.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 30.0)
+            self._reload_requested.set()  # catch up with what changed meanwhile
 
     def _create_services(self, tracking: TrackingLog) -> None:
         """One service per connector type that has one (receive listeners, send pools),
@@ -426,6 +563,10 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
 
     def _watch_config(self) -> None:
+        if self.store is not None:
+            self._store_watch = asyncio.get_running_loop().create_task(
+                self._watch_store(), name="organization-store-watch")
+            return
         if self.config_path is None:
             return
         loop = asyncio.get_running_loop()

@@ -44,8 +44,10 @@ from hubport.core.daemon import (
     EXIT_LOCKED,
     EXIT_SERVICE,
     load,
+    load_store,
     lock_state,
     make_hooks,
+    open_store,
     pick_server,
     prepare_state,
     run_to_exit,
@@ -53,6 +55,7 @@ from hubport.core.daemon import (
 )
 from hubport.core.failpoints import ENV as FAILPOINTS_ENV
 from hubport.core.management import start_management
+from hubport.core.org_store import default_cache, is_store_url
 from hubport.core.server_admin import ServerAdmin
 from hubport.core.tls import TlsConfigError
 from hubport.core.workers import WorkerSlot
@@ -97,9 +100,13 @@ class Worker:
 class Supervisor:
     def __init__(self, config: Path | None, server: str | None, workers: int,
                  *, log_args: tuple[str, ...] = (), run_args: tuple[str, ...] = ()) -> None:
-        self.config = config.resolve() if config else None
+        self.config = config if is_store_url(config) else config.resolve() if config else None
         hooks = make_hooks(self.config)
-        org = load(self.config, hooks)
+        if is_store_url(config):  # the workers follow the store; this needs the layout only
+            org = load_store(str(config), hooks,
+                             default_cache(open_store(str(config)).url, server)).organization
+        else:
+            org = load(self.config, hooks)
         warn_about(org)
         self.server_name = pick_server(org, server)
         transport = org.server(self.server_name)

@@ -1,0 +1,386 @@
+"""The organization in etcd (docs/deployment.md, "The organization in etcd").
+
+``--config etcd://host:2379[,host2:2379]/contoso`` names an organization kept in etcd under
+the prefix ``/contoso/``. Each object is its own key, so two administrators changing two
+objects never touch the same key, and a whole organization is switched at once:
+
+    /contoso/current                              -> "00000003" (the generation in force)
+    /contoso/00000003/transport_config            -> the table, as TOML
+    /contoso/00000003/send_connector/To Internet  -> the table, as TOML
+    /contoso/00000003/.order                      -> {"send_connector": ["To Internet", ...]}
+    /contoso/hubs/HUB01                           -> what HUB01 runs: generation, revision
+
+``push-organization`` validates a file, writes it as a new generation in batches (etcd
+takes at most 128 operations a transaction), then moves ``current`` in one transaction
+that also checks nobody moved it meanwhile: hubs see the old organization or the new one,
+never a mix. Generations no hub runs any longer are removed afterwards. The text a hub loads
+is the generation written back as TOML (core/toml_text.py) and validated exactly as a file.
+
+A daemon keeps the last good organization in a cache file (atomically written, with its
+generation and revision) and starts from it when etcd cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+import threading
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from hubport.core.etcd import Compare, Endpoint, EtcdClient, EtcdError, KeyValue, Op
+from hubport.core.toml_text import dumps, table_body
+
+__all__ = ["OrganizationStore", "StoreError", "StoreUrl", "is_store_url"]
+
+SCHEMES = ("etcd", "etcds")
+#: sections whose table is one object (the others are arrays of tables, one key each)
+SINGLE_TABLES = ("hubport", "transport_config")
+#: the order sections are written in (then the others, sorted)
+SECTION_ORDER = ("hubport", "transport_config", "site", "site_link", "accepted_domain",
+                 "transport_server", "routing_group", "mailbox", "mail_contact",
+                 "distribution_group")
+BATCH = 100  # puts per transaction (etcd's default limit is 128)
+ORDER_KEY = ".order"
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The organization cannot be read from or written to its store; ``str()`` says which
+    endpoint, key or field and why."""
+
+
+class StoreUrl(str):
+    """``--config`` naming an organization store rather than a file."""
+
+
+def is_store_url(text: str | os.PathLike[str] | None) -> bool:
+    return isinstance(text, str) and text.split("://", 1)[0].lower() in SCHEMES \
+        and "://" in text
+
+
+@dataclass
+class OrganizationStore:
+    """One organization in etcd: where, and how to reach it."""
+
+    url: str  # as shown in messages (no password)
+    client: EtcdClient
+    prefix: bytes  # "/contoso/"
+
+    @classmethod
+    def from_url(cls, url: str) -> OrganizationStore:
+        """``etcd[s]://host:port[,host:port...]/prefix[?ca=&cert=&key=&user=&password-file=]``"""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in SCHEMES:
+            raise StoreError(f"{url}: not an etcd:// or etcds:// URL")
+        endpoints = []
+        for item in (parts.netloc.rsplit("@", 1)[-1]).split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise StoreError(f"{url}: endpoint {item!r} is not host:port")
+            endpoints.append(Endpoint(host.strip("[]"), int(port)))
+        prefix = unquote(parts.path).strip("/")
+        if not prefix:
+            raise StoreError(f"{url}: no prefix (write etcd://host:2379/<organization>)")
+        options = {k.lower(): v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(options) - {"ca", "cert", "key", "user", "password-file"}
+        if unknown:
+            raise StoreError(f"{url}: unknown option {', '.join(sorted(unknown))} (known: ca,"
+                             " cert, key, user, password-file)")
+        tls = _tls(url, scheme, options)
+        user = options.get("user")
+        password = None
+        if user is not None:
+            password = _password(url, options.get("password-file"))
+        shown = f"{scheme}://{','.join(str(e) for e in endpoints)}/{prefix}"
+        return cls(shown, EtcdClient(endpoints, tls, user, password), f"/{prefix}/".encode())
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def key(self, *parts: str) -> bytes:
+        return self.prefix + "/".join(parts).encode()
+
+    def key_name(self, key: bytes) -> str:
+        return key.decode("utf-8", "replace")
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def current(self) -> tuple[str | None, int]:
+        """(the generation in force or None, the store's revision)."""
+        found, revision = await self._etcd(self.client.range(self.key("current")))
+        return (found[0].value.decode().strip() if found else None), revision
+
+    async def read(self) -> tuple[str, str, int]:
+        """(TOML text, generation, revision) of the organization in force."""
+        generation, _ = await self.current()
+        if not generation:
+            raise StoreError(f"{self.url}: no organization here (no key"
+                             f" {self.key_name(self.key('current'))}; write one with"
+                             " hubport push-organization)")
+        items, revision = await self._etcd(self.client.range(self.key(generation, ""),
+                                                             prefix=True))
+        if not items:
+            raise StoreError(f"{self.url}: generation {generation} is empty (key"
+                             f" {self.key_name(self.key('current'))} names it)")
+        return self._assemble(generation, items), generation, revision
+
+    def _assemble(self, generation: str, items: list[KeyValue]) -> str:
+        base = self.key(generation, "")
+        order: dict[str, list[str]] = {}
+        tables: dict[str, Any] = {}
+        arrays: dict[str, dict[str, dict[str, Any]]] = {}
+        for item in items:
+            relative = item.key[len(base):].decode("utf-8", "replace")
+            if relative == ORDER_KEY:
+                try:
+                    order = json.loads(item.value)
+                except ValueError:
+                    raise StoreError(f"{self.key_name(item.key)}: not JSON") from None
+                continue
+            table = self._table(item)
+            section, _, name = relative.partition("/")
+            if not name:
+                tables[section] = table
+            else:
+                arrays.setdefault(section, {})[name] = table
+        data: dict[str, Any] = dict(tables)
+        for section, objects in arrays.items():
+            listed = [n for n in order.get(section, []) if n in objects]
+            rest = sorted(n for n in objects if n not in listed)
+            data[section] = [objects[n] for n in (*listed, *rest)]
+        return dumps(data, SECTION_ORDER)
+
+    def _table(self, item: KeyValue) -> dict[str, Any]:
+        try:
+            return tomllib.loads(item.value.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise StoreError(f"{self.key_name(item.key)}: not a TOML table ({exc})") from None
+
+    # -- writing -------------------------------------------------------------------------
+
+    async def push(self, text: str) -> str:
+        """Write a (validated) organization as a new generation and put it in force."""
+        data = tomllib.loads(text)
+        old, _ = await self.current()
+        generation = f"{(int(old) if old and old.isdigit() else 0) + 1:08d}"
+        puts: list[Op] = []
+        order: dict[str, list[str]] = {}
+        for section, value in data.items():
+            if isinstance(value, Mapping):
+                puts.append(Op(self.key(generation, section), table_body(value).encode()))
+            elif isinstance(value, list):
+                names = [str(t.get("Name", "")) for t in value if isinstance(t, Mapping)]
+                order[section] = names
+                for table, name in zip(value, names):
+                    puts.append(Op(self.key(generation, section, name),
+                                   table_body(table).encode()))
+            else:
+                raise StoreError(f"{section}: a top-level value is no object")
+        puts.append(Op(self.key(generation, ORDER_KEY), json.dumps(order).encode()))
+        await self._etcd(self.client.txn([], [Op(self.key(generation, ""), prefix=True)]))
+        for start in range(0, len(puts), BATCH):
+            await self._etcd(self.client.txn([], puts[start:start + BATCH]))
+        found, _ = await self._etcd(self.client.range(self.key("current")))
+        compare_revision = found[0].mod_revision if found else 0
+        done, _ = await self._etcd(self.client.txn(
+            [Compare(self.key("current"), compare_revision)],
+            [Op(self.key("current"), generation.encode())]))
+        if not done:
+            await self._etcd(self.client.txn([], [Op(self.key(generation, ""), prefix=True)]))
+            raise StoreError(f"{self.url}: another push changed the organization meanwhile;"
+                             " nothing was changed by this one, push again")
+        await self.collect(keep=generation)
+        return generation
+
+    async def collect(self, keep: str) -> list[str]:
+        """Remove the generations older than ``keep`` (the one in force) that no hub runs any
+        longer; the removed ones. A newer one may be a push still being written."""
+        items, _ = await self._etcd(self.client.range(self.prefix, prefix=True))
+        generations = {item.key[len(self.prefix):].split(b"/", 1)[0].decode()
+                       for item in items if b"/" in item.key[len(self.prefix):]}
+        generations = {g for g in generations if g.isdigit()}
+        running = {keep}
+        for item in items:
+            if item.key.startswith(self.key("hubs", "")):
+                try:
+                    running.add(str(json.loads(item.value).get("generation", "")))
+                except ValueError:
+                    continue
+        gone = sorted(g for g in generations - running if keep.isdigit() and int(g) < int(keep))
+        for generation in gone:
+            await self._etcd(self.client.txn([], [Op(self.key(generation, ""), prefix=True)]))
+        return gone
+
+    async def report(self, server: str, generation: str, revision: int) -> None:
+        """Record which generation (and store revision) ``server`` runs."""
+        await self._etcd(self.client.put(self.key("hubs", server), json.dumps(
+            {"generation": generation, "revision": revision}).encode()))
+
+    async def hubs(self) -> dict[str, dict[str, Any]]:
+        items, _ = await self._etcd(self.client.range(self.key("hubs", ""), prefix=True))
+        out: dict[str, dict[str, Any]] = {}
+        for item in items:
+            try:
+                out[item.key[len(self.key("hubs", "")):].decode()] = json.loads(item.value)
+            except ValueError:
+                continue
+        return out
+
+    async def changes(self, revision: int) -> AsyncIterator[int]:
+        """The revision of each change under the prefix after ``revision`` (a new
+        generation in force, or an object of the current one edited)."""
+        async for changed, _items in self.client.watch(self.prefix, start_revision=revision + 1):
+            yield changed
+
+    async def _etcd(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except EtcdError as exc:
+            raise StoreError(str(exc)) from None
+
+
+# -- loading -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """An organization read from its store, with what it was read from."""
+
+    organization: Any  # hubport.core.config.Organization
+    text: str
+    generation: str
+    revision: int
+
+
+def parse_generation(store: OrganizationStore, text: str, generation: str, revision: int,
+                     connector_types: Mapping[str, Any],
+                     delivery_agents: Mapping[str, type] | None = None) -> Loaded:
+    """Validate a generation's text exactly as a file; errors name the objects' keys.
+    Relative paths are taken from the folder the daemon runs in."""
+    from hubport.core.config import parse_organization
+    from hubport.core.config_fields import ConfigError, ConfigErrors
+
+    source = f"{store.url} generation {generation}"
+    try:
+        org = parse_organization(text, source=source, base_dir=Path.cwd(),
+                                 connector_types=connector_types,
+                                 delivery_agents=delivery_agents, version=revision)
+    except ConfigErrors as exc:
+        raise ConfigErrors([ConfigError(e.file, _keyed(store, generation, e.object), e.field,
+                                        e.reason) for e in exc.errors]) from None
+    return Loaded(org, text, generation, revision)
+
+
+def _keyed(store: OrganizationStore, generation: str, obj: str) -> str:
+    """``send_connector "X"`` -> ``send_connector "X" (key /org/00000003/send_connector/X)``."""
+    section, _, rest = obj.partition(" ")
+    name = rest.strip().strip('"') if rest.startswith('"') else ""
+    if not section or (not name and section not in SINGLE_TABLES):
+        return obj
+    key = store.key(generation, section, name) if name else store.key(generation, section)
+    return f"{obj} (key {store.key_name(key)})"
+
+
+async def load(store: OrganizationStore, connector_types: Mapping[str, Any],
+               delivery_agents: Mapping[str, type] | None = None) -> Loaded:
+    text, generation, revision = await store.read()
+    return parse_generation(store, text, generation, revision, connector_types,
+                            delivery_agents)
+
+
+# -- the cache ---------------------------------------------------------------------------
+
+
+def write_cache(path: Path, text: str, url: str, generation: str, revision: int) -> None:
+    """The last good organization, atomically (a temporary file renamed over the old)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = (f"# hubport organization cache: {url} generation {generation} revision"
+            f" {revision}\n")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers write it too
+    with open(temporary, "w", encoding="utf-8") as out:
+        out.write(head + text)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_cache(path: Path) -> tuple[str, str, int] | None:
+    """(text, generation, revision) of a cache file, None if there is none."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    head, _, body = text.partition("\n")
+    words = head.split()
+    try:
+        return body, words[-3], int(words[-1])
+    except (IndexError, ValueError):
+        return None
+
+
+def default_cache(url: str, server: str | None) -> Path:
+    """Where a daemon started in this folder keeps the organization it runs."""
+    import hashlib
+
+    digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return Path.cwd() / "var" / f"organization-{server or 'first'}-{digest}.toml"
+
+
+def run_sync(factory: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine from synchronous code, even where an event loop is running (in a
+    thread of its own then)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(factory())  # type: ignore[arg-type]
+    result: list[Any] = []
+
+    def target() -> None:
+        try:
+            result.append(("ok", asyncio.run(factory())))  # type: ignore[arg-type]
+        except BaseException as exc:  # handed to the caller
+            result.append(("error", exc))
+
+    thread = threading.Thread(target=target, name="organization-store")
+    thread.start()
+    thread.join()
+    kind, value = result[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _tls(url: str, scheme: str, options: Mapping[str, str]) -> ssl.SSLContext | None:
+    if scheme != "etcds" and not {"ca", "cert", "key"} & set(options):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=options.get("ca"))
+        if "cert" in options:
+            context.load_cert_chain(options["cert"], options.get("key"))
+    except (OSError, ssl.SSLError) as exc:
+        raise StoreError(f"{url}: TLS files: {exc}") from None
+    return context
+
+
+def _password(url: str, path: str | None) -> str:
+    if path is None:
+        env = os.environ.get("HUBPORT_ETCD_PASSWORD")
+        if env is None:
+            raise StoreError(f"{url}: user= needs password-file= (or HUBPORT_ETCD_PASSWORD)")
+        return env
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise StoreError(f"{url}: password-file {path}: {exc.strerror or exc}") from None
