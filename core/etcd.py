@@ -26,6 +26,11 @@ __all__ = ["Compare", "Endpoint", "EtcdClient", "EtcdError", "KeyValue", "Op", "
 
 #: how long one request may take (connect, send, answer) before the next endpoint is tried
 REQUEST_TIMEOUT = 5.0
+#: how long a request waits out a leader election before it fails
+RETRY_FOR = 15.0
+#: what etcd answers while it elects a leader or catches up: worth asking again
+_TRANSIENT = ("leader changed", "no leader", "request timed out", "too many requests",
+              "not capable", "unhealthy cluster", "timed out")
 
 
 class EtcdError(Exception):
@@ -163,6 +168,22 @@ class EtcdClient:
     # -- transport -----------------------------------------------------------------------
 
     async def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One request; an election in progress (a member died) is waited out for up to
+        ``RETRY_FOR`` seconds, asking the next endpoint each time."""
+        delay = 0.1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_FOR
+        while True:
+            try:
+                return await self._call_once(path, body)
+            except EtcdError as exc:
+                if not _transient(str(exc)) or loop.time() + delay > deadline:
+                    raise
+                self._preferred = (self._preferred + 1) % len(self.endpoints)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _call_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         reader, writer, endpoint = await self._open(path, body)
         try:
             status, payload = await asyncio.wait_for(_read_response(reader), self.timeout)
@@ -220,6 +241,10 @@ class EtcdClient:
                             f" {answer.get('message') or answer.get('error') or status}",
                             code=status)
         return str(answer["token"])
+
+
+def _transient(message: str) -> bool:
+    return any(word in message.lower() for word in _TRANSIENT)
 
 
 def prefix_end(key: bytes) -> bytes:

@@ -66,8 +66,10 @@ _cache_lock = threading.Lock()
 
 def organization_ca_folder(org: Organization, server: TransportServer) -> Path:
     """Where the organization's CA lives: beside the organization file, which every hub of
-    one machine shares (``org.toml`` -> ``org-ca/``)."""
-    if org.source == EMBEDDED_SOURCE:
+    one machine shares (``org.toml`` -> ``org-ca/``); in the state folder for the embedded
+    default and for an organization in a store (copy ``ca/ca.crt`` to each hub's, and its
+    certificate from new-servercertificate, as for hubs on other machines)."""
+    if org.source == EMBEDDED_SOURCE or "://" in org.source:  # embedded, or in a store
         return server.state_directory / "ca"
     source = Path(org.source)
     return source.with_name(f"{source.stem}-ca")

@@ -1,0 +1,223 @@
+"""The organization in etcd (core/org_store.py, core/etcd.py; docs/deployment.md, "The
+organization in etcd"), with real etcd members on loopback ports.
+
+Two hubs, each started in its own folder as on its own machine, read one organization from
+a three-member cluster. Mailboxes and a Send connector added through the store reach both
+without a restart and mail flows through them; with one member killed the store still
+takes changes; with every member killed mail keeps flowing and a hub restarted meanwhile
+starts from its cache; once the store is back, a change is applied. Also: the push/pull
+round trip is byte-stable, and every bad input is a clear error naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon_process import DaemonPool, daemon_pool, hubport
+from etcd_peer import etcd_cluster
+from hubport.core.org_store import OrganizationStore
+from send_peers import ScriptedSink
+from smtp_support import free_port, send_one
+from support import wait_for_sync
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def organization(ports: dict[str, int], mailboxes: dict[str, str], sink: int | None = None
+                 ) -> str:
+    text = """
+[[accepted_domain]]
+Name = "contoso.test"
+DomainName = "contoso.test"
+DomainType = "Authoritative"
+Default = true
+"""
+    for server in ("HUB01", "HUB02"):
+        text += f"""
+[[transport_server]]
+Name = "{server}"
+Fqdn = "{server.lower()}.contoso.test"
+MessageRetryInterval = "1s"
+QueueGlitchRetryInterval = "1s"
+TransientFailureRetryInterval = "1s"
+OutboundConnectionFailureRetryInterval = "1s"
+
+[[receive_connector]]
+Name = "Default {server}"
+Server = "{server}"
+Bindings = ["127.0.0.1:{ports[server]}"]
+PermissionGroups = ["AnonymousUsers"]
+"""
+    for name, server in mailboxes.items():
+        text += f"""
+[[mailbox]]
+Name = "{name}"
+PrimarySmtpAddress = "{name.lower()}@contoso.test"
+Server = "{server}"
+"""
+    if sink is not None:
+        text += f"""
+[[accepted_domain]]
+Name = "example.net"
+DomainName = "example.net"
+DomainType = "InternalRelay"
+
+[[send_connector]]
+Name = "Out"
+AddressSpaces = ["example.net"]
+SourceTransportServers = ["HUB01", "HUB02"]
+SmartHosts = ["[127.0.0.1]"]
+Port = {sink}
+"""
+    return text
+
+
+def push(root: Path, url: str, text: str) -> str:
+    path = root / "push.toml"
+    path.write_text(text)
+    done = hubport("push-organization", str(path), "--config", url, cwd=root)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def push_and_converge(root: Path, url: str, text: str, generation: str) -> None:
+    """Push, then wait until both hubs report running the new generation."""
+    push(root, url, text)
+    wait_for_sync(lambda: set(generations(root, url).values()) == {generation}, 90,
+                  what=f"both hubs on generation {generation}",
+                  describe=lambda: generations(root, url))
+
+
+def inbox(root: Path, name: str) -> list[Path]:
+    folder = root / "var" / "mailboxes" / name / "new"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def generations(root: Path, url: str) -> dict[str, str | None]:
+    done = hubport("get-transportserver", "--config", url, "--json", cwd=root)
+    if done.returncode != 0:
+        return {"error": done.stderr}
+    return {r["name"]: r["generation"] for r in json.loads(done.stdout)}
+
+
+def test_push_and_pull_round_trip_byte_stable_and_bad_inputs_are_named(tmp_path: Path) -> None:
+    ports = {"HUB01": free_port(), "HUB02": free_port()}
+    with etcd_cluster(tmp_path) as cluster:
+        url = cluster.url("contoso")
+        empty = hubport("pull-organization", "--config", url, cwd=tmp_path)
+        assert empty.returncode == 1 and "no organization here" in empty.stderr, empty.stderr
+
+        push(tmp_path, url, organization(ports, {"Alice": "HUB01"}))
+        first = hubport("pull-organization", "--config", url, cwd=tmp_path)
+        assert first.returncode == 0, first.stderr
+        push(tmp_path, url, first.stdout)
+        second = hubport("pull-organization", "--config", url, cwd=tmp_path)
+        assert second.stdout == first.stdout  # byte-stable
+        assert 'Name = "Alice"' in first.stdout
+
+        # an invalid file is refused with the errors test-config gives, and nothing changes
+        bad = tmp_path / "bad.toml"
+        bad.write_text(organization(ports, {"Alice": "HUB09"}))
+        done = hubport("push-organization", str(bad), "--config", url, cwd=tmp_path)
+        assert done.returncode == 2 and 'mailbox "Alice": Server' in done.stderr, done.stderr
+        assert hubport("pull-organization", "--config", url, cwd=tmp_path).stdout == \
+            first.stdout
+
+        # a value written by hand: refused, with its key named
+        store = OrganizationStore.from_url(url)
+        generation, _ = asyncio.run(store.current())
+        assert generation is not None
+        key = store.key(generation, "mailbox", "Zed")
+        asyncio.run(store.client.put(key, b'Name = "Zed"\nServer = "HUB07"\n'))
+        done = hubport("test-config", "--config", url, cwd=tmp_path)
+        assert done.returncode == 2, done.stdout
+        assert f"key /contoso/{generation}/mailbox/Zed" in done.stderr, done.stderr
+        assert "Server" in done.stderr
+        asyncio.run(store.client.put(key, b"Name = = broken"))
+        done = hubport("test-config", "--config", url, cwd=tmp_path)
+        assert done.returncode == 2 and f"/contoso/{generation}/mailbox/Zed" in done.stderr
+        assert "not a TOML table" in done.stderr, done.stderr
+
+        # a misspelt URL, and a store nobody answers at: each names what is wrong
+        done = hubport("test-config", "--config", "etcd://127.0.0.1/contoso", cwd=tmp_path)
+        assert done.returncode == 2 and "is not host:port" in done.stderr, done.stderr
+        dead = f"etcd://127.0.0.1:{free_port()}/contoso"
+        done = hubport("test-config", "--config", dead, cwd=tmp_path)
+        assert done.returncode == 2 and "no endpoint answers" in done.stderr, done.stderr
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Iterator[DaemonPool]:
+    with daemon_pool(tmp_path) as daemons:
+        yield daemons
+
+
+def test_two_hubs_follow_the_store_live_and_keep_delivering_without_it(
+        tmp_path: Path, pool: DaemonPool) -> None:
+    ports = {"HUB01": free_port(), "HUB02": free_port()}
+    machine = {"HUB01": tmp_path / "a", "HUB02": tmp_path / "b"}
+    for folder in machine.values():
+        folder.mkdir()
+    with etcd_cluster(tmp_path, size=3) as cluster, ScriptedSink() as sink:
+        url = cluster.url("contoso")
+        boxes = {"Alice": "HUB01"}
+        push(tmp_path, url, organization(ports, boxes))
+        hubs = {name: pool.start("--server", name, config=url, cwd=machine[name])  # type: ignore[arg-type]
+                for name in machine}
+        for hub in hubs.values():
+            hub.wait_ready(60)
+
+        # a mailbox on HUB02 and a Send connector on both, through the store: no restart
+        boxes["Bob"] = "HUB02"
+        push_and_converge(tmp_path, url, organization(ports, boxes, sink.port), "00000002")
+        asyncio.run(send_one(ports["HUB02"], "bob@contoso.test", "through the store"))
+        asyncio.run(send_one(ports["HUB01"], "ann@example.net", "out of HUB01"))
+        asyncio.run(send_one(ports["HUB02"], "ann@example.net", "out of HUB02"))
+        wait_for_sync(lambda: inbox(machine["HUB02"], "Bob"), 60, what="Bob's mail")
+        wait_for_sync(lambda: len(sink.received) >= 2, 60, what="both hubs' connector mail")
+
+        # one member of three dies: the store still takes a change, both hubs apply it
+        cluster.members[0].kill()
+        boxes["Carol"] = "HUB01"
+        push_and_converge(tmp_path, url, organization(ports, boxes, sink.port), "00000003")
+        asyncio.run(send_one(ports["HUB01"], "carol@contoso.test", "one member down"))
+        wait_for_sync(lambda: inbox(machine["HUB01"], "Carol"), 60, what="Carol's mail")
+
+        # every member dies: mail keeps flowing on the organization in force
+        cluster.kill_all()
+        asyncio.run(send_one(ports["HUB02"], "bob@contoso.test", "store away"))
+        asyncio.run(send_one(ports["HUB01"], "ann@example.net", "store away"))
+        wait_for_sync(lambda: len(inbox(machine["HUB02"], "Bob")) >= 2, 60,
+                      what="Bob's mail with the store away")
+        wait_for_sync(lambda: len(sink.received) >= 3, 60, what="connector mail, store away")
+        # HUB02 restarted meanwhile starts from its cache, and says so
+        hubs["HUB02"].signal(signal.SIGTERM)
+        assert hubs["HUB02"].wait(60) == 0
+        hubs["HUB02"] = pool.start("--server", "HUB02", config=url,  # type: ignore[arg-type]
+                                   cwd=machine["HUB02"])
+        hubs["HUB02"].wait_ready(60)
+        assert "starting from the cached organization" in hubs["HUB02"].log_text()
+        asyncio.run(send_one(ports["HUB02"], "bob@contoso.test", "from the cache"))
+        wait_for_sync(lambda: len(inbox(machine["HUB02"], "Bob")) >= 3, 60,
+                      what="Bob's mail on the cached organization")
+
+        # the store comes back; a change made now reaches both hubs
+        cluster.start_all()
+        cluster.wait_healthy()
+        boxes["Dan"] = "HUB02"
+        push_and_converge(tmp_path, url, organization(ports, boxes, sink.port), "00000004")
+        asyncio.run(send_one(ports["HUB02"], "dan@contoso.test", "store back"))
+        wait_for_sync(lambda: inbox(machine["HUB02"], "Dan"), 60, what="Dan's mail")
+
+        # nothing lost, nothing doubled
+        assert [len(inbox(machine["HUB02"], "Bob")), len(inbox(machine["HUB01"], "Carol")),
+                len(inbox(machine["HUB02"], "Dan"))] == [3, 1, 1]
+        subjects = sorted(r.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0]
+                          for r in sink.received)
+        assert subjects == [b"out of HUB01", b"out of HUB02", b"store away"], subjects
