@@ -70,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
                           help="print the organization in force in the store --config names,"
                                " as TOML that push-organization takes back unchanged")
     _common(pull)
+    edit = sub.add_parser("set-object",
+                          help="set one object of the organization in a store (a TOML table"
+                               " from --file or standard input), validated, as one change")
+    _common(edit)
+    edit.add_argument("section", help="e.g. mailbox, send_connector, transport_config")
+    edit.add_argument("name", nargs="?", default="", help="the object's Name")
+    edit.add_argument("--file", type=Path, default=None, help="the table (default: stdin)")
+    remove = sub.add_parser("remove-object",
+                            help="remove one object of the organization in a store, validated")
+    _common(remove)
+    remove.add_argument("section")
+    remove.add_argument("name")
     servers = sub.add_parser("get-transportserver",
                              help="the transport servers and, for a store, the generation and"
                                   " revision of the organization each one runs")
@@ -163,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "new-admincertificate": _new_admin_certificate,
         "push-organization": _push_organization, "pull-organization": _pull_organization,
         "get-transportserver": _get_transport_server,
+        "set-object": _set_object, "remove-object": _set_object,
     }
     commands.update(dict.fromkeys(_QUEUE_ARGS, _queue))
     if args.command is None:
@@ -282,6 +295,46 @@ def _push_organization(args: argparse.Namespace) -> int:
         return 1
     print(f"{store.url}: generation {generation} in force ({len(org.servers)} servers,"
           f" {len(org.connectors)} connectors)")
+    return 0
+
+
+def _set_object(args: argparse.Namespace) -> int:
+    """One object set or removed in the organization in force (a compare-and-swap over
+    everything its validation read, retried on top of a concurrent change)."""
+    import asyncio
+    import tomllib
+
+    from hubport.core.config import parse_organization
+    from hubport.core.config_fields import ConfigError
+    from hubport.core.daemon import make_hooks
+    from hubport.core.org_store import StoreError
+
+    store = _store(args)
+    table = None
+    if args.command == "set-object":
+        source = args.file.read_text(encoding="utf-8") if args.file else sys.stdin.read()
+        try:
+            table = tomllib.loads(source)
+        except tomllib.TOMLDecodeError as exc:
+            print(f"hubport: {args.file or '<stdin>'}: not a TOML table: {exc}", file=sys.stderr)
+            return 2
+    hooks = make_hooks(None)
+
+    def validate(text: str) -> None:
+        parse_organization(text, source=f"{store.url} (with this change)", base_dir=Path.cwd(),
+                           connector_types=hooks.registry.connector_types,
+                           delivery_agents=hooks.registry.delivery_agents)
+
+    try:
+        generation = asyncio.run(store.change({(args.section, args.name): table}, validate))
+    except ConfigError as exc:
+        print(f"hubport: change refused:\n{exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"hubport: {exc}", file=sys.stderr)
+        return 1
+    what = "removed" if table is None else "set"
+    print(f"{store.url}: {args.section} {args.name!r} {what} (generation {generation})")
     return 0
 
 

@@ -63,13 +63,19 @@ class KeyValue:
 
 @dataclass(frozen=True)
 class Compare:
-    """A condition of a transaction: ``key``'s mod revision equals ``mod_revision``
-    (0: the key does not exist)."""
+    """A condition of a transaction on a key's mod revision: equal to ``mod_revision`` (0:
+    the key does not exist), or, with ``prefix``, every key under it older than
+    ``older_than`` (nothing there changed since a read at ``older_than - 1``)."""
 
     key: bytes
-    mod_revision: int
+    mod_revision: int = 0
+    prefix: bool = False
+    older_than: int = 0
 
     def as_json(self) -> dict[str, Any]:
+        if self.prefix:
+            return {"key": _b64(self.key), "range_end": _b64(prefix_end(self.key)),
+                    "target": "MOD", "result": "LESS", "mod_revision": str(self.older_than)}
         return {"key": _b64(self.key), "target": "MOD", "result": "EQUAL",
                 "mod_revision": str(self.mod_revision)}
 

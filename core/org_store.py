@@ -132,6 +132,10 @@ class OrganizationStore:
         return self._assemble(generation, items), generation, revision
 
     def _assemble(self, generation: str, items: list[KeyValue]) -> str:
+        return dumps(self._data(generation, items), SECTION_ORDER)
+
+    def _data(self, generation: str, items: list[KeyValue]) -> dict[str, Any]:
+        """The organization as tomllib would read it, from a generation's keys."""
         base = self.key(generation, "")
         order: dict[str, list[str]] = {}
         tables: dict[str, Any] = {}
@@ -155,7 +159,7 @@ class OrganizationStore:
             listed = [n for n in order.get(section, []) if n in objects]
             rest = sorted(n for n in objects if n not in listed)
             data[section] = [objects[n] for n in (*listed, *rest)]
-        return dumps(data, SECTION_ORDER)
+        return data
 
     def _table(self, item: KeyValue) -> dict[str, Any]:
         try:
@@ -198,6 +202,40 @@ class OrganizationStore:
                              " nothing was changed by this one, push again")
         await self.collect(keep=generation)
         return generation
+
+    async def change(self, edits: Mapping[tuple[str, str], Mapping[str, Any] | None],
+                     validate: Callable[[str], object], attempts: int = 5) -> str:
+        """Set or remove objects of the organization in force, as one transaction.
+
+        ``edits`` maps (section, name) to the object's new table, or None to remove it
+        (name "" for ``transport_config`` and ``hubport``). The whole organization with the
+        edits is validated (``validate`` raises ConfigErrors), and the transaction only
+        applies if nothing in the generation changed since it was read: every object the
+        validation read is compared, so two valid changes can never combine into an
+        invalid organization. When another change came first, the edits are validated again
+        on top of it and retried. Returns the generation changed."""
+        for _attempt in range(attempts):
+            found, _ = await self._etcd(self.client.range(self.key("current")))
+            if not found:
+                raise StoreError(f"{self.url}: no organization here to change")
+            generation = found[0].value.decode().strip()
+            base = self.key(generation, "")
+            items, revision = await self._etcd(self.client.range(base, prefix=True))
+            data = self._data(generation, items)
+            ops: list[Op] = []
+            for (section, name), table in edits.items():
+                ops.append(_edit(self, data, generation, section, name, table))
+            order = {s: [str(t.get("Name", "")) for t in v] for s, v in data.items()
+                     if isinstance(v, list)}
+            ops.append(Op(self.key(generation, ORDER_KEY), json.dumps(order).encode()))
+            validate(dumps(data, SECTION_ORDER))
+            done, _ = await self._etcd(self.client.txn(
+                [Compare(self.key("current"), found[0].mod_revision),
+                 Compare(base, prefix=True, older_than=revision + 1)], ops))
+            if done:
+                return generation
+        raise StoreError(f"{self.url}: the organization kept changing while this change was"
+                         " validated; nothing was changed, try again")
 
     async def collect(self, keep: str) -> list[str]:
         """Remove the generations older than ``keep`` (the one in force) that no hub runs any
@@ -244,6 +282,34 @@ class OrganizationStore:
             return await call
         except EtcdError as exc:
             raise StoreError(str(exc)) from None
+
+
+def _edit(store: OrganizationStore, data: dict[str, Any], generation: str, section: str,
+          name: str, table: Mapping[str, Any] | None) -> Op:
+    """Apply one edit to ``data`` (the organization being validated); its etcd operation."""
+    if section in SINGLE_TABLES or not name:
+        if table is None:
+            data.pop(section, None)
+            return Op(store.key(generation, section))
+        data[section] = dict(table)
+        return Op(store.key(generation, section), table_body(table).encode())
+    objects = data.setdefault(section, [])
+    index = next((i for i, t in enumerate(objects)
+                  if str(t.get("Name", "")).lower() == name.lower()), None)
+    if table is None:
+        if index is None:
+            raise StoreError(f"{section} {name!r}: no such object to remove")
+        stored = str(objects.pop(index).get("Name", name))
+        if not objects:
+            data.pop(section)
+        return Op(store.key(generation, section, stored))
+    table = {"Name": name, **{k: v for k, v in table.items() if k != "Name"}}
+    if index is None:
+        objects.append(table)
+    else:
+        name = str(objects[index].get("Name", name))
+        objects[index] = table
+    return Op(store.key(generation, section, name), table_body(table).encode())
 
 
 # -- loading -----------------------------------------------------------------------------

@@ -221,3 +221,69 @@ def test_two_hubs_follow_the_store_live_and_keep_delivering_without_it(
         subjects = sorted(r.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0]
                           for r in sink.received)
         assert subjects == [b"out of HUB01", b"out of HUB02", b"store away"], subjects
+
+
+def test_object_changes_are_validated_together_and_never_combine_into_an_invalid_one(
+        tmp_path: Path) -> None:
+    """Each change validates the whole organization and applies only if nothing changed
+    since it read it; a change that lost the race is validated again on top of the other."""
+    import threading
+    import time
+
+    from hubport.core.config import parse_organization
+    from hubport.core.config_fields import ConfigError
+    from hubport.core.hooks import Hooks
+
+    types = Hooks(entry_points=False).registry.connector_types
+    ports = {"HUB01": free_port(), "HUB02": free_port()}
+    with etcd_cluster(tmp_path) as cluster:
+        url = cluster.url("contoso")
+        push(tmp_path, url, organization(ports, {"Alice": "HUB01"}))
+        store = OrganizationStore.from_url(url)
+
+        def validate(text: str) -> None:
+            time.sleep(0.5)  # both changes read the organization before either commits
+            parse_organization(text, source="test", base_dir=tmp_path, connector_types=types)
+
+        def run(edits: dict, outcome: dict, key: str) -> None:  # type: ignore[type-arg]
+            try:
+                outcome[key] = asyncio.run(store.change(edits, validate))
+            except ConfigError as exc:
+                outcome[key] = exc
+
+        def race(a: dict, b: dict) -> dict:  # type: ignore[type-arg]
+            outcome: dict[str, object] = {}
+            threads = [threading.Thread(target=run, args=(edits, outcome, key))
+                       for key, edits in (("a", a), ("b", b))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            return outcome
+
+        # two administrators, two different objects: both changes land
+        outcome = race({("mailbox", "Xena"): {"Server": "HUB01"}},
+                       {("mailbox", "Yuri"): {"Server": "HUB02"}})
+        assert all(isinstance(v, str) for v in outcome.values()), outcome
+        text, _, _ = asyncio.run(store.read())
+        assert 'Name = "Xena"' in text and 'Name = "Yuri"' in text
+
+        # each valid alone, invalid together: HUB02 removed while Zoe is homed on it
+        hub02 = {k: v for k, v in tomllib_table(text, "transport_server", "HUB02").items()}
+        assert hub02
+        outcome = race({("mailbox", "Yuri"): None, ("transport_server", "HUB02"): None},
+                       {("mailbox", "Zoe"): {"Server": "HUB02"}})
+        refused = [v for v in outcome.values() if isinstance(v, ConfigError)]
+        assert len(refused) == 1, outcome
+        text, _, _ = asyncio.run(store.read())
+        parse_organization(text, source="final", base_dir=tmp_path, connector_types=types)
+        assert ('Name = "Zoe"' in text) != ('Name = "HUB02"' not in text)
+
+
+def tomllib_table(text: str, section: str, name: str) -> dict[str, object]:
+    import tomllib
+
+    for table in tomllib.loads(text).get(section, []):
+        if table.get("Name") == name:
+            return dict(table)
+    return {}
