@@ -35,7 +35,7 @@ from hubport.core.counters import SharedCounters
 from hubport.core.etcd import EtcdError
 from hubport.core.folders import PickupDirectory, ReplayDirectory
 from hubport.core.hooks import Hooks, PluginError
-from hubport.core.internal_tls import internal_tls
+from hubport.core.internal_tls import CertificateAuthority, internal_tls, organization_ca_folder
 from hubport.core.management import ManagementServer, start_management
 from hubport.core.org_store import (
     Loaded,
@@ -529,6 +529,7 @@ class Daemon:
         In an organization of several servers this one's internal transport certificate
         is made (or renewed) first, so the other hubs can trust it from its first start."""
         if len(self.org.servers) > 1:
+            await self._share_authority()
             try:
                 await asyncio.to_thread(internal_tls, self.org, self.server)
             except (TlsConfigError, OSError) as exc:
@@ -539,6 +540,27 @@ class Daemon:
                 await service.apply(self.org.connectors_of(section))
             except ServiceError as exc:
                 raise StartupError(str(exc), EXIT_SERVICE) from exc
+
+    async def _share_authority(self) -> None:
+        """With the organization in a store, every hub trusts the CA certificate kept
+        there (made by the first hub that needed one); the store away, the local one."""
+        if self.store is None or self.worker.index != 0 or \
+                self.server.internal_transport_certificate_authority_file is not None:
+            return
+        folder = organization_ca_folder(self.org, self.server)
+        ca = CertificateAuthority(folder)
+        try:
+            done = await self.store.share_authority(
+                ca.certificate, lambda: ca.ensure(self.org.transport_config.organization_name))
+        except StoreError as exc:
+            if "another CA" in str(exc):
+                raise StartupError(f"internal transport certificate: {exc}",
+                                   EXIT_SERVICE) from exc
+            log.warning("the organization's CA certificate cannot be checked in the store",
+                        error=str(exc))
+            return
+        log.info("organization CA certificate", store=self.store.url, outcome=done,
+                 certificate=str(ca.certificate))
 
     async def _start_folders(self) -> None:
         self.folders = []

@@ -237,6 +237,35 @@ class OrganizationStore:
         raise StoreError(f"{self.url}: the organization kept changing while this change was"
                          " validated; nothing was changed, try again")
 
+    async def share_authority(self, certificate: Path, make: Callable[[], object]) -> str:
+        """The organization's CA certificate is the store's (``<prefix>/ca.crt``, outside
+        the generations; its key never leaves the machine that made it). With none in the
+        store, ``make`` creates this machine's CA and its certificate is published, unless
+        another hub published one first. Returns what happened, for the log; StoreError when
+        this machine holds another CA than the organization's."""
+        key = self.key("ca.crt")
+        found, _ = await self._etcd(self.client.range(key))
+        local = certificate.read_bytes() if certificate.exists() else None
+        if found:
+            remote = found[0].value
+            if local is None:
+                await asyncio.to_thread(_write_public, certificate, remote)
+                return "fetched"
+            if local != remote:
+                raise StoreError(
+                    f"{certificate} is another CA than the organization's ({self.key_name(key)}"
+                    "): this hub's certificate would not be trusted; move this machine's CA"
+                    " folder aside and get a certificate with hubport new-servercertificate"
+                    " where the organization's CA key is")
+            return "same"
+        if local is None:
+            await asyncio.to_thread(make)
+            local = certificate.read_bytes()
+        done, _ = await self._etcd(self.client.txn([Compare(key, 0)], [Op(key, local)]))
+        if not done:  # another hub published first: compare with it
+            return await self.share_authority(certificate, make)
+        return "published"
+
     async def collect(self, keep: str) -> list[str]:
         """Remove the generations older than ``keep`` (the one in force) that no hub runs any
         longer; the removed ones. A newer one may be a push still being written."""
@@ -396,12 +425,25 @@ def read_cache(path: Path) -> tuple[str, str, int] | None:
         return None
 
 
+def _write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, path)
+
+
 def default_cache(url: str, server: str | None) -> Path:
-    """Where a daemon started in this folder keeps the organization it runs."""
+    """Where a daemon keeps the organization it runs: in ``$STATE_DIRECTORY`` (what
+    systemd's StateDirectory= gives a service), else in ``var/`` of the folder it starts
+    in (the default StateDirectory of an organization read from a store). It must be
+    known before the organization is, to start while the store is away."""
     import hashlib
 
     digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-    return Path.cwd() / "var" / f"organization-{server or 'first'}-{digest}.toml"
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    folder = Path(state) if state else Path.cwd() / "var"
+    return folder / f"organization-{server or 'first'}-{digest}.toml"
 
 
 def run_sync(factory: Callable[[], Awaitable[T]]) -> T:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,7 +53,8 @@ OutboundConnectionFailureRetryInterval = "1s"
 Name = "Default {server}"
 Server = "{server}"
 Bindings = ["127.0.0.1:{ports[server]}"]
-PermissionGroups = ["AnonymousUsers"]
+AuthMechanism = ["Tls", "ExchangeServer"]
+PermissionGroups = ["AnonymousUsers", "ExchangeServers"]
 """
     for name, server in mailboxes.items():
         text += f"""
@@ -168,10 +170,36 @@ def test_two_hubs_follow_the_store_live_and_keep_delivering_without_it(
         url = cluster.url("contoso")
         boxes = {"Alice": "HUB01"}
         push(tmp_path, url, organization(ports, boxes))
-        hubs = {name: pool.start("--server", name, config=url, cwd=machine[name])  # type: ignore[arg-type]
-                for name in machine}
-        for hub in hubs.values():
-            hub.wait_ready(60)
+        # HUB01 starts first: it makes the organization's CA and publishes its certificate
+        hubs = {"HUB01": pool.start("--server", "HUB01", config=url,  # type: ignore[arg-type]
+                                    cwd=machine["HUB01"])}
+        hubs["HUB01"].wait_ready(60)
+        store = OrganizationStore.from_url(url)
+        published = asyncio.run(store.client.range(store.key("ca.crt")))[0]
+        assert published and published[0].value == \
+            (machine["HUB01"] / "var" / "ca" / "ca.crt").read_bytes()
+        # HUB02, on another machine, gets the CA certificate from the store but no key: it
+        # says what to run where the key is, and starts once given its certificate
+        lonely = pool.start("--server", "HUB02", config=url,  # type: ignore[arg-type]
+                            cwd=machine["HUB02"])
+        assert lonely.wait(60) == 5
+        assert "hubport new-servercertificate HUB02" in lonely.log_text()
+        assert not (machine["HUB02"] / "var" / "ca" / "ca.key").exists()
+        done = hubport("new-servercertificate", "HUB02", "--config", url, "--out",
+                       str(tmp_path / "for-hub02"), cwd=machine["HUB01"])
+        assert done.returncode == 0, done.stderr
+        internal = machine["HUB02"] / "var" / "certs" / "internal"
+        internal.mkdir(parents=True, exist_ok=True)
+        for suffix in ("crt", "key"):
+            shutil.copy(tmp_path / "for-hub02" / f"hub02.contoso.test.{suffix}", internal)
+        hubs["HUB02"] = pool.start("--server", "HUB02", config=url,  # type: ignore[arg-type]
+                                   cwd=machine["HUB02"])
+        hubs["HUB02"].wait_ready(60)
+        # the hubs trust each other: Alice's mail, given to HUB02, is relayed to HUB01
+        asyncio.run(send_one(ports["HUB02"], "alice@contoso.test", "across machines"))
+        mail = wait_for_sync(lambda: inbox(machine["HUB01"], "Alice"), 60,
+                             what="Alice's mail relayed from HUB02")
+        assert b"by hub02.contoso.test" in mail[0].read_bytes()
 
         # a mailbox on HUB02 and a Send connector on both, through the store: no restart
         boxes["Bob"] = "HUB02"
@@ -181,6 +209,19 @@ def test_two_hubs_follow_the_store_live_and_keep_delivering_without_it(
         asyncio.run(send_one(ports["HUB02"], "ann@example.net", "out of HUB02"))
         wait_for_sync(lambda: inbox(machine["HUB02"], "Bob"), 60, what="Bob's mail")
         wait_for_sync(lambda: len(sink.received) >= 2, 60, what="both hubs' connector mail")
+
+        # a bad value written by hand: each hub refuses it, names the key, keeps running
+        bad = store.key("00000002", "mailbox", "Bob")
+        good = asyncio.run(store.client.range(bad))[0][0].value
+        asyncio.run(store.client.put(bad, b'Name = "Bob"\nServer = "HUB07"\n'))
+        for hub in hubs.values():
+            wait_for_sync(lambda hub=hub: "/contoso/00000002/mailbox/Bob" in hub.log_text()
+                          and "configuration change refused" in hub.log_text(), 60,
+                          what="the bad value refused, its key named")
+        asyncio.run(send_one(ports["HUB02"], "bob@contoso.test", "bad value refused"))
+        wait_for_sync(lambda: len(inbox(machine["HUB02"], "Bob")) >= 2, 60,
+                      what="Bob's mail while the bad value is in the store")
+        asyncio.run(store.client.put(bad, good))
 
         # one member of three dies: the store still takes a change, both hubs apply it
         cluster.members[0].kill()
@@ -193,7 +234,7 @@ def test_two_hubs_follow_the_store_live_and_keep_delivering_without_it(
         cluster.kill_all()
         asyncio.run(send_one(ports["HUB02"], "bob@contoso.test", "store away"))
         asyncio.run(send_one(ports["HUB01"], "ann@example.net", "store away"))
-        wait_for_sync(lambda: len(inbox(machine["HUB02"], "Bob")) >= 2, 60,
+        wait_for_sync(lambda: len(inbox(machine["HUB02"], "Bob")) >= 3, 60,
                       what="Bob's mail with the store away")
         wait_for_sync(lambda: len(sink.received) >= 3, 60, what="connector mail, store away")
         # HUB02 restarted meanwhile starts from its cache, and says so
@@ -204,7 +245,7 @@ def test_two_hubs_follow_the_store_live_and_keep_delivering_without_it(
         hubs["HUB02"].wait_ready(60)
         assert "starting from the cached organization" in hubs["HUB02"].log_text()
         asyncio.run(send_one(ports["HUB02"], "bob@contoso.test", "from the cache"))
-        wait_for_sync(lambda: len(inbox(machine["HUB02"], "Bob")) >= 3, 60,
+        wait_for_sync(lambda: len(inbox(machine["HUB02"], "Bob")) >= 4, 60,
                       what="Bob's mail on the cached organization")
 
         # the store comes back; a change made now reaches both hubs
@@ -217,7 +258,7 @@ def test_two_hubs_follow_the_store_live_and_keep_delivering_without_it(
 
         # nothing lost, nothing doubled
         assert [len(inbox(machine["HUB02"], "Bob")), len(inbox(machine["HUB01"], "Carol")),
-                len(inbox(machine["HUB02"], "Dan"))] == [3, 1, 1]
+                len(inbox(machine["HUB02"], "Dan"))] == [4, 1, 1]
         subjects = sorted(r.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0]
                           for r in sink.received)
         assert subjects == [b"out of HUB01", b"out of HUB02", b"store away"], subjects
