@@ -38,6 +38,7 @@ from hubport.core.hooks import Hooks, PluginError
 from hubport.core.internal_tls import CertificateAuthority, internal_tls, organization_ca_folder
 from hubport.core.management import ManagementServer, start_management
 from hubport.core.org_store import (
+    REPORT_TTL,
     Loaded,
     OrganizationStore,
     StoreError,
@@ -255,6 +256,7 @@ class Daemon:
         self._lock_fds: list[int] = []
         self._observer: Any = None
         self._store_watch: asyncio.Task[None] | None = None
+        self._store_report: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
     @property
@@ -353,8 +355,9 @@ class Daemon:
             self.counters.close()
             if self._observer is not None:
                 self._observer.stop()
-            if self._store_watch is not None:
-                self._store_watch.cancel()
+            for task in (self._store_watch, self._store_report):
+                if task is not None:
+                    task.cancel()
             flusher.cancel()
             try:
                 await flusher
@@ -466,15 +469,37 @@ class Daemon:
             except OSError as exc:
                 log.warning("the organization cache cannot be written", cache=str(self.cache),
                             error=str(exc))
-        if self.worker.index == 0:
-            try:
-                await self.store.report(self.server_name, loaded.generation, loaded.revision)
+        await self._report(collect=True)
+
+    async def _report(self, *, collect: bool = False) -> bool:
+        """Tell the store which generation this server runs (worker 0 speaks for it)."""
+        if self.store is None or self.loaded is None or self.worker.index != 0:
+            return True
+        try:
+            await self.store.report(self.server_name, self.loaded.generation,
+                                    self.loaded.revision)
+            if collect:
                 current, _ = await self.store.current()
                 if current:  # the last hub to move removes what nobody runs any longer
                     await self.store.collect(keep=current)
-            except StoreError as exc:
-                log.warning("cannot report the organization in force to the store",
-                            error=str(exc))
+        except StoreError as exc:
+            log.warning("cannot report the organization in force to the store",
+                        error=str(exc))
+            return False
+        return True
+
+    def _generation(self) -> str:
+        return self.loaded.generation if self.loaded is not None else ""
+
+    async def _report_store(self) -> None:
+        """Renew the report before its lease ends (and make it again after an outage)."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), REPORT_TTL / 3)
+                return
+            except TimeoutError:
+                pass
+            await self._report()
 
     async def _watch_store(self) -> None:
         """Follow the store: a change reloads the organization; a broken watch (the store
@@ -485,7 +510,7 @@ class Daemon:
         while not self._stop.is_set():
             revision = self.loaded.revision if self.loaded is not None else 0
             try:
-                async for _changed in self.store.changes(revision):
+                async for _changed in self.store.changes(revision, self._generation):
                     delay = 1.0
                     self._reload_requested.set()
             except (StoreError, EtcdError) as exc:
@@ -586,8 +611,11 @@ class Daemon:
 
     def _watch_config(self) -> None:
         if self.store is not None:
-            self._store_watch = asyncio.get_running_loop().create_task(
-                self._watch_store(), name="organization-store-watch")
+            loop = asyncio.get_running_loop()
+            self._store_watch = loop.create_task(self._watch_store(),
+                                                 name="organization-store-watch")
+            self._store_report = loop.create_task(self._report_store(),
+                                                  name="organization-store-report")
             return
         if self.config_path is None:
             return

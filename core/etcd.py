@@ -135,9 +135,18 @@ class EtcdClient:
             "success": [op.as_json() for op in success]})
         return bool(answer.get("succeeded", False)), _revision(answer)
 
-    async def put(self, key: bytes, value: bytes) -> int:
-        answer = await self._call("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+    async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        """Write one key; with ``lease``, it goes when the lease expires."""
+        request: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            request["lease"] = str(lease)
+        answer = await self._call("/v3/kv/put", request)
         return _revision(answer)
+
+    async def grant(self, ttl: int) -> int:
+        """A lease of ``ttl`` seconds; its id."""
+        answer = await self._call("/v3/lease/grant", {"TTL": str(ttl)})
+        return int(answer.get("ID", 0))
 
     async def watch(self, key: bytes, *, prefix: bool = True, start_revision: int = 0
                     ) -> AsyncIterator[tuple[int, list[KeyValue]]]:

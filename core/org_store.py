@@ -47,6 +47,8 @@ SECTION_ORDER = ("hubport", "transport_config", "site", "site_link", "accepted_d
                  "transport_server", "routing_group", "mailbox", "mail_contact",
                  "distribution_group")
 BATCH = 100  # puts per transaction (etcd's default limit is 128)
+#: seconds a hub's report lives unless renewed (hubs renew it every REPORT_TTL / 3)
+REPORT_TTL = 60
 ORDER_KEY = ".order"
 T = TypeVar("T")
 
@@ -286,9 +288,11 @@ class OrganizationStore:
         return gone
 
     async def report(self, server: str, generation: str, revision: int) -> None:
-        """Record which generation (and store revision) ``server`` runs."""
+        """Record which generation (and store revision) ``server`` runs, for ``REPORT_TTL``
+        seconds: a hub that is gone stops holding its generation back from removal."""
+        lease = await self._etcd(self.client.grant(REPORT_TTL))
         await self._etcd(self.client.put(self.key("hubs", server), json.dumps(
-            {"generation": generation, "revision": revision}).encode()))
+            {"generation": generation, "revision": revision}).encode(), lease=lease))
 
     async def hubs(self) -> dict[str, dict[str, Any]]:
         items, _ = await self._etcd(self.client.range(self.key("hubs", ""), prefix=True))
@@ -300,11 +304,18 @@ class OrganizationStore:
                 continue
         return out
 
-    async def changes(self, revision: int) -> AsyncIterator[int]:
-        """The revision of each change under the prefix after ``revision`` (a new
-        generation in force, or an object of the current one edited)."""
-        async for changed, _items in self.client.watch(self.prefix, start_revision=revision + 1):
-            yield changed
+    async def changes(self, revision: int, generation: Callable[[], str]
+                      ) -> AsyncIterator[int]:
+        """The revision of each change after ``revision`` that matters to a hub running
+        ``generation()`` (asked at each change): another generation put in force, or an
+        object of this one edited; not the hubs' reports, nor a new generation still being
+        written."""
+        current = self.key("current")
+        async for changed, items in self.client.watch(self.prefix,
+                                                      start_revision=revision + 1):
+            mine = self.key(generation(), "")
+            if any(i.key == current or i.key.startswith(mine) for i in items):
+                yield changed
 
     async def _etcd(self, call: Awaitable[T]) -> T:
         try:
