@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     _common(remove)
     remove.add_argument("section")
     remove.add_argument("name")
+    secrets = sub.add_parser("export-secrets",
+                             help="copy the server-local secret files a new hub needs (its"
+                                  " connectors' password files, the mailbox password hashes)"
+                                  " into a folder, with a MANIFEST of where each goes")
+    _common(secrets)
+    secrets.add_argument("target", help="the transport server that needs them")
+    secrets.add_argument("--out", type=Path, required=True)
     servers = sub.add_parser("get-transportserver",
                              help="the transport servers and, for a store, the generation and"
                                   " revision of the organization each one runs")
@@ -176,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "push-organization": _push_organization, "pull-organization": _pull_organization,
         "get-transportserver": _get_transport_server,
         "set-object": _set_object, "remove-object": _set_object,
+        "export-secrets": _export_secrets,
     }
     commands.update(dict.fromkeys(_QUEUE_ARGS, _queue))
     if args.command is None:
@@ -219,7 +227,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     try:
         hooks = make_hooks(args.config)
-        org = load(args.config, hooks)
+        org = load(args.config, hooks, args.server)
         server = org.server(pick_server(org, args.server))
     except StartupError as exc:
         print(f"hubport: {exc}", file=sys.stderr)
@@ -335,6 +343,31 @@ def _set_object(args: argparse.Namespace) -> int:
         return 1
     what = "removed" if table is None else "set"
     print(f"{store.url}: {args.section} {args.name!r} {what} (generation {generation})")
+    return 0
+
+
+def _named_server(org: Any, name: str) -> Any:
+    """The transport server ``name``; None after saying there is none."""
+    try:
+        return org.server(name)
+    except KeyError as exc:
+        print(f"hubport: {exc.args[0]}", file=sys.stderr)
+        return None
+
+
+def _export_secrets(args: argparse.Namespace) -> int:
+    from hubport.core.secrets_export import export_secrets
+
+    _, org, here = _load(args)
+    target = _named_server(org, args.target)
+    if target is None:
+        return 2
+    written, missing = export_secrets(org, target, here, args.out)
+    for path in missing:
+        print(f"hubport: warning: {path} is not on this machine; the new hub needs it too",
+              file=sys.stderr)
+    print(f"{len(written)} secret files for {target.name} in {args.out} (MANIFEST says where"
+          " each goes; copy them with mode 0600, owned by the hub's user)")
     return 0
 
 
@@ -713,10 +746,8 @@ def _new_server_certificate(args: argparse.Namespace) -> int:
     from hubport.core.tls import TlsConfigError
 
     _, org, server = _load(args)
-    try:
-        target = org.server(args.identity)
-    except KeyError as exc:
-        print(f"hubport: {exc.args[0]}", file=sys.stderr)
+    target = _named_server(org, args.identity)
+    if target is None:
         return 1
     out = args.out or Path.cwd() / f"{target.name}-certificate"
     try:

@@ -9,6 +9,7 @@ optional lifecycle (`start`/`stop`) the daemon drives for the instances scoped t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeGuard
 
 from hubport.core.address_space import AddressSpace
@@ -60,6 +61,11 @@ class Connector:
             parts.append("from " + ", ".join(self.source_transport_servers))
         line = f'{self.kind} "{self.name}"' + (": " + " ".join(parts) if parts else "")
         return line + ("" if self.enabled else "; disabled")
+
+    def secret_files(self) -> tuple[Path, ...]:
+        """Server-local files holding its secrets (a smart host's password file): what
+        ``hubport export-secrets`` copies for a new hub that hosts it."""
+        return ()
 
     def companions(self) -> tuple[Connector, ...]:
         """Objects this one creates beside itself (a Bidirectional Routing Group

@@ -134,9 +134,12 @@ def load_store(url: str, hooks: Hooks, cache: Path | None = None) -> Loaded:
             raise StartupError(f"cached configuration refused:\n{bad}", EXIT_CONFIG) from bad
 
 
-def load(config: Path | None, hooks: Hooks) -> Organization:
+def load(config: Path | None, hooks: Hooks, server: str | None = None) -> Organization:
+    """The organization a command or daemon runs with. From a store that cannot be reached,
+    the cached one of ``server`` (a queue command still works while etcd is away)."""
     if is_store_url(config):
-        return load_store(str(config), hooks).organization
+        url = str(config)
+        return load_store(url, hooks, default_cache(open_store(url).url, server)).organization
     try:
         return load_organization(config, hooks.registry.connector_types,
                                  hooks.registry.delivery_agents)

@@ -44,10 +44,8 @@ from hubport.core.daemon import (
     EXIT_LOCKED,
     EXIT_SERVICE,
     load,
-    load_store,
     lock_state,
     make_hooks,
-    open_store,
     pick_server,
     prepare_state,
     run_to_exit,
@@ -55,7 +53,7 @@ from hubport.core.daemon import (
 )
 from hubport.core.failpoints import ENV as FAILPOINTS_ENV
 from hubport.core.management import start_management
-from hubport.core.org_store import default_cache, is_store_url
+from hubport.core.org_store import is_store_url
 from hubport.core.server_admin import ServerAdmin
 from hubport.core.tls import TlsConfigError
 from hubport.core.workers import WorkerSlot
@@ -102,11 +100,7 @@ class Supervisor:
                  *, log_args: tuple[str, ...] = (), run_args: tuple[str, ...] = ()) -> None:
         self.config = config if is_store_url(config) else config.resolve() if config else None
         hooks = make_hooks(self.config)
-        if is_store_url(config):  # the workers follow the store; this needs the layout only
-            org = load_store(str(config), hooks,
-                             default_cache(open_store(str(config)).url, server)).organization
-        else:
-            org = load(self.config, hooks)
+        org = load(self.config, hooks, server)  # a store: the workers follow it
         warn_about(org)
         self.server_name = pick_server(org, server)
         transport = org.server(self.server_name)

@@ -328,3 +328,57 @@ def tomllib_table(text: str, section: str, name: str) -> dict[str, object]:
         if table.get("Name") == name:
             return dict(table)
     return {}
+
+
+def test_etcd_users_and_secrets_that_stay_on_their_machines(tmp_path: Path) -> None:
+    """With etcd's authentication on, the hubs log in with a user and a password file (a
+    wrong password is a clear error); the organization names secret files, never secrets,
+    and export-secrets gathers what a new hub needs from this machine."""
+    import os
+    import subprocess
+
+    ports = {"HUB01": free_port(), "HUB02": free_port()}
+    with etcd_cluster(tmp_path) as cluster:
+        endpoint = cluster.members[0].endpoint
+        for command in (["user", "add", "root:hubport-root-pw"], ["auth", "enable"]):
+            done = subprocess.run(["etcdctl", "--endpoints", endpoint, *command],
+                                  capture_output=True, text=True, timeout=30,
+                                  env={**os.environ, "ETCDCTL_API": "3"})
+            assert done.returncode == 0, done.stderr
+        (tmp_path / "etcd.pw").write_text("hubport-root-pw\n")
+        (tmp_path / "wrong.pw").write_text("guess\n")
+        url = cluster.url("contoso") + "?user=root&password-file=etcd.pw"
+        text = organization(ports, {"Alice": "HUB01"}) + """
+[[send_connector]]
+Name = "Relay"
+AddressSpaces = ["*"]
+SourceTransportServers = ["HUB02"]
+SmartHosts = ["[127.0.0.1]"]
+AuthenticationCredential = { UserName = "relay", PasswordFile = "relay.pw" }
+"""
+        (tmp_path / "relay.pw").write_text("relay-s3cret\n")
+        push(tmp_path, url, text)
+        pulled = hubport("pull-organization", "--config", url, cwd=tmp_path)
+        assert pulled.returncode == 0, pulled.stderr
+        assert "relay.pw" in pulled.stdout and "relay-s3cret" not in pulled.stdout
+
+        wrong = cluster.url("contoso") + "?user=root&password-file=wrong.pw"
+        done = hubport("pull-organization", "--config", wrong, cwd=tmp_path)
+        assert done.returncode == 1 and "user 'root' cannot log in" in done.stderr, \
+            done.stderr
+        anonymous = hubport("pull-organization", "--config", cluster.url("contoso"),
+                            cwd=tmp_path)
+        assert anonymous.returncode == 1 and anonymous.stderr.startswith("hubport: etcd"), \
+            anonymous.stderr
+
+        out = tmp_path / "for-hub02"
+        done = hubport("export-secrets", "HUB02", "--config", url, "--out", str(out),
+                       cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        manifest = dict(line.split("\t") for line in
+                        (out / "MANIFEST").read_text().splitlines())
+        assert any(dest.endswith("relay.pw") for dest in manifest.values()), manifest
+        copies = [out / name for name, dest in manifest.items() if dest.endswith("relay.pw")]
+        assert copies[0].read_text() == "relay-s3cret\n"
+        assert all((out / name).stat().st_mode & 0o077 == 0 for name in manifest)
+        assert "var/auth/passwords is not on this machine" in done.stderr  # none made yet

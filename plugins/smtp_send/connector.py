@@ -117,6 +117,12 @@ class SendConnector(Connector):
         """The queue's DeliveryType: smart-host or DNS (MX) delivery."""
         return "SmartHostConnectorDelivery" if self.smart_hosts else "DnsConnectorDelivery"
 
+    def secret_files(self) -> tuple[Path, ...]:
+        credential = self.authentication_credential
+        if credential is None or credential.password_file is None:
+            return ()
+        return (credential.password_file,)
+
     def next_hop_domain(self, space: AddressSpace, address: str = "") -> str:
         """Exchange names a smart-host queue after its smart-host list, and gives DNS
         routing a queue per recipient domain: each domain is its own next hop (its own MX
