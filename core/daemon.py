@@ -248,6 +248,8 @@ class Daemon:
             self.org = load(self.config_path, self.hooks)
         warn_about(self.org)
         self.server_name = pick_server(self.org, server)
+        if self.store is not None:  # written under the server's own name
+            self.cache = default_cache(self.store.url, self.server_name)
         self.pipeline: Pipeline | None = None
         #: the resource monitor governing intake (core/backpressure.py), made by ``run``
         self.backpressure: BackPressure | None = None

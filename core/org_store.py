@@ -454,6 +454,10 @@ def default_cache(url: str, server: str | None) -> Path:
     digest = hashlib.sha256(url.encode()).hexdigest()[:12]
     state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     folder = Path(state) if state else Path.cwd() / "var"
+    if server is None:  # the command names no server: the cache this folder holds
+        found = sorted(folder.glob(f"organization-*-{digest}.toml"))
+        if found:
+            return found[0]
     return folder / f"organization-{server or 'first'}-{digest}.toml"
 
 
