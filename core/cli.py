@@ -171,6 +171,11 @@ def _normalize_argv(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(_normalize_argv(sys.argv[1:] if argv is None else argv))
+    if argv is None and args.command != "run":
+        # a command piped into head stops quietly, as a Unix tool does (not the daemon)
+        import signal
+
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     from hubport.core.logsetup import configure
 
     configure(args.log_level, json=getattr(args, "json_logs", None))
