@@ -8,6 +8,7 @@ import asyncio
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,9 +24,12 @@ ETCD = shutil.which("etcd")
 
 
 class Member:
-    def __init__(self, name: str, folder: Path, cluster: str, client: int, peer: int) -> None:
+    def __init__(self, name: str, folder: Path, cluster: str, client: int, peer: int,
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
         self.name, self.folder, self.cluster = name, folder, cluster
         self.client_port, self.peer_port = client, peer
+        #: (CA, certificate, key): clients speak TLS and must present a certificate
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -35,10 +39,14 @@ class Member:
     def start(self) -> None:
         assert ETCD is not None
         log = open(self.folder / f"{self.name}.log", "ab")
+        scheme = "https" if self.tls else "http"
+        secure = [] if self.tls is None else [
+            "--trusted-ca-file", str(self.tls[0]), "--cert-file", str(self.tls[1]),
+            "--key-file", str(self.tls[2]), "--client-cert-auth"]
         self.proc = subprocess.Popen([
-            ETCD, "--name", self.name, "--data-dir", str(self.folder / self.name),
-            "--listen-client-urls", f"http://{self.endpoint}",
-            "--advertise-client-urls", f"http://{self.endpoint}",
+            ETCD, "--name", self.name, "--data-dir", str(self.folder / self.name), *secure,
+            "--listen-client-urls", f"{scheme}://{self.endpoint}",
+            "--advertise-client-urls", f"{scheme}://{self.endpoint}",
             "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
             "--initial-cluster", self.cluster, "--initial-cluster-state", "new",
@@ -60,8 +68,13 @@ class Cluster:
         return f"etcd://{','.join(m.endpoint for m in self.members)}/{prefix}"
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
+        context = None
+        tls = self.members[0].tls
+        if tls is not None:
+            context = ssl.create_default_context(cafile=str(tls[0]))
+            context.load_cert_chain(str(tls[1]), str(tls[2]))
         client = EtcdClient([Endpoint("127.0.0.1", m.client_port) for m in self.members
-                             if m.proc is not None and m.proc.poll() is None])
+                             if m.proc is not None and m.proc.poll() is None], context)
         deadline = time.monotonic() + timeout
         last: object = None
         while time.monotonic() < deadline:
@@ -84,13 +97,15 @@ class Cluster:
 
 
 @contextmanager
-def etcd_cluster(folder: Path, size: int = 1) -> Iterator[Cluster]:
+def etcd_cluster(folder: Path, size: int = 1,
+                 tls: tuple[Path, Path, Path] | None = None) -> Iterator[Cluster]:
     if ETCD is None:
         pytest.fail("etcd is not installed (Debian package etcd-server; ./dev test installs it)")
     ports = [(free_port(), free_port()) for _ in range(size)]
     names = [f"m{i + 1}" for i in range(size)]
     initial = ",".join(f"{n}=http://127.0.0.1:{p}" for n, (_c, p) in zip(names, ports))
-    cluster = Cluster([Member(n, folder, initial, c, p) for n, (c, p) in zip(names, ports)])
+    cluster = Cluster([Member(n, folder, initial, c, p, tls)
+                       for n, (c, p) in zip(names, ports)])
     try:
         cluster.start_all()
         cluster.wait_healthy()

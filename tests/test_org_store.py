@@ -382,3 +382,33 @@ AuthenticationCredential = { UserName = "relay", PasswordFile = "relay.pw" }
         assert copies[0].read_text() == "relay-s3cret\n"
         assert all((out / name).stat().st_mode & 0o077 == 0 for name in manifest)
         assert "var/auth/passwords is not on this machine" in done.stderr  # none made yet
+
+
+def test_the_store_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    """etcds:// with the members' CA and a client certificate (etcd --client-cert-auth);
+    a client without a certificate is refused with a clear error."""
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    client = ca.issue_cert("hubport-hub")
+    files = {name: tmp_path / f"{name}.pem" for name in
+             ("ca", "server", "server-key", "client", "client-key")}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["server"]))
+    server.private_key_pem.write_to_path(str(files["server-key"]))
+    client.cert_chain_pems[0].write_to_path(str(files["client"]))
+    client.private_key_pem.write_to_path(str(files["client-key"]))
+    ports = {"HUB01": free_port(), "HUB02": free_port()}
+    with etcd_cluster(tmp_path, tls=(files["ca"], files["server"], files["server-key"])) \
+            as cluster:
+        base = cluster.url("contoso").replace("etcd://", "etcds://")
+        url = f"{base}?ca={files['ca']}&cert={files['client']}&key={files['client-key']}"
+        push(tmp_path, url, organization(ports, {"Alice": "HUB01"}))
+        done = hubport("pull-organization", "--config", url, cwd=tmp_path)
+        assert done.returncode == 0 and 'Name = "Alice"' in done.stdout, done.stderr
+        anonymous = hubport("pull-organization", "--config", f"{base}?ca={files['ca']}",
+                            cwd=tmp_path)
+        assert anonymous.returncode == 1 and "hubport: etcd" in anonymous.stderr, \
+            anonymous.stderr
+        assert "Traceback" not in anonymous.stderr
