@@ -236,13 +236,23 @@ def smtp_sink(*options: str, host: str = "127.0.0.1") -> Iterator[tuple[int, Pat
 @contextlib.contextmanager
 def dnsmasq(*records: str, host: str = "127.0.0.1") -> Iterator[int]:
     """dnsmasq answering only from ``records`` (e.g. ``--mx-host=...``); yields its port."""
-    port = free_port(host, socket.SOCK_DGRAM)
-    args = [DNSMASQ, "--no-daemon", f"--port={port}", f"--listen-address={host}",
-            "--bind-interfaces", "--no-resolv", "--no-hosts", "--local=/test/",
-            "--user=nobody" if _root() else "--log-facility=-", *records]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # dnsmasq binds the port for UDP and TCP: another test may take the TCP side between
+    # the choice and the bind (dnsmasq then exits), so a few ports are tried
+    for attempt in range(5):
+        port = free_port(host, socket.SOCK_DGRAM)
+        args = [DNSMASQ, "--no-daemon", f"--port={port}", f"--listen-address={host}",
+                "--bind-interfaces", "--no-resolv", "--no-hosts", "--local=/test/",
+                "--user=nobody" if _root() else "--log-facility=-", *records]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _wait_dns(host, port, proc)
+        except RuntimeError:
+            proc.wait(10)
+            if attempt == 4:
+                raise
+            continue
+        break
     try:
-        _wait_dns(host, port, proc)
         yield port
     finally:
         proc.terminate()
