@@ -171,11 +171,6 @@ def _normalize_argv(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(_normalize_argv(sys.argv[1:] if argv is None else argv))
-    if argv is None and args.command != "run":
-        # a command piped into head stops quietly, as a Unix tool does (not the daemon)
-        import signal
-
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     from hubport.core.logsetup import configure
 
     configure(args.log_level, json=getattr(args, "json_logs", None))
@@ -194,7 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except BrokenPipeError:
+        if argv is not None:
+            raise
+        # the reader of our output went away (| head): stop quietly, as a Unix tool does;
+        # stdout is pointed at /dev/null so the interpreter's final flush fails no more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _positive(text: str) -> int:
