@@ -148,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     passwd.add_argument("mailbox", metavar="MAILBOX", help="alias, name or SMTP address")
     passwd.add_argument("--password-stdin", action="store_true",
                         help="read the password from the first line of standard input")
+    _COMMANDS[:] = list(sub.choices)
     return parser
 
 
@@ -169,8 +170,47 @@ def _normalize_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
+#: the subcommands of ``hubport`` (filled by ``_parser``)
+_COMMANDS: list[str] = []
+
+
+def _command_names() -> list[str]:
+    if not _COMMANDS:
+        _parser()
+    return list(_COMMANDS)
+
+
+def _cmdlet(words: Sequence[str]) -> list[str] | int:
+    """A cmdlet line among the words (``hubport 'Get-Queue -Server HUB01 | fl'``): the
+    command line it stands for, or an exit status when it is Get-Help, -WhatIf or wrong."""
+    from hubport.core.cmdlet_line import CmdletError
+    from hubport.core.cmdlets import help_text, is_cmdlet_line, to_argv
+
+    commands = _command_names()
+    index = next((i for i, w in enumerate(words) if is_cmdlet_line(w, commands)), None)
+    if index is None:
+        return list(words)
+    line, extra = words[index], [*words[:index], *words[index + 1:]]
+    try:
+        if line.strip().lower().startswith("get-help"):
+            topic = line.strip()[len("get-help"):].strip().strip("'\"")
+            print(help_text(topic or None))
+            return 0
+        argv, what_if = to_argv(line, extra)
+    except CmdletError as exc:
+        print(f"hubport: {exc}", file=sys.stderr)
+        return 2
+    if what_if:
+        print(what_if)
+        return 0
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(_normalize_argv(sys.argv[1:] if argv is None else argv))
+    words = _cmdlet(sys.argv[1:] if argv is None else argv)
+    if isinstance(words, int):
+        return words
+    args = _parser().parse_args(_normalize_argv(words))
     from hubport.core.logsetup import configure
 
     configure(args.log_level, json=getattr(args, "json_logs", None))

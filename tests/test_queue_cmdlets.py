@@ -294,6 +294,44 @@ def test_remove_message_silently_or_with_an_ndr_and_always_tracked(
                                    items["loud"]["identity"])
 
 
+def test_the_queue_cmdlets_run_as_exchange_administrators_type_them(
+        tmp_path: Path, pool: DaemonPool) -> None:
+    """One line each, quotes as documents print them; Remove-Message tells the sender by
+    default, as Exchange does; -WhatIf changes nothing."""
+    start(pool, tmp_path, retry="10m")
+    submit(tmp_path, "1.eml", "typed@example.net", "typed")
+    wait_retry(tmp_path)
+    queue = hop_queue(tmp_path)["identity"]  # type: ignore[index]
+    config = ("--config", str(tmp_path / "org.toml"))
+
+    def line(text: str) -> subprocess.CompletedProcess[str]:
+        return hubport(text, *config, cwd=tmp_path)
+
+    done = line(f"Get-Message -Queue ‘{queue}’ -ResultSize Unlimited | ConvertTo-Json")
+    assert done.returncode == 0, done.stderr
+    [item] = json.loads(done.stdout)
+    assert item["subject"] == "typed"
+    listed = line(f"get-message -q '«{queue}»' | fl")
+    assert listed.returncode == 0 and f"Identity          : {item['identity']}" in \
+        listed.stdout, listed.stdout
+    assert json.loads(hubport(f"Get-Queue '{queue}'", *config, "--json",
+                              cwd=tmp_path).stdout)[0]["message_count"] == 1
+
+    what_if = line(f"Remove-Message -Identity '{item['identity']}' -WhatIf")
+    assert what_if.returncode == 0 and what_if.stdout.startswith("What if:"), what_if
+    assert hop_queue(tmp_path)["message_count"] == 1  # type: ignore[index]
+
+    bad = line(f"Remove-Message -Identity '{item['identity']}' -WithNDR")
+    assert bad.returncode == 2 and "single quotes" in bad.stderr, bad.stderr
+    typo = line(f"Remove-Message -Identiy '{item['identity']}'")
+    assert typo.returncode == 2 and 'did you mean "Identity"' in typo.stderr, typo.stderr
+
+    done = line(f"Remove-Message '{item['identity']}' -Confirm:$false")
+    assert done.returncode == 0, done.stderr
+    ndr = wait_for_sync(lambda: maildir(tmp_path, "Alice"), timeout=20)  # -WithNDR $true
+    assert b"typed@example.net" in ndr[0].read_bytes()
+
+
 # -- export ------------------------------------------------------------------------------
 
 
