@@ -174,6 +174,51 @@ def _normalize_argv(argv: Sequence[str]) -> list[str]:
 _COMMANDS: list[str] = []
 
 
+def _organization_cmdlet(line: str, extra: Sequence[str]) -> int | None:
+    """New-/Set-/Get-/Remove- of an organization object (core/org_cmdlets.py), else None."""
+    from hubport.core import org_cmdlets
+    from hubport.core.cmdlet_line import CmdletError, split_pipeline, tokenize
+    from hubport.core.cmdlets import OUTPUT
+    from hubport.core.config import parse_organization
+    from hubport.core.config_fields import ConfigError
+    from hubport.core.daemon import make_hooks
+
+    stages = split_pipeline(line)
+    tokens = tokenize(stages[0])
+    verb, _, noun = tokens[0].text.partition("-") if tokens else ("", "", "")
+    if verb.lower() not in org_cmdlets.VERBS or noun.lower() not in org_cmdlets.NOUNS:
+        return None
+    options = list(extra)
+    config: Any = None
+    for flag in ("--config", "-config"):
+        if flag in options:
+            position = options.index(flag)
+            config = config_argument(options[position + 1]) if position + 1 < len(options) \
+                else None
+    if config is None and org_cmdlets.LOCAL_FILE.exists():
+        config = org_cmdlets.LOCAL_FILE
+    output = "json" if "--json" in options else None
+    for stage in stages[1:]:
+        word = tokenize(stage)[0].text.lower()
+        if word not in OUTPUT:
+            raise CmdletError(f"| {stage}: hubport takes Format-List (fl), Format-Table (ft)"
+                              " or ConvertTo-Json after a cmdlet")
+        output = OUTPUT[word]
+    hooks = make_hooks(config if isinstance(config, Path) else None)
+
+    def validate(text: str, source: str) -> None:
+        base = Path(source).parent if not str(source).startswith(("etcd", "<")) else Path.cwd()
+        parse_organization(text, source=source, base_dir=base,
+                           connector_types=hooks.registry.connector_types,
+                           delivery_agents=hooks.registry.delivery_agents)
+
+    try:
+        return org_cmdlets.run(verb.lower(), noun, tokens[1:], config, output, validate)
+    except ConfigError as exc:
+        print(f"hubport: change refused, nothing was written:\n{exc}", file=sys.stderr)
+        return 2
+
+
 def _command_names() -> list[str]:
     if not _COMMANDS:
         _parser()
@@ -192,6 +237,9 @@ def _cmdlet(words: Sequence[str]) -> list[str] | int:
         return list(words)
     line, extra = words[index], [*words[:index], *words[index + 1:]]
     try:
+        organization = _organization_cmdlet(line, extra)
+        if organization is not None:
+            return organization
         if line.strip().lower().startswith("get-help"):
             topic = line.strip()[len("get-help"):].strip().strip("'\"")
             print(help_text(topic or None))
@@ -211,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(words, int):
         return words
     args = _parser().parse_args(_normalize_argv(words))
+    from hubport.core.org_cmdlets import LOCAL_FILE
+
+    if getattr(args, "config", None) is None and "config" in args and LOCAL_FILE.exists():
+        args.config = LOCAL_FILE.resolve()  # written by the first organization cmdlet
     from hubport.core.logsetup import configure
 
     configure(args.log_level, json=getattr(args, "json_logs", None))

@@ -195,8 +195,21 @@ def to_argv(line: str, extra: Sequence[str] = ()) -> tuple[list[str], str]:
 
 def help_text(name: str | None = None) -> str:
     """Get-Help: every cmdlet, or one with its parameters."""
+    from hubport.core.org_cmdlets import NOUNS, SINGLE, noun_name
+
     if not name:
-        return "\n".join(f"{c.name:<24} {c.help}" for c in CMDLETS.values())
+        lines = [f"{c.name:<24} {c.help}" for c in CMDLETS.values()]
+        for noun, section in NOUNS.items():
+            verbs = "Get-/Set-" if section in SINGLE else "New-/Set-/Get-/Remove-"
+            lines.append(f"{verbs}{noun_name(noun):<{40 - len(verbs)}} [[{section}]] objects;"
+                         " the parameters are their fields")
+        return "\n".join(lines)
+    _verb, _, noun = name.partition("-")
+    if noun.lower() in NOUNS:
+        section = NOUNS[noun.lower()]
+        return (f"{name} -Identity <Name> [-<Field> <value> ...]\n    edits [[{section}]]"
+                " objects; the fields and their values are those of the organization file"
+                " (core/default.toml shows every one); $null clears a field")
     cmdlet = CMDLETS.get(name.lower())
     if cmdlet is None:
         known = [c.name for c in CMDLETS.values()]

@@ -1,0 +1,354 @@
+"""The organization cmdlets: ``New-``/``Set-``/``Get-``/``Remove-`` for every object of the
+organization, typed as Exchange administrators type them (core/cmdlet_line.py reads the
+line).
+
+Parameters are the objects' own fields, which already carry Exchange's parameter names, so
+one validation serves the file, the store and these cmdlets: the organization with the
+change is validated exactly as a file load, and a wrong parameter or value is that load's
+error (``RemoteIPRantes: unknown field; did you mean "RemoteIPRanges"``).
+
+- **A file** is edited with tomlkit, so comments and layout stay; the new text is validated,
+  then written atomically under a lock beside the file (two administrators never lose each
+  other's change). The daemons reading it reload it live.
+- **No file** (the embedded default): the first change writes the default out to
+  ``./hubport.toml`` (saying so) and edits that; ``hubport run`` reads it from then on.
+- **A store** (``etcd://``): one compare-and-swap per cmdlet (``OrganizationStore.change``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hubport.core.cmdlet_line import CmdletError, Token, text_list
+
+__all__ = ["LOCAL_FILE", "NOUNS", "run"]
+
+#: the organization file the commands use in the current folder when --config names none
+LOCAL_FILE = Path("hubport.toml")
+#: cmdlet noun -> organization section
+NOUNS = {
+    "sendconnector": "send_connector", "receiveconnector": "receive_connector",
+    "foreignconnector": "foreign_connector",
+    "deliveryagentconnector": "delivery_agent_connector",
+    "routinggroupconnector": "routing_group_connector", "routinggroup": "routing_group",
+    "accepteddomain": "accepted_domain", "mailbox": "mailbox", "mailcontact": "mail_contact",
+    "distributiongroup": "distribution_group", "adsite": "site", "adsitelink": "site_link",
+    "transportserver": "transport_server", "transportconfig": "transport_config",
+}
+SINGLE = {"transport_config"}
+VERBS = ("new", "set", "get", "remove")
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def value_of(text: str) -> Any:
+    """A parameter's text as the organization holds it: ``$true``/``$false``, whole
+    numbers, comma lists, else text (sizes, times and the rest are checked by the load)."""
+    low = text.strip().lower()
+    if low in ("$true", "$false"):
+        return low == "$true"
+    if _INTEGER.fullmatch(text.strip()):
+        return int(text)
+    if "," in text:
+        return text_list(text)
+    return text
+
+
+def arguments(cmdlet: str, tokens: Sequence[Token], positional: str) -> dict[str, Any]:
+    """``-Field value`` pairs (the first bare value is ``positional``); ``$null`` clears."""
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.parameter:
+            if positional in values:
+                raise CmdletError(f"{cmdlet}: {token.text!r}: only -{positional} is given by"
+                                  " position")
+            values[positional] = token.text
+        elif token.attached is not None:
+            values[token.text] = value_of(token.attached)
+        elif i + 1 < len(tokens) and not tokens[i + 1].parameter:
+            i += 1
+            text = tokens[i].text
+            values[token.text] = None if text.strip().lower() == "$null" else value_of(text)
+        elif token.text.lower() in ("whatif", "confirm"):
+            values[token.text] = True
+        else:
+            raise CmdletError(
+                f"{cmdlet}: -{token.text} needs a value. From bash, put the whole line in"
+                f" single quotes ('{cmdlet} … -{token.text} $false'): in double quotes or none,"
+                " bash removes $true, $false and $_")
+        i += 1
+    return values
+
+
+def _pop(values: dict[str, Any], name: str) -> Any:
+    for key in list(values):
+        if key.lower() == name.lower():
+            return values.pop(key)
+    return None
+
+
+def _name(identity: Any) -> str:
+    """``Server\\Name`` or ``Name``: the object's Name."""
+    return str(identity).rsplit("\\", 1)[-1].strip()
+
+
+def _find(objects: Sequence[Mapping[str, Any]], name: str) -> int | None:
+    wanted = name.lower()
+    return next((i for i, t in enumerate(objects)
+                 if str(t.get("Name", "")).lower() == wanted), None)
+
+
+def _merge(table: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``table`` with ``changes`` (a field's case as the table spells it; None removes)."""
+    merged = dict(table)
+    for key, value in changes.items():
+        spelled = next((k for k in merged if k.lower() == key.lower()), key)
+        if value is None:
+            merged.pop(spelled, None)
+        else:
+            merged[spelled] = value
+    return merged
+
+
+def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, output: str | None,
+        validate: Callable[[str, str], object]) -> int:
+    """One organization cmdlet; the exit status. ``validate(text, source)`` raises the
+    load's ConfigErrors for an organization that would not load."""
+    section = NOUNS[noun.lower()]
+    cmdlet = f"{verb.capitalize()}-{noun_name(noun)}"
+    values = arguments(cmdlet, tokens, "Name" if verb == "new" else "Identity")
+    what_if = bool(_pop(values, "WhatIf"))
+    _pop(values, "Confirm")
+    store = _store_of(config)
+    data = _read(config, store)
+    if verb == "get":
+        return _get(cmdlet, section, data, values, output)
+    edits = _edits(cmdlet, verb, section, data, values)
+    if what_if:
+        for (sec, name), table in edits.items():
+            action = "Removing" if table is None else "Setting"
+            print(f'What if: {action} {sec} "{name}".')
+        return 0
+    if store is not None:
+        generation = asyncio.run(store.change(edits, lambda text: validate(text, store.url)))
+        print(f"{cmdlet}: done ({store.url} generation {generation})")
+        return 0
+    path = _local_file(config)
+    with _locked(path):
+        text = path.read_text(encoding="utf-8-sig")
+        new = _edit_text(text, edits)
+        validate(new, str(path))
+        _replace(path, new)
+    print(f"{cmdlet}: done ({path})")
+    return 0
+
+
+def noun_name(noun: str) -> str:
+    for proper in ("SendConnector", "ReceiveConnector", "ForeignConnector",
+                   "DeliveryAgentConnector", "RoutingGroupConnector", "RoutingGroup",
+                   "AcceptedDomain", "Mailbox", "MailContact", "DistributionGroup", "AdSite",
+                   "AdSiteLink", "TransportServer", "TransportConfig"):
+        if proper.lower() == noun.lower():
+            return proper
+    return noun
+
+
+def _edits(cmdlet: str, verb: str, section: str, data: Mapping[str, Any],
+           values: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any] | None]:
+    if section in SINGLE:
+        if verb != "set":
+            raise CmdletError(f"{cmdlet}: the transport configuration is set, not made or"
+                              " removed (Set-TransportConfig)")
+        _pop(values, "Identity")
+        return {(section, ""): _merge(data.get(section, {}), values)}
+    objects = data.get(section, [])
+    if verb == "new":
+        name = _pop(values, "Name")
+        if not name:
+            raise CmdletError(f"{cmdlet}: -Name is required")
+        if _find(objects, str(name)) is not None:
+            raise CmdletError(f"{cmdlet}: {section} {name!r} already exists (Set-… changes"
+                              " it)")
+        return {(section, str(name)): {"Name": str(name), **values}}
+    identity = _pop(values, "Identity")
+    if identity is None:
+        raise CmdletError(f"{cmdlet}: -Identity is required (the object's Name)")
+    index = _find(objects, _name(identity))
+    if index is None:
+        names = [str(t.get("Name", "")) for t in objects]
+        from hubport.core.config_fields import suggest
+
+        raise CmdletError(f"{cmdlet}: no {section} {_name(identity)!r}"
+                          f"{suggest(_name(identity), names)}")
+    stored = str(objects[index].get("Name"))
+    if verb == "remove":
+        return {(section, stored): None}
+    new_name = next((v for k, v in values.items() if k.lower() == "name"), None)
+    table = _merge(objects[index], values)
+    if new_name and str(new_name).lower() != stored.lower():
+        return {(section, stored): None, (section, str(new_name)): table}
+    return {(section, stored): table}
+
+
+def _get(cmdlet: str, section: str, data: Mapping[str, Any], values: dict[str, Any],
+         output: str | None) -> int:
+    if section in SINGLE:
+        rows = [dict(data.get(section, {}))]
+    else:
+        rows = [dict(t) for t in data.get(section, [])]
+        identity = _pop(values, "Identity")
+        if identity is not None:
+            rows = [t for t in rows if str(t.get("Name", "")).lower() ==
+                    _name(identity).lower()]
+            if not rows:
+                raise CmdletError(f"{cmdlet}: no {section} {_name(identity)!r}")
+    if values:
+        raise CmdletError(f"{cmdlet}: takes -Identity only (got"
+                          f" {', '.join('-' + k for k in values)})")
+    if output == "json":
+        print(json.dumps(rows, indent=2, default=str))
+    elif output == "list" or section in SINGLE:
+        for row in rows:
+            width = max((len(k) for k in row), default=0)
+            print("\n".join(f"{k:<{width}} : {_show(v)}" for k, v in row.items()) + "\n")
+    else:
+        for row in rows:
+            rest = ", ".join(f"{k}={_show(v)}" for k, v in row.items() if k != "Name")
+            print(f"{row.get('Name', '')!s:<28} {rest}")
+    return 0
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, list):
+        return "{" + ", ".join(_show(v) for v in value) + "}"
+    return str(value)
+
+
+# -- where the organization is -----------------------------------------------------------
+
+
+def _store_of(config: Any) -> Any:
+    from hubport.core.org_store import OrganizationStore, StoreError, is_store_url
+
+    if not is_store_url(config):
+        return None
+    try:
+        return OrganizationStore.from_url(str(config))
+    except StoreError as exc:
+        raise CmdletError(str(exc)) from None
+
+
+def _read(config: Any, store: Any) -> dict[str, Any]:
+    from hubport.core.org_store import StoreError
+
+    if store is not None:
+        try:
+            text, _generation, _revision = asyncio.run(store.read())
+        except StoreError as exc:
+            raise CmdletError(str(exc)) from None
+        return tomllib.loads(text)
+    path = config if config is not None else (LOCAL_FILE if LOCAL_FILE.exists() else None)
+    if path is None:
+        text = resources.files("hubport.core").joinpath("default.toml").read_text("utf-8")
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8-sig")
+        except OSError as exc:
+            raise CmdletError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise CmdletError(f"{path}: {exc}") from None
+
+
+def _local_file(config: Any) -> Path:
+    """The file to edit; with none, the embedded default written out to ./hubport.toml."""
+    if config is not None:
+        return Path(config)
+    if not LOCAL_FILE.exists():
+        text = resources.files("hubport.core").joinpath("default.toml").read_text("utf-8")
+        _replace(LOCAL_FILE, text)
+        print(f"wrote the embedded default organization to ./{LOCAL_FILE}: it is edited from"
+              " now on, and hubport run started here reads it", file=sys.stderr)
+    return LOCAL_FILE
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One editor at a time: a lock file beside the organization file."""
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _replace(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w", encoding="utf-8") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    if path.exists():
+        os.chmod(temporary, path.stat().st_mode & 0o777)
+    os.replace(temporary, path)
+
+
+def _edit_text(text: str, edits: Mapping[tuple[str, str], Mapping[str, Any] | None]) -> str:
+    """The file with the edits, comments and layout kept (tomlkit)."""
+    import tomlkit
+
+    doc = tomlkit.parse(text)
+    for (section, name), table in edits.items():
+        if section in SINGLE:
+            if table is None:
+                doc.pop(section, None)
+                continue
+            current = doc.get(section)
+            if current is None:
+                doc[section] = tomlkit.table()
+                current = doc[section]
+            _update(current, table)
+            continue
+        array: Any = doc.get(section)
+        index = _find(list(array), name) if array is not None else None
+        if table is None:
+            if array is not None and index is not None:
+                del array[index]
+                if len(array) == 0:
+                    del doc[section]
+            continue
+        if index is None:
+            if array is None:
+                doc[section] = tomlkit.aot()
+                array = doc[section]
+            new = tomlkit.table()
+            for key, value in table.items():
+                new[key] = value
+            array.append(new)
+        else:
+            _update(array[index], table)
+    return tomlkit.dumps(doc)
+
+
+def _update(current: Any, table: Mapping[str, Any]) -> None:
+    for key in [k for k in current if k not in table]:
+        del current[key]
+    for key, value in table.items():
+        if current.get(key) != value:
+            current[key] = value
