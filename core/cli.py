@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     _common(secrets)
     secrets.add_argument("target", help="the transport server that needs them")
     secrets.add_argument("--out", type=Path, required=True)
+    shell = sub.add_parser("shell", help="cmdlet lines at a prompt (history, tab completion),"
+                                         " or from a script file, one per line")
+    _common(shell)
+    shell.add_argument("script", nargs="?", type=Path, default=None,
+                       help="a file of cmdlet lines (# comments); it stops at the first"
+                            " failing line")
     servers = sub.add_parser("get-transportserver",
                              help="the transport servers and, for a store, the generation and"
                                   " revision of the organization each one runs")
@@ -170,13 +176,68 @@ def _normalize_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
+#: a changing queue cmdlet to record in the admin audit log once it succeeded
+_PENDING_AUDIT: list[tuple[str, str, list[str]]] = []
 #: the subcommands of ``hubport`` (filled by ``_parser``)
 _COMMANDS: list[str] = []
 
 
+def _audit_queue_cmdlet(args: argparse.Namespace) -> None:
+    from hubport.core import admin_audit
+
+    cmdlet, line, _argv = _PENDING_AUDIT.pop()
+    identity = getattr(args, "identity", None)
+    try:
+        admin_audit.record(args.config, admin_audit.entry(
+            cmdlet, line, [str(identity)] if identity else [], "",
+            admin_audit.caller(getattr(args, "certificate", None))))
+    except Exception as exc:  # the change is made: say the record failed, do not hide it
+        print(f"hubport: warning: the admin audit log could not record it: {exc}",
+              file=sys.stderr)
+
+
+def _search_audit(line: str, extra: Sequence[str]) -> int | None:
+    """Search-AdminAuditLog -Cmdlets -StartDate -EndDate -ObjectIds -ResultSize."""
+    from hubport.core import admin_audit
+    from hubport.core.cmdlet_line import Parameter, bind, split_pipeline, text_list, tokenize
+    from hubport.core.cmdlets import OUTPUT
+    from hubport.core.org_cmdlets import LOCAL_FILE
+
+    stages = split_pipeline(line)
+    tokens = tokenize(stages[0])
+    if not tokens or tokens[0].text.lower() != "search-adminauditlog":
+        return None
+    bound = bind("Search-AdminAuditLog", tokens[1:], (
+        Parameter("Cmdlets", text_list, default=[]), Parameter("StartDate", _when),
+        Parameter("EndDate", _when), Parameter("ObjectIds", text_list, default=[]),
+        Parameter("ResultSize", int, default=1000)))
+    options = list(extra)
+    config: Any = None
+    if "--config" in options and options.index("--config") + 1 < len(options):
+        config = config_argument(options[options.index("--config") + 1])
+    if config is None and LOCAL_FILE.exists():
+        config = LOCAL_FILE
+    v = bound.values
+    rows = admin_audit.search(config, cmdlets=v["Cmdlets"], start=v["StartDate"],
+                              end=v["EndDate"], object_ids=v["ObjectIds"],
+                              limit=v["ResultSize"])
+    output = "json" if "--json" in options else None
+    for stage in stages[1:]:
+        output = OUTPUT.get(tokenize(stage)[0].text.lower(), output)
+    if output == "json":
+        print(json.dumps(rows, indent=2))
+    elif output == "list":
+        for row in rows:
+            print("\n".join(f"{k:<12} : {val}" for k, val in row.items()) + "\n")
+    else:
+        for row in rows:
+            print(f"{row['run-date'][:19]}  {row['caller']:<16} {row['cmdlet-line']}")
+    return 0
+
+
 def _organization_cmdlet(line: str, extra: Sequence[str]) -> int | None:
     """New-/Set-/Get-/Remove- of an organization object (core/org_cmdlets.py), else None."""
-    from hubport.core import org_cmdlets
+    from hubport.core import admin_audit, org_cmdlets
     from hubport.core.cmdlet_line import CmdletError, split_pipeline, tokenize
     from hubport.core.cmdlets import OUTPUT
     from hubport.core.config import parse_organization
@@ -186,7 +247,8 @@ def _organization_cmdlet(line: str, extra: Sequence[str]) -> int | None:
     stages = split_pipeline(line)
     tokens = tokenize(stages[0])
     verb, _, noun = tokens[0].text.partition("-") if tokens else ("", "", "")
-    if verb.lower() not in org_cmdlets.VERBS or noun.lower() not in org_cmdlets.NOUNS:
+    known = noun.lower() in org_cmdlets.NOUNS or noun.lower() == org_cmdlets.MEMBER_NOUN
+    if verb.lower() not in org_cmdlets.VERBS or not known:
         return None
     options = list(extra)
     config: Any = None
@@ -212,8 +274,16 @@ def _organization_cmdlet(line: str, extra: Sequence[str]) -> int | None:
                            connector_types=hooks.registry.connector_types,
                            delivery_agents=hooks.registry.delivery_agents)
 
+    certificate = next((Path(options[i + 1]) for i, o in enumerate(options[:-1])
+                        if o in ("--certificate", "-certificate")), None)
+
+    def changed(cmdlet: str, where: Any, objects: list[str], revision: str) -> None:
+        admin_audit.record(where, admin_audit.entry(cmdlet, line, objects, revision,
+                                                    admin_audit.caller(certificate)))
+
     try:
-        return org_cmdlets.run(verb.lower(), noun, tokens[1:], config, output, validate)
+        return org_cmdlets.run(verb.lower(), noun, tokens[1:], config, output, validate,
+                               changed)
     except ConfigError as exc:
         print(f"hubport: change refused, nothing was written:\n{exc}", file=sys.stderr)
         return 2
@@ -237,9 +307,11 @@ def _cmdlet(words: Sequence[str]) -> list[str] | int:
         return list(words)
     line, extra = words[index], [*words[:index], *words[index + 1:]]
     try:
-        organization = _organization_cmdlet(line, extra)
-        if organization is not None:
-            return organization
+        found = _search_audit(line, extra)
+        if found is None:
+            found = _organization_cmdlet(line, extra)
+        if found is not None:
+            return found
         if line.strip().lower().startswith("get-help"):
             topic = line.strip()[len("get-help"):].strip().strip("'\"")
             print(help_text(topic or None))
@@ -251,6 +323,11 @@ def _cmdlet(words: Sequence[str]) -> list[str] | int:
     if what_if:
         print(what_if)
         return 0
+    from hubport.core.cmdlets import CMDLETS
+
+    name = line.strip().split()[0].split("|")[0].lower()
+    if name in CMDLETS and CMDLETS[name].changes:
+        _PENDING_AUDIT[:] = [(CMDLETS[name].name, line, argv)]
     return argv
 
 
@@ -275,14 +352,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "push-organization": _push_organization, "pull-organization": _pull_organization,
         "get-transportserver": _get_transport_server,
         "set-object": _set_object, "remove-object": _set_object,
-        "export-secrets": _export_secrets,
+        "export-secrets": _export_secrets, "shell": _shell,
     }
     commands.update(dict.fromkeys(_QUEUE_ARGS, _queue))
     if args.command is None:
         _parser().print_help()
         return 2
     try:
-        return commands[args.command](args)
+        status = commands[args.command](args)
+        if status == 0 and _PENDING_AUDIT:
+            _audit_queue_cmdlet(args)
+        return status
     except BrokenPipeError:
         if argv is not None:
             raise
@@ -453,6 +533,25 @@ def _named_server(org: Any, name: str) -> Any:
     except KeyError as exc:
         print(f"hubport: {exc.args[0]}", file=sys.stderr)
         return None
+
+
+def _shell(args: argparse.Namespace) -> int:
+    from hubport.core import shell
+
+    config = ["--config", str(args.config)] if args.config is not None else []
+    server = ["--server", args.server] if args.server else []
+
+    def run_line(line: str) -> int:
+        if line.strip().lower() == "get-command":
+            line = "Get-Help"
+        try:
+            return main([line, *config, *server])
+        except SystemExit as exc:  # argparse's own refusal of a line
+            return exc.code if isinstance(exc.code, int) else 2
+
+    if args.script is not None:
+        return shell.run_script(args.script, run_line)
+    return shell.interactive(run_line)
 
 
 def _export_secrets(args: argparse.Namespace) -> int:

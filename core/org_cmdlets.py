@@ -47,7 +47,9 @@ NOUNS = {
     "transportserver": "transport_server", "transportconfig": "transport_config",
 }
 SINGLE = {"transport_config"}
-VERBS = ("new", "set", "get", "remove")
+VERBS = ("new", "set", "get", "remove", "add")
+#: Add-/Remove-DistributionGroupMember edit a group's Members
+MEMBER_NOUN = "distributiongroupmember"
 _INTEGER = re.compile(r"-?[0-9]+")
 
 
@@ -123,11 +125,17 @@ def _merge(table: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, An
 
 
 def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, output: str | None,
-        validate: Callable[[str, str], object]) -> int:
+        validate: Callable[[str, str], object],
+        changed: Callable[[str, Any, list[str], str], object] = lambda *a: None) -> int:
     """One organization cmdlet; the exit status. ``validate(text, source)`` raises the
-    load's ConfigErrors for an organization that would not load."""
-    section = NOUNS[noun.lower()]
-    cmdlet = f"{verb.capitalize()}-{noun_name(noun)}"
+    load's ConfigErrors for an organization that would not load; ``changed(cmdlet, where,
+    object ids, revision)`` is told of each change made (the admin audit log)."""
+    member = noun.lower() == MEMBER_NOUN
+    section = "distribution_group" if member else NOUNS[noun.lower()]
+    cmdlet = f"{verb.capitalize()}-{'DistributionGroupMember' if member else noun_name(noun)}"
+    if verb == "add" and not member:
+        raise CmdletError(f"{cmdlet}: not a cmdlet hubport knows (New-{noun_name(noun)}"
+                          " makes one)")
     values = arguments(cmdlet, tokens, "Name" if verb == "new" else "Identity")
     what_if = bool(_pop(values, "WhatIf"))
     _pop(values, "Confirm")
@@ -135,15 +143,18 @@ def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, output: str 
     data = _read(config, store)
     if verb == "get":
         return _get(cmdlet, section, data, values, output)
-    edits = _edits(cmdlet, verb, section, data, values)
+    edits = _member_edits(cmdlet, verb, data, values) if member else \
+        _edits(cmdlet, verb, section, data, values)
     if what_if:
         for (sec, name), table in edits.items():
             action = "Removing" if table is None else "Setting"
             print(f'What if: {action} {sec} "{name}".')
         return 0
+    objects = [f"{sec}/{name}" if name else sec for sec, name in edits]
     if store is not None:
         generation = asyncio.run(store.change(edits, lambda text: validate(text, store.url)))
         print(f"{cmdlet}: done ({store.url} generation {generation})")
+        changed(cmdlet, config, objects, f"generation {generation}")
         return 0
     path = _local_file(config)
     with _locked(path):
@@ -152,6 +163,9 @@ def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, output: str 
         validate(new, str(path))
         _replace(path, new)
     print(f"{cmdlet}: done ({path})")
+    import hashlib
+
+    changed(cmdlet, path, objects, "sha256 " + hashlib.sha256(new.encode()).hexdigest()[:16])
     return 0
 
 
@@ -200,6 +214,33 @@ def _edits(cmdlet: str, verb: str, section: str, data: Mapping[str, Any],
     if new_name and str(new_name).lower() != stored.lower():
         return {(section, stored): None, (section, str(new_name)): table}
     return {(section, stored): table}
+
+
+def _member_edits(cmdlet: str, verb: str, data: Mapping[str, Any], values: dict[str, Any]
+                  ) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """Add-/Remove-DistributionGroupMember -Identity <group> -Member <recipient>."""
+    identity, member = _pop(values, "Identity"), _pop(values, "Member")
+    if identity is None or member is None:
+        raise CmdletError(f"{cmdlet}: -Identity (the group) and -Member are required")
+    if values:
+        raise CmdletError(f"{cmdlet}: takes -Identity and -Member only")
+    groups = data.get("distribution_group", [])
+    index = _find(groups, _name(identity))
+    if index is None:
+        raise CmdletError(f"{cmdlet}: no distribution_group {_name(identity)!r}")
+    group = dict(groups[index])
+    members = [str(m) for m in group.get("Members", [])]
+    present = [m for m in members if m.lower() == str(member).lower()]
+    if verb == "add":
+        if present:
+            raise CmdletError(f"{cmdlet}: {member!r} is already a member of {group['Name']}")
+        members.append(str(member))
+    else:
+        if not present:
+            raise CmdletError(f"{cmdlet}: {member!r} is not a member of {group['Name']}")
+        members = [m for m in members if m.lower() != str(member).lower()]
+    group["Members"] = members
+    return {("distribution_group", str(group["Name"])): group}
 
 
 def _get(cmdlet: str, section: str, data: Mapping[str, Any], values: dict[str, Any],

@@ -42,10 +42,12 @@ def child_env(failpoints: str | None = None) -> dict[str, str]:
     return env
 
 
-def hubport(*args: str, cwd: Path, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run one ``hubport`` management command to completion."""
+def hubport(*args: str, cwd: Path, timeout: float = 30.0,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one ``hubport`` management command to completion (``input``: its stdin)."""
     return subprocess.run([*hubport_command(), *args], cwd=cwd, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout, check=False)
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          input=input, stdin=None if input is not None else subprocess.DEVNULL)
 
 
 class Daemon:

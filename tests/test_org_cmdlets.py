@@ -111,3 +111,55 @@ def test_the_cmdlets_edit_an_organization_in_etcd(tmp_path: Path) -> None:
         assert json.loads(shown.stdout)[0]["PrimarySmtpAddress"] == "dora@contoso.test"
         refused = hubport("Set-Mailbox Dora -Server HUB7", "--config", url, cwd=tmp_path)
         assert refused.returncode == 2 and "Server" in refused.stderr
+
+
+def test_a_script_of_cmdlet_lines_runs_in_order_and_stops_at_the_first_failure(
+        tmp_path: Path) -> None:
+    (tmp_path / "setup.ps1").write_text(
+        "# a script of cmdlet lines, as an administrator keeps them\n"
+        "New-Mailbox -Name Erin -PrimarySmtpAddress erin@contoso.test\n"
+        "\n"
+        "Add-DistributionGroupMember -Identity Staff -Member erin@contoso.test\n"
+        "Add-DistributionGroupMember -Identity Staff -Member ERIN@contoso.test\n"
+        "New-Mailbox -Name Never -PrimarySmtpAddress never@contoso.test\n")
+    done = hubport("shell", "setup.ps1", cwd=tmp_path)
+    assert done.returncode == 2, done.stdout
+    assert "setup.ps1:5: stopped here" in done.stderr and "already a member" in done.stderr
+    members = hubport("Get-DistributionGroup Staff", "--json", cwd=tmp_path)
+    assert "erin@contoso.test" in json.loads(members.stdout)[0]["Members"]
+    assert 'Name = "Never"' not in (tmp_path / "hubport.toml").read_text()
+    removed = hubport("Remove-DistributionGroupMember Staff -Member Erin@contoso.test",
+                      cwd=tmp_path)
+    assert removed.returncode == 0, removed.stderr
+    prompt = hubport("shell", cwd=tmp_path, input="Get-Command\nget-mailbox erin\nexit\n")
+    assert "Get-Queue" in prompt.stdout and "erin@contoso.test" in prompt.stdout
+
+
+def test_every_change_is_in_the_admin_audit_log(tmp_path: Path, pool: DaemonPool) -> None:
+    """Organization cmdlets and the queue cmdlets that act are recorded with the caller,
+    the line and the revision; Search-AdminAuditLog filters them as Exchange's does."""
+    config = write_org(tmp_path)
+    pool.start(config=config).wait_ready(60)
+    lines = ["New-Mailbox Gus -PrimarySmtpAddress gus@contoso.test",
+             "Set-Mailbox Gus -MaxReceiveSize 5MB",
+             "Suspend-Queue 'HUB01\\Submission' -Confirm:$false",
+             "Resume-Queue 'HUB01\\Submission'"]
+    for line in lines:
+        done = hubport(line, "--config", str(config), cwd=tmp_path)
+        assert done.returncode == 0, (line, done.stderr)
+    hubport("Get-Mailbox Gus", "--config", str(config), cwd=tmp_path)  # not a change
+    hubport("Set-Mailbox Gus -Server HUB9", "--config", str(config), cwd=tmp_path)  # refused
+
+    every = json.loads(hubport("Search-AdminAuditLog", "--config", str(config), "--json",
+                               cwd=tmp_path).stdout)
+    assert [e["cmdlet-line"] for e in every] == lines
+    assert all(e["caller"] and e["run-date"] for e in every)
+    assert every[1]["object-ids"] == ["mailbox/Gus"] and every[1]["revision"].startswith(
+        "sha256 ")
+    only = json.loads(hubport("Search-AdminAuditLog -Cmdlets Set-Mailbox,Resume-Queue"
+                              " -ObjectIds Gus | ConvertTo-Json", "--config", str(config),
+                              cwd=tmp_path).stdout)
+    assert [e["cmdlet"] for e in only] == ["Set-Mailbox"]
+    later = json.loads(hubport("Search-AdminAuditLog -StartDate 2999-01-01", "--config",
+                               str(config), "--json", cwd=tmp_path).stdout)
+    assert later == []
