@@ -302,8 +302,10 @@ def _cmdlet(words: Sequence[str]) -> list[str] | int:
     from hubport.core.cmdlets import help_text, is_cmdlet_line, to_argv
 
     commands = _command_names()
-    index = next((i for i, w in enumerate(words) if is_cmdlet_line(w, commands)), None)
-    if index is None:
+    index = 0  # the command word: after the options given before it (--config X, --json)
+    while index < len(words) and words[index].startswith("-"):
+        index += 1 if words[index] in ("--json", "-json") or "=" in words[index] else 2
+    if index >= len(words) or not is_cmdlet_line(words[index], commands):
         return list(words)
     line, extra = words[index], [*words[:index], *words[index + 1:]]
     try:
@@ -332,6 +334,18 @@ def _cmdlet(words: Sequence[str]) -> list[str] | int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        if argv is not None:
+            raise
+        # the reader of our output went away (| head): stop quietly, as a Unix tool does;
+        # stdout is pointed at /dev/null so the interpreter's final flush fails no more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     words = _cmdlet(sys.argv[1:] if argv is None else argv)
     if isinstance(words, int):
         return words
@@ -358,18 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
-    try:
-        status = commands[args.command](args)
-        if status == 0 and _PENDING_AUDIT:
-            _audit_queue_cmdlet(args)
-        return status
-    except BrokenPipeError:
-        if argv is not None:
-            raise
-        # the reader of our output went away (| head): stop quietly, as a Unix tool does;
-        # stdout is pointed at /dev/null so the interpreter's final flush fails no more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    status = commands[args.command](args)
+    if status == 0 and _PENDING_AUDIT:
+        _audit_queue_cmdlet(args)
+    return status
 
 
 def _positive(text: str) -> int:

@@ -73,3 +73,14 @@ def test_cmdlets_become_the_hubport_commands_with_exchange_defaults() -> None:
         to_argv("Test-Route bob@contoso.test | fl")
     assert is_cmdlet_line("Get-Queue -Server HUB01") and is_cmdlet_line("Get-Help")
     assert not is_cmdlet_line("get-queue", ["get-queue"]) and not is_cmdlet_line("run")
+
+
+def test_only_the_command_word_can_be_a_cmdlet_line() -> None:
+    """A value that looks like Verb-Noun (a subject) is a value, never a cmdlet line."""
+    from hubport.core.cli import _cmdlet
+
+    words = ["get-messagetrackinglog", "-messagesubject", "Re-Send this"]
+    assert _cmdlet(words) == words
+    argv = _cmdlet(["--config", "org.toml", "Get-Queue -Server HUB01 | fl"])
+    assert argv == ["get-queue", "--config", "org.toml", "--server", "HUB01", "--format",
+                    "list"]
