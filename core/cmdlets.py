@@ -146,6 +146,28 @@ OUTPUT = {"format-list": "list", "fl": "list", "format-table": "table", "ft": "t
           "convertto-json": "json"}
 
 
+#: Where-Object and its aliases: a filter the queue cmdlets apply on the server
+WHERE = ("where-object", "where", "?")
+
+
+def _where(cmdlet: Cmdlet, words: Sequence[Any], options: list[str]) -> list[str]:
+    """``| Where-Object {$_.Status -eq 'Retry'}`` becomes the cmdlet's -Filter (``$_.``
+    dropped), joined with -and to one already given."""
+    if FILTER not in cmdlet.parameters:
+        raise CmdletError(f"| Where-Object: hubport filters Get-Queue and Get-Message; for"
+                          f" {cmdlet.name} name the object with -Identity")
+    block = next((w.text for w in words[1:] if w.block), None)
+    if block is None:
+        raise CmdletError("| Where-Object needs a script block: Where-Object {$_.Status -eq"
+                          " 'Retry'}")
+    condition = re.sub(r"\$_\.", "", block).strip()
+    if "--filter" in options:
+        at = options.index("--filter") + 1
+        options[at] = f"{options[at]} -and {condition}"
+        return options
+    return [*options, "--filter", condition]
+
+
 def is_cmdlet_line(text: str, commands: Sequence[str] = ()) -> bool:
     """Whether one command-line word is a cmdlet line: ``Verb-Noun`` with parameters or a
     pipeline, or a ``Verb-Noun`` that is no ``hubport`` command (Get-Help, a typo)."""
@@ -175,9 +197,12 @@ def to_argv(line: str, extra: Sequence[str] = ()) -> tuple[list[str], str]:
     for stage in stages[1:]:
         words = tokenize(stage)
         verb = words[0].text.lower() if words else ""
+        if verb in WHERE:
+            options = _where(cmdlet, words, options)
+            continue
         if verb not in OUTPUT:
-            raise CmdletError(f"| {stage}: hubport takes Format-List (fl), Format-Table (ft)"
-                              " or ConvertTo-Json after a cmdlet")
+            raise CmdletError(f"| {stage}: hubport takes Where-Object, Format-List (fl),"
+                              " Format-Table (ft) or ConvertTo-Json after a cmdlet")
         output = OUTPUT[verb]
     if "--json" in extra:
         output = "json"

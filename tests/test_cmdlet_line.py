@@ -84,3 +84,12 @@ def test_only_the_command_word_can_be_a_cmdlet_line() -> None:
     argv = _cmdlet(["--config", "org.toml", "Get-Queue -Server HUB01 | fl"])
     assert argv == ["get-queue", "--config", "org.toml", "--server", "HUB01", "--format",
                     "list"]
+
+
+def test_where_object_becomes_the_queue_cmdlets_filter() -> None:
+    argv, _ = to_argv("Get-Queue | Where-Object {$_.Status -eq 'Retry'} | ft")
+    assert argv == ["get-queue", "--filter", "Status -eq 'Retry'", "--format", "table"]
+    argv, _ = to_argv("Get-Message -Filter \"Status -eq 'Retry'\" | ? {$_.Size -gt 5}")
+    assert argv[argv.index("--filter") + 1] == "Status -eq 'Retry' -and Size -gt 5"
+    with pytest.raises(CmdletError, match="filters Get-Queue and Get-Message"):
+        to_argv("Test-Route bob@contoso.test | Where-Object {$_.x -eq 1}")

@@ -317,6 +317,9 @@ def test_the_queue_cmdlets_run_as_exchange_administrators_type_them(
     assert json.loads(hubport(f"Get-Queue '{queue}'", *config, "--json",
                               cwd=tmp_path).stdout)[0]["message_count"] == 1
 
+    retrying = line("Get-Queue | Where-Object {$_.Status -eq 'Retry'} | ConvertTo-Json")
+    assert [r["identity"] for r in json.loads(retrying.stdout)] == [queue], retrying
+
     what_if = line(f"Remove-Message -Identity '{item['identity']}' -WhatIf")
     assert what_if.returncode == 0 and what_if.stdout.startswith("What if:"), what_if
     assert hop_queue(tmp_path)["message_count"] == 1  # type: ignore[index]
