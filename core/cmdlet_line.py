@@ -145,7 +145,9 @@ def _word(text: str, i: int) -> tuple[str, int]:
                 j += 1
             if j >= n:
                 raise CmdletError(f"a quote {ch} is never closed")
-            out.append(text[i + 1:j])
+            piece = text[i + 1:j]
+            # « French » spacing inside typographic quotes is typography, not data
+            out.append(piece.strip() if ch in _TYPOGRAPHIC else piece)
             i = j + 1
             continue
         out.append(ch)

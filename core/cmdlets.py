@@ -188,8 +188,9 @@ def to_argv(line: str, extra: Sequence[str] = ()) -> tuple[list[str], str]:
     name = tokens[0].text
     cmdlet = CMDLETS.get(name.lower())
     if cmdlet is None:
-        known = [c.name for c in CMDLETS.values()]
-        raise CmdletError(f"{name}: not a cmdlet hubport knows{suggest(name, known)}"
+        from hubport.core.shell import completions
+
+        raise CmdletError(f"{name}: not a cmdlet hubport knows{suggest(name, completions([]))}"
                           f" (Get-Help lists them)")
     bound = bind(cmdlet.name, tokens[1:], cmdlet.parameters)
     options = cmdlet.to_options(bound)

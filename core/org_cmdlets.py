@@ -51,6 +51,7 @@ VERBS = ("new", "set", "get", "remove", "add")
 #: Add-/Remove-DistributionGroupMember edit a group's Members
 MEMBER_NOUN = "distributiongroupmember"
 _INTEGER = re.compile(r"-?[0-9]+")
+_UNITS = ("B", "KB", "MB", "GB", "TB")
 
 
 def value_of(text: str) -> Any:
@@ -73,6 +74,12 @@ def arguments(cmdlet: str, tokens: Sequence[Token], positional: str) -> dict[str
     while i < len(tokens):
         token = tokens[i]
         if not token.parameter:
+            previous = values.get(tokens[i - 2].text) if i > 1 and tokens[i - 2].parameter \
+                and not tokens[i - 1].parameter else None
+            if isinstance(previous, int) and token.text.upper() in _UNITS:
+                name = tokens[i - 2].text
+                raise CmdletError(f"{cmdlet}: -{name} {previous} {token.text}: write"
+                                  f" {previous}{token.text} (no space)")
             if positional in values:
                 raise CmdletError(f"{cmdlet}: {token.text!r}: only -{positional} is given by"
                                   " position")
@@ -198,7 +205,10 @@ def _edits(cmdlet: str, verb: str, section: str, data: Mapping[str, Any],
         return {(section, str(name)): {"Name": str(name), **values}}
     identity = _pop(values, "Identity")
     if identity is None:
-        raise CmdletError(f"{cmdlet}: -Identity is required (the object's Name)")
+        named = next((v for k, v in values.items() if k.lower() == "name"), None)
+        hint = f": {cmdlet} -Identity '{named}' …" if named else ""
+        raise CmdletError(f"{cmdlet}: -Identity is required (the object's Name; -Name renames"
+                          f" it){hint}")
     index = _find(objects, _name(identity))
     if index is None:
         names = [str(t.get("Name", "")) for t in objects]

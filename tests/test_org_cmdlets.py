@@ -163,3 +163,42 @@ def test_every_change_is_in_the_admin_audit_log(tmp_path: Path, pool: DaemonPool
     later = json.loads(hubport("Search-AdminAuditLog -StartDate 2999-01-01", "--config",
                                str(config), "--json", cwd=tmp_path).stdout)
     assert later == []
+
+
+ARTICLE = [  # the article's lines as printed; our names where it left a value empty
+    ("New-SendConnector -Name ‘To Internet’ -Usage ‘Custom’ -AddressSpaces ‘SMTP:*;1’"
+     " -IsScopedConnector $false -DNSRoutingEnabled $false -SmartHosts ‘[127.0.0.1]’"
+     " -SmartHostAuthMechanism ‘None’ -UseExternalDNSServersEnabled $false"
+     " -SourceTransportServers ‘HUB01’", None),
+    ("Set-Sendconnector -Name ‘To Internet’ -MaxMessageSize 20 MB"
+     " -smtpmaxmessageperconnection 25", "write 20MB (no space)"),
+    ("Set-Sendconnector -Name ‘To Internet’ -MaxMessageSize 20MB", "-Identity 'To Internet'"),
+    ("Set-Sendconnector -Identity ‘To Internet’ -MaxMessageSize 20MB"
+     " -smtpmaxmessageperconnection 25", 'did you mean "SmtpMaxMessagesPerConnection"'),
+    ("Get-senderconnector -name « To Internet » |format-List", 'did you mean "Get-SendConnector"'),
+    ("Get-Sendconnector -identity « To Internet » |format-List", None),
+    ("New-Receiveconnector -Name ‘From App’ -usage ‘Custom’ -Bindings ‘127.0.0.1:2626’"
+     " -fqdn ‘hub01.contoso.test’ -remoteIPrantes ‘127.0.0.1’ -Server ‘HUB01’",
+     'did you mean "RemoteIPRanges"'),
+    ("New-Receiveconnector -Name ‘From App’ -usage ‘Custom’ -Bindings ‘127.0.0.1:2626’"
+     " -fqdn ‘hub01.contoso.test’ -remoteIPranges ‘127.0.0.1’ -Server ‘HUB01’", None),
+    ("Set-ReceiveConnector -Identity « HUB01\\From App » -Banner « 220 Banner Text here »"
+     " -ConnectionTimeout 00:15:00", None),
+    ("New-Foreignconnector -name « foreignconnector » -addressspace fax:*"
+     " -sourcetransportserver HUB01", 'did you mean "AddressSpaces"'),
+]
+
+
+@pytest.mark.parametrize(("line", "error"), ARTICLE)
+def test_the_articles_lines_run_as_printed_or_name_the_fix(
+        tmp_path: Path, line: str, error: str | None) -> None:
+    for earlier, expected in ARTICLE:  # the lines before it, as the article goes
+        if earlier == line:
+            break
+        if expected is None:
+            assert hubport(earlier, cwd=tmp_path).returncode == 0
+    done = hubport(line, cwd=tmp_path)
+    if error is None:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 2 and error in done.stderr, done.stderr
