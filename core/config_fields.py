@@ -198,6 +198,11 @@ def describe_object(section: str, table: Mapping[str, Any], index: int) -> str:
 # the reader
 
 
+#: section -> {lower-case field: its spelling}, every field a load has asked for: the
+#: organization cmdlets complete abbreviated parameter names from it
+KNOWN_FIELDS: dict[str, dict[str, str]] = {}
+
+
 class FieldReader:
     """Typed access to one object's table; bad values become recorded errors, not exceptions."""
 
@@ -635,6 +640,8 @@ class FieldReader:
 
     def finish(self) -> None:
         """Report every key nobody read: a typo must not be silently ignored."""
+        if "[" not in self.object:  # the fields each section knows, for the cmdlets
+            KNOWN_FIELDS.setdefault(self.object.split(" ", 1)[0], {}).update(self._known)
         for low, (spelling, _value) in self._values.items():
             if low not in self._read:
                 self.error(spelling, "unknown field" + suggest(spelling, self._known.values()))

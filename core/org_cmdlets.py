@@ -148,6 +148,7 @@ def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, output: str 
     _pop(values, "Confirm")
     store = _store_of(config)
     data = _read(config, store)
+    _expand_names(cmdlet, section, data, values, validate)
     if verb == "get":
         return _get(cmdlet, section, data, values, output)
     edits = _member_edits(cmdlet, verb, data, values) if member else \
@@ -224,6 +225,37 @@ def _edits(cmdlet: str, verb: str, section: str, data: Mapping[str, Any],
     if new_name and str(new_name).lower() != stored.lower():
         return {(section, stored): None, (section, str(new_name)): table}
     return {(section, stored): table}
+
+
+def _expand_names(cmdlet: str, section: str, data: Mapping[str, Any], values: dict[str, Any],
+                  validate: Callable[[str, str], object]) -> None:
+    """Parameters shortened to a unique prefix of a field (-addressspace ->
+    AddressSpaces), as PowerShell completes them; the fields a section has are learnt by
+    loading the organization with one bare object of it."""
+    from hubport.core.config_fields import KNOWN_FIELDS
+    from hubport.core.toml_text import dumps
+
+    if section not in KNOWN_FIELDS:
+        probe = dict(data)
+        if section in SINGLE:
+            probe.setdefault(section, {})
+        else:
+            probe[section] = [*probe.get(section, []), {"Name": "hubport-probe"}]
+        try:
+            validate(dumps(probe), "<probe>")
+        except Exception:  # the probe object is incomplete: only the fields matter here
+            pass
+    known = KNOWN_FIELDS.get(section, {})
+    for key in list(values):
+        low = key.lower()
+        if low in known or low in ("identity", "whatif", "confirm", "member"):
+            continue
+        matches = sorted({spelled for k, spelled in known.items() if k.startswith(low)})
+        if len(matches) == 1:
+            values[matches[0]] = values.pop(key)
+        elif matches:
+            raise CmdletError(f"{cmdlet}: -{key} is ambiguous: "
+                              + ", ".join(f"-{m}" for m in matches))
 
 
 def _member_edits(cmdlet: str, verb: str, data: Mapping[str, Any], values: dict[str, Any]

@@ -185,7 +185,9 @@ ARTICLE = [  # the article's lines as printed; our names where it left a value e
     ("Set-ReceiveConnector -Identity « HUB01\\From App » -Banner « 220 Banner Text here »"
      " -ConnectionTimeout 00:15:00", None),
     ("New-Foreignconnector -name « foreignconnector » -addressspace fax:*"
-     " -sourcetransportserver HUB01", 'did you mean "AddressSpaces"'),
+     " -sourcetransportserver HUB01", None),  # parameters shortened to a unique prefix
+    ("Set-SendConnector ‘To Internet’ -Smart ‘[127.0.0.2]’",
+     "-Smart is ambiguous: -SmartHostAuthMechanism, -SmartHosts"),
 ]
 
 
