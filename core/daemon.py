@@ -37,6 +37,7 @@ from hubport.core.folders import PickupDirectory, ReplayDirectory
 from hubport.core.hooks import Hooks, PluginError
 from hubport.core.internal_tls import CertificateAuthority, internal_tls, organization_ca_folder
 from hubport.core.management import ManagementServer, start_management
+from hubport.core.org_cmdlets import LOCAL_FILE
 from hubport.core.org_store import (
     REPORT_TTL,
     Loaded,
@@ -622,19 +623,26 @@ class Daemon:
             self._store_report = loop.create_task(self._report_store(),
                                                   name="organization-store-report")
             return
-        if self.config_path is None:
-            return
         loop = asyncio.get_running_loop()
-        target = self.config_path
+        # the embedded default: the first organization cmdlet writes ./hubport.toml, which
+        # this daemon then runs (core/org_cmdlets.py)
+        target = self.config_path or (Path.cwd() / LOCAL_FILE)
+        daemon = self
+
+        def changed() -> None:
+            if daemon.config_path is None:
+                log.info("the organization was written out; running it from now on",
+                         config=str(target))
+                daemon.config_path = target
+            daemon._reload_requested.set()
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
                 paths = {getattr(event, "src_path", ""), getattr(event, "dest_path", "")}
                 if str(target) in {os.fsdecode(p) for p in paths if p} and \
                         event.event_type in ("modified", "created", "moved", "closed"):
-                    loop.call_soon_threadsafe(daemon_reload.set)
+                    loop.call_soon_threadsafe(changed)
 
-        daemon_reload = self._reload_requested
         observer = Observer()
         observer.schedule(Handler(), str(target.parent), recursive=False)
         observer.daemon = True

@@ -312,6 +312,15 @@ def test_embedded_default_runs_with_no_arguments_in_an_empty_folder(tmp_path: Pa
     files = wait_for_sync(lambda: drop_files(home / "drop" / "Fax Gateway"), timeout=20)
     assert f"X-Receiver: <{FAX}>".encode() in files[0].read_bytes()
     assert not list((tmp_path / "home").glob("*.toml"))  # nothing was written as config
+
+    # the first organization cmdlet writes ./hubport.toml; the running daemon adopts it
+    done = hubport("New-Mailbox -Name Hana -PrimarySmtpAddress hana@contoso.test", cwd=home)
+    assert done.returncode == 0, done.stderr
+    daemon.wait_for_log("configuration reloaded", 30)
+    drop_in(home / "pickup", "hana.eml", message(to="hana@contoso.test",
+                                                 message_id="<default-hana@test>"))
+    hana = home / "var" / "mailboxes" / "Hana" / "new"
+    wait_for_sync(lambda: list(hana.iterdir()) if hana.is_dir() else [], timeout=20)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(10) == 0
 
