@@ -196,12 +196,22 @@ def _audit_queue_cmdlet(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
+def _config_of(options: Sequence[str]) -> Any:
+    """``--config`` among the words beside a cmdlet line; else ./hubport.toml if there is
+    one; else None (the embedded default)."""
+    from hubport.core.org_cmdlets import LOCAL_FILE
+
+    for flag in ("--config", "-config"):
+        if flag in options and options.index(flag) + 1 < len(options):
+            return config_argument(options[options.index(flag) + 1])
+    return LOCAL_FILE if LOCAL_FILE.exists() else None
+
+
 def _search_audit(line: str, extra: Sequence[str]) -> int | None:
     """Search-AdminAuditLog -Cmdlets -StartDate -EndDate -ObjectIds -ResultSize."""
     from hubport.core import admin_audit
     from hubport.core.cmdlet_line import Parameter, bind, split_pipeline, text_list, tokenize
-    from hubport.core.cmdlets import OUTPUT
-    from hubport.core.org_cmdlets import LOCAL_FILE
+    from hubport.core.cmdlets import output_of
 
     stages = split_pipeline(line)
     tokens = tokenize(stages[0])
@@ -211,19 +221,12 @@ def _search_audit(line: str, extra: Sequence[str]) -> int | None:
         Parameter("Cmdlets", text_list, default=[]), Parameter("StartDate", _when),
         Parameter("EndDate", _when), Parameter("ObjectIds", text_list, default=[]),
         Parameter("ResultSize", int, default=1000)))
-    options = list(extra)
-    config: Any = None
-    if "--config" in options and options.index("--config") + 1 < len(options):
-        config = config_argument(options[options.index("--config") + 1])
-    if config is None and LOCAL_FILE.exists():
-        config = LOCAL_FILE
+    config = _config_of(extra)
     v = bound.values
     rows = admin_audit.search(config, cmdlets=v["Cmdlets"], start=v["StartDate"],
                               end=v["EndDate"], object_ids=v["ObjectIds"],
                               limit=v["ResultSize"])
-    output = "json" if "--json" in options else None
-    for stage in stages[1:]:
-        output = OUTPUT.get(tokenize(stage)[0].text.lower(), output)
+    output = output_of(stages[1:], extra)
     if output == "json":
         print(json.dumps(rows, indent=2))
     elif output == "list":
@@ -238,8 +241,7 @@ def _search_audit(line: str, extra: Sequence[str]) -> int | None:
 def _organization_cmdlet(line: str, extra: Sequence[str]) -> int | None:
     """New-/Set-/Get-/Remove- of an organization object (core/org_cmdlets.py), else None."""
     from hubport.core import admin_audit, org_cmdlets
-    from hubport.core.cmdlet_line import CmdletError, split_pipeline, tokenize
-    from hubport.core.cmdlets import OUTPUT
+    from hubport.core.cmdlet_line import split_pipeline, tokenize
     from hubport.core.config import parse_organization
     from hubport.core.config_fields import ConfigError
     from hubport.core.daemon import make_hooks
@@ -250,22 +252,11 @@ def _organization_cmdlet(line: str, extra: Sequence[str]) -> int | None:
     known = noun.lower() in org_cmdlets.NOUNS or noun.lower() == org_cmdlets.MEMBER_NOUN
     if verb.lower() not in org_cmdlets.VERBS or not known:
         return None
+    from hubport.core.cmdlets import output_of
+
     options = list(extra)
-    config: Any = None
-    for flag in ("--config", "-config"):
-        if flag in options:
-            position = options.index(flag)
-            config = config_argument(options[position + 1]) if position + 1 < len(options) \
-                else None
-    if config is None and org_cmdlets.LOCAL_FILE.exists():
-        config = org_cmdlets.LOCAL_FILE
-    output = "json" if "--json" in options else None
-    for stage in stages[1:]:
-        word = tokenize(stage)[0].text.lower()
-        if word not in OUTPUT:
-            raise CmdletError(f"| {stage}: hubport takes Format-List (fl), Format-Table (ft)"
-                              " or ConvertTo-Json after a cmdlet")
-        output = OUTPUT[word]
+    config = _config_of(options)
+    output = output_of(stages[1:], options)
     hooks = make_hooks(config if isinstance(config, Path) else None)
 
     def validate(text: str, source: str) -> None:

@@ -168,6 +168,20 @@ def _where(cmdlet: Cmdlet, words: Sequence[Any], options: list[str]) -> list[str
     return [*options, "--filter", condition]
 
 
+def output_of(stages: Sequence[str], extra: Sequence[str]) -> str | None:
+    """The output the stages after a cmdlet ask for (Format-List, Format-Table,
+    ConvertTo-Json), or ``--json`` beside the line; None: the cmdlet's own."""
+    output = "json" if "--json" in extra else None
+    for stage in stages:
+        words = tokenize(stage)
+        verb = words[0].text.lower() if words else ""
+        if verb not in OUTPUT:
+            raise CmdletError(f"| {stage}: hubport takes Format-List (fl), Format-Table (ft)"
+                              " or ConvertTo-Json after this cmdlet")
+        output = OUTPUT[verb]
+    return output
+
+
 def is_cmdlet_line(text: str, commands: Sequence[str] = ()) -> bool:
     """Whether one command-line word is a cmdlet line: ``Verb-Noun`` with parameters or a
     pipeline, or a ``Verb-Noun`` that is no ``hubport`` command (Get-Help, a typo)."""

@@ -382,14 +382,11 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _replace(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    if path.exists():
-        os.chmod(temporary, path.stat().st_mode & 0o777)
-    os.replace(temporary, path)
+    """Atomically, keeping the file's mode (a new file: 0644)."""
+    from hubport.core.credentials import replace_file
+
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    replace_file(path, text.encode(), mode)
 
 
 def _edit_text(text: str, edits: Mapping[tuple[str, str], Mapping[str, Any] | None]) -> str:

@@ -406,15 +406,12 @@ async def load(store: OrganizationStore, connector_types: Mapping[str, Any],
 
 def write_cache(path: Path, text: str, url: str, generation: str, revision: int) -> None:
     """The last good organization, atomically (a temporary file renamed over the old)."""
+    from hubport.core.credentials import replace_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     head = (f"# hubport organization cache: {url} generation {generation} revision"
             f" {revision}\n")
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers write it too
-    with open(temporary, "w", encoding="utf-8") as out:
-        out.write(head + text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
+    replace_file(path, (head + text).encode(), 0o600)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -437,11 +434,10 @@ def read_cache(path: Path) -> tuple[str, str, int] | None:
 
 
 def _write_public(path: Path, data: bytes) -> None:
+    from hubport.core.credentials import replace_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
+    replace_file(path, data, 0o644)
 
 
 def default_cache(url: str, server: str | None) -> Path:

@@ -12,8 +12,6 @@ deleted, retyped or added; and the default file's text with random bytes spliced
 from __future__ import annotations
 
 import copy
-import datetime as dt
-import math
 import re
 import subprocess
 import tomllib
@@ -30,6 +28,7 @@ from fuzzing import fuzz_settings
 from hubport.core.config import SECTIONS, Organization, load_organization, plugin_modules
 from hubport.core.config_fields import ConfigError, ConfigErrors
 from hubport.core.hooks import Hooks
+from hubport.core.toml_text import dumps
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOML = (ROOT / "core" / "default.toml").read_text(encoding="utf-8")
@@ -61,69 +60,11 @@ def section_names() -> list[str]:
 
 # -- TOML writing (tomllib only reads) ---------------------------------------------------
 
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def toml_key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else toml_string(key)
-
-
-def toml_string(text: str) -> str:
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return toml_string(value)
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}"
-                                for k, v in value.items()) + " }"
-    raise TypeError(type(value))
 
 
 def toml_document(doc: dict[str, Any]) -> str:
-    """Scalars at the top, then ``[section]`` tables and ``[[section]]`` arrays of tables."""
-    lines = [f"{toml_key(k)} = {toml_value(v)}" for k, v in doc.items()
-             if not _is_table(v) and not _is_table_array(v)]
-    for key, value in doc.items():
-        if _is_table(value):
-            lines.append(f"\n[{toml_key(key)}]")
-            lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()]
-        elif _is_table_array(value):
-            for table in value:
-                lines.append(f"\n[[{toml_key(key)}]]")
-                lines += [f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _is_table(value: Any) -> bool:
-    return isinstance(value, dict)
-
-
-def _is_table_array(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+    """The document as TOML text: the writer hubport's organization store uses."""
+    return dumps(doc)
 
 
 # -- strategies ----------------------------------------------------------------------------
