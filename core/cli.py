@@ -947,7 +947,7 @@ def _new_server_certificate(args: argparse.Namespace) -> int:
         return 1
     out = args.out or Path.cwd() / f"{target.name}-certificate"
     try:
-        written = issue_for(org, target.name, out)
+        written = issue_for(org, target.name, out, here=server)
     except (TlsConfigError, OSError) as exc:
         print(f"hubport: cannot issue a certificate for {target.name}: {exc}", file=sys.stderr)
         return 1

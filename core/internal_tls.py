@@ -238,11 +238,14 @@ def _current(made: InternalTls, checked: float) -> bool:
     return _fresh(made.pem) or time.monotonic() - checked < RECHECK
 
 
-def issue_for(org: Organization, server_name: str, out: Path) -> list[Path]:
+def issue_for(org: Organization, server_name: str, out: Path,
+              here: TransportServer | None = None) -> list[Path]:
     """``hubport new-servercertificate``: write ``<fqdn>.crt``, ``<fqdn>.key`` and ``ca.crt``
-    for ``server_name`` into ``out``, from this machine's organization CA."""
+    for ``server_name`` into ``out``, from this machine's organization CA (that of
+    ``here``, the hub the command runs beside: with the organization in a store, the CA
+    lives in that hub's state folder, not in the new hub's)."""
     server = org.server(server_name)
-    ca = CertificateAuthority(organization_ca_folder(org, server))
+    ca = CertificateAuthority(organization_ca_folder(org, here or server))
     if not ca.certificate.exists():  # never a second CA the other hubs would not trust
         raise TlsConfigError(
             f"{ca.certificate}: there is no organization CA here; run this where it is (the"

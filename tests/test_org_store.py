@@ -412,3 +412,25 @@ def test_the_store_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
         assert anonymous.returncode == 1 and "hubport: etcd" in anonymous.stderr, \
             anonymous.stderr
         assert "Traceback" not in anonymous.stderr
+
+
+def test_a_new_hubs_certificate_comes_from_the_ca_beside_the_hub_the_command_runs_with(
+        tmp_path: Path) -> None:
+    """With the organization in a store, the CA lives in the first hub's state folder:
+    new-servercertificate HUB02 --server HUB01 issues from there, whatever HUB02's own
+    StateDirectory is."""
+    from hubport.core.internal_tls import CertificateAuthority
+
+    ports = {"HUB01": free_port(), "HUB02": free_port()}
+    text = organization(ports, {"Alice": "HUB01"})
+    text = text.replace('Name = "HUB01"\n', 'Name = "HUB01"\nStateDirectory = "var1"\n', 1)
+    text = text.replace('Name = "HUB02"\n', 'Name = "HUB02"\nStateDirectory = "var2"\n', 1)
+    with etcd_cluster(tmp_path) as cluster:
+        url = cluster.url("contoso")
+        push(tmp_path, url, text)
+        CertificateAuthority(tmp_path / "var1" / "ca").ensure("Contoso")
+        done = hubport("new-servercertificate", "HUB02", "--config", url, "--server", "HUB01",
+                       "--out", str(tmp_path / "out"), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "out" / "hub02.contoso.test.crt").exists()
+        assert not (tmp_path / "var2" / "ca").exists()
