@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["caller", "record", "search"]
+__all__ = ["caller", "properties", "record", "search"]
 
 LOCAL_LOG = Path("hubport-audit.log")
 
@@ -56,6 +56,14 @@ def entry(cmdlet: str, line: str, objects: Sequence[str], revision: str,
     return {"run-date": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "caller": who, "cmdlet": cmdlet, "cmdlet-line": line,
             "object-ids": list(objects), "revision": revision, "succeeded": True}
+
+
+def properties(item: dict[str, Any]) -> dict[str, Any]:
+    """An entry under the names of Exchange's admin audit log entries."""
+    return {"RunDate": item["run-date"], "Caller": item["caller"],
+            "CmdletName": item["cmdlet"], "CmdletLine": item["cmdlet-line"],
+            "ObjectModified": item["object-ids"], "Revision": item["revision"],
+            "Succeeded": item["succeeded"]}
 
 
 def _file(config: Any) -> Path:

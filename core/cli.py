@@ -36,8 +36,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from hubport.core.cmdlet_help import catalogue
+
+    cmdlets = [e.name for e in catalogue()]
+    width = max(len(n) for n in cmdlets) + 2
+    columns = [cmdlets[i:i + 3] for i in range(0, len(cmdlets), 3)]
     parser = argparse.ArgumentParser(
-        prog="hubport", description="hubport: an Exchange-style mail transport hub")
+        prog="hubport", description="hubport: an Exchange-style mail transport hub",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+            "cmdlets (one quoted line: hubport 'Get-Queue | Format-List'; hubport shell for a"
+            " prompt;\nGet-Help <cmdlet> for its parameters and examples):\n"
+            + "\n".join("  " + "".join(n.ljust(width) for n in row).rstrip()
+                        for row in columns)
+            + "\n\nThe lower-case commands above are the older spellings, kept as aliases so"
+              " scripts keep working:\n  get-queue --format json      = Get-Queue |"
+              " ConvertTo-Json\n  retry-queue X --resubmit     = Retry-Queue X -Resubmit"
+              " $true\n  remove-message X --with-ndr  = Remove-Message X (the cmdlet sends"
+              " the NDR unless -WithNDR $false;\n                                 the alias"
+              " sends none unless --with-ndr)\n  get-messagetrackinglog -sender A ="
+              " Get-MessageTrackingLog -Sender A"))
     parser.add_argument("--version", action="version", version=f"hubport {__version__}")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -105,14 +122,17 @@ def _parser() -> argparse.ArgumentParser:
                            help="search the message tracking log (Get-MessageTrackingLog)")
     _common(track)
     for name in ("start", "end"):
-        track.add_argument(f"-{name}", dest=name, type=_when)
+        track.add_argument(f"-{name}", dest=name, type=_date_argument)
     for name in ("eventid", "messageid", "internalmessageid", "messagesubject", "sender",
                  "reference", "source"):
         track.add_argument(f"-{name}", dest=name)
     track.add_argument("-recipients", dest="recipients", nargs="+", default=[])
     track.add_argument("-resultsize", dest="resultsize", default="1000")
     track.add_argument("--format", "-format", dest="format", default="table",
-                       choices=["table", "list", "json"])
+                       choices=["table", "list", "json"],
+                       help="json: one event per line (JSON Lines)")
+    track.add_argument("--json", action="store_true",
+                       help="the events as one JSON array (the cmdlet's ConvertTo-Json)")
     _certificate_option(track)
 
     _add_queue_commands(sub)
@@ -158,9 +178,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the date forms Exchange's cmdlet pages print (month first, as en-US shells read them)
+_DATE_FORMS = ("%m/%d/%Y %H:%M:%S", "%m/%d/%Y %H:%M", "%m/%d/%Y %I:%M:%S %p",
+               "%m/%d/%Y %I:%M %p", "%m/%d/%Y")
+
+
 def _when(text: str) -> datetime:
-    value = datetime.fromisoformat(text)
+    """A time as ISO 8601 (``2026-12-07T09:00``) or as ``MM/dd/yyyy [HH:mm:ss]``; without
+    a zone, UTC."""
+    try:
+        value = datetime.fromisoformat(text.strip())
+    except ValueError:
+        for form in _DATE_FORMS:
+            try:
+                value = datetime.strptime(text.strip(), form)
+                break
+            except ValueError:
+                continue
+        else:
+            raise ValueError(f"{text!r} is not a date: write 2026-12-07T09:00:00 or"
+                             " 12/07/2026 09:00:00 (month first)") from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _date_argument(text: str) -> datetime:
+    try:
+        return _when(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _normalize_argv(argv: Sequence[str]) -> list[str]:
@@ -176,16 +221,14 @@ def _normalize_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
-#: a changing queue cmdlet to record in the admin audit log once it succeeded
-_PENDING_AUDIT: list[tuple[str, str, list[str]]] = []
 #: the subcommands of ``hubport`` (filled by ``_parser``)
 _COMMANDS: list[str] = []
 
 
-def _audit_queue_cmdlet(args: argparse.Namespace) -> None:
+def _audit_queue_cmdlet(args: argparse.Namespace, cmdlet: str, line: str) -> None:
+    """A changing queue cmdlet that succeeded, in the admin audit log."""
     from hubport.core import admin_audit
 
-    cmdlet, line, _argv = _PENDING_AUDIT.pop()
     identity = getattr(args, "identity", None)
     try:
         admin_audit.record(args.config, admin_audit.entry(
@@ -211,7 +254,7 @@ def _search_audit(line: str, extra: Sequence[str]) -> int | None:
     """Search-AdminAuditLog -Cmdlets -StartDate -EndDate -ObjectIds -ResultSize."""
     from hubport.core import admin_audit
     from hubport.core.cmdlet_line import Parameter, bind, split_pipeline, text_list, tokenize
-    from hubport.core.cmdlets import output_of
+    from hubport.core.cmdlet_output import apply, read_stages, render
 
     stages = split_pipeline(line)
     tokens = tokenize(stages[0])
@@ -226,15 +269,16 @@ def _search_audit(line: str, extra: Sequence[str]) -> int | None:
     rows = admin_audit.search(config, cmdlets=v["Cmdlets"], start=v["StartDate"],
                               end=v["EndDate"], object_ids=v["ObjectIds"],
                               limit=v["ResultSize"])
-    output = output_of(stages[1:], extra)
-    if output == "json":
+    stages_after = read_stages(stages[1:], extra)
+    if stages_after.output == "json" and not stages_after.works_on_objects:
         print(json.dumps(rows, indent=2))
-    elif output == "list":
-        for row in rows:
-            print("\n".join(f"{k:<12} : {val}" for k, val in row.items()) + "\n")
-    else:
-        for row in rows:
-            print(f"{row['run-date'][:19]}  {row['caller']:<16} {row['cmdlet-line']}")
+        return 0
+    objects = apply([admin_audit.properties(row) for row in rows], stages_after)
+    if stages_after.output is None and not stages_after.works_on_objects:
+        for row in objects:
+            print(f"{row['RunDate'][:19]}  {row['Caller']:<16} {row['CmdletLine']}")
+        return 0
+    print(render(objects, stages_after.output or "table", stages_after.columns), end="")
     return 0
 
 
@@ -242,9 +286,7 @@ def _organization_cmdlet(line: str, extra: Sequence[str]) -> int | None:
     """New-/Set-/Get-/Remove- of an organization object (core/org_cmdlets.py), else None."""
     from hubport.core import admin_audit, org_cmdlets
     from hubport.core.cmdlet_line import split_pipeline, tokenize
-    from hubport.core.config import parse_organization
     from hubport.core.config_fields import ConfigError
-    from hubport.core.daemon import make_hooks
 
     stages = split_pipeline(line)
     tokens = tokenize(stages[0])
@@ -252,18 +294,12 @@ def _organization_cmdlet(line: str, extra: Sequence[str]) -> int | None:
     known = noun.lower() in org_cmdlets.NOUNS or noun.lower() == org_cmdlets.MEMBER_NOUN
     if verb.lower() not in org_cmdlets.VERBS or not known:
         return None
-    from hubport.core.cmdlets import output_of
+    from hubport.core.cmdlet_output import read_stages
 
     options = list(extra)
     config = _config_of(options)
-    output = output_of(stages[1:], options)
-    hooks = make_hooks(config if isinstance(config, Path) else None)
-
-    def validate(text: str, source: str) -> None:
-        base = Path(source).parent if not str(source).startswith(("etcd", "<")) else Path.cwd()
-        parse_organization(text, source=source, base_dir=base,
-                           connector_types=hooks.registry.connector_types,
-                           delivery_agents=hooks.registry.delivery_agents)
+    output = read_stages(stages[1:], options)
+    validate = org_cmdlets.validator(config)
 
     certificate = next((Path(options[i + 1]) for i, o in enumerate(options[:-1])
                         if o in ("--certificate", "-certificate")), None)
@@ -286,18 +322,20 @@ def _command_names() -> list[str]:
     return list(_COMMANDS)
 
 
-def _cmdlet(words: Sequence[str]) -> list[str] | int:
+def _cmdlet(words: Sequence[str]) -> Any:
     """A cmdlet line among the words (``hubport 'Get-Queue -Server HUB01 | fl'``): the
-    command line it stands for, or an exit status when it is Get-Help, -WhatIf or wrong."""
+    command it stands for (an Invocation), or an exit status when it ran here (the
+    organization's cmdlets, Get-Help), is -WhatIf or is wrong."""
+    from hubport.core.cmdlet_help import get_command, get_help
     from hubport.core.cmdlet_line import CmdletError
-    from hubport.core.cmdlets import help_text, is_cmdlet_line, to_argv
+    from hubport.core.cmdlets import Invocation, is_cmdlet_line, to_argv
 
     commands = _command_names()
     index = 0  # the command word: after the options given before it (--config X, --json)
     while index < len(words) and words[index].startswith("-"):
         index += 1 if words[index] in ("--json", "-json") or "=" in words[index] else 2
     if index >= len(words) or not is_cmdlet_line(words[index], commands):
-        return list(words)
+        return Invocation(list(words))
     line, extra = words[index], [*words[:index], *words[index + 1:]]
     try:
         found = _search_audit(line, extra)
@@ -305,23 +343,19 @@ def _cmdlet(words: Sequence[str]) -> list[str] | int:
             found = _organization_cmdlet(line, extra)
         if found is not None:
             return found
-        if line.strip().lower().startswith("get-help"):
-            topic = line.strip()[len("get-help"):].strip().strip("'\"")
-            print(help_text(topic or None))
+        first = line.split()[0].lower() if line.split() else ""
+        if first in ("get-help", "get-command", "help"):
+            print(get_command(line) if first == "get-command" else get_help(line))
             return 0
-        argv, what_if = to_argv(line, extra)
+        invocation = to_argv(line, extra)
     except CmdletError as exc:
         print(f"hubport: {exc}", file=sys.stderr)
         return 2
-    if what_if:
-        print(what_if)
+    if invocation.what_if:
+        print(invocation.what_if)
         return 0
-    from hubport.core.cmdlets import CMDLETS
-
-    name = line.strip().split()[0].split("|")[0].lower()
-    if name in CMDLETS and CMDLETS[name].changes:
-        _PENDING_AUDIT[:] = [(CMDLETS[name].name, line, argv)]
-    return argv
+    invocation.line = line
+    return invocation
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -337,10 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    words = _cmdlet(sys.argv[1:] if argv is None else argv)
-    if isinstance(words, int):
-        return words
-    args = _parser().parse_args(_normalize_argv(words))
+    invocation = _cmdlet(sys.argv[1:] if argv is None else argv)
+    if isinstance(invocation, int):
+        return invocation
+    args = _parser().parse_args(_normalize_argv(invocation.argv))
     from hubport.core.org_cmdlets import LOCAL_FILE
 
     if getattr(args, "config", None) is None and "config" in args and LOCAL_FILE.exists():
@@ -363,10 +397,92 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
-    status = commands[args.command](args)
-    if status == 0 and _PENDING_AUDIT:
-        _audit_queue_cmdlet(args)
+    if invocation.then:
+        return _for_each(invocation, lambda: commands[args.command](args))
+    if invocation.post is None:
+        status = commands[args.command](args)
+    else:
+        status = _with_stages(invocation, lambda: commands[args.command](args))
+    if status == 0 and invocation.cmdlet is not None and invocation.cmdlet.changes:
+        _audit_queue_cmdlet(args, invocation.cmdlet.name, invocation.line)
     return status
+
+
+def _for_each(invocation: Any, command: Callable[[], int]) -> int:
+    """``Get-Message ... | Suspend-Message``: the action's line once for each object the
+    command returned, with that object's identity; the first failure ends it."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = (_with_stages(invocation, command) if invocation.post is not None
+                  else command())
+    if status != 0:
+        sys.stdout.write(printed.getvalue())
+        return status
+    text = printed.getvalue()
+    try:
+        objects = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError:
+        objects = [json.loads(line) for line in text.splitlines() if line.strip()]
+    as_json = "--json" in invocation.extra
+    results: list[Any] = []
+    for item in objects if isinstance(objects, list) else [objects]:
+        identity = next((v for k, v in item.items() if k.lower() == "identity"), None) \
+            if isinstance(item, dict) else None
+        if identity is None:
+            continue
+        action, _, after = invocation.then.partition("|")
+        if str(identity).lower().endswith("\\poison") and \
+                action.split()[0].lower().endswith("-queue"):
+            print(f"hubport: {identity} skipped: the Poison queue is always suspended; act on"
+                  " its messages one by one (Resume-Message, Remove-Message)", file=sys.stderr)
+            continue
+        line = f"{action.strip()} -{invocation.then_parameter} '{identity}'" + (
+            f" | {after}" if after else "")
+        answer = io.StringIO()
+        with contextlib.redirect_stdout(answer) if as_json else contextlib.nullcontext():
+            status = main([line, *invocation.extra])
+        if status != 0:
+            sys.stdout.write(answer.getvalue())
+            return status
+        if as_json:  # one JSON document for the whole line
+            result = json.loads(answer.getvalue() or "null")
+            results.extend(result if isinstance(result, list) else [result])
+    if as_json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def _with_stages(invocation: Any, command: Callable[[], int]) -> int:
+    """Run a command that prints JSON, then the stages after its cmdlet (Where-Object,
+    Select-Object, ...) on the objects (core/cmdlet_output.py)."""
+    import contextlib
+    import io
+
+    from hubport.core.cmdlet_line import CmdletError
+    from hubport.core.cmdlet_output import apply, render
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = command()
+    text = printed.getvalue()
+    if status != 0:
+        sys.stdout.write(text)
+        return status
+    try:
+        output = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError:  # one object per line (the tracking log's search)
+        output = [json.loads(line) for line in text.splitlines() if line.strip()]
+    post, view = invocation.post, invocation.cmdlet.view
+    try:
+        objects = apply(view(output), post)
+        print(render(objects, post.output or "table", post.columns), end="")
+    except CmdletError as exc:
+        print(f"hubport: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _positive(text: str) -> int:
@@ -539,8 +655,6 @@ def _shell(args: argparse.Namespace) -> int:
     server = ["--server", args.server] if args.server else []
 
     def run_line(line: str) -> int:
-        if line.strip().lower() == "get-command":
-            line = "Get-Help"
         try:
             return main([line, *config, *server])
         except SystemExit as exc:  # argparse's own refusal of a line
@@ -638,7 +752,10 @@ def _tracking(args: argparse.Namespace) -> int:
         except ControlError as exc:
             print(f"hubport: {exc}", file=sys.stderr)
             return 1
-    print(format_events(events, args.format))
+    if args.json:
+        print(json.dumps(events, indent=2))
+    else:
+        print(format_events(events, args.format))
     return 0
 
 
@@ -660,6 +777,7 @@ def _queue(args: argparse.Namespace) -> int:
     """Get-Queue and the other queue cmdlets: a request to the running daemon."""
     from hubport.core.control import ControlError, call
     from hubport.core.queue_admin import write_export
+    from hubport.core.queue_view import queue_list, queue_table
 
     every = args.server == "*" and args.command in ("get-queue", "get-message")
     if every:
@@ -713,7 +831,7 @@ def _queue(args: argparse.Namespace) -> int:
     else:
         rows = result if isinstance(result, list) else [result]
         kind = "message" if op.endswith("-message") else "queue"
-        print(_queue_list(rows, kind) if fmt == "list" else _queue_table(rows, kind))
+        print(queue_list(rows, kind) if fmt == "list" else queue_table(rows, kind))
         if op == "get-queue" and not every:
             note = _pressure_note(server.state_directory)
             if note:
@@ -758,6 +876,8 @@ def _backpressure(args: argparse.Namespace) -> int:
 def format_backpressure(state: dict[str, Any], as_list: bool = False) -> str:
     """The monitor's snapshot for people: the server's level, one row per resource, the
     recent level changes."""
+    from hubport.core.queue_view import clock
+
     head = f"Back pressure on {state['server']}: {state['level']} ({state['effect']})"
     if not state.get("enabled"):
         head += "\nResource monitoring is off (EnableResourceMonitoring = false)."
@@ -772,7 +892,7 @@ def format_backpressure(state: dict[str, Any], as_list: bool = False) -> str:
             ("Resource", m["resource"]), ("Pressure", f"{m['pressure']:g} {m['unit']}".strip()),
             ("CurrentResourceUse", m["current_resource_use"]),
             ("PreviousResourceUse", m["previous_resource_use"]),
-            ("PressureTransitions", m["pressure_transitions"]), ("Since", _clock(m["since"])),
+            ("PressureTransitions", m["pressure_transitions"]), ("Since", clock(m["since"])),
             ("Detail", m["detail"]))) for m in meters]
         body = "\n\n".join(blocks)
     else:
@@ -787,7 +907,7 @@ def format_backpressure(state: dict[str, Any], as_list: bool = False) -> str:
                          f"{m['current_resource_use']:<7} {m['previous_resource_use']:<8}  "
                          f"{limits:<20}  {m['detail']}")
         body = "\n".join(lines)
-    changes = [f"{_clock(c['at'])}  {c['resource']}: {c['from']} -> {c['to']}"
+    changes = [f"{clock(c['at'])}  {c['resource']}: {c['from']} -> {c['to']}"
                + (f" at {c['pressure']:g} {c['unit']}".rstrip() if c["unit"] else "")
                + (f" (worker {c['worker']})" if len(workers) > 1 and "worker" in c else "")
                for c in state.get("transitions", [])[-10:]]
@@ -843,8 +963,7 @@ def _add_queue_commands(sub: Any) -> None:
             cmd.add_argument("--path", "-path", required=True, type=Path)
         cmd.add_argument("--format", "-format", default="table",
                          choices=["table", "list", "json"])
-        if op in ("get-queue", "get-message"):
-            cmd.add_argument("--json", action="store_true", help="same as --format json")
+        cmd.add_argument("--json", action="store_true", help="same as --format json")
         _certificate_option(cmd)
 
 
@@ -856,52 +975,6 @@ def _certificate_option(cmd: argparse.ArgumentParser) -> None:
                           " $HUBPORT_ADMIN_CERTIFICATE, else this machine's files and socket")
 
 
-def _clock(value: object) -> str:
-    if not isinstance(value, (int, float)):
-        return ""
-    return datetime.fromtimestamp(value).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _queue_table(rows: list[dict[str, Any]], kind: str) -> str:
-    if kind == "queue":
-        lines = [f"{'Identity':<24} {'DeliveryType':<26} {'Status':<10} {'MessageCount':>12}"
-                 f"  {'NextRetryTime':<19}  NextHopDomain"]
-        lines += [f"{r['identity']:<24} {r['delivery_type']:<26} {r['status']:<10} "
-                  f"{r['message_count']:>12}  {_clock(r.get('next_retry')):<19}  {r['next_hop']}"
-                  for r in rows]
-    else:
-        lines = [f"{'Identity':<28} {'FromAddress':<30} {'Status':<10} {'Size':>8}  Subject"]
-        lines += [f"{r['identity']:<28} {(r['from'] or '<>'):<30} {r['status']:<10} "
-                  f"{r['size']:>8}  {r['subject']}" for r in rows]
-    return "\n".join(lines)
-
-
-def _queue_list(rows: list[dict[str, Any]], kind: str) -> str:
-    """Format-List: every property, recipients one per line with their status."""
-    blocks = []
-    for r in rows:
-        if kind == "queue":
-            fields = [("Identity", r["identity"]), ("DeliveryType", r["delivery_type"]),
-                      ("NextHopDomain", r["next_hop"]), ("Status", r["status"]),
-                      ("MessageCount", r["message_count"]),
-                      ("LastRetryTime", _clock(r.get("last_retry"))),
-                      ("NextRetryTime", _clock(r.get("next_retry"))),
-                      ("RetryCount", r.get("retry_count") or 0),
-                      ("LastError", r.get("last_error") or "")]
-        else:
-            fields = [("Identity", r["identity"]), ("FromAddress", r["from"] or "<>"),
-                      ("Subject", r["subject"]), ("Status", r["status"]), ("Size", r["size"]),
-                      ("Queue", r["queue_identity"]), ("InternetMessageId", r["message_id"]),
-                      ("DateReceived", _clock(r.get("received"))),
-                      ("ExpirationTime", _clock(r.get("expires"))),
-                      ("NextRetryTime", _clock(r.get("next_retry"))),
-                      ("LastError", r.get("last_error") or "")]
-            fields += [("Recipient", f"{p['address']} {p['status']}"
-                        + (" Suspended" if p.get("suspended") else "")
-                        + (f" ({p['last_error']})" if p.get("last_error") else ""))
-                       for p in r["recipients"]]
-        blocks.append("\n".join(f"{name:<18}: {value}" for name, value in fields))
-    return "\n\n".join(blocks)
 
 
 def _size(text: str) -> int:

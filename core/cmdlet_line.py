@@ -48,6 +48,7 @@ class Token:
     parameter: bool = False  # -Name (text is the name without the dash)
     attached: str | None = None  # -Name:value
     block: bool = False  # { ... }
+    tables: tuple[dict[str, Any], ...] = ()  # @{Name='X'; Port=25}, @{...}: hash tables
 
 
 def split_pipeline(line: str) -> list[str]:
@@ -90,6 +91,18 @@ def tokenize(stage: str) -> list[Token]:
         if ch.isspace():
             i += 1
             continue
+        if stage.startswith("@{", i):
+            tables: list[dict[str, Any]] = []
+            while stage.startswith("@{", i):
+                end = _block_end(stage, i + 1)
+                tables.append(hash_table(stage[i + 2:end]))
+                i = end + 1
+                while i < n and stage[i].isspace():
+                    i += 1
+                if i < n and stage[i] == "," and stage[i + 1:].lstrip().startswith("@{"):
+                    i = stage.index("@{", i)
+            tokens.append(Token(stage, tables=tuple(tables)))
+            continue
         if ch == "{":
             end = _block_end(stage, i)
             tokens.append(Token(stage[i + 1:end].strip(), block=True))
@@ -110,6 +123,54 @@ def tokenize(stage: str) -> list[Token]:
         value, i = _word(stage, i)
         tokens.append(Token(value, quoted=True))
     return tokens
+
+
+def hash_table(body: str) -> dict[str, Any]:
+    """The body of ``@{Name='EX2003BH1'; Port=2525; Enabled=$true}``: keys and values
+    separated by ``;`` or new lines; quoted values are text, bare ones numbers, $true,
+    $false or text."""
+    table: dict[str, Any] = {}
+    for entry in _split_entries(body):
+        key, sep, raw = entry.partition("=")
+        if not sep or not key.strip():
+            raise CmdletError(f"@{{{body}}}: {entry.strip()!r} is not Key = Value")
+        value, end = _word(raw.strip(), 0) if raw.strip() else ("", 0)
+        if raw.strip()[end:].strip():
+            raise CmdletError(f"@{{{body}}}: {entry.strip()!r}: quote a value with spaces")
+        bare = raw.strip()[:1] not in QUOTES
+        table[key.strip()] = _scalar(value) if bare else value
+    return table
+
+
+def _split_entries(body: str) -> list[str]:
+    entries: list[str] = []
+    current: list[str] = []
+    quote: str | None = None
+    for ch in body:
+        if quote is not None:
+            if ch in QUOTES[quote]:
+                quote = None
+        elif ch in QUOTES:
+            quote = ch
+        elif ch in ";\n":
+            entries.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    entries.append("".join(current))
+    return [e for e in entries if e.strip()]
+
+
+def _scalar(text: str) -> Any:
+    low = text.lower()
+    if low in ("$true", "$false"):
+        return low == "$true"
+    if low == "$null":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _block_end(text: str, start: int) -> int:
@@ -136,7 +197,10 @@ def _word(text: str, i: int) -> tuple[str, int]:
     stays one word, as PowerShell reads it); quotes removed."""
     out: list[str] = []
     n = len(text)
-    while i < n and not text[i].isspace():
+    while i < n and (not text[i].isspace() or _list_goes_on(text, i, out)):
+        if text[i].isspace():  # "a", "b": a comma list may have spaces after its commas
+            i += 1
+            continue
         ch = text[i]
         if ch in QUOTES:
             closers = QUOTES[ch]
@@ -153,6 +217,14 @@ def _word(text: str, i: int) -> tuple[str, int]:
         out.append(ch)
         i += 1
     return _strip_typographic("".join(out)), i
+
+
+def _list_goes_on(text: str, i: int, out: Sequence[str]) -> bool:
+    """At a space after a list's comma, with another item (not a parameter) to come."""
+    if not out or out[-1] != ",":
+        return False
+    rest = text[i:].lstrip()
+    return bool(rest) and not rest.startswith(("-", "|"))
 
 
 def _strip_typographic(value: str) -> str:

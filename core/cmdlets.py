@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hubport.core.cmdlet_line import (
@@ -27,6 +27,7 @@ from hubport.core.cmdlet_line import (
     text_list,
     tokenize,
 )
+from hubport.core.cmdlet_output import Stages, read_stages, where_condition
 from hubport.core.config_fields import suggest
 
 __all__ = ["CMDLETS", "is_cmdlet_line", "to_argv"]
@@ -46,6 +47,9 @@ class Cmdlet:
     changes: bool = False  # -WhatIf applies
     formats: bool = True  # takes --format table|list|json
     help: str = ""
+    #: the objects of the command's JSON output under Exchange's property names, for the
+    #: object stages (Where-Object, Select-Object, ...); None: it prints a report
+    view: Callable[[Any], list[dict[str, Any]]] | None = None
 
 
 def _opt(flag: str, value: Any) -> list[str]:
@@ -85,10 +89,41 @@ WHATIF = (P("WhatIf", switch=True, default=False), P("Confirm", switch=True, def
 FILTER = P("Filter")
 
 
+def _rows(output: Any) -> list[dict[str, Any]]:
+    return output if isinstance(output, list) else [output]
+
+
+def _queues(output: Any) -> list[dict[str, Any]]:
+    from hubport.core.queue_view import queue_properties
+
+    return [queue_properties(r) for r in _rows(output)]
+
+
+def _messages(output: Any) -> list[dict[str, Any]]:
+    from hubport.core.queue_view import message_properties
+
+    return [message_properties(r) for r in _rows(output)]
+
+
+def _events(output: Any) -> list[dict[str, Any]]:
+    from hubport.core.tracking import event_properties
+
+    return [event_properties(r) for r in _rows(output)]
+
+
+def _servers(output: Any) -> list[dict[str, Any]]:
+    return [{"Name": r["name"], "Site": r["site"], "Fqdn": r["fqdn"],
+             "Generation": r["generation"], "Revision": r["revision"], "Current": r["current"]}
+            for r in _rows(output)]
+
+
 def _queue_cmdlet(name: str, command: str, *extra: Parameter, changes: bool = False,
                   help: str = "") -> Cmdlet:
-    params = (IDENTITY, SERVER, *extra, *(WHATIF if changes else ()))
-    return Cmdlet(name, command, params, _queue_options, changes=changes, help=help)
+    params = (IDENTITY, SERVER, *extra, *((FILTER, *WHATIF) if changes else ()))
+    view = None if name in ("Remove-Message", "Export-Message") else \
+        _queues if name.endswith("Queue") else _messages
+    return Cmdlet(name, command, params, _queue_options, changes=changes, help=help,
+                  view=view)
 
 
 def _tracking_options(b: Bound) -> list[str]:
@@ -132,35 +167,24 @@ CMDLETS: dict[str, Cmdlet] = {c.name.lower(): c for c in (
         SERVER, P("Start"), P("End"), P("EventId"), P("MessageId"), P("InternalMessageId"),
         P("MessageSubject"), P("Sender"), P("Recipients", text_list), P("Reference"),
         P("Source"), P("ResultSize", _result_size)), _tracking_options,
-        help="search the message tracking log"),
+        help="search the message tracking log", view=_events),
     Cmdlet("Test-Route", "test-route", (
         P("Recipient", positional=True), P("Sender"), P("Size"), SERVER), _route_options,
         formats=False, help="where a recipient goes from a server, and why"),
     Cmdlet("Get-TransportServer", "get-transportserver", (P("Identity", positional=True),),
            lambda b: _opt("--server", b.values.get("Identity")), formats=False,
-           help="the transport servers (and what each runs from a store)"),
+           help="the transport servers (and what each runs from a store)", view=_servers),
 )}
 
-#: output stages: Format-List, Format-Table, ConvertTo-Json (and the aliases)
-OUTPUT = {"format-list": "list", "fl": "list", "format-table": "table", "ft": "table",
-          "convertto-json": "json"}
-
-
-#: Where-Object and its aliases: a filter the queue cmdlets apply on the server
-WHERE = ("where-object", "where", "?")
-
-
-def _where(cmdlet: Cmdlet, words: Sequence[Any], options: list[str]) -> list[str]:
-    """``| Where-Object {$_.Status -eq 'Retry'}`` becomes the cmdlet's -Filter (``$_.``
-    dropped), joined with -and to one already given."""
-    if FILTER not in cmdlet.parameters:
-        raise CmdletError(f"| Where-Object: hubport filters Get-Queue and Get-Message; for"
-                          f" {cmdlet.name} name the object with -Identity")
-    block = next((w.text for w in words[1:] if w.block), None)
-    if block is None:
-        raise CmdletError("| Where-Object needs a script block: Where-Object {$_.Status -eq"
-                          " 'Retry'}")
-    condition = re.sub(r"\$_\.", "", block).strip()
+def _server_filter(cmdlet: Cmdlet, stages: list[str], options: list[str]) -> list[str]:
+    """A first ``| Where-Object {$_.Status -eq 'Retry'}`` after Get-Queue or Get-Message
+    becomes their -Filter, applied by the daemon (joined with -and to one already given);
+    the stages left work on the objects printed."""
+    condition = where_condition(stages[0]) if stages and FILTER in cmdlet.parameters \
+        else None
+    if condition is None:
+        return options
+    stages.pop(0)
     if "--filter" in options:
         at = options.index("--filter") + 1
         options[at] = f"{options[at]} -and {condition}"
@@ -168,18 +192,29 @@ def _where(cmdlet: Cmdlet, words: Sequence[Any], options: list[str]) -> list[str
     return [*options, "--filter", condition]
 
 
-def output_of(stages: Sequence[str], extra: Sequence[str]) -> str | None:
-    """The output the stages after a cmdlet ask for (Format-List, Format-Table,
-    ConvertTo-Json), or ``--json`` beside the line; None: the cmdlet's own."""
-    output = "json" if "--json" in extra else None
-    for stage in stages:
-        words = tokenize(stage)
-        verb = words[0].text.lower() if words else ""
-        if verb not in OUTPUT:
-            raise CmdletError(f"| {stage}: hubport takes Format-List (fl), Format-Table (ft)"
-                              " or ConvertTo-Json after this cmdlet")
-        output = OUTPUT[verb]
-    return output
+def _stage_cmdlet(stage: str) -> str:
+    words = stage.split()
+    return words[0].lower() if words else ""
+
+
+def _for_each_match(cmdlet: Cmdlet, bound: Bound, stages: Sequence[str],
+                    extra: Sequence[str]) -> Invocation:
+    """An action cmdlet given -Filter instead of -Identity, as Exchange takes it: the
+    Get- cmdlet with that filter, then the action on each match."""
+    if bound.values.get("Identity"):
+        raise CmdletError(f"{cmdlet.name}: give -Identity or -Filter, not both")
+    getter = "Get-Queue" if cmdlet.name.endswith("-Queue") else "Get-Message"
+    server = bound.values.get("Server")
+    source = to_argv(f"{getter} -Filter {{{bound.values['Filter']}}}"
+                     + (f" -Server '{server}'" if server else ""),
+                     [*(e for e in extra if e != "--json"), "--json"])
+    words = [cmdlet.name]
+    for name in sorted(bound.given - {"Filter", "Identity"}):
+        value = bound.values[name]
+        text = ("$true" if value else "$false") if isinstance(value, bool) else f"'{value}'"
+        words.append(f"-{name}:{text}")
+    source.then, source.extra = " | ".join([" ".join(words), *stages]), list(extra)
+    return source
 
 
 def is_cmdlet_line(text: str, commands: Sequence[str] = ()) -> bool:
@@ -191,70 +226,68 @@ def is_cmdlet_line(text: str, commands: Sequence[str] = ()) -> bool:
     return " " in word or "|" in word or word.lower() not in commands
 
 
-def to_argv(line: str, extra: Sequence[str] = ()) -> tuple[list[str], str]:
-    """The ``hubport`` command line a cmdlet line stands for, and what -WhatIf would say
-    instead ("" when it runs). ``extra`` are options given beside the line (--config,
-    --json)."""
+@dataclass
+class Invocation:
+    """What a cmdlet line runs: the ``hubport`` command line, what -WhatIf says instead
+    ("" when it runs), and the object stages to apply to the command's JSON output."""
+
+    argv: list[str]
+    what_if: str = ""
+    post: Stages | None = None
+    cmdlet: Cmdlet | None = None
+    line: str = ""  # the cmdlet line, for the admin audit log
+    #: a cmdlet line to run once for each object the command returns, with its identity
+    #: (``Get-Message -Queue X | Suspend-Message``, ``Retry-Queue -Filter {...}``)
+    then: str = ""
+    then_parameter: str = "Identity"
+    extra: list[str] = field(default_factory=list)  # the options beside the line
+
+
+def to_argv(line: str, extra: Sequence[str] = ()) -> Invocation:
+    """The ``hubport`` command a cmdlet line stands for. ``extra`` are options given beside
+    the line (--config, --json)."""
     stages = split_pipeline(line)
+    action = next((i for i, stage in enumerate(stages[1:], 1)
+                   if _stage_cmdlet(stage) in CMDLETS), None)
+    if action is not None:  # Get-Queue ... | Retry-Queue: the action once per object
+        source = to_argv(" | ".join(stages[:action]),
+                         [*(e for e in extra if e != "--json"), "--json"])
+        if source.cmdlet is None or source.cmdlet.view is None:
+            raise CmdletError(f"| {stages[action].strip()}: {stages[0].split()[0]} returns no"
+                              " objects to pass on")
+        source.then, source.extra = " | ".join(stages[action:]), list(extra)
+        taker = CMDLETS[_stage_cmdlet(stages[action])]
+        source.then_parameter = "Queue" if taker.name == "Get-Message" else "Identity"
+        return source
     tokens = tokenize(stages[0])
     if not tokens or tokens[0].parameter:
         raise CmdletError(f"{line!r}: a cmdlet name first (e.g. Get-Queue)")
     name = tokens[0].text
     cmdlet = CMDLETS.get(name.lower())
     if cmdlet is None:
-        from hubport.core.shell import completions
+        from hubport.core.cmdlet_help import catalogue
 
-        raise CmdletError(f"{name}: not a cmdlet hubport knows{suggest(name, completions([]))}"
+        known = [e.name for e in catalogue()]
+        raise CmdletError(f"{name}: not a cmdlet hubport knows{suggest(name, known)}"
                           f" (Get-Help lists them)")
     bound = bind(cmdlet.name, tokens[1:], cmdlet.parameters)
-    options = cmdlet.to_options(bound)
-    output = None
-    for stage in stages[1:]:
-        words = tokenize(stage)
-        verb = words[0].text.lower() if words else ""
-        if verb in WHERE:
-            options = _where(cmdlet, words, options)
-            continue
-        if verb not in OUTPUT:
-            raise CmdletError(f"| {stage}: hubport takes Where-Object, Format-List (fl),"
-                              " Format-Table (ft) or ConvertTo-Json after a cmdlet")
-        output = OUTPUT[verb]
-    if "--json" in extra:
-        output = "json"
+    if bound.values.get("Filter") and cmdlet.changes:  # Retry-Queue -Filter {...}
+        return _for_each_match(cmdlet, bound, stages[1:], extra)
+    rest = stages[1:]
+    options = _server_filter(cmdlet, rest, cmdlet.to_options(bound))
+    post = read_stages(rest, extra)
+    if post.works_on_objects and cmdlet.view is None:
+        raise CmdletError(f"{cmdlet.name} prints a report, not objects: only ConvertTo-Json"
+                          " or --json changes it")
+    output = "json" if post.works_on_objects else post.output
     if output is not None:
         if not cmdlet.formats and output != "json":
             raise CmdletError(f"{cmdlet.name} prints its own report: only ConvertTo-Json or"
                               " --json changes it")
-        options += ["--json"] if not cmdlet.formats else ["--format", output]
+        options += ["--json"] if not cmdlet.formats or output == "json" else \
+            ["--format", output]
     argv = [cmdlet.command, *[e for e in extra if e != "--json"], *options]
     if cmdlet.changes and bound.values.get("WhatIf"):
         target = bound.values.get("Identity") or "(every match)"
-        return argv, f'What if: {cmdlet.name} on "{target}".'
-    return argv, ""
-
-
-def help_text(name: str | None = None) -> str:
-    """Get-Help: every cmdlet, or one with its parameters."""
-    from hubport.core.org_cmdlets import NOUNS, SINGLE, noun_name
-
-    if not name:
-        lines = [f"{c.name:<24} {c.help}" for c in CMDLETS.values()]
-        for noun, section in NOUNS.items():
-            verbs = "Get-/Set-" if section in SINGLE else "New-/Set-/Get-/Remove-"
-            lines.append(f"{verbs}{noun_name(noun):<{40 - len(verbs)}} [[{section}]] objects;"
-                         " the parameters are their fields")
-        return "\n".join(lines)
-    _verb, _, noun = name.partition("-")
-    if noun.lower() in NOUNS:
-        section = NOUNS[noun.lower()]
-        return (f"{name} -Identity <Name> [-<Field> <value> ...]\n    edits [[{section}]]"
-                " objects; the fields and their values are those of the organization file"
-                " (core/default.toml shows every one); $null clears a field")
-    cmdlet = CMDLETS.get(name.lower())
-    if cmdlet is None:
-        known = [c.name for c in CMDLETS.values()]
-        raise CmdletError(f"{name}: not a cmdlet hubport knows{suggest(name, known)}")
-    params = " ".join(f"[-{p.name}{'' if p.switch else ' <value>'}]"
-                      for p in cmdlet.parameters)
-    return f"{cmdlet.name} {params}\n    {cmdlet.help}"
-
+        return Invocation(argv, f'What if: {cmdlet.name} on "{target}".')
+    return Invocation(argv, post=post if post.works_on_objects else None, cmdlet=cmdlet)

@@ -815,18 +815,20 @@ class _Loader:
 
     def _check_topology(self, links: Sequence[SiteLink], servers: Sequence[TransportServer]
                         ) -> None:
-        """With several sites, every site is on a site link and every site with a transport
-        server reaches every other such site: else some hub could never relay to another."""
-        if len(self.sites) < 2 or self.ctx.errors:
+        """With several sites that have transport servers, each of them is on a site link
+        and a chain of links joins them: else some hub could never relay to another. A
+        site without servers may wait for its links (so cmdlets can build a topology one
+        object at a time)."""
+        staffed = list(dict.fromkeys(s.site for s in servers))
+        if len(self.sites) < 2 or len(staffed) < 2 or self.ctx.errors:
             return
         linked = {site.lower() for link in links for site in link.sites}
-        for site in self.sites:
-            if site.name.lower() not in linked:
-                self.ctx.error(f'site "{site.name}"', None,
-                               "is on no site link: add it to a [[site_link]] (Sites), or"
-                               " remove the site")
-        staffed = list(dict.fromkeys(s.site for s in servers))
-        if len(staffed) < 2 or any(s.lower() not in linked for s in staffed):
+        unlinked = [site for site in staffed if site.lower() not in linked]
+        for site in unlinked:
+            self.ctx.error(f'site "{site}"', None,
+                           "is on no site link, and transport servers of other sites could"
+                           " never relay to its servers: add it to a [[site_link]] (Sites)")
+        if unlinked:
             return
         apart = [site for site in staffed[1:]
                  if _cheapest_path(links, staffed[0], site) is None]

@@ -201,6 +201,8 @@ def describe_object(section: str, table: Mapping[str, Any], index: int) -> str:
 #: section -> {lower-case field: its spelling}, every field a load has asked for: the
 #: organization cmdlets complete abbreviated parameter names from it
 KNOWN_FIELDS: dict[str, dict[str, str]] = {}
+#: section -> {field's spelling: the values it takes}, for tab completion and Get-Help
+KNOWN_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {}
 
 
 class FieldReader:
@@ -212,6 +214,7 @@ class FieldReader:
         self._values: dict[str, tuple[str, Any]] = {}
         self._read: set[str] = set()
         self._known: dict[str, str] = {}
+        self._choices: dict[str, tuple[str, ...]] = {}
         for key, value in table.items():
             low = key.lower()
             if low in self._values:
@@ -238,6 +241,15 @@ class FieldReader:
         """Declare keys a type accepts but did not read, for did-you-mean suggestions."""
         for key in keys:
             self._known.setdefault(key.lower(), key)
+
+    def offer(self, key: str, choices: Sequence[str]) -> None:
+        """Declare the values a field takes (completion, Get-Help)."""
+        self._choices[key] = tuple(choices)
+
+    def not_one_of(self, key: str, value: Any, choices: Sequence[str]) -> None:
+        """A value outside ``choices``: the error names them and the closest one."""
+        self.error(key, f"{_show(value)} is not one of {', '.join(choices)}"
+                   + suggest(str(value).strip(), choices))
 
     def raw(self, key: str, default: Any = None) -> Any:
         """The untyped value (marks the key as read), for types with their own syntax."""
@@ -290,6 +302,8 @@ class FieldReader:
         choices: Sequence[str] | None = None,
     ) -> str | None:
         """A string; a bad or missing value gives `default` (so a str default gives a str)."""
+        if choices is not None:
+            self.offer(key, choices)
         value = self._take(key)
         if value is _MISSING:
             if required:
@@ -306,10 +320,11 @@ class FieldReader:
         for choice in choices:
             if choice.lower() == value.strip().lower():
                 return choice
-        self.error(key, f"{_show(value)} is not one of {', '.join(choices)}")
+        self.not_one_of(key, value, choices)
         return default
 
     def bool(self, key: str, default: bool) -> bool:
+        self.offer(key, ("$true", "$false"))
         value = self._take(key)
         if value is _MISSING:
             return default
@@ -641,7 +656,9 @@ class FieldReader:
     def finish(self) -> None:
         """Report every key nobody read: a typo must not be silently ignored."""
         if "[" not in self.object:  # the fields each section knows, for the cmdlets
-            KNOWN_FIELDS.setdefault(self.object.split(" ", 1)[0], {}).update(self._known)
+            section = self.object.split(" ", 1)[0]
+            KNOWN_FIELDS.setdefault(section, {}).update(self._known)
+            KNOWN_CHOICES.setdefault(section, {}).update(self._choices)
         for low, (spelling, _value) in self._values.items():
             if low not in self._read:
                 self.error(spelling, "unknown field" + suggest(spelling, self._known.values()))

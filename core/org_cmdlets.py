@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hubport.core.cmdlet_line import CmdletError, Token, text_list
+from hubport.core.cmdlet_output import Stages
 
 __all__ = ["LOCAL_FILE", "NOUNS", "run"]
 
@@ -47,6 +48,12 @@ NOUNS = {
     "transportserver": "transport_server", "transportconfig": "transport_config",
 }
 SINGLE = {"transport_config"}
+_USAGES = ("Custom", "Internal", "Internet", "Partner", "Client")
+#: switches that stand for a field's value, as Exchange's New-SendConnector -Internet
+SWITCHES = {section: {u.lower(): ("Usage", u) for u in _USAGES}
+            for section in ("send_connector", "receive_connector")}
+#: Exchange parameters whose field hubport spells otherwise
+ALIASES = {"accepted_domain": {"MakeDefault": "Default"}}
 VERBS = ("new", "set", "get", "remove", "add")
 #: Add-/Remove-DistributionGroupMember edit a group's Members
 MEMBER_NOUN = "distributiongroupmember"
@@ -67,8 +74,11 @@ def value_of(text: str) -> Any:
     return text
 
 
-def arguments(cmdlet: str, tokens: Sequence[Token], positional: str) -> dict[str, Any]:
-    """``-Field value`` pairs (the first bare value is ``positional``); ``$null`` clears."""
+def arguments(cmdlet: str, tokens: Sequence[Token], positional: str,
+              switches: Mapping[str, tuple[str, str]] | None = None) -> dict[str, Any]:
+    """``-Field value`` pairs (the first bare value is ``positional``); ``$null`` clears;
+    ``switches`` are parameters without a value that set a field (-Internet)."""
+    switches = switches or {}
     values: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
@@ -84,8 +94,14 @@ def arguments(cmdlet: str, tokens: Sequence[Token], positional: str) -> dict[str
                 raise CmdletError(f"{cmdlet}: {token.text!r}: only -{positional} is given by"
                                   " position")
             values[positional] = token.text
+        elif token.text.lower() in switches and token.attached is None:
+            field, value = switches[token.text.lower()]
+            values[field] = value
         elif token.attached is not None:
             values[token.text] = value_of(token.attached)
+        elif i + 1 < len(tokens) and tokens[i + 1].tables:
+            i += 1
+            values[token.text] = [dict(t) for t in tokens[i].tables]
         elif i + 1 < len(tokens) and not tokens[i + 1].parameter:
             i += 1
             text = tokens[i].text
@@ -131,7 +147,7 @@ def _merge(table: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
-def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, output: str | None,
+def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, stages: Stages,
         validate: Callable[[str, str], object],
         changed: Callable[[str, Any, list[str], str], object] = lambda *a: None) -> int:
     """One organization cmdlet; the exit status. ``validate(text, source)`` raises the
@@ -143,37 +159,51 @@ def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, output: str 
     if verb == "add" and not member:
         raise CmdletError(f"{cmdlet}: not a cmdlet hubport knows (New-{noun_name(noun)}"
                           " makes one)")
-    values = arguments(cmdlet, tokens, "Name" if verb == "new" else "Identity")
+    values = arguments(cmdlet, tokens, "Name" if verb == "new" else "Identity",
+                       SWITCHES.get(section))
+    for key in list(values):
+        alias = next((field for name, field in ALIASES.get(section, {}).items()
+                      if name.lower() == key.lower()), None)
+        if alias:
+            values[alias] = values.pop(key)
     what_if = bool(_pop(values, "WhatIf"))
     _pop(values, "Confirm")
     store = _store_of(config)
     data = _read(config, store)
     _expand_names(cmdlet, section, data, values, validate)
     if verb == "get":
-        return _get(cmdlet, section, data, values, output)
-    edits = _member_edits(cmdlet, verb, data, values) if member else \
+        return _get(cmdlet, section, data, values, stages)
+    edits = _member_edits(cmdlet, verb, data, values, validate) if member else \
         _edits(cmdlet, verb, section, data, values)
+    if section == "accepted_domain":
+        edits.update(_one_default(data, edits))
     if what_if:
         for (sec, name), table in edits.items():
             action = "Removing" if table is None else "Setting"
             print(f'What if: {action} {sec} "{name}".')
         return 0
     objects = [f"{sec}/{name}" if name else sec for sec, name in edits]
+    where: Any
     if store is not None:
         generation = asyncio.run(store.change(edits, lambda text: validate(text, store.url)))
-        print(f"{cmdlet}: done ({store.url} generation {generation})")
-        changed(cmdlet, config, objects, f"generation {generation}")
-        return 0
-    path = _local_file(config)
-    with _locked(path):
-        text = path.read_text(encoding="utf-8-sig")
-        new = _edit_text(text, edits)
-        validate(new, str(path))
-        _replace(path, new)
-    print(f"{cmdlet}: done ({path})")
-    import hashlib
+        where, revision = config, f"generation {generation}"
+    else:
+        import hashlib
 
-    changed(cmdlet, path, objects, "sha256 " + hashlib.sha256(new.encode()).hexdigest()[:16])
+        path = _local_file(config)
+        with _locked(path):
+            new = _edit_text(path.read_text(encoding="utf-8-sig"), edits)
+            validate(new, str(path))
+            _replace(path, new)
+        where = path
+        revision = "sha256 " + hashlib.sha256(new.encode()).hexdigest()[:16]
+    changed(cmdlet, where, objects, revision)
+    shown = store.url if store is not None else str(where)
+    if stages.output == "json":
+        print(json.dumps({"cmdlet": cmdlet, "organization": shown, "changed": objects,
+                          "revision": revision}, indent=2))
+    else:
+        print(f"{cmdlet}: done ({shown}, {revision})")
     return 0
 
 
@@ -199,7 +229,10 @@ def _edits(cmdlet: str, verb: str, section: str, data: Mapping[str, Any],
     if verb == "new":
         name = _pop(values, "Name")
         if not name:
-            raise CmdletError(f"{cmdlet}: -Name is required")
+            given = _pop(values, "Identity")
+            hint = f": {cmdlet} -Name '{_name(given)}' …" if given else ""
+            raise CmdletError(f"{cmdlet}: -Name is required (New- cmdlets name the new object"
+                              f" with -Name; -Identity names one that exists){hint}")
         if _find(objects, str(name)) is not None:
             raise CmdletError(f"{cmdlet}: {section} {name!r} already exists (Set-… changes"
                               " it)")
@@ -227,25 +260,63 @@ def _edits(cmdlet: str, verb: str, section: str, data: Mapping[str, Any],
     return {(section, stored): table}
 
 
-def _expand_names(cmdlet: str, section: str, data: Mapping[str, Any], values: dict[str, Any],
-                  validate: Callable[[str, str], object]) -> None:
-    """Parameters shortened to a unique prefix of a field (-addressspace ->
-    AddressSpaces), as PowerShell completes them; the fields a section has are learnt by
-    loading the organization with one bare object of it."""
+def validator(config: Any) -> Callable[[str, str], object]:
+    """``validate(text, source)``: load an organization's text as ``hubport run`` would
+    (with the plugins installed and the file's own), raising its ConfigErrors."""
+    from hubport.core.config import parse_organization
+    from hubport.core.daemon import make_hooks
+
+    hooks = make_hooks(config if isinstance(config, Path) else None)
+
+    def validate(text: str, source: str) -> Any:
+        base = Path(source).parent if not str(source).startswith(("etcd", "<")) else Path.cwd()
+        return parse_organization(text, source=source, base_dir=base,
+                           connector_types=hooks.registry.connector_types,
+                           delivery_agents=hooks.registry.delivery_agents)
+    return validate
+
+
+def section_fields(section: str, data: Mapping[str, Any] | None = None,
+                   validate: Callable[[str, str], object] | None = None) -> dict[str, str]:
+    """The fields a section's objects take, {lower case: spelling}: learnt by loading the
+    organization with one bare object of it (their values: KNOWN_CHOICES)."""
     from hubport.core.config_fields import KNOWN_FIELDS
     from hubport.core.toml_text import dumps
 
     if section not in KNOWN_FIELDS:
+        if data is None:
+            data = tomllib.loads(_embedded_default())
         probe = dict(data)
         if section in SINGLE:
             probe.setdefault(section, {})
         else:
             probe[section] = [*probe.get(section, []), {"Name": "hubport-probe"}]
         try:
-            validate(dumps(probe), "<probe>")
+            (validate or validator(None))(dumps(probe), "<probe>")
         except Exception:  # the probe object is incomplete: only the fields matter here
             pass
-    known = KNOWN_FIELDS.get(section, {})
+    return KNOWN_FIELDS.get(section, {})
+
+
+def _one_default(data: Mapping[str, Any],
+                 edits: Mapping[tuple[str, str], Mapping[str, Any] | None]
+                 ) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """-MakeDefault $true (Default) on one accepted domain clears it on the others, as
+    Exchange's Set-AcceptedDomain -MakeDefault does."""
+    made = {name.lower() for (_s, name), t in edits.items() if t and t.get("Default") is True}
+    if not made:
+        return {}
+    return {("accepted_domain", str(t["Name"])): _merge(t, {"Default": None})
+            for t in data.get("accepted_domain", [])
+            if t.get("Default") is True and str(t.get("Name", "")).lower() not in made
+            and ("accepted_domain", str(t["Name"])) not in edits}
+
+
+def _expand_names(cmdlet: str, section: str, data: Mapping[str, Any], values: dict[str, Any],
+                  validate: Callable[[str, str], object]) -> None:
+    """Parameters shortened to a unique prefix of a field (-addressspace ->
+    AddressSpaces), as PowerShell completes them."""
+    known = section_fields(section, data, validate)
     for key in list(values):
         low = key.lower()
         if low in known or low in ("identity", "whatif", "confirm", "member"):
@@ -258,9 +329,15 @@ def _expand_names(cmdlet: str, section: str, data: Mapping[str, Any], values: di
                               + ", ".join(f"-{m}" for m in matches))
 
 
-def _member_edits(cmdlet: str, verb: str, data: Mapping[str, Any], values: dict[str, Any]
+def _embedded_default() -> str:
+    return resources.files("hubport.core").joinpath("default.toml").read_text("utf-8")
+
+
+def _member_edits(cmdlet: str, verb: str, data: Mapping[str, Any], values: dict[str, Any],
+                  validate: Callable[[str, str], object]
                   ) -> dict[tuple[str, str], dict[str, Any] | None]:
-    """Add-/Remove-DistributionGroupMember -Identity <group> -Member <recipient>."""
+    """Add-/Remove-DistributionGroupMember -Identity <group> -Member <recipient>: a member
+    is the same whether named by Name, Alias or address (bob, bob@contoso.test)."""
     identity, member = _pop(values, "Identity"), _pop(values, "Member")
     if identity is None or member is None:
         raise CmdletError(f"{cmdlet}: -Identity (the group) and -Member are required")
@@ -272,7 +349,8 @@ def _member_edits(cmdlet: str, verb: str, data: Mapping[str, Any], values: dict[
         raise CmdletError(f"{cmdlet}: no distribution_group {_name(identity)!r}")
     group = dict(groups[index])
     members = [str(m) for m in group.get("Members", [])]
-    present = [m for m in members if m.lower() == str(member).lower()]
+    same = _same_recipient(data, validate)
+    present = [m for m in members if same(m, str(member))]
     if verb == "add":
         if present:
             raise CmdletError(f"{cmdlet}: {member!r} is already a member of {group['Name']}")
@@ -280,13 +358,31 @@ def _member_edits(cmdlet: str, verb: str, data: Mapping[str, Any], values: dict[
     else:
         if not present:
             raise CmdletError(f"{cmdlet}: {member!r} is not a member of {group['Name']}")
-        members = [m for m in members if m.lower() != str(member).lower()]
+        members = [m for m in members if m not in present]
     group["Members"] = members
     return {("distribution_group", str(group["Name"])): group}
 
 
+def _same_recipient(data: Mapping[str, Any], validate: Callable[[str, str], object]
+                    ) -> Callable[[str, str], bool]:
+    """Whether two references name one recipient, by the organization's directory; by
+    their text when the organization does not load."""
+    from hubport.core.directory import RecipientDirectory
+    from hubport.core.toml_text import dumps
+
+    try:
+        directory = RecipientDirectory(validate(dumps(data), "<members>"))  # type: ignore[arg-type]
+    except Exception:  # an organization that does not load: the text decides
+        return lambda a, b: a.lower() == b.lower()
+
+    def key(reference: str) -> str:
+        entry = directory.member(reference)
+        return entry.primary.lower() if entry is not None else reference.lower()
+    return lambda a, b: key(a) == key(b)
+
+
 def _get(cmdlet: str, section: str, data: Mapping[str, Any], values: dict[str, Any],
-         output: str | None) -> int:
+         stages: Stages) -> int:
     if section in SINGLE:
         rows = [dict(data.get(section, {}))]
     else:
@@ -300,25 +396,17 @@ def _get(cmdlet: str, section: str, data: Mapping[str, Any], values: dict[str, A
     if values:
         raise CmdletError(f"{cmdlet}: takes -Identity only (got"
                           f" {', '.join('-' + k for k in values)})")
-    if output == "json":
-        print(json.dumps(rows, indent=2, default=str))
-    elif output == "list" or section in SINGLE:
-        for row in rows:
-            width = max((len(k) for k in row), default=0)
-            print("\n".join(f"{k:<{width}} : {_show(v)}" for k, v in row.items()) + "\n")
-    else:
-        for row in rows:
-            rest = ", ".join(f"{k}={_show(v)}" for k, v in row.items() if k != "Name")
+    from hubport.core.cmdlet_output import apply, display, render
+
+    objects = apply(rows, stages)
+    if stages.output is None and not stages.works_on_objects and section not in SINGLE:
+        for row in objects:  # the short table: the Name, then the fields set
+            rest = ", ".join(f"{k}={display(v)}" for k, v in row.items() if k != "Name")
             print(f"{row.get('Name', '')!s:<28} {rest}")
+        return 0
+    default = "list" if section in SINGLE else "table"
+    print(render(objects, stages.output or default, stages.columns), end="")
     return 0
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "True" if value else "False"
-    if isinstance(value, list):
-        return "{" + ", ".join(_show(v) for v in value) + "}"
-    return str(value)
 
 
 # -- where the organization is -----------------------------------------------------------
@@ -346,7 +434,7 @@ def _read(config: Any, store: Any) -> dict[str, Any]:
         return tomllib.loads(text)
     path = config if config is not None else (LOCAL_FILE if LOCAL_FILE.exists() else None)
     if path is None:
-        text = resources.files("hubport.core").joinpath("default.toml").read_text("utf-8")
+        text = _embedded_default()
     else:
         try:
             text = Path(path).read_text(encoding="utf-8-sig")
@@ -363,8 +451,7 @@ def _local_file(config: Any) -> Path:
     if config is not None:
         return Path(config)
     if not LOCAL_FILE.exists():
-        text = resources.files("hubport.core").joinpath("default.toml").read_text("utf-8")
-        _replace(LOCAL_FILE, text)
+        _replace(LOCAL_FILE, _embedded_default())
         print(f"wrote the embedded default organization to ./{LOCAL_FILE}: it is edited from"
               " now on, and hubport run started here reads it", file=sys.stderr)
     return LOCAL_FILE

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import fnmatch
 import itertools
 import os
-import re
 import tempfile
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -39,11 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from hubport.core import opath
 from hubport.core import queue as q
 from hubport.core.body import CHUNK_SIZE, MessageBody
 from hubport.core.control import RequestError
 from hubport.core.folder_formats import format_replay
 from hubport.core.model import RecipientStatus, SmtpResponse
+from hubport.core.opath import Predicate
 from hubport.core.queue import RecipientUpdate
 from hubport.core.tracking import search_request
 
@@ -113,11 +113,6 @@ def identity_of(server: str, *parts: object) -> str:
 
 # -- filters -----------------------------------------------------------------------------
 
-_TERM = re.compile(
-    r"""\s*(?P<field>[A-Za-z]+)\s+-(?P<op>eq|ne|gt|ge|lt|le|like|notlike)\s+"""
-    r"""(?:'(?P<sq>[^']*)'|"(?P<dq>[^"]*)"|(?P<bare>[^\s'"]+))\s*""", re.IGNORECASE)
-_AND = re.compile(r"\s+-and\s+", re.IGNORECASE)
-
 QUEUE_FIELDS = {"identity": "identity", "status": "status", "nexthopdomain": "next_hop",
                 "deliverytype": "delivery_type", "messagecount": "message_count",
                 "lasterror": "last_error", "nexthopconnector": "connector",
@@ -127,48 +122,12 @@ MESSAGE_FIELDS = {"identity": "identity", "status": "status", "fromaddress": "fr
                   "lasterror": "last_error", "internetmessageid": "message_id",
                   "source": "source"}
 
-Predicate = Callable[[dict[str, Any]], bool]
-
-
 def parse_filter(text: str, fields: dict[str, str]) -> Predicate:
-    """An OPATH-like filter: ``Field -op Value`` terms joined by ``-and``.
-
-    Operators: -eq -ne -gt -ge -lt -le -like -notlike (``*`` wildcards); string comparisons
-    ignore case, numbers compare as numbers: ``"Status -eq 'Retry' -and MessageCount -gt 5"``.
-    """
-    terms: list[Predicate] = []
-    for part in _AND.split(text.strip()):
-        match = _TERM.fullmatch(part)
-        if match is None:
-            raise AdminError(f"cannot read filter term {part.strip()!r}: expected"
-                             " Field -eq|-ne|-gt|-ge|-lt|-le|-like|-notlike Value")
-        key = fields.get(match["field"].lower())
-        if key is None:
-            raise AdminError(f"unknown filter field {match['field']!r} (known: "
-                             + ", ".join(sorted(fields)) + ")")
-        value = next(v for v in (match["sq"], match["dq"], match["bare"]) if v is not None)
-        terms.append(_term(key, match["op"].lower(), value))
-    return lambda row: all(term(row) for term in terms)
-
-
-def _term(key: str, op: str, value: str) -> Predicate:
-    def test(row: dict[str, Any]) -> bool:
-        actual = row.get(key)
-        if op in ("like", "notlike"):
-            hit = fnmatch.fnmatchcase(str(actual or "").lower(), value.lower())
-            return hit if op == "like" else not hit
-        left: Any
-        right: Any
-        if isinstance(actual, (int, float)) and not isinstance(actual, bool):
-            try:
-                left, right = actual, float(value)
-            except ValueError:
-                raise AdminError(f"{value!r} is not a number") from None
-        else:
-            left, right = str(actual or "").lower(), value.lower()
-        return {"eq": left == right, "ne": left != right, "gt": left > right,
-                "ge": left >= right, "lt": left < right, "le": left <= right}[op]
-    return test
+    """Get-Queue's and Get-Message's -Filter (core/opath.py), refused as a request error."""
+    try:
+        return opath.parse_filter(text, fields)
+    except opath.FilterError as exc:
+        raise AdminError(str(exc)) from None
 
 
 #: the control socket's operations and the method of an admin object that serves each

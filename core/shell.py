@@ -41,20 +41,31 @@ def run_script(path: Path, run_line: Callable[[str], int]) -> int:
 
 
 def completions(words: Sequence[str]) -> list[str]:
-    """Cmdlet names and parameter names for tab completion."""
-    from hubport.core.cmdlets import CMDLETS
-    from hubport.core.org_cmdlets import NOUNS, SINGLE, noun_name
+    """Tab completion: cmdlet names first; then the cmdlet's parameters; after a parameter
+    that takes a fixed set of values, those values; after ``|``, the stages."""
+    from hubport.core.cmdlet_help import catalogue, parameters_of
 
-    names = [c.name for c in CMDLETS.values()] + ["Get-Help", "Get-Command"]
-    for noun, section in NOUNS.items():
-        verbs = ("Get", "Set") if section in SINGLE else ("New", "Set", "Get", "Remove")
-        names += [f"{verb}-{noun_name(noun)}" for verb in verbs]
-    names += ["Add-DistributionGroupMember", "Remove-DistributionGroupMember"]
-    if not words:
-        return sorted(names)
-    cmdlet = CMDLETS.get(words[0].lower())
-    params = [f"-{p.name}" for p in cmdlet.parameters] if cmdlet else []
-    return sorted(params + ["| Format-List", "| Format-Table", "| ConvertTo-Json"])
+    names = [e.name for e in catalogue()]
+    if not words or words[-1] == "|":
+        return sorted(STAGES if words else names)
+    if "|" in words:
+        return []
+    try:
+        params = dict(parameters_of(words[0]))
+    except Exception:  # not a cmdlet (yet): nothing to offer
+        return []
+    last = words[-1]
+    if last.startswith("-"):
+        wanted = last[1:].lower()
+        named = [p for p in params if p.lower() == wanted] or \
+            [p for p in params if p.lower().startswith(wanted)]
+        if len(named) == 1 and params[named[0]]:
+            return list(params[named[0]])
+    return sorted([f"-{p}" for p in params] + ["|"])
+
+
+STAGES = ["Format-List", "Format-Table", "Select-Object", "Where-Object", "Sort-Object",
+          "ConvertTo-Json"]
 
 
 def interactive(run_line: Callable[[str], int]) -> int:

@@ -805,6 +805,12 @@ _TABLE_CELL_MAX = 40
 _FIELD_OF = dict(_PROPERTY_NAMES)
 
 
+def _display(value: Any) -> str:
+    from hubport.core.cmdlet_output import display
+
+    return display(value)
+
+
 def format_events(events: list[dict[str, Any]], fmt: str = "table") -> str:
     """Render search() results for a terminal: 'table', 'list' or 'json' (one per line)."""
     if fmt == "json":
@@ -816,23 +822,10 @@ def format_events(events: list[dict[str, Any]], fmt: str = "table") -> str:
     raise ValueError(f"unknown format {fmt!r}: use table, list or json")
 
 
-def _display(value: Any) -> str:
-    """One terminal-safe line: arrays as PowerShell's {a, b}, control characters escaped.
-
-    Subjects and addresses come from the network; raw ESC or newline bytes in them must not
-    drive the terminal or break the layout.
-    """
-    if isinstance(value, list):
-        text = "{" + ", ".join(_display(v) for v in value) + "}"
-    elif isinstance(value, dict):
-        text = _dumps(value) if value else ""
-    elif value is None:
-        text = ""
-    else:
-        text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+def event_properties(ev: dict[str, Any]) -> dict[str, Any]:
+    """One event under Exchange's property names, for the stages after
+    Get-MessageTrackingLog (``| Select-Object Timestamp,EventId``)."""
+    return {name: ev.get(key) for name, key in _PROPERTY_NAMES}
 
 
 def _format_list_entry(ev: dict[str, Any]) -> str:

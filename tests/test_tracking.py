@@ -781,7 +781,7 @@ def test_format_list_and_json(seeded: Path) -> None:
     as_json = format_events(events, "json").splitlines()
     assert [json.loads(line) for line in as_json] == events
     custom = dict(events[0], **{"custom-data": {"k": "v"}})
-    assert 'CustomData              : {"k":"v"}' in format_events([custom], "list")
+    assert "CustomData              : @{k=v}" in format_events([custom], "list")  # as PowerShell
     with pytest.raises(ValueError):
         format_events(events, "csv")
 

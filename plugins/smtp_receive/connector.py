@@ -264,6 +264,7 @@ def _endpoint(ip: str, port: int) -> str:
 
 def _choices(r: FieldReader, key: str, allowed: tuple[str, ...],
              default: tuple[str, ...]) -> frozenset[str]:
+    r.offer(key, allowed)
     raw = r.raw(key)
     if raw is None:
         return frozenset(default)
@@ -279,7 +280,7 @@ def _choices(r: FieldReader, key: str, allowed: tuple[str, ...],
                 continue
             found = by_lower.get(part.strip().lower())
             if found is None:
-                r.error(key, f"{part.strip()!r} is not one of {', '.join(allowed)}")
+                r.not_one_of(key, part.strip(), allowed)
             else:
                 chosen.add(found)
     return frozenset(chosen)

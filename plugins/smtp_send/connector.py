@@ -285,6 +285,7 @@ def _credential(reader: FieldReader, ctx: ConfigContext) -> Credential | None:
 
 
 def _error_policies(reader: FieldReader) -> frozenset[str]:
+    reader.offer("ErrorPolicies", ERROR_POLICIES)
     raw = reader.raw("ErrorPolicies", "Default")
     items = raw.split(",") if isinstance(raw, str) else raw
     if not isinstance(items, list | tuple):
@@ -295,7 +296,7 @@ def _error_policies(reader: FieldReader) -> frozenset[str]:
         match = next((p for p in ERROR_POLICIES
                       if isinstance(item, str) and p.lower() == item.strip().lower()), None)
         if match is None:
-            reader.error("ErrorPolicies", f"{item!r} is not one of {', '.join(ERROR_POLICIES)}")
+            reader.not_one_of("ErrorPolicies", item, ERROR_POLICIES)
         else:
             chosen.add(match)
     return frozenset(chosen or {"Default"})

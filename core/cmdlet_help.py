@@ -1,0 +1,301 @@
+"""Get-Command and Get-Help: every cmdlet hubport takes, its parameters, the values each
+takes where they are a fixed set, and examples shaped like those of Exchange's cmdlet pages
+(tests/test_cmdlet_examples.py runs every example as printed here)."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from hubport.core.cmdlet_line import CmdletError, Parameter, bind, text_list, tokenize
+from hubport.core.config_fields import KNOWN_CHOICES, suggest
+
+__all__ = ["EXAMPLES", "catalogue", "get_command", "get_help", "parameters_of"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    synopsis: str
+    section: str = ""  # the organization section an object cmdlet edits
+
+
+def catalogue() -> list[Entry]:
+    """Every cmdlet, by name."""
+    from hubport.core.cmdlets import CMDLETS
+    from hubport.core.org_cmdlets import NOUNS, SINGLE, noun_name
+
+    entries = [Entry(c.name, c.help) for c in CMDLETS.values()
+               if c.name.split("-", 1)[1].lower() not in NOUNS]  # the object's own wins
+    for noun, section in NOUNS.items():
+        verbs = ("Get", "Set") if section in SINGLE else ("New", "Set", "Get", "Remove")
+        for verb in verbs:
+            entries.append(Entry(f"{verb}-{noun_name(noun)}", _SYNOPSIS[verb].format(
+                what=section.replace("_", " ")), section))
+    entries += [
+        Entry("Add-DistributionGroupMember", "add a recipient to a group's Members",
+              "distribution_group"),
+        Entry("Remove-DistributionGroupMember", "remove a recipient from a group's Members",
+              "distribution_group"),
+        Entry("Search-AdminAuditLog", "who changed what and when (the admin audit log)"),
+        Entry("Get-Help", "a cmdlet's parameters and examples"),
+        Entry("Get-Command", "the cmdlets, by name, verb or noun")]
+    return sorted(entries, key=lambda e: (e.name.split("-", 1)[1].lower(), e.name.lower()))
+
+
+_SYNOPSIS = {"New": "make a {what}", "Set": "change a {what}", "Get": "show {what} objects",
+             "Remove": "remove a {what}"}
+
+
+def get_command(line: str) -> str:
+    """``Get-Command [name pattern] [-Verb V] [-Noun N]`` as a table."""
+    bound = bind("Get-Command", tokenize(line)[1:], (
+        Parameter("Name", positional=True), Parameter("Verb"), Parameter("Noun")))
+    pattern, verb, noun = (bound.values[k] for k in ("Name", "Verb", "Noun"))
+    rows = [e for e in catalogue()
+            if (not pattern or fnmatch.fnmatch(e.name.lower(), pattern.lower()))
+            and (not verb or fnmatch.fnmatch(e.name.split("-")[0].lower(), verb.lower()))
+            and (not noun or fnmatch.fnmatch(e.name.split("-", 1)[1].lower(), noun.lower()))]
+    if not rows:
+        known = [e.name for e in catalogue()]
+        raise CmdletError(f"Get-Command: no cmdlet matches{suggest(pattern or '', known)}")
+    width = max(len(e.name) for e in rows)
+    lines = [f"{'CommandType':<12} {'Name':<{width}} Synopsis",
+             f"{'-----------':<12} {'----':<{width}} --------"]
+    lines += [f"{'Cmdlet':<12} {e.name:<{width}} {e.synopsis}" for e in rows]
+    return "\n".join(lines)
+
+
+NO_VALUES: tuple[str, ...] = ()
+
+
+def parameters_of(name: str) -> list[tuple[str, tuple[str, ...]]]:
+    """A cmdlet's parameters and the values each takes when they are a fixed set."""
+    from hubport.core.cmdlets import CMDLETS
+    from hubport.core.org_cmdlets import ALIASES, SWITCHES, section_fields
+
+    entry = _entry(name)
+    if not entry.section:
+        cmdlet = CMDLETS.get(entry.name.lower())
+        if cmdlet is not None:
+            return [(p.name, ("$true", "$false") if p.switch else NO_VALUES)
+                    for p in cmdlet.parameters]
+        if entry.name == "Search-AdminAuditLog":
+            return [(p, ()) for p in ("Cmdlets", "StartDate", "EndDate", "ObjectIds",
+                                      "ResultSize")]
+        return [("Name", ())]
+    verb = entry.name.split("-")[0]
+    if entry.name.endswith("DistributionGroupMember"):
+        return [("Identity", ()), ("Member", ()), ("WhatIf", ()), ("Confirm", ())]
+    none = NO_VALUES
+    first = [("Identity", none)] if verb != "New" else []
+    if verb in ("Get", "Remove"):
+        return first + ([("WhatIf", none), ("Confirm", none)] if verb == "Remove" else [])
+    fields = sorted(set(section_fields(entry.section).values()), key=str.lower)
+    choices = KNOWN_CHOICES.get(entry.section, {})
+    extra = [(value, none) for _field, value in SWITCHES.get(entry.section, {}).values()]
+    extra += [(alias, choices.get(field, none))
+              for alias, field in ALIASES.get(entry.section, {}).items()]
+    return [*first, *((f, choices.get(f, ())) for f in fields), *extra,
+            ("WhatIf", ()), ("Confirm", ())]
+
+
+def _entry(name: str) -> Entry:
+    entries = {e.name.lower(): e for e in catalogue()}
+    entry = entries.get(name.lower())
+    if entry is None:
+        raise CmdletError(f"Get-Help: {name}: not a cmdlet hubport knows"
+                          f"{suggest(name, [e.name for e in entries.values()])}")
+    return entry
+
+
+def get_help(line: str) -> str:
+    """``Get-Help [cmdlet] [-Examples] [-Detailed] [-Full] [-Parameter P]``."""
+    bound = bind("Get-Help", tokenize(line)[1:], (
+        Parameter("Name", positional=True), Parameter("Examples", switch=True, default=False),
+        Parameter("Detailed", switch=True, default=False),
+        Parameter("Full", switch=True, default=False), Parameter("Parameter", text_list)))
+    v = bound.values
+    if not v["Name"]:
+        return ("Get-Command lists the cmdlets; Get-Help <cmdlet> shows one, with -Examples,"
+                " -Detailed or -Full.\n\n" + get_command("Get-Command"))
+    entry = _entry(v["Name"])
+    params = parameters_of(entry.name)
+    examples = EXAMPLES.get(entry.name, [])
+    if v["Examples"]:
+        return _examples(entry.name, examples)
+    if v["Parameter"]:
+        wanted = {p.lower() for p in v["Parameter"]}
+        return "\n".join(_parameter(n, c) for n, c in params if n.lower() in wanted) or \
+            f"{entry.name} has no parameter {', '.join(v['Parameter'])}"
+    syntax = " ".join(f"[-{n} <{'|'.join(c) if c else 'value'}>]" if n not in ("WhatIf",
+                      "Confirm") else f"[-{n}]" for n, c in params)
+    text = [f"NAME\n    {entry.name}\n", f"SYNOPSIS\n    {entry.synopsis}\n",
+            f"SYNTAX\n    {entry.name} {syntax}\n"]
+    if entry.section:
+        text.append(f"    The parameters are the fields of [[{entry.section}]] in the"
+                    " organization file, validated as a file load validates them; $null"
+                    " clears a field.\n")
+    if v["Detailed"] or v["Full"]:
+        text.append("PARAMETERS\n" + "\n".join(_parameter(n, c) for n, c in params) + "\n")
+    if examples:
+        text.append(_examples(entry.name, examples))
+    return "\n".join(text)
+
+
+def _parameter(name: str, choices: tuple[str, ...]) -> str:
+    values = f" <{' | '.join(choices)}>" if choices else ""
+    return f"    -{name}{values}"
+
+
+def _examples(name: str, examples: list[tuple[str, str]]) -> str:
+    if not examples:
+        return f"{name}: no examples"
+    blocks = [f"    -------------------------- Example {i} --------------------------\n"
+              f"    {line}\n\n    {why}\n" for i, (line, why) in enumerate(examples, 1)]
+    return "EXAMPLES\n" + "\n".join(blocks)
+
+
+#: per cmdlet: (line, what it does); shaped like the examples on Exchange's cmdlet pages,
+#: with this project's names. Each runs as printed, in this order, on the embedded default
+#: organization with the daemon running (tests/test_cmdlet_examples.py).
+EXAMPLES: dict[str, list[tuple[str, str]]] = {
+    "New-AcceptedDomain": [
+        ("New-AcceptedDomain -DomainName tailspin.example -DomainType Authoritative"
+         " -Name Tailspin", "This example makes tailspin.example an authoritative domain.")],
+    "Set-AcceptedDomain": [
+        ("Set-AcceptedDomain -Identity Tailspin -DomainType InternalRelay",
+         "This example relays mail for tailspin.example recipients hubport does not know.")],
+    "Get-AcceptedDomain": [
+        ("Get-AcceptedDomain | Format-Table Name,DomainName,DomainType,Default",
+         "This example lists the accepted domains.")],
+    "New-Mailbox": [
+        ("New-Mailbox -Name 'Chris Ashton' -Alias chris", "This example makes a mailbox;"
+         " its address is chris@ the default accepted domain.")],
+    "New-MailContact": [
+        ("New-MailContact -Name 'Kim Akers' -ExternalEmailAddress kim@fabrikam.example",
+         "This example makes a mail contact for an address outside the organization.")],
+    "New-DistributionGroup": [
+        ("New-DistributionGroup -Name Managers -Members alice,chris",
+         "This example makes a group with two members.")],
+    "Add-DistributionGroupMember": [
+        ("Add-DistributionGroupMember -Identity Managers -Member bob@contoso.test",
+         "This example adds Bob to the group Managers.")],
+    "Remove-DistributionGroupMember": [
+        ("Remove-DistributionGroupMember -Identity Managers -Member Bob -Confirm:$false",
+         "This example removes Bob again (by name this time: it is the same recipient).")],
+    "Get-DistributionGroup": [
+        ("Get-DistributionGroup Managers | Select-Object -ExpandProperty Members",
+         "This example lists the group's members.")],
+    "New-SendConnector": [
+        ("New-SendConnector -Internet -Name MySendConnector -AddressSpaces"
+         " contoso.example,fabrikam.example -SourceTransportServers HUB01",
+         "This example makes a Send connector for two domains, delivering by DNS MX."),
+        ("New-SendConnector -Name 'To Smart Host' -Usage Custom -AddressSpaces 'SMTP:*;10'"
+         " -DNSRoutingEnabled $false -SmartHosts '[127.0.0.1]' -Port 2526"
+         " -SmartHostAuthMechanism None -SourceTransportServers HUB01",
+         "This example sends everything else through a smart host, at cost 10.")],
+    "Set-SendConnector": [
+        ("Set-SendConnector MySendConnector -MaxMessageSize 10MB"
+         " -ConnectionInactivityTimeOut 00:15:00",
+         "This example limits the size of messages and how long an idle connection lasts.")],
+    "Get-SendConnector": [
+        ("Get-SendConnector | Where-Object {$_.Name -like 'My*'} | Format-List",
+         "This example shows every setting of the connectors whose name starts with My.")],
+    "Remove-SendConnector": [
+        ("Remove-SendConnector MySendConnector -Confirm:$false",
+         "This example removes the connector.")],
+    "New-ReceiveConnector": [
+        ("New-ReceiveConnector -Name 'Contoso.com Receive Connector' -Usage Custom"
+         " -Bindings 127.0.0.1:2626 -RemoteIPRanges 127.0.0.2-127.0.0.24 -Server HUB01",
+         "This example listens on port 2626 for the hosts 127.0.0.2 to 127.0.0.24.")],
+    "Set-ReceiveConnector": [
+        ("Set-ReceiveConnector 'HUB01\\Contoso.com Receive Connector'"
+         " -Banner '220 SMTP OK' -ConnectionTimeout 00:15:00",
+         "This example changes the banner and the connection time-out.")],
+    "Get-ReceiveConnector": [
+        ("Get-ReceiveConnector | Select-Object Name,Bindings,RemoteIPRanges",
+         "This example lists the Receive connectors and who may use each.")],
+    "New-ForeignConnector": [
+        ("New-ForeignConnector -Name 'Contoso Foreign Connector' -AddressSpaces"
+         " 'X400:c=US;a=Fabrikam;P=Contoso;5' -SourceTransportServers HUB01",
+         "This example sends X.400 addresses to a foreign system's drop folder.")],
+    "Set-ForeignConnector": [
+        ("Set-ForeignConnector 'Contoso Foreign Connector' -MaxMessageSize 10MB"
+         " -DropDirectory Contoso", "This example sets the size limit and the drop folder.")],
+    "New-AdSite": [
+        ("New-AdSite -Name Paris", "This example adds a site (its hubs come later).")],
+    "New-AdSiteLink": [
+        ("New-AdSiteLink -Name Default-Paris -Sites Default-First-Site-Name,Paris -Cost 10",
+         "This example links the sites at cost 10.")],
+    "Set-AdSiteLink": [
+        ("Set-AdSiteLink -Identity Default-Paris -ExchangeCost 20 -MaxMessageSize 10MB",
+         "This example makes Exchange routing use cost 20 on the link and caps its size.")],
+    "Set-AdSite": [
+        ("Set-AdSite -Identity Paris -HubSiteEnabled $true",
+         "This example makes Paris a hub site: mail between sites goes through it.")],
+    "New-RoutingGroup": [
+        ("New-RoutingGroup -Name 'First Routing Group' -Servers @{Name='EX2003BH1';"
+         " Address='127.0.0.2'; Port=2525}, @{Name='EX2003BH2'; Address='127.0.0.3';"
+         " Port=2525}", "This example declares a legacy routing group of two servers.")],
+    "New-RoutingGroupConnector": [
+        ("New-RoutingGroupConnector -Name 'Interop RGC' -SourceTransportServers HUB01"
+         " -TargetTransportServers EX2003BH1,EX2003BH2 -Cost 100 -Bidirectional $true",
+         "This example connects the organization to the legacy group, both ways.")],
+    "Get-RoutingGroupConnector": [
+        ("Get-RoutingGroupConnector | Format-List", "This example shows both connectors.")],
+    "Set-TransportConfig": [
+        ("Set-TransportConfig -MaxReceiveSize 10MB -MaxSendSize 10MB",
+         "This example sets the organization's message size limits.")],
+    "Get-TransportConfig": [
+        ("Get-TransportConfig | Format-List", "This example shows the transport settings.")],
+    "Set-TransportServer": [
+        ("Set-TransportServer HUB01 -MessageExpirationTimeout 4.00:00:00"
+         " -MessageRetryInterval 00:05:00",
+         "This example keeps mail four days and retries every five minutes.")],
+    "Get-TransportServer": [
+        ("Get-TransportServer | Format-Table Name,Site,Fqdn", "This example lists the hubs.")],
+    "Get-Queue": [
+        ("Get-Queue -Server HUB01 -Filter {MessageCount -gt 0}",
+         "This example lists the queues that hold mail."),
+        ("Get-Queue | Where-Object {$_.Status -eq 'Retry'} | Format-Table"
+         " Identity,NextHopDomain,LastError", "This example shows why queues are retrying.")],
+    "Retry-Queue": [
+        ("Retry-Queue -Filter {Status -eq 'Retry'}",
+         "This example makes every queue in Retry try again now.")],
+    "Suspend-Queue": [
+        ("Suspend-Queue -Filter {NextHopDomain -eq 'example.net'}",
+         "This example stops delivery to example.net.")],
+    "Resume-Queue": [
+        ("Resume-Queue -Filter {Status -eq 'Suspended'}",
+         "This example resumes every suspended queue.")],
+    "Get-Message": [
+        ("Get-Message -Filter {FromAddress -like '*@contoso.test'} | Format-List",
+         "This example shows the queued messages from contoso.test senders.")],
+    "Suspend-Message": [
+        ("Get-Message -Filter {Subject -eq 'Quarterly report'} | Suspend-Message",
+         "This example holds the messages with that subject.")],
+    "Export-Message": [
+        ("Get-Message -Filter {Status -eq 'Suspended'} | Export-Message -Path held.eml",
+         "This example writes a suspended message as a Replay file.")],
+    "Resume-Message": [
+        ("Resume-Message -Filter {Subject -eq 'Quarterly report'}",
+         "This example releases them.")],
+    "Remove-Message": [
+        ("Remove-Message -Filter {FromAddress -eq 'alice@contoso.test'} -WithNDR $false"
+         " -Confirm:$false", "This example removes Alice's queued messages without NDRs.")],
+    "Get-MessageTrackingLog": [
+        ("Get-MessageTrackingLog -Server HUB01 -Start '01/01/2026 09:00:00'"
+         " -Sender alice@contoso.test", "This example lists what happened to Alice's mail."),
+        ("Get-MessageTrackingLog -EventId RECEIVE -ResultSize Unlimited | Select-Object"
+         " Timestamp,Source,Sender,Recipients", "This example lists every message received.")],
+    "Test-Route": [
+        ("Test-Route -Recipient someone@fabrikam.example -Server HUB01",
+         "This example shows which connector takes mail for fabrikam.example, and why.")],
+    "Search-AdminAuditLog": [
+        ("Search-AdminAuditLog -Cmdlets New-SendConnector,Set-SendConnector"
+         " -StartDate 01/01/2026", "This example lists the changes made to Send connectors.")],
+    "Remove-AcceptedDomain": [
+        ("Remove-AcceptedDomain Tailspin -Confirm:$false",
+         "This example stops accepting mail for tailspin.example.")],
+}
