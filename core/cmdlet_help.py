@@ -128,8 +128,12 @@ def get_help(line: str) -> str:
         wanted = {p.lower() for p in v["Parameter"]}
         return "\n".join(_parameter(n, c) for n, c in params if n.lower() in wanted) or \
             f"{entry.name} has no parameter {', '.join(v['Parameter'])}"
-    syntax = " ".join(f"[-{n} <{'|'.join(c) if c else 'value'}>]" if n not in ("WhatIf",
-                      "Confirm") else f"[-{n}]" for n, c in params)
+    from hubport.core.org_cmdlets import SWITCHES
+
+    switches = {"WhatIf", "Confirm", *(value for _f, value in SWITCHES.get(
+        entry.section, {}).values())}
+    syntax = " ".join(f"[-{n}]" if n in switches else
+                      f"[-{n} <{'|'.join(c) if c else 'value'}>]" for n, c in params)
     text = [f"NAME\n    {entry.name}\n", f"SYNOPSIS\n    {entry.synopsis}\n",
             f"SYNTAX\n    {entry.name} {syntax}\n"]
     if entry.section:

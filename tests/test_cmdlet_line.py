@@ -158,3 +158,34 @@ def test_hash_tables_and_lists_with_spaces_after_commas() -> None:
     assert words == ["A", "HUB01,HUB02", "B", "x,y", "z"]
     with pytest.raises(CmdletError, match="is not Key = Value"):
         tokenize("-Servers @{Name}")
+
+
+def test_tab_completion_offers_cmdlets_parameters_values_and_stages() -> None:
+    from hubport.core.shell import completions
+
+    assert "New-RoutingGroupConnector" in completions([])
+    assert "-SmartHostAuthMechanism" in completions(["New-SendConnector"])
+    assert "-Internet" in completions(["New-SendConnector"])
+    assert completions(["New-SendConnector", "-Usage"]) == [
+        "Custom", "Internal", "Internet", "Partner"]
+    assert "ExternalAuthoritative" in completions(["set-receiveconnector", "-authmech"])
+    assert completions(["Set-AcceptedDomain", "-MakeDefault"]) == ["$true", "$false"]
+    assert "Select-Object" in completions(["Get-Queue", "|"])
+    assert completions(["Get-Nothing"]) == []
+
+
+def test_get_help_and_get_command() -> None:
+    from hubport.core.cmdlet_help import EXAMPLES, catalogue, get_command, get_help
+
+    names = [e.name for e in catalogue()]
+    assert len(names) == len(set(names))
+    assert all(name in names for name in EXAMPLES)
+    full = get_help("Get-Help New-ReceiveConnector -Full")
+    assert "-PermissionGroups <None | AnonymousUsers" in full and "Example 1" in full
+    assert "[-Internet]" in full
+    assert "-Bindings" in full and "[[receive_connector]]" in full
+    assert get_help("Get-Help remove-message -Parameter WithNDR").strip() == "-WithNDR"
+    table = get_command("Get-Command -Noun *Connector -Verb New")
+    assert "New-SendConnector" in table and "Get-SendConnector" not in table
+    with pytest.raises(CmdletError, match='did you mean "Get-Queue"'):
+        get_help("Get-Help Get-Quue")

@@ -113,6 +113,14 @@ class SendConnector(Connector):
     kind: ClassVar[str] = "SendConnector"
 
     @property
+    def linked_receive_name(self) -> str | None:
+        """The linked receive connector's Name (LinkedReceiveConnector may be written as
+        Exchange's identity, ``Server\\Name``)."""
+        if self.linked_receive_connector is None:
+            return None
+        return self.linked_receive_connector.rpartition("\\")[2].strip()
+
+    @property
     def delivery_type(self) -> str:  # type: ignore[override]  # the base: a class constant
         """The queue's DeliveryType: smart-host or DNS (MX) delivery."""
         return "SmartHostConnectorDelivery" if self.smart_hosts else "DnsConnectorDelivery"
@@ -195,8 +203,12 @@ class SendConnector(Connector):
         for c in connectors:
             if c.linked_receive_connector is None:
                 continue
-            key = c.linked_receive_connector.lower()
+            server = c.linked_receive_connector.rpartition("\\")[0]  # Server\Name
+            key = (c.linked_receive_name or "").lower()
             rc = receive.get(key)
+            if rc is not None and server and getattr(rc, "server", "").lower() != \
+                    server.strip().lower():
+                rc = None
             label = f"send_connector {c.name!r}"
             if rc is None:
                 ctx.error(label, "LinkedReceiveConnector",

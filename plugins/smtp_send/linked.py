@@ -35,7 +35,7 @@ def linked_send_connector(org: Organization, receive_connector: str) -> SendConn
     """The enabled send connector linked to the receive connector of this name, if any."""
     wanted = receive_connector.lower()
     for connector in org.connectors_of("send_connector"):
-        linked = getattr(connector, "linked_receive_connector", None)
+        linked = getattr(connector, "linked_receive_name", None)
         if linked is not None and linked.lower() == wanted and connector.enabled:
             return connector  # type: ignore[return-value]
     return None

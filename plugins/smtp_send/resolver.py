@@ -388,7 +388,7 @@ def takes_hubs(rc: Any) -> bool:
 async def _hub_target(org: Organization, hub: Any, lookup: AddressLookup) -> Target | None:
     port = 25
     address: str | None = None
-    linked = {str(getattr(c, "linked_receive_connector", "") or "").lower()
+    linked = {str(getattr(c, "linked_receive_name", "") or "").lower()
               for c in org.connectors_of("send_connector")}
     # never a linked connector (its mail goes to a scanner); the hubs' own connector first
     connectors = [c for c in receive_connectors_of(org, hub.name)
