@@ -162,7 +162,8 @@ def _examples(name: str, examples: list[tuple[str, str]]) -> str:
 
 #: per cmdlet: (line, what it does); shaped like the examples on Exchange's cmdlet pages,
 #: with this project's names. Each runs as printed, in this order, on the embedded default
-#: organization with the daemon running (tests/test_cmdlet_examples.py).
+#: organization (the queue cmdlets with the daemon running it and mail in Retry), in the
+#: Exchange form and the --json form (tests/test_cmdlet_examples.py).
 EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "New-AcceptedDomain": [
         ("New-AcceptedDomain -DomainName tailspin.example -DomainType Authoritative"
@@ -176,12 +177,26 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "New-Mailbox": [
         ("New-Mailbox -Name 'Chris Ashton' -Alias chris", "This example makes a mailbox;"
          " its address is chris@ the default accepted domain.")],
+    "Set-Mailbox": [
+        ("Set-Mailbox 'Chris Ashton' -PrimarySmtpAddress chris.ashton@contoso.test",
+         "This example changes the mailbox's primary address.")],
+    "Get-Mailbox": [
+        ("Get-Mailbox | Format-Table Name,Alias,PrimarySmtpAddress",
+         "This example lists the mailboxes.")],
     "New-MailContact": [
         ("New-MailContact -Name 'Kim Akers' -ExternalEmailAddress kim@fabrikam.example",
          "This example makes a mail contact for an address outside the organization.")],
+    "Set-MailContact": [
+        ("Set-MailContact 'Kim Akers' -ExternalEmailAddress kim.akers@fabrikam.example",
+         "This example changes where the contact's mail goes.")],
+    "Get-MailContact": [
+        ("Get-MailContact 'Kim Akers' | Format-List", "This example shows the contact.")],
     "New-DistributionGroup": [
         ("New-DistributionGroup -Name Managers -Members alice,chris",
          "This example makes a group with two members.")],
+    "Set-DistributionGroup": [
+        ("Set-DistributionGroup Managers -PrimarySmtpAddress managers@contoso.test",
+         "This example gives the group its address.")],
     "Add-DistributionGroupMember": [
         ("Add-DistributionGroupMember -Identity Managers -Member bob@contoso.test",
          "This example adds Bob to the group Managers.")],
@@ -206,9 +221,6 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "Get-SendConnector": [
         ("Get-SendConnector | Where-Object {$_.Name -like 'My*'} | Format-List",
          "This example shows every setting of the connectors whose name starts with My.")],
-    "Remove-SendConnector": [
-        ("Remove-SendConnector MySendConnector -Confirm:$false",
-         "This example removes the connector.")],
     "New-ReceiveConnector": [
         ("New-ReceiveConnector -Name 'Contoso.com Receive Connector' -Usage Custom"
          " -Bindings 127.0.0.1:2626 -RemoteIPRanges 127.0.0.2-127.0.0.24 -Server HUB01",
@@ -227,6 +239,21 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "Set-ForeignConnector": [
         ("Set-ForeignConnector 'Contoso Foreign Connector' -MaxMessageSize 10MB"
          " -DropDirectory Contoso", "This example sets the size limit and the drop folder.")],
+    "Get-ForeignConnector": [
+        ("Get-ForeignConnector | Format-Table Name,AddressSpaces,DropDirectory",
+         "This example lists the Foreign connectors.")],
+    "New-DeliveryAgentConnector": [
+        ("New-DeliveryAgentConnector -Name 'Contoso Archive' -AddressSpaces"
+         " 'SMTP:archive.contoso.test;1' -DeliveryProtocol COMMAND -Command"
+         " 'tee,-a,archive.eml' -SourceTransportServers HUB01",
+         "This example hands mail for archive.contoso.test to a command (a delivery"
+         " agent).")],
+    "Set-DeliveryAgentConnector": [
+        ("Set-DeliveryAgentConnector 'Contoso Archive' -MaxMessageSize 25MB",
+         "This example raises the connector's size limit.")],
+    "Get-DeliveryAgentConnector": [
+        ("Get-DeliveryAgentConnector | Format-List",
+         "This example shows the Delivery Agent connectors.")],
     "New-AdSite": [
         ("New-AdSite -Name Paris", "This example adds a site (its hubs come later).")],
     "New-AdSiteLink": [
@@ -235,17 +262,41 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "Set-AdSiteLink": [
         ("Set-AdSiteLink -Identity Default-Paris -ExchangeCost 20 -MaxMessageSize 10MB",
          "This example makes Exchange routing use cost 20 on the link and caps its size.")],
+    "Get-AdSiteLink": [
+        ("Get-AdSiteLink | Format-List", "This example shows the site links.")],
     "Set-AdSite": [
         ("Set-AdSite -Identity Paris -HubSiteEnabled $true",
          "This example makes Paris a hub site: mail between sites goes through it.")],
+    "Get-AdSite": [
+        ("Get-AdSite | Format-Table Name,HubSiteEnabled", "This example lists the sites.")],
+    "New-TransportServer": [
+        ("New-TransportServer -Name HUB02 -Site Paris -Fqdn hub02.contoso.test",
+         "This example adds a hub in Paris (hubport's own: Exchange adds a server by"
+         " installing it).")],
+    "Set-TransportServer": [
+        ("Set-TransportServer HUB01 -MessageExpirationTimeout 4.00:00:00"
+         " -MessageRetryInterval 00:05:00",
+         "This example keeps mail four days and retries every five minutes.")],
+    "Get-TransportServer": [
+        ("Get-TransportServer | Format-Table Name,Site,Fqdn", "This example lists the hubs.")],
     "New-RoutingGroup": [
         ("New-RoutingGroup -Name 'First Routing Group' -Servers @{Name='EX2003BH1';"
          " Address='127.0.0.2'; Port=2525}, @{Name='EX2003BH2'; Address='127.0.0.3';"
-         " Port=2525}", "This example declares a legacy routing group of two servers.")],
+         " Port=2525}", "This example declares a legacy routing group of two servers"
+                        " (hubport's own: Exchange 2003 made them).")],
+    "Set-RoutingGroup": [
+        ("Set-RoutingGroup 'First Routing Group' -Servers @{Name='EX2003BH1';"
+         " Address='127.0.0.2'; Port=25}, @{Name='EX2003BH2'; Address='127.0.0.3'; Port=25}",
+         "This example moves both servers to port 25.")],
+    "Get-RoutingGroup": [
+        ("Get-RoutingGroup | Format-List", "This example shows the legacy routing groups.")],
     "New-RoutingGroupConnector": [
         ("New-RoutingGroupConnector -Name 'Interop RGC' -SourceTransportServers HUB01"
          " -TargetTransportServers EX2003BH1,EX2003BH2 -Cost 100 -Bidirectional $true",
          "This example connects the organization to the legacy group, both ways.")],
+    "Set-RoutingGroupConnector": [
+        ("Set-RoutingGroupConnector 'Interop RGC' -Cost 50",
+         "This example lowers the connector's cost.")],
     "Get-RoutingGroupConnector": [
         ("Get-RoutingGroupConnector | Format-List", "This example shows both connectors.")],
     "Set-TransportConfig": [
@@ -253,12 +304,6 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
          "This example sets the organization's message size limits.")],
     "Get-TransportConfig": [
         ("Get-TransportConfig | Format-List", "This example shows the transport settings.")],
-    "Set-TransportServer": [
-        ("Set-TransportServer HUB01 -MessageExpirationTimeout 4.00:00:00"
-         " -MessageRetryInterval 00:05:00",
-         "This example keeps mail four days and retries every five minutes.")],
-    "Get-TransportServer": [
-        ("Get-TransportServer | Format-Table Name,Site,Fqdn", "This example lists the hubs.")],
     "Get-Queue": [
         ("Get-Queue -Server HUB01 -Filter {MessageCount -gt 0}",
          "This example lists the queues that hold mail."),
@@ -299,6 +344,45 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
     "Search-AdminAuditLog": [
         ("Search-AdminAuditLog -Cmdlets New-SendConnector,Set-SendConnector"
          " -StartDate 01/01/2026", "This example lists the changes made to Send connectors.")],
+    "Get-Help": [
+        ("Get-Help New-SendConnector -Parameter Usage,SmartHostAuthMechanism",
+         "This example shows two parameters and the values they take.")],
+    "Get-Command": [
+        ("Get-Command -Noun *Connector -Verb New", "This example lists the cmdlets that"
+         " make connectors.")],
+    # and, in the reverse order, everything the examples made
+    "Remove-RoutingGroupConnector": [
+        ("Remove-RoutingGroupConnector 'Interop RGC' -Confirm:$false",
+         "This example removes the connector (and its reciprocal).")],
+    "Remove-RoutingGroup": [
+        ("Remove-RoutingGroup 'First Routing Group'", "This example forgets the legacy"
+         " routing group.")],
+    "Remove-TransportServer": [
+        ("Remove-TransportServer HUB02 -Confirm:$false", "This example removes the hub.")],
+    "Remove-AdSiteLink": [
+        ("Remove-AdSiteLink Default-Paris", "This example removes the site link.")],
+    "Remove-AdSite": [("Remove-AdSite Paris", "This example removes the site.")],
+    "Remove-DeliveryAgentConnector": [
+        ("Remove-DeliveryAgentConnector 'Contoso Archive' -Confirm:$false",
+         "This example removes the connector.")],
+    "Remove-ForeignConnector": [
+        ("Remove-ForeignConnector 'Contoso Foreign Connector' -Confirm:$false",
+         "This example removes the connector; files already in its drop folder stay.")],
+    "Remove-ReceiveConnector": [
+        ("Remove-ReceiveConnector 'HUB01\\Contoso.com Receive Connector' -Confirm:$false",
+         "This example stops listening on port 2626; sessions in progress finish.")],
+    "Remove-SendConnector": [
+        ("Remove-SendConnector MySendConnector -Confirm:$false",
+         "This example removes the connector.")],
+    "Remove-DistributionGroup": [
+        ("Remove-DistributionGroup Managers -Confirm:$false", "This example removes the"
+         " group.")],
+    "Remove-MailContact": [
+        ("Remove-MailContact 'Kim Akers' -Confirm:$false", "This example removes the"
+         " contact.")],
+    "Remove-Mailbox": [
+        ("Remove-Mailbox 'Chris Ashton' -Confirm:$false", "This example removes the"
+         " mailbox from the organization; its folder under var/mailboxes stays.")],
     "Remove-AcceptedDomain": [
         ("Remove-AcceptedDomain Tailspin -Confirm:$false",
          "This example stops accepting mail for tailspin.example.")],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tomllib
 from pathlib import Path
 
 from daemon_process import DaemonPool, daemon_pool, hubport
@@ -16,7 +17,7 @@ from support import drop_in, message, wait_for_sync
 
 QUEUE = {name for name in EXAMPLES if name.lower() in CMDLETS and name not in (
     "Get-TransportServer",)}
-JSON_LAST = ("Remove-AcceptedDomain",)  # run after the --json Get- forms
+HELP = ("Get-Help", "Get-Command")  # they print text for people
 
 
 def _run(home: Path, line: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -50,11 +51,23 @@ def test_every_example_of_get_help_runs_as_printed(tmp_path: Path) -> None:
         _run(home, line)
         assert line in get_help(f"Get-Help {name} -Examples")
     text = (home / "hubport.toml").read_text()
-    assert "Interop RGC" in text and "Contoso Foreign Connector" in text
-    assert "MySendConnector" not in text and "Tailspin" not in text  # removed by examples
+    assert "To Smart Host" in text and "MaxReceiveSize" in text
+    names = {str(t.get("Name")) for tables in tomllib.loads(text).values()
+             if isinstance(tables, list) for t in tables}
+    for made in ("Interop RGC", "First Routing Group", "HUB02", "Paris", "Contoso Archive",
+                 "Contoso Foreign Connector", "MySendConnector", "Managers", "Kim Akers",
+                 "Chris Ashton", "Tailspin"):
+        assert made not in names, made  # the examples remove what they made, in order
     audit = json.loads(_run(home, "Search-AdminAuditLog", "--json").stdout)
-    changes = [line for _n, line in organization if not line.startswith(("Get-", "Search-"))]
+    changes = [line for _n, line in organization if not line.startswith(
+        ("Get-", "Search-"))]
     assert [e["cmdlet-line"] for e in audit][-len(changes):] == changes
+
+
+def test_every_cmdlet_has_an_example() -> None:
+    from hubport.core.cmdlet_help import catalogue
+
+    assert sorted(e.name for e in catalogue() if e.name not in EXAMPLES) == []
 
 
 def test_every_example_runs_in_its_json_form(tmp_path: Path) -> None:
@@ -63,23 +76,21 @@ def test_every_example_runs_in_its_json_form(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     _free_bindings(home)
-    last = []
     for name, examples in EXAMPLES.items():
         for line, _why in examples:
-            if name in QUEUE:
-                continue
-            if name in JSON_LAST:
-                last.append(line)
+            if name in QUEUE or name in HELP:
                 continue
             answer = _json(home, line)
             if name.startswith(("Get-", "Search-")):
                 assert isinstance(answer, list), (line, answer)
             else:
                 assert isinstance(answer, dict) and answer["revision"], (line, answer)
-    for line in last:
-        assert _json(home, line)["changed"] == ["accepted_domain/Tailspin"]  # type: ignore[index]
-    rgc = _json(home, "Get-RoutingGroupConnector 'Interop RGC' | Select-Object Name,Cost")
-    assert rgc == [{"Name": "Interop RGC", "Cost": 100}]
+            if name == "Set-RoutingGroupConnector":
+                rgc = _json(home, "Get-RoutingGroupConnector 'Interop RGC' | Select-Object"
+                                  " Name,Cost")
+                assert rgc == [{"Name": "Interop RGC", "Cost": 50}]
+            if name == "Remove-AcceptedDomain":
+                assert answer["changed"] == ["accepted_domain/Tailspin"]  # type: ignore[index]
 
 
 def test_the_queue_examples_run_as_printed_against_the_daemon(tmp_path: Path) -> None:
