@@ -15,6 +15,7 @@ categorizer computes decisions only; the pipeline commits them in one transactio
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -143,6 +144,8 @@ class Categorizer:
         self.directory = directory
         self.routing = RoutingTable(org, server)
         self.hooks = hooks
+        #: the connectors routing passes by (failed over: core/connector_failover.py)
+        self.avoided: Callable[[], Collection[str]] = frozenset
         #: set by test-route: (routed address, address type, explanation) of each routing
         self.explanations: list[tuple[str, str, RouteExplanation]] | None = None
 
@@ -333,10 +336,12 @@ class Categorizer:
             server=self.server.name)
         candidates = [c for result in extra if result for c in result]
         if self.explanations is not None:
-            explained = self.routing.explain(addr_type, address, message.size, candidates)
+            explained = self.routing.explain(addr_type, address, message.size, candidates,
+                                             self.avoided())
             self.explanations.append((address, addr_type, explained))
             return explained.decision
-        return self.routing.choose(addr_type, address, message.size, candidates)
+        return self.routing.choose(addr_type, address, message.size, candidates,
+                                   self.avoided())
 
 
 def _orcpt(address: str) -> str:

@@ -1003,8 +1003,14 @@ def _test_route(args: argparse.Namespace) -> int:
     except AddressError as exc:
         print(f"hubport: not an address: {exc}", file=sys.stderr)
         return 2
+    from hubport.core.control import ControlError, call
+
+    try:  # the running daemon's connectors that failed over (ConnectorFailover NextCost)
+        failover = call(server.state_directory, "get-failover")
+    except ControlError:
+        failover = None
     report = asyncio.run(route_report(org, server, hooks, recipient, sender=sender,
-                                      size=args.size))
+                                      size=args.size, failover=failover))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

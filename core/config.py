@@ -319,6 +319,11 @@ class TransportConfig:
     external_postmaster_address: str | None = None  # None: postmaster@<default domain>
     generate_copy_of_dsn_for: tuple[str, ...] = DEFAULT_DSN_COPY_CODES
     organization_name: str = "First Organization"
+    #: "None" (Exchange: cost picks one connector, and mail waits for it) or "NextCost":
+    #: mail moves to the next candidate of the same address space while the chosen
+    #: connector's next hop has failed for ``connector_failover_after`` seconds
+    connector_failover: str = "None"
+    connector_failover_after: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -1139,6 +1144,10 @@ class _Loader:
             external_postmaster_address=r.smtp_address("ExternalPostmasterAddress"),
             generate_copy_of_dsn_for=self._dsn_codes(r),
             organization_name=self._organization_name(r),
+            connector_failover=r.string("ConnectorFailover", "None",
+                                        choices=("None", "NextCost")),
+            connector_failover_after=r.duration("ConnectorFailoverAfter", "5m", "1s",
+                                                "7d") or 300.0,
         )
         r.finish()
         return config

@@ -39,7 +39,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
 
 #: hooks called through ``Hooks.call_first`` (marked *first result* in core/hookspecs.py)
 FIRST_RESULT_HOOKS = frozenset({
-    "receive", "categorize", "deliver", "on_connect", "on_helo", "on_starttls", "on_auth",
+    "receive", "categorize", "deliver", "probe_next_hop", "on_connect", "on_helo",
+    "on_starttls", "on_auth",
     "on_mail_from", "on_rcpt_to", "on_data", "on_end_of_headers", "on_end_of_data",
 })
 

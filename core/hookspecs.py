@@ -133,6 +133,20 @@ def deliver(
     """
 
 
+@hookspec
+def probe_next_hop(
+    next_hop: NextHop,
+    connector: Connector,
+    context: DeliveryContext,
+) -> bool | None:
+    """Whether ``connector``'s next hop takes mail again (first result), without sending
+    any: asked every retry interval about a connector whose mail moved to the next-cost
+    connector (``ConnectorFailover = "NextCost"``), so new mail returns once it answers.
+    Return ``None`` when the connector is not yours; a type with no probe never gets its
+    mail back before a restart or a configuration reload.
+    """
+
+
 # -- categorizer events (Exchange's RoutingAgent events) --------------------------------
 
 

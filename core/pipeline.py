@@ -33,6 +33,7 @@ import structlog
 from hubport.core import queue as q
 from hubport.core.body import SPOOL_SUFFIX, MessageBody, make_durable_folder, spool_folder
 from hubport.core.categorizer import EXPANDED, FAIL, ROUTE, UNREACHABLE, Categorized, Categorizer
+from hubport.core.connector_failover import ConnectorFailover
 from hubport.core.delivery import (
     DEFERRED,
     DELIVERED,
@@ -163,6 +164,8 @@ class Pipeline:
         self.active: Counter[str] = Counter()
         #: bumped by every reload: decisions computed under an older config are not final
         self.generation = 0
+        #: connectors failed over to the next cost (ConnectorFailover NextCost)
+        self.failover = ConnectorFailover(self)
         self.apply_config(org)
 
     # -- configuration -----------------------------------------------------------------
@@ -176,7 +179,9 @@ class Pipeline:
         self.hooks.deliver_timeout = self.server.plugin_deliver_timeout
         self.directory = RecipientDirectory(org)
         self.categorizer = Categorizer(org, self.server, self.directory, self.hooks)
+        self.categorizer.avoided = self.failover.avoided
         self.connectors = {c.name.lower(): c for c in org.connectors}
+        self.failover.forget_gone()
 
     async def reload(self, org: Organization) -> int:
         """Apply a new config; resubmit the Unreachable queue (unless it is suspended) and
@@ -244,7 +249,8 @@ class Pipeline:
         self._tasks = [loop.create_task(self._categorizer_loop(), name="categorizer"),
                        loop.create_task(self._dispatch_loop(), name="dispatcher"),
                        loop.create_task(self._sweep_loop(), name="sweeper"),
-                       loop.create_task(self._spool_loop(), name="spool")]
+                       loop.create_task(self._spool_loop(), name="spool"),
+                       loop.create_task(self.failover.run(), name="failover")]
         self._categorizer_wake.set()
         self._dispatch_wake.set()
         return recovery
@@ -396,6 +402,13 @@ class Pipeline:
                     await self._pause(1.0)
                     self._categorizer_wake.set()
                     break
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def pause(self, seconds: float) -> None:
+        await self._pause(seconds)
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once when the pipeline stops."""
@@ -683,7 +696,10 @@ class Pipeline:
             log.info("queue in Retry: its next hop failed", queue=queue_id,
                      next_hop=hop.domain, connector=hop.connector, error=error,
                      next_retry=retry_at)
+            if hop.connector and hop.delivery_type not in RELAY_TYPES:
+                self.failover.failed(hop, now, error or "")
         elif items:  # the next hop answered: the queue leaves Retry
+            self.failover.answered(hop)
             writes.append(self.store.write(
                 lambda c: q.queue_attempted(c, queue_id, self.clock(), error)))
         writes += [self.store.write(partial(self._commit_delivery, item=item, result=result,
@@ -709,13 +725,17 @@ class Pipeline:
         for other in others:
             self._wake_queue(other)
 
+    def delivery_context(self) -> DeliveryContext:
+        """What a deliver (or probe) hook gets besides the mail."""
+        return DeliveryContext(self.org, self.server, self.directory, self._record_intent,
+                               self.clock, self.store_id, log)
+
     async def _call_deliver(self, hop: NextHop, items: list[MailItem]) -> Any:
         # a relay names the connector the other hub delivers through: not one for this hub
         relay = hop.delivery_type in RELAY_TYPES
         connector = self.connectors.get(hop.connector.lower()) \
             if hop.connector and not relay else None
-        context = DeliveryContext(self.org, self.server, self.directory, self._record_intent,
-                                  self.clock, self.store_id, log)
+        context = self.delivery_context()
         try:
             outcome = await self.hooks.call_first("deliver", next_hop=hop, connector=connector,
                                                   items=items, context=context)

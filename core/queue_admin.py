@@ -135,7 +135,7 @@ def parse_filter(text: str, fields: dict[str, str]) -> Predicate:
 OPERATIONS = {op: op.replace("-", "_") for op in (
     "get-queue", "retry-queue", "suspend-queue", "resume-queue", "get-message",
     "suspend-message", "resume-message", "remove-message", "export-message",
-    "get-backpressure", "get-messagetrackinglog")}
+    "get-backpressure", "get-messagetrackinglog", "get-failover")}
 
 
 def operations_of(admin: object) -> dict[str, Callable[..., Awaitable[Any]]]:
@@ -192,8 +192,19 @@ class QueueAdmin:
         active = [name for name, count in self.pipeline.active.items() if count > 0]
         now = self.pipeline.clock()
         rows = await self.pipeline.store.read(lambda c: q.queue_summary(c, now, active))
+        failing = {f["connector"].lower(): f for f in self.pipeline.failover.snapshot()}
+        carrying = {f["fallback"].lower(): f for f in failing.values() if f["fallback"]}
         for row in rows:
             row["identity"] = self._identity(row["queue"])
+            connector = str(row.get("connector") or "").lower()
+            if connector in failing:  # Get-Queue says why its mail went elsewhere
+                row["failover"] = failing[connector]["describe"]
+                if failing[connector]["moved_at"] is not None:
+                    row["last_error"] = row["failover"]
+            elif connector in carrying:
+                f = carrying[connector]
+                row["failover"] = (f"carrying the mail of {f['connector']}, failed over"
+                                   " (ConnectorFailover NextCost)")
         return select_queues(rows, self.server, wanted, predicate)
 
     async def get_message(self, identity: str | None = None, queue: str | None = None,
@@ -394,6 +405,10 @@ class QueueAdmin:
 
     def operations(self) -> dict[str, Callable[..., Awaitable[Any]]]:
         return operations_of(self)
+
+    async def get_failover(self) -> list[dict[str, Any]]:
+        """The connectors whose next hop is failing or failed over (Test-Route)."""
+        return self.pipeline.failover.snapshot()
 
     async def get_backpressure(self) -> dict[str, Any]:
         """Get-BackPressure: the level of each watched resource, as Exchange's

@@ -23,7 +23,7 @@ def queue_properties(r: dict[str, Any]) -> dict[str, Any]:
             "MessageCount": r["message_count"], "LastRetryTime": clock(r.get("last_retry")),
             "NextRetryTime": clock(r.get("next_retry")),
             "RetryCount": r.get("retry_count") or 0, "LastError": r.get("last_error") or "",
-            "NextHopConnector": r.get("connector") or ""}
+            "NextHopConnector": r.get("connector") or "", "Failover": r.get("failover") or ""}
 
 
 def message_properties(r: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +64,8 @@ def queue_list(rows: list[dict[str, Any]], kind: str) -> str:
         recipients = properties.pop("Recipients", [])
         if kind == "queue":
             properties.pop("NextHopConnector")
+            if not properties["Failover"]:
+                properties.pop("Failover")
         else:
             properties.pop("Source")
         fields = [*properties.items(), *(("Recipient", text) for text in recipients)]

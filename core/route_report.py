@@ -29,8 +29,10 @@ PROXIMITY = {0: "this server", 1: "same site", 2: "remote site"}
 
 
 async def route_report(org: Organization, server: TransportServer, hooks: Hooks,
-                       recipient: str, *, sender: str = "", size: int = 0) -> dict[str, Any]:
-    """The report as plain data (``--json`` prints it as it is)."""
+                       recipient: str, *, sender: str = "", size: int = 0,
+                       failover: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The report as plain data (``--json`` prints it as it is). ``failover`` is the
+    running daemon's connector failover state (``get-failover``), when it answered."""
     now = time.time()
     message = QueuedMessage(
         id=0, internal_id="test-route", message_id="<test-route@hubport>",
@@ -40,6 +42,10 @@ async def route_report(org: Organization, server: TransportServer, hooks: Hooks,
     directory = RecipientDirectory(org)
     categorizer = Categorizer(org, server, directory, hooks)
     categorizer.explanations = []
+    moved = frozenset(f["connector"].lower() for f in failover or ()
+                      if f.get("moved_at") is not None)
+    if org.transport_config.connector_failover == "NextCost":
+        categorizer.avoided = lambda: moved
     result = await categorizer.categorize(message)
     return {
         "recipient": recipient, "sender": sender, "size": size,
@@ -54,6 +60,8 @@ async def route_report(org: Organization, server: TransportServer, hooks: Hooks,
         } for d in result.decisions],
         "routing": [_explained(org, server, address, addr_type, e)
                     for address, addr_type, e in categorizer.explanations],
+        "connector_failover": org.transport_config.connector_failover,
+        "failover": failover if failover is not None else None,
     }
 
 
@@ -160,6 +168,12 @@ def format_report(report: dict[str, Any]) -> str:
         else:
             lines.append(f"  outcome: {r['outcome']}"
                          + (f" ({r['response']})" if r["response"] else ""))
+    lines += ["", f"Connector failover: {report['connector_failover']}"]
+    if report["failover"] is None:
+        lines.append("  (no daemon answered: the failover state of the running server is"
+                     " not known)")
+    for f in report["failover"] or ():
+        lines.append(f"  {f['connector']}: {f['describe']}")
     return "\n".join(lines)
 
 

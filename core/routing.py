@@ -12,7 +12,7 @@ server's site + address-space cost); 5. proximity (source server local, same sit
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,9 @@ class RouteDecision:
 
     candidate: RouteCandidate | None = None
     failure: SmtpResponse | None = None
+    #: the connector routing passed by because it is failed over (ConnectorFailover
+    #: NextCost): ``candidate`` is the next of the same specificity
+    failover_from: str = ""
 
     @property
     def unreachable(self) -> bool:
@@ -118,12 +121,21 @@ RULES = ("the most specific address space", "the lowest aggregate cost",
          "the connector name, lowest first")
 
 
-def _decision(candidates: list[RouteCandidate], too_big: bool, addr_type: str
-              ) -> RouteDecision:
+def _decision(candidates: list[RouteCandidate], too_big: bool, addr_type: str,
+              avoid: Collection[str] = ()) -> RouteDecision:
     """The lowest candidate; else 5.3.4 when size alone eliminated a match, 5.4.4 for a
-    non-SMTP address, and Unreachable for an SMTP one."""
+    non-SMTP address, and Unreachable for an SMTP one. A candidate in ``avoid`` (failed
+    over) gives way to the next one of the same specificity, never to a less specific
+    one (core/connector_failover.py)."""
     if candidates:
-        return RouteDecision(min(candidates, key=RouteCandidate.sort_key))
+        ranked = sorted(candidates, key=RouteCandidate.sort_key)
+        best = ranked[0]
+        if best.name.lower() in avoid:
+            other = next((c for c in ranked[1:] if c.specificity == best.specificity
+                          and c.name.lower() not in avoid), None)
+            if other is not None:
+                return RouteDecision(other, failover_from=best.name)
+        return RouteDecision(best)
     if too_big:
         return RouteDecision(failure=TOO_BIG_FOR_CONNECTORS)
     if addr_type != "SMTP":
@@ -205,10 +217,11 @@ class RoutingTable:
         return out, too_big
 
     def choose(self, addr_type: str, address: str, size: int,
-               extra: Iterable[RouteCandidate] = ()) -> RouteDecision:
+               extra: Iterable[RouteCandidate] = (), avoid: Collection[str] = ()
+               ) -> RouteDecision:
         candidates, too_big = self.candidates(addr_type, address, size)
         candidates.extend(extra)
-        return _decision(candidates, too_big, addr_type)
+        return _decision(candidates, too_big, addr_type, avoid)
 
     def relay_hop(self, server_name: str, connector: Connector | None = None) -> NextHop:
         """The queue for mail that another hub delivers (docs/exchange.md, "Sites and hub
@@ -289,15 +302,20 @@ class RoutingTable:
         return None
 
     def explain(self, addr_type: str, address: str, size: int,
-                extra: Iterable[RouteCandidate] = ()) -> RouteExplanation:
+                extra: Iterable[RouteCandidate] = (), avoid: Collection[str] = ()
+                ) -> RouteExplanation:
         """What ``choose`` decides, with every candidate in the order of selection, the
         connectors eliminated and why, and the rule that decided between the first two."""
         eliminated: list[tuple[str, str]] = []
         candidates, too_big = self.candidates(addr_type, address, size, eliminated)
         candidates.extend(extra)
         ranked = sorted(candidates, key=RouteCandidate.sort_key)
-        return RouteExplanation(_decision(candidates, too_big, addr_type), ranked,
-                                eliminated, _deciding_rule(ranked))
+        decision = _decision(candidates, too_big, addr_type, avoid)
+        rule = _deciding_rule(ranked)
+        if decision.failover_from:
+            rule = (f"{decision.failover_from} is failed over (ConnectorFailover NextCost):"
+                    f" the next candidate of the same address space")
+        return RouteExplanation(decision, ranked, eliminated, rule)
 
     def _in_scope(self, connector: Connector) -> bool:
         """A scoped connector serves only servers in its source servers' AD site."""

@@ -241,6 +241,11 @@ class ServerAdmin:
         """Get-BackPressure: the worst worker's level, with each worker's own."""
         return merge_backpressure(self._every(await self._ask_all("get-backpressure", {})))
 
+    async def get_failover(self) -> list[dict[str, Any]]:
+        """Every worker's failing connectors (each worker judges its own next hops)."""
+        parts = self._every(await self._ask_all("get-failover", {}))
+        return [f for part in parts for f in part]
+
     async def get_messagetrackinglog(self, **args: Any) -> list[dict[str, Any]]:
         """Get-MessageTrackingLog over every worker's files (one folder, a family each)."""
         if self.tracking is None:
@@ -277,6 +282,7 @@ def merge_queue(server: str, name: str, rows: list[dict[str, Any]]) -> dict[str,
     of the latest attempt."""
     merged = dict(rows[0])
     merged["queue"] = name
+    merged["failover"] = next((r["failover"] for r in rows if r.get("failover")), None)
     merged["identity"] = identity_of(server, name)
     merged["message_count"] = sum(int(r.get("message_count") or 0) for r in rows)
     statuses = {r.get("status") for r in rows}

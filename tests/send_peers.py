@@ -142,11 +142,11 @@ class ScriptedSink:
     def __init__(self, *, host: str = "127.0.0.1", script: Script | None = None,
                  tls: ssl.SSLContext | None = None,
                  users: dict[str, str] | None = None, auth_require_tls: bool = False,
-                 smtputf8: bool = False, dsn: bool = False) -> None:
+                 smtputf8: bool = False, dsn: bool = False, port: int | None = None) -> None:
         self.script = script or Script()
         self.handler = _Handler(self.script, dsn)
         self.host = host
-        self.port = free_port(host)
+        self.port = port or free_port(host)
         self.users = users
         kwargs: dict[str, Any] = {"enable_SMTPUTF8": smtputf8, "ident": "scripted sink"}
         if tls is not None:

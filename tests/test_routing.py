@@ -661,3 +661,24 @@ async def test_on_resolved_fires_after_every_recipient_is_resolved_before_any_ro
                      "bob@contoso.test": (ROUTE, HOME),
                      "y@nowhere.test": (UNREACHABLE, None)}
     assert not result.unrouted
+
+
+def test_a_failed_over_connector_gives_way_to_the_next_cost_of_the_same_specificity() -> None:
+    """ConnectorFailover NextCost: the next candidate by Exchange's order, never one of a
+    less specific address space (that would change who may receive through it)."""
+    o = org(connector("ISP1", ["SMTP:*;1"], servers=["HUB01"]),
+            connector("ISP2", ["SMTP:*;2"], servers=["HUB01"]),
+            connector("Partner", ["SMTP:partner.example;1"], servers=["HUB01"]))
+    t = table(o)
+    plain = t.choose("SMTP", "x@example.org", 1000)
+    assert plain.candidate is not None and plain.candidate.name == "ISP1"
+    moved = t.choose("SMTP", "x@example.org", 1000, avoid={"isp1"})
+    assert moved.candidate is not None and moved.candidate.name == "ISP2"
+    assert moved.failover_from == "ISP1"
+    kept = t.choose("SMTP", "x@partner.example", 1000, avoid={"partner"})
+    assert kept.candidate is not None and kept.candidate.name == "Partner"  # not ISP1 (*)
+    assert kept.failover_from == ""
+    both = t.choose("SMTP", "x@example.org", 1000, avoid={"isp1", "isp2"})
+    assert both.candidate is not None and both.candidate.name == "ISP1"  # it waits
+    explained = t.explain("SMTP", "x@example.org", 1000, avoid={"isp1"})
+    assert "ISP1 is failed over" in explained.rule

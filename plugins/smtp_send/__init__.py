@@ -31,6 +31,7 @@ from hubport.core.api import DeliveryContext, MailItem, Organization, QueuedMess
 from hubport.core.model import NextHop, QueuedRecipient
 from hubport.plugins.smtp_send.connector import SendConnector
 from hubport.plugins.smtp_send.delivery import RELAY_TYPES, deliver_items
+from hubport.plugins.smtp_send.delivery import probe_next_hop as probe
 from hubport.plugins.smtp_send.linked import route_through_link
 from hubport.plugins.smtp_send.routing_group import RoutingGroupConnector
 
@@ -53,6 +54,15 @@ async def deliver(next_hop: NextHop, connector: Any, items: list[MailItem],
             isinstance(connector, (SendConnector, RoutingGroupConnector)):
         return await deliver_items(next_hop, connector, items, context)
     return None
+
+
+@hookimpl
+async def probe_next_hop(next_hop: NextHop, connector: Any,
+                         context: DeliveryContext) -> bool | None:
+    """Send connectors: whether their smart hosts (or MX hosts) answer again."""
+    if not isinstance(connector, SendConnector):
+        return None
+    return await probe(next_hop, connector, context)
 
 
 @hookimpl

@@ -502,3 +502,35 @@ def _failure_response(exc: SessionFailure, profile: Profile) -> SmtpResponse:
     if exc.stage in ("auth", "greeting", "hello"):
         return response
     return SmtpResponse(451, "4.4.0", response.text)
+
+
+# -- probes (ConnectorFailover NextCost) -------------------------------------------------
+
+
+async def probe_next_hop(next_hop: NextHop, connector: SendConnector,
+                         context: DeliveryContext) -> bool:
+    """Whether the connector's next hop takes mail again: a session to one of its smart
+    hosts (or MX hosts for ``next_hop.domain``) gets to MAIL-ready (connect, EHLO, TLS and
+    authentication as for mail), then QUIT. Nothing is sent."""
+    server = context.server
+    profile = _profile(connector, server)
+    if connector.smart_hosts:
+        [route] = await _routes(next_hop, connector, [], context, False, profile)
+    else:
+        route = Route(next_hop.domain, tls_policy(connector, server, next_hop.domain, None))
+        dns = resolver.make_resolver(
+            server.external_dns_servers if connector.use_external_dns_servers_enabled else ())
+        me = resolver.local_identity(context.organization, server, profile.ehlo)
+        route.resolution = await resolver.resolve_mx(next_hop.domain, dns, connector.port, me,
+                                                     downgrade=profile.downgrade_dns)
+    if route.resolution is None or not route.resolution.targets:
+        return False
+    try:
+        session = await _open_any(route, profile, server)
+    except SessionFailure:
+        return False
+    try:
+        await session.quit()
+    finally:
+        session.close()
+    return True
