@@ -291,7 +291,8 @@ def _organization_cmdlet(line: str, extra: Sequence[str]) -> int | None:
     stages = split_pipeline(line)
     tokens = tokenize(stages[0])
     verb, _, noun = tokens[0].text.partition("-") if tokens else ("", "", "")
-    known = noun.lower() in org_cmdlets.NOUNS or noun.lower() == org_cmdlets.MEMBER_NOUN
+    known = noun.lower() in org_cmdlets.NOUNS or noun.lower() in (
+        org_cmdlets.MEMBER_NOUN, org_cmdlets.PERMISSION_NOUN)
     if verb.lower() not in org_cmdlets.VERBS or not known:
         return None
     from hubport.core.cmdlet_output import read_stages

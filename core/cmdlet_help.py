@@ -37,6 +37,9 @@ def catalogue() -> list[Entry]:
               "distribution_group"),
         Entry("Remove-DistributionGroupMember", "remove a recipient from a group's Members",
               "distribution_group"),
+        Entry("Add-ADPermission", "grant a principal extended rights on a Receive"
+              " connector", "receive_connector"),
+        Entry("Remove-ADPermission", "take them back", "receive_connector"),
         Entry("Search-AdminAuditLog", "who changed what and when (the admin audit log)"),
         Entry("Get-Help", "a cmdlet's parameters and examples"),
         Entry("Get-Command", "the cmdlets, by name, verb or noun")]
@@ -87,6 +90,11 @@ def parameters_of(name: str) -> list[tuple[str, tuple[str, ...]]]:
     verb = entry.name.split("-")[0]
     if entry.name.endswith("DistributionGroupMember"):
         return [("Identity", ()), ("Member", ()), ("WhatIf", ()), ("Confirm", ())]
+    if entry.name.endswith("ADPermission"):
+        section_fields(entry.section)  # the receive connector type declares the rights
+        rights = KNOWN_CHOICES.get(entry.section, {}).get("ExtendedRights", NO_VALUES)
+        return [("Identity", ()), ("User", ()), ("ExtendedRights", rights), ("WhatIf", ()),
+                ("Confirm", ())]
     none = NO_VALUES
     first = [("Identity", none)] if verb != "New" else []
     if verb in ("Get", "Remove"):
@@ -229,6 +237,15 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("Set-ReceiveConnector 'HUB01\\Contoso.com Receive Connector'"
          " -Banner '220 SMTP OK' -ConnectionTimeout 00:15:00",
          "This example changes the banner and the connection time-out.")],
+    "Add-ADPermission": [
+        ("Add-ADPermission -Identity 'Contoso.com Receive Connector' -User 'NT AUTHORITY\\"
+         "ANONYMOUS LOGON' -ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient",
+         "This example lets the hosts of the connector relay, as an application server"
+         " needs (docs/scenarios.md).")],
+    "Remove-ADPermission": [
+        ("Remove-ADPermission -Identity 'Contoso.com Receive Connector' -User 'NT AUTHORITY\\"
+         "ANONYMOUS LOGON' -ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient -Confirm:$false",
+         "This example takes the right back.")],
     "Get-ReceiveConnector": [
         ("Get-ReceiveConnector | Select-Object Name,Bindings,RemoteIPRanges",
          "This example lists the Receive connectors and who may use each.")],

@@ -57,6 +57,9 @@ ALIASES = {"accepted_domain": {"MakeDefault": "Default"}}
 VERBS = ("new", "set", "get", "remove", "add")
 #: Add-/Remove-DistributionGroupMember edit a group's Members
 MEMBER_NOUN = "distributiongroupmember"
+#: Add-/Remove-ADPermission edit a Receive connector's Permissions (the rights Active
+#: Directory grants a principal on it: ms-Exch-SMTP-Accept-Any-Recipient and the rest)
+PERMISSION_NOUN = "adpermission"
 _INTEGER = re.compile(r"-?[0-9]+")
 _UNITS = ("B", "KB", "MB", "GB", "TB")
 
@@ -154,9 +157,11 @@ def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, stages: Stag
     load's ConfigErrors for an organization that would not load; ``changed(cmdlet, where,
     object ids, revision)`` is told of each change made (the admin audit log)."""
     member = noun.lower() == MEMBER_NOUN
-    section = "distribution_group" if member else NOUNS[noun.lower()]
-    cmdlet = f"{verb.capitalize()}-{'DistributionGroupMember' if member else noun_name(noun)}"
-    if verb == "add" and not member:
+    permission = noun.lower() == PERMISSION_NOUN
+    section = "distribution_group" if member else "receive_connector" if permission else \
+        NOUNS[noun.lower()]
+    cmdlet = f"{verb.capitalize()}-{noun_name(noun)}"
+    if verb == "add" and not (member or permission):
         raise CmdletError(f"{cmdlet}: not a cmdlet hubport knows (New-{noun_name(noun)}"
                           " makes one)")
     values = arguments(cmdlet, tokens, "Name" if verb == "new" else "Identity",
@@ -173,8 +178,12 @@ def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, stages: Stag
     _expand_names(cmdlet, section, data, values, validate)
     if verb == "get":
         return _get(cmdlet, section, data, values, stages)
-    edits = _member_edits(cmdlet, verb, data, values, validate) if member else \
-        _edits(cmdlet, verb, section, data, values)
+    if permission:
+        edits = _permission_edits(cmdlet, verb, data, values)
+    elif member:
+        edits = _member_edits(cmdlet, verb, data, values, validate)
+    else:
+        edits = _edits(cmdlet, verb, section, data, values)
     if section == "accepted_domain":
         edits.update(_one_default(data, edits))
     if what_if:
@@ -208,8 +217,9 @@ def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, stages: Stag
 
 
 def noun_name(noun: str) -> str:
-    for proper in ("SendConnector", "ReceiveConnector", "ForeignConnector",
-                   "DeliveryAgentConnector", "RoutingGroupConnector", "RoutingGroup",
+    for proper in ("DistributionGroupMember", "ADPermission", "SendConnector",
+                   "ReceiveConnector", "ForeignConnector", "DeliveryAgentConnector",
+                   "RoutingGroupConnector", "RoutingGroup",
                    "AcceptedDomain", "Mailbox", "MailContact", "DistributionGroup", "AdSite",
                    "AdSiteLink", "TransportServer", "TransportConfig"):
         if proper.lower() == noun.lower():
@@ -361,6 +371,53 @@ def _member_edits(cmdlet: str, verb: str, data: Mapping[str, Any], values: dict[
         members = [m for m in members if m not in present]
     group["Members"] = members
     return {("distribution_group", str(group["Name"])): group}
+
+
+def _permission_edits(cmdlet: str, verb: str, data: Mapping[str, Any], values: dict[str, Any]
+                      ) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """Add-/Remove-ADPermission -Identity <receive connector> -User <principal>
+    -ExtendedRights <rights>: Exchange's way to let an application server relay
+    (``-User 'NT AUTHORITY\\ANONYMOUS LOGON' -ExtendedRights
+    ms-Exch-SMTP-Accept-Any-Recipient``)."""
+    identity, user = _pop(values, "Identity"), _pop(values, "User")
+    rights = _pop(values, "ExtendedRights")
+    if identity is None or user is None or rights is None:
+        raise CmdletError(f"{cmdlet}: -Identity (the Receive connector), -User and"
+                          " -ExtendedRights are required")
+    if values:
+        raise CmdletError(f"{cmdlet}: takes -Identity, -User and -ExtendedRights only (got"
+                          f" {', '.join('-' + k for k in values)})")
+    connectors = data.get("receive_connector", [])
+    index = _find(connectors, _name(identity))
+    if index is None:
+        from hubport.core.config_fields import suggest
+
+        names = [str(t.get("Name", "")) for t in connectors]
+        raise CmdletError(f"{cmdlet}: no receive_connector {_name(identity)!r}"
+                          f"{suggest(_name(identity), names)}")
+    table = dict(connectors[index])
+    wanted = [rights] if isinstance(rights, str) else [str(r) for r in rights]
+    entries = [dict(e) for e in table.get("Permissions", [])]
+    mine = next((e for e in entries if str(e.get("User", "")).lower() == str(user).lower()),
+                None)
+    if verb == "add":
+        if mine is None:
+            mine = {"User": str(user), "ExtendedRights": []}
+            entries.append(mine)
+        have = [str(r) for r in mine.get("ExtendedRights", [])]
+        mine["ExtendedRights"] = have + [r for r in wanted
+                                         if r.lower() not in {h.lower() for h in have}]
+    else:
+        if mine is None:
+            raise CmdletError(f"{cmdlet}: {user!r} has no permission on {table['Name']}")
+        left = [r for r in mine.get("ExtendedRights", [])
+                if str(r).lower() not in {w.lower() for w in wanted}]
+        entries = [e for e in entries if e is not mine] + (
+            [{**mine, "ExtendedRights": left}] if left else [])
+    table["Permissions"] = entries
+    if not entries:
+        table.pop("Permissions")
+    return {("receive_connector", str(table["Name"])): table}
 
 
 def _same_recipient(data: Mapping[str, Any], validate: Callable[[str, str], object]

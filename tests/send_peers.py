@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -366,3 +367,30 @@ def hub_tls(org: Any, server_name: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pem)
     return context
+
+
+class Scanner:
+    """Stamps ``X-Scanned: clean`` on each message and sends it back to ``back_port``."""
+
+    def __init__(self, back_port: int) -> None:
+        self.back_port = back_port
+        self.seen: list[tuple[str, list[str], bytes]] = []
+        self.lock = threading.Lock()
+        self.port = free_port()
+        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        data = envelope.content if isinstance(envelope.content, bytes) else b""
+        with self.lock:
+            self.seen.append((envelope.mail_from or "", list(envelope.rcpt_tos), data))
+        await aiosmtplib.send(b"X-Scanned: clean\r\n" + data, sender=envelope.mail_from or "",
+                              recipients=envelope.rcpt_tos, hostname="127.0.0.1",
+                              port=self.back_port, timeout=30, validate_certs=False)
+        return "250 2.0.0 scanned"
+
+    def __enter__(self) -> Scanner:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.controller.stop()

@@ -10,52 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from daemon_process import DaemonPool, daemon_pool, hubport
 from hubport.core.config import load_organization
 from hubport.core.config_fields import ConfigError
 from hubport.core.hooks import Hooks
+from send_peers import Scanner
 from smtp_support import free_port, receive_connector, send_one
 from support import wait_for_sync, write_org
 
 pytestmark = pytest.mark.timeout(180)
-
-
-class Scanner:
-    """Stamps ``X-Scanned: clean`` on each message and sends it back to ``back_port``."""
-
-    def __init__(self, back_port: int) -> None:
-        self.back_port = back_port
-        self.seen: list[tuple[str, list[str], bytes]] = []
-        self.lock = threading.Lock()
-        self.port = free_port()
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        data = envelope.content if isinstance(envelope.content, bytes) else b""
-        with self.lock:
-            self.seen.append((envelope.mail_from or "", list(envelope.rcpt_tos), data))
-        await aiosmtplib.send(b"X-Scanned: clean\r\n" + data, sender=envelope.mail_from or "",
-                              recipients=envelope.rcpt_tos, hostname="127.0.0.1",
-                              port=self.back_port, timeout=30, validate_certs=False)
-        return "250 2.0.0 scanned"
-
-    def __enter__(self) -> Scanner:
-        self.controller.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.controller.stop()
 
 
 @pytest.fixture

@@ -326,6 +326,7 @@ def _banner(r: FieldReader) -> str | None:
 
 def _permissions(r: FieldReader) -> dict[Principal, frozenset[Right]]:
     """`Permissions = [{ User = "NT AUTHORITY\\ANONYMOUS LOGON", ExtendedRights = [...] }]`."""
+    r.offer("ExtendedRights", tuple(right.value for right in Right))  # Add-ADPermission
     raw = r.raw("Permissions")
     if raw is None:
         return {}

@@ -79,7 +79,10 @@ def parse_right(text: str) -> Right:
     """`ms-Exch-SMTP-Accept-Any-Recipient`, or without its `ms-Exch-` prefix; ValueError."""
     right = _RIGHT_NAMES.get(text.strip().lower())
     if right is None:
-        raise ValueError(f"{text!r} is not a transport extended right")
+        from hubport.core.config_fields import suggest
+
+        raise ValueError(f"{text!r} is not a transport extended right"
+                         f"{suggest(text.strip(), [r.value for r in Right])}")
     return right
 
 
