@@ -103,8 +103,9 @@ def arguments(cmdlet: str, tokens: Sequence[Token], positional: str,
         elif token.attached is not None:
             values[token.text] = value_of(token.attached)
         elif i + 1 < len(tokens) and tokens[i + 1].tables:
-            i += 1
-            values[token.text] = [dict(t) for t in tokens[i].tables]
+            i += 1  # one @{...} is a table, several a list of tables
+            tables = [dict(t) for t in tokens[i].tables]
+            values[token.text] = tables[0] if len(tables) == 1 else tables
         elif i + 1 < len(tokens) and not tokens[i + 1].parameter:
             i += 1
             text = tokens[i].text

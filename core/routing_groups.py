@@ -113,6 +113,8 @@ def read_routing_groups(readers: Iterable[tuple[int, FieldReader]], ctx: ConfigC
 def _servers(reader: FieldReader, ctx: ConfigContext, seen: dict[str, str]
              ) -> tuple[LegacyServer, ...]:
     value = reader.raw("Servers")
+    if isinstance(value, Mapping):  # one server, as a cmdlet's single @{...} gives it
+        value = [value]
     if value is None or value == []:
         reader.error("Servers", "required: a routing group has at least one server, written"
                                 ' Servers = [{ Name = "EX2003A", Address = "192.0.2.10" }]')

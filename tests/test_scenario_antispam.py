@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from daemon_process import daemon_pool, hubport
+from daemon_process import daemon_pool
+from scenario_support import fresh_home, run
 from send_peers import Scanner, free_port
 from smtp_support import send_one
 from support import maildir, wait_for_sync
@@ -23,20 +23,12 @@ from support import maildir, wait_for_sync
 pytestmark = pytest.mark.timeout(120)
 
 
-def _run(home: Path, line: str) -> subprocess.CompletedProcess[str]:
-    done = hubport(line, cwd=home)
-    assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
-    return done
-
 
 def test_mail_goes_through_the_scanner_once_and_comes_back_stamped(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
+    home = fresh_home(tmp_path)
     inbound, back = free_port(), free_port()
     with Scanner(back) as scanner:
         for line in (
-            f"Set-ReceiveConnector 'HUB01\\Default HUB01' -Bindings 127.0.0.1:{free_port()}",
-            f"Set-ReceiveConnector 'HUB01\\Client HUB01' -Bindings 127.0.0.1:{free_port()}",
             f"New-ReceiveConnector -Name 'Receiveconnector:25' -Usage Custom -Bindings"
             f" 127.0.0.1:{inbound} -PermissionGroups AnonymousUsers -Server HUB01",
             # the article's line, with the scanner on loopback instead of the host antispam
@@ -48,7 +40,7 @@ def test_mail_goes_through_the_scanner_once_and_comes_back_stamped(tmp_path: Pat
             f" externalAuthoritative -RemoteIPRanges 127.0.0.1 -Bindings 127.0.0.1:{back}"
             " -PermissionGroups ExchangeServers -Server HUB01",
         ):
-            _run(home, line)
+            run(home, line)
         with daemon_pool(tmp_path) as pool:
             pool.start(cwd=home).wait_ready()
             asyncio.run(send_one(inbound, "alice@contoso.test", "offer"))
@@ -65,10 +57,10 @@ def test_mail_goes_through_the_scanner_once_and_comes_back_stamped(tmp_path: Pat
             time.sleep(1.0)
             assert len(scanner.seen) == 1, scanner.seen
 
-            events = json.loads(_run(home, "Get-MessageTrackingLog -EventId RECEIVE"
+            events = json.loads(run(home, "Get-MessageTrackingLog -EventId RECEIVE"
                                            " | ConvertTo-Json").stdout)
             assert sorted(e["connector-id"] for e in events) == [
                 "Receiveconnector:25", "Receiveconnector:27", "Receiveconnector:27"], events
-            sent = json.loads(_run(home, "Get-MessageTrackingLog -EventId SEND"
+            sent = json.loads(run(home, "Get-MessageTrackingLog -EventId SEND"
                                          " | ConvertTo-Json").stdout)
             assert [e["connector-id"] for e in sent] == ["Sendconnector:26"], sent

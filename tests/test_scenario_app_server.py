@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import smtplib
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from daemon_process import daemon_pool, hubport
+from daemon_process import daemon_pool
+from scenario_support import run
 from send_peers import ScriptedSink, free_port
 from support import wait_for_sync
 
@@ -20,11 +20,6 @@ pytestmark = pytest.mark.timeout(120)
 
 APP, OTHER = "127.0.0.5", "127.0.0.6"  # the application server, and someone else
 
-
-def _run(home: Path, line: str) -> subprocess.CompletedProcess[str]:
-    done = hubport(line, cwd=home)
-    assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def _client(port: int, source: str) -> smtplib.SMTP:
@@ -50,7 +45,7 @@ def test_the_application_server_relays_through_its_own_connector_only(tmp_path: 
         "Add-ADPermission -Identity 'From App' -User 'NT AUTHORITY\\ANONYMOUS LOGON'"
         " -ExtendedRights ms-Exch-SMTP-Accept-Any-Recipient",
     ):
-        _run(home, line)
+        run(home, line)
     with internet, daemon_pool(tmp_path) as pool:
         pool.start(cwd=home).wait_ready()
 
@@ -75,9 +70,9 @@ def test_the_application_server_relays_through_its_own_connector_only(tmp_path: 
             assert code == 250, reply
         assert len(internet.received) == 1  # nothing else left for the Internet
 
-        events = json.loads(_run(home, "Get-MessageTrackingLog -EventId RECEIVE"
+        events = json.loads(run(home, "Get-MessageTrackingLog -EventId RECEIVE"
                                        " | ConvertTo-Json").stdout)
         assert [e["connector-id"] for e in events] == ["From App"], events
-        sent = json.loads(_run(home, "Get-MessageTrackingLog -EventId SEND"
+        sent = json.loads(run(home, "Get-MessageTrackingLog -EventId SEND"
                                      " | ConvertTo-Json").stdout)
         assert [e["connector-id"] for e in sent] == ["To Internet"], sent

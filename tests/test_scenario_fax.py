@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon_process import daemon_pool, hubport
-from send_peers import free_port
+from daemon_process import daemon_pool
+from scenario_support import fresh_home, run
 from support import drop_in, maildir, message, read_mail, wait_for_sync
 
 pytestmark = pytest.mark.timeout(120)
@@ -22,20 +22,11 @@ pytestmark = pytest.mark.timeout(120)
 GATEWAY = Path(__file__).parent.parent / "examples" / "fax-gateway" / "fax_gateway.py"
 
 
-def _run(home: Path, line: str) -> subprocess.CompletedProcess[str]:
-    done = hubport(line, cwd=home)
-    assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
-    return done
-
 
 def test_a_fax_goes_out_through_the_drop_folder_and_its_status_comes_back(
         tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    for connector in ("Default HUB01", "Client HUB01"):
-        _run(home, f"Set-ReceiveConnector 'HUB01\\{connector}' -Bindings"
-                   f" 127.0.0.1:{free_port()}")
-    route = _run(home, "Test-Route FaxReception@contoso.test").stdout
+    home = fresh_home(tmp_path)
+    route = run(home, "Test-Route FaxReception@contoso.test").stdout
     assert "Fax Gateway" in route, route
     with daemon_pool(tmp_path) as pool:
         pool.start(cwd=home).wait_ready()
@@ -64,7 +55,7 @@ def test_a_fax_goes_out_through_the_drop_folder_and_its_status_comes_back(
         log = (drop.parent / "Fax Gateway.sent.log").read_text()
         assert "'Signed contract' to +15551234 for alice@contoso.test" in log, log
 
-        events = json.loads(_run(home, "Get-MessageTrackingLog -ResultSize Unlimited"
+        events = json.loads(run(home, "Get-MessageTrackingLog -ResultSize Unlimited"
                                        " | Select-Object EventId,Source,ConnectorId"
                                        " | ConvertTo-Json").stdout)
         pairs = [(e["EventId"], e["Source"], e["ConnectorId"]) for e in events]

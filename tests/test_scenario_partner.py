@@ -6,22 +6,17 @@ to a site serves only the hubs of that site."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from daemon_process import daemon_pool, hubport
-from send_peers import ScriptedSink, free_port
+from daemon_process import daemon_pool
+from scenario_support import fresh_home, run
+from send_peers import ScriptedSink
 from support import drop_in, message, wait_for_sync
 
 pytestmark = pytest.mark.timeout(120)
 
-
-def _run(home: Path, line: str) -> subprocess.CompletedProcess[str]:
-    done = hubport(line, cwd=home)
-    assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def _connector(name: str, space: str, sink: ScriptedSink) -> str:
@@ -31,17 +26,14 @@ def _connector(name: str, space: str, sink: ScriptedSink) -> str:
 
 
 def test_only_the_partner_domain_takes_the_dedicated_smart_host(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
+    home = fresh_home(tmp_path)
     internet, partner, branches = (ScriptedSink(host="127.0.0.1") for _ in range(3))
     for line in (
-        f"Set-ReceiveConnector 'HUB01\\Default HUB01' -Bindings 127.0.0.1:{free_port()}",
-        f"Set-ReceiveConnector 'HUB01\\Client HUB01' -Bindings 127.0.0.1:{free_port()}",
         _connector("To Internet", "SMTP:*;1", internet),
         _connector("To Partner", "SMTP:partner.example;1", partner),
         _connector("To Partner Branches", "SMTP:*.partner.example;1", branches),
     ):
-        _run(home, line)
+        run(home, line)
     with internet, partner, branches, daemon_pool(tmp_path) as pool:
         pool.start(cwd=home).wait_ready()
         for name, to in (("p", "orders@partner.example"), ("b", "sales@eu.partner.example"),
@@ -55,7 +47,7 @@ def test_only_the_partner_domain_takes_the_dedicated_smart_host(tmp_path: Path) 
         assert [r.rcpt_tos for r in branches.received] == [["sales@eu.partner.example"]]
         assert sorted(r.rcpt_tos[0] for r in internet.received) == [
             "someone@example.org", "x@notpartner.example"]
-        sent = json.loads(_run(home, "Get-MessageTrackingLog -EventId SEND"
+        sent = json.loads(run(home, "Get-MessageTrackingLog -EventId SEND"
                                      " | ConvertTo-Json").stdout)
         assert sorted((e["recipient-address"][0], e["connector-id"]) for e in sent) == [
             ("orders@partner.example", "To Partner"),
@@ -69,9 +61,9 @@ def test_only_the_partner_domain_takes_the_dedicated_smart_host(tmp_path: Path) 
                  "New-AdSiteLink -Name Default-Paris -Sites Default-First-Site-Name,Paris"
                  " -Cost 10",
                  "New-TransportServer -Name HUB02 -Site Paris -Fqdn hub02.contoso.test"):
-        _run(home, line)
-    here = _run(home, "Test-Route orders@partner.example -Server HUB01").stdout
+        run(home, line)
+    here = run(home, "Test-Route orders@partner.example -Server HUB01").stdout
     assert "chosen: To Partner," in here, here
-    paris = _run(home, "Test-Route orders@partner.example -Server HUB02").stdout
+    paris = run(home, "Test-Route orders@partner.example -Server HUB02").stdout
     assert "eliminated To Partner: scoped to another site (IsScopedConnector)" in paris, paris
     assert "chosen: To Partner Branches" in paris, paris

@@ -8,16 +8,15 @@ host answers again; with Exchange's ``None`` it waits for ISP1 and ISP2 gets not
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from daemon_process import Daemon, daemon_pool, hubport
+from daemon_process import Daemon, daemon_pool
+from scenario_support import QUICK_RETRIES, fresh_home, json_of, run
 from send_peers import ScriptedSink, free_port
 from support import drop_in, message, wait_for_sync
 
@@ -26,25 +25,12 @@ pytestmark = pytest.mark.timeout(180)
 ISP1_HOSTS = ("127.0.0.2", "127.0.0.3")
 
 
-def _run(home: Path, line: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    done = hubport(line, *extra, cwd=home)
-    assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
-    return done
-
-
-def _json(home: Path, line: str) -> Any:
-    return json.loads(_run(home, line, "--json").stdout)
 
 
 def _setup(home: Path, failover: str, isp1_port: int, isp2_port: int) -> None:
     """The organization, with the cmdlets an administrator types (docs/scenarios.md)."""
     for line in (
-        f"Set-ReceiveConnector 'HUB01\\Default HUB01' -Bindings 127.0.0.1:{free_port()}",
-        f"Set-ReceiveConnector 'HUB01\\Client HUB01' -Bindings 127.0.0.1:{free_port()}",
-        # quick retries for the test; an administrator keeps the defaults
-        "Set-TransportServer HUB01 -QueueGlitchRetryInterval 00:00:01"
-        " -TransientFailureRetryInterval 00:00:01"
-        " -OutboundConnectionFailureRetryInterval 00:00:01",
+        QUICK_RETRIES,
         f"Set-TransportConfig -ConnectorFailover {failover} -ConnectorFailoverAfter 00:00:03",
         "New-SendConnector -Name ISP1 -Usage Custom -AddressSpaces 'SMTP:*;1'"
         " -DNSRoutingEnabled $false -SmartHosts '[127.0.0.2]','[127.0.0.3]'"
@@ -53,7 +39,7 @@ def _setup(home: Path, failover: str, isp1_port: int, isp2_port: int) -> None:
         f" -DNSRoutingEnabled $false -SmartHosts '[127.0.0.1]' -Port {isp2_port}"
         " -SmartHostAuthMechanism None -SourceTransportServers HUB01",
     ):
-        _run(home, line)
+        run(home, line)
 
 
 def _send(home: Path, name: str) -> None:
@@ -81,8 +67,7 @@ def _isp1_port() -> int:
 
 
 def _start(tmp_path: Path, failover: str) -> tuple[Path, int, ScriptedSink, Any]:
-    home = tmp_path / "home"
-    home.mkdir()
+    home = fresh_home(tmp_path)
     isp1_port = _isp1_port()
     isp2 = ScriptedSink(host="127.0.0.1")
     _setup(home, failover, isp1_port, isp2.port)
@@ -90,7 +75,7 @@ def _start(tmp_path: Path, failover: str) -> tuple[Path, int, ScriptedSink, Any]
 
 
 def _isp1_queue(home: Path) -> dict[str, Any] | None:
-    rows = [r for r in _json(home, "Get-Queue") if r.get("connector") == "ISP1"]
+    rows = [r for r in json_of(home, "Get-Queue") if r.get("connector") == "ISP1"]
     return rows[0] if rows else None
 
 
@@ -113,13 +98,13 @@ def test_next_cost_failover_moves_queued_and_new_mail_and_comes_back(tmp_path: P
         wait_for_sync(lambda: _subjects(isp2) == ["queued"], timeout=30,
                       describe=lambda: _subjects(isp2), what="the queued mail via ISP2")
         mark("'queued' delivered by ISP2 (moved)")
-        moved = _json(home, "Get-MessageTrackingLog -EventId RESUBMIT")
+        moved = json_of(home, "Get-MessageTrackingLog -EventId RESUBMIT")
         assert len(moved) == 1 and moved[0]["connector-id"] == "ISP1"
         assert "ISP1 -> ISP2" in moved[0]["source-context"], moved
         queue = _isp1_queue(home)
         if queue is not None:  # Get-Queue says why ISP1's mail went elsewhere
             assert "failed over to ISP2" in queue["failover"], queue
-        route = _run(home, "Test-Route -Recipient someone@fabrikam.example").stdout
+        route = run(home, "Test-Route -Recipient someone@fabrikam.example").stdout
         assert "ISP1: failed over to ISP2" in route and "chosen: ISP2" in route, route
         mark("Test-Route: ISP1 failed over, ISP2 chosen")
 
@@ -131,7 +116,7 @@ def test_next_cost_failover_moves_queued_and_new_mail_and_comes_back(tmp_path: P
         isp1 = ScriptedSink(host=ISP1_HOSTS[0], port=isp1_port)
         with isp1:
             mark("ISP1's first host answers again")
-            wait_for_sync(lambda: "chosen: ISP1" in _run(
+            wait_for_sync(lambda: "chosen: ISP1" in run(
                 home, "Test-Route -Recipient someone@fabrikam.example").stdout,
                 timeout=30, what="the probe to find ISP1 again")
             mark("probe: ISP1 answers; failover state cleared")
@@ -157,6 +142,6 @@ def test_without_failover_mail_waits_for_isp1_as_exchange_does(tmp_path: Path) -
         queue = _isp1_queue(home)
         assert queue is not None and queue["message_count"] == 1, queue
         assert isp2.received == []
-        assert _json(home, "Get-MessageTrackingLog -EventId RESUBMIT") == []
-        route = _run(home, "Test-Route -Recipient someone@fabrikam.example").stdout
+        assert json_of(home, "Get-MessageTrackingLog -EventId RESUBMIT") == []
+        route = run(home, "Test-Route -Recipient someone@fabrikam.example").stdout
         assert "chosen: ISP1" in route and "Connector failover: None" in route, route

@@ -330,6 +330,8 @@ def _permissions(r: FieldReader) -> dict[Principal, frozenset[Right]]:
     raw = r.raw("Permissions")
     if raw is None:
         return {}
+    if isinstance(raw, dict):  # one entry, as a cmdlet's single @{...} gives it
+        raw = [raw]
     if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
         r.error("Permissions", "must be a list of { User = ..., ExtendedRights = [...] } tables")
         return {}
