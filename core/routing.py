@@ -313,8 +313,8 @@ class RoutingTable:
         decision = _decision(candidates, too_big, addr_type, avoid)
         rule = _deciding_rule(ranked)
         if decision.failover_from:
-            rule = (f"{decision.failover_from} is failed over (ConnectorFailover NextCost):"
-                    f" the next candidate of the same address space")
+            rule = (f"the failover of {decision.failover_from} (ConnectorFailover NextCost)"
+                    " to the next candidate of the same address space")
         return RouteExplanation(decision, ranked, eliminated, rule)
 
     def _in_scope(self, connector: Connector) -> bool:
