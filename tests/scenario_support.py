@@ -24,6 +24,34 @@ def run(home: Path, line: str, *extra: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
+def call(home: Path, line: str, *extra: str) -> tuple[int, str, str]:
+    """One command line through ``hubport``'s own ``main`` in this process, in ``home``
+    (the same code as the command, without a Python start per line): its exit status,
+    output and error output."""
+    import contextlib
+    import io
+    import os
+
+    from hubport.core.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    os.chdir(home)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main([line, *extra])
+    finally:
+        os.chdir(here)
+    return status, out.getvalue(), err.getvalue()
+
+
+def in_process(home: Path, line: str, *extra: str) -> str:
+    """``call`` for a line that must succeed: its output."""
+    status, out, err = call(home, line, *extra)
+    assert status == 0, f"{line}\n{out}\n{err}"
+    return out
+
+
 def json_of(home: Path, line: str) -> Any:
     """A cmdlet line's --json output, parsed."""
     done = run(home, line, "--json")

@@ -1,6 +1,8 @@
 """Every example Get-Help prints (core/cmdlet_help.py), run as printed, in the Exchange form
 and in the --json form: the organization examples on the embedded default written out to
-./hubport.toml, the queue examples against the daemon running it with mail in Retry."""
+./hubport.toml (through the command's own ``main``, in this process: some 60 lines twice),
+the queue examples with the ``hubport`` command against the daemon running it with mail in
+Retry."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 from daemon_process import DaemonPool, daemon_pool
 from hubport.core.cmdlet_help import EXAMPLES, get_help
 from hubport.core.cmdlets import CMDLETS
-from scenario_support import fresh_home, json_of, run
+from scenario_support import fresh_home, in_process, json_of, run
 from support import drop_in, message, wait_for_sync
 
 QUEUE = {name for name in EXAMPLES if name.lower() in CMDLETS and name not in (
@@ -20,14 +22,12 @@ HELP = ("Get-Help", "Get-Command")  # they print text for people
 
 
 
-
-
 def test_every_example_of_get_help_runs_as_printed(tmp_path: Path) -> None:
     home = fresh_home(tmp_path)
     organization = [(n, line) for n, examples in EXAMPLES.items() if n not in QUEUE
                     for line, _why in examples]
     for name, line in organization:
-        run(home, line)
+        in_process(home, line)
         assert line in get_help(f"Get-Help {name} -Examples")
     text = (home / "hubport.toml").read_text()
     assert "To Smart Host" in text and "MaxReceiveSize" in text
@@ -37,7 +37,7 @@ def test_every_example_of_get_help_runs_as_printed(tmp_path: Path) -> None:
                  "Contoso Foreign Connector", "MySendConnector", "Managers", "Kim Akers",
                  "Chris Ashton", "Tailspin"):
         assert made not in names, made  # the examples remove what they made, in order
-    audit = json.loads(run(home, "Search-AdminAuditLog", "--json").stdout)
+    audit = json.loads(in_process(home, "Search-AdminAuditLog", "--json"))
     changes = [line for _n, line in organization if not line.startswith(
         ("Get-", "Search-"))]
     assert [e["cmdlet-line"] for e in audit][-len(changes):] == changes
@@ -57,14 +57,14 @@ def test_every_example_runs_in_its_json_form(tmp_path: Path) -> None:
         for line, _why in examples:
             if name in QUEUE or name in HELP:
                 continue
-            answer = json_of(home, line)
+            answer = json.loads(in_process(home, line, "--json"))
             if name.startswith(("Get-", "Search-")):
                 assert isinstance(answer, list), (line, answer)
             else:
                 assert isinstance(answer, dict) and answer["revision"], (line, answer)
             if name == "Set-RoutingGroupConnector":
-                rgc = json_of(home, "Get-RoutingGroupConnector 'Interop RGC' | Select-Object"
-                                  " Name,Cost")
+                rgc = json.loads(in_process(home, "Get-RoutingGroupConnector 'Interop RGC'"
+                                                  " | Select-Object Name,Cost | ConvertTo-Json"))
                 assert rgc == [{"Name": "Interop RGC", "Cost": 50}]
             if name == "Remove-AcceptedDomain":
                 assert answer["changed"] == ["accepted_domain/Tailspin"]  # type: ignore[index]

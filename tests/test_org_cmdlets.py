@@ -16,6 +16,7 @@ import pytest
 from article_lines import ARTICLE
 from daemon_process import DaemonPool, daemon_pool, hubport
 from etcd_peer import etcd_cluster
+from scenario_support import call
 from send_peers import ScriptedSink
 from smtp_support import free_port, receive_connector, send_one
 from support import drop_in, message, wait_for_sync, write_org
@@ -173,11 +174,11 @@ def test_the_articles_lines_run_as_printed_or_name_the_fix(tmp_path: Path) -> No
     for line, error in ARTICLE:
         before = (tmp_path / "hubport.toml").read_bytes() if (
             tmp_path / "hubport.toml").exists() else b""
-        done = hubport(line, cwd=tmp_path)
-        if error is None and done.returncode != 0:
-            wrong.append(f"{line}\n  refused: {done.stderr}")
-        elif error is not None and (done.returncode != 2 or error not in done.stderr):
-            wrong.append(f"{line}\n  expected {error!r}, got {done.returncode}: {done.stderr}")
+        status, _out, err = call(tmp_path, line)  # the command's own main, in this process
+        if error is None and status != 0:
+            wrong.append(f"{line}\n  refused: {err}")
+        elif error is not None and (status != 2 or error not in err):
+            wrong.append(f"{line}\n  expected {error!r}, got {status}: {err}")
         elif error is not None and before:
             assert (tmp_path / "hubport.toml").read_bytes() == before, line
     assert not wrong, "\n".join(wrong)
