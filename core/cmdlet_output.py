@@ -250,7 +250,10 @@ def _unique(rows: list[Any]) -> list[Any]:
 
 
 def render(rows: Sequence[Any], output: str, columns: Sequence[str] = ()) -> str:
-    """Objects as Format-List, Format-Table or JSON (PowerShell's layouts)."""
+    """Objects as Format-List, Format-Table or JSON (PowerShell's layouts); no objects
+    print nothing, as in PowerShell (JSON: an empty list)."""
+    if not rows:
+        return "[]\n" if output == "json" else ""
     if columns:
         names = [_property(rows, c) for c in columns]
         rows = [{n: _get(r, n) for n in names} for r in rows]

@@ -18,8 +18,8 @@ from daemon_process import DaemonPool, daemon_pool, hubport
 from etcd_peer import etcd_cluster
 from scenario_support import call
 from send_peers import ScriptedSink
-from smtp_support import free_port, receive_connector, send_one
-from support import drop_in, message, wait_for_sync, write_org
+from smtp_support import Client, body, free_port, receive_connector, send_one
+from support import drop_in, maildir, message, read_mail, wait_for_sync, write_org
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -186,3 +186,49 @@ def test_the_articles_lines_run_as_printed_or_name_the_fix(tmp_path: Path) -> No
                      " | ConvertTo-Json", cwd=tmp_path)
     assert json.loads(listed.stdout) == [
         {"Name": "RGCBidirection", "TargetTransportServers": ["EX2003BH1", "EX2003BH2"]}]
+
+
+def test_a_rebind_keeps_the_sessions_in_progress_and_the_other_listeners(
+        tmp_path: Path, pool: DaemonPool) -> None:
+    """Set-ReceiveConnector -Bindings on a running daemon: a session already open on the
+    old binding finishes its message; another connector's listener is not touched."""
+    port, moved, other = free_port(), free_port(), free_port()
+    config = write_org(tmp_path, extra=receive_connector(
+        "Default HUB01", [f"127.0.0.1:{port}"], PermissionGroups=["AnonymousUsers"])
+        + receive_connector("Other HUB01", [f"127.0.0.1:{other}"],
+                            PermissionGroups=["AnonymousUsers"]))
+    daemon = pool.start(config=config)
+    daemon.wait_ready(60)
+
+    async def scenario() -> None:
+        session = await Client.connect(port)
+        await session.hello()
+        assert (await session.cmd("MAIL FROM:<someone@example.org>")).code == 250
+        done = await asyncio.to_thread(
+            hubport, f"Set-ReceiveConnector 'HUB01\\Default HUB01' -Bindings 127.0.0.1:{moved}",
+            "--config", str(config), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        await asyncio.to_thread(daemon.wait_for_log, "configuration reloaded", 30)
+        for _ in range(100):  # the new binding listens
+            try:
+                await send_one(moved, "bob@contoso.test", "on the new binding")
+                break
+            except OSError:
+                await asyncio.sleep(0.2)
+        else:
+            raise AssertionError(f"nothing listens on the new binding {moved}")
+        # the session opened before the change finishes its message
+        assert (await session.cmd("RCPT TO:<alice@contoso.test>")).code == 250
+        assert (await session.cmd("DATA")).code == 354
+        await session.send(body("begun before the rebind") + b"\r\n.\r\n")
+        assert (await session.reply()).code == 250
+        await session.close()
+        await send_one(other, "alice@contoso.test", "the other listener")  # untouched
+        with pytest.raises(OSError):
+            await send_one(port, "bob@contoso.test", "on the old binding")
+
+    asyncio.run(scenario())
+    wait_for_sync(lambda: len(maildir(tmp_path, "Alice")) == 2, 60,
+                  what="both of Alice's messages")
+    subjects = sorted(read_mail(m)["Subject"] for m in maildir(tmp_path, "Alice"))
+    assert subjects == ["begun before the rebind", "the other listener"]
