@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -409,24 +410,29 @@ def _main(argv: Sequence[str] | None) -> int:
     return status
 
 
-def _for_each(invocation: Any, command: Callable[[], int]) -> int:
-    """``Get-Message ... | Suspend-Message``: the action's line once for each object the
-    command returned, with that object's identity; the first failure ends it."""
+def _json_output(command: Callable[[], int]) -> tuple[int, Any]:
+    """Run a command that prints one JSON document (its cmdlet's --json); its status and
+    the document. A failure's output is passed on as it was printed."""
     import contextlib
     import io
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        status = (_with_stages(invocation, command) if invocation.post is not None
-                  else command())
-    if status != 0:
-        sys.stdout.write(printed.getvalue())
-        return status
+        status = command()
     text = printed.getvalue()
-    try:
-        objects = json.loads(text) if text.strip() else []
-    except json.JSONDecodeError:
-        objects = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if status != 0:
+        sys.stdout.write(text)
+        return status, None
+    return 0, json.loads(text) if text.strip() else []
+
+
+def _for_each(invocation: Any, command: Callable[[], int]) -> int:
+    """``Get-Message ... | Suspend-Message``: the action's line once for each object the
+    command returned, with that object's identity; the first failure ends it."""
+    status, objects = _json_output(lambda: _with_stages(invocation, command)
+                                   if invocation.post is not None else command())
+    if status != 0:
+        return status
     as_json = "--json" in invocation.extra
     results: list[Any] = []
     for item in objects if isinstance(objects, list) else [objects]:
@@ -442,15 +448,13 @@ def _for_each(invocation: Any, command: Callable[[], int]) -> int:
             continue
         line = f"{action.strip()} -{invocation.then_parameter} '{identity}'" + (
             f" | {after}" if after else "")
-        answer = io.StringIO()
-        with contextlib.redirect_stdout(answer) if as_json else contextlib.nullcontext():
+        if not as_json:
             status = main([line, *invocation.extra])
-        if status != 0:
-            sys.stdout.write(answer.getvalue())
-            return status
-        if as_json:  # one JSON document for the whole line
-            result = json.loads(answer.getvalue() or "null")
+        else:  # one JSON document for the whole line
+            status, result = _json_output(partial(main, [line, *invocation.extra]))
             results.extend(result if isinstance(result, list) else [result])
+        if status != 0:
+            return status
     if as_json:
         print(json.dumps(results, indent=2))
     return 0
@@ -459,23 +463,12 @@ def _for_each(invocation: Any, command: Callable[[], int]) -> int:
 def _with_stages(invocation: Any, command: Callable[[], int]) -> int:
     """Run a command that prints JSON, then the stages after its cmdlet (Where-Object,
     Select-Object, ...) on the objects (core/cmdlet_output.py)."""
-    import contextlib
-    import io
-
     from hubport.core.cmdlet_line import CmdletError
     from hubport.core.cmdlet_output import apply, render
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        status = command()
-    text = printed.getvalue()
+    status, output = _json_output(command)
     if status != 0:
-        sys.stdout.write(text)
         return status
-    try:
-        output = json.loads(text) if text.strip() else []
-    except json.JSONDecodeError:  # one object per line (the tracking log's search)
-        output = [json.loads(line) for line in text.splitlines() if line.strip()]
     post, view = invocation.post, invocation.cmdlet.view
     try:
         objects = apply(view(output), post)

@@ -22,7 +22,6 @@ for ``ConnectorFailoverAfter`` again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,8 @@ import structlog
 from hubport.core import queue as q
 from hubport.core.config_fields import format_duration
 from hubport.core.model import NextHop
+from hubport.core.queue_view import clock
+from hubport.core.retry import retry_delay
 
 if TYPE_CHECKING:
     from hubport.core.pipeline import Pipeline
@@ -57,25 +58,17 @@ class Failing:
 
     def describe(self) -> str:
         if self.moved_at is None:
-            return f"next hop failing since {_clock(self.since)}: {self.error}"
+            return f"next hop failing since {clock(self.since)}: {self.error}"
         return (f"failed over to {self.fallback or 'the next-cost connector'} at"
-                f" {_clock(self.moved_at)} (ConnectorFailover NextCost): {self.error}")
-
-
-def _clock(when: float) -> str:
-    from hubport.core.queue_view import clock
-
-    return clock(when)
+                f" {clock(self.moved_at)} (ConnectorFailover NextCost): {self.error}")
 
 
 class ConnectorFailover:
     """The failing connectors of one pipeline, and the moves of their mail."""
 
-    def __init__(self, pipeline: Pipeline,
-                 probe_delay: Callable[[int], float] | None = None) -> None:
+    def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.failing: dict[str, Failing] = {}
-        self._probe_delay = probe_delay
 
     # -- what routing asks ------------------------------------------------------------
 
@@ -213,10 +206,7 @@ class ConnectorFailover:
         return ""
 
     def _delay(self, f: Failing) -> float:
-        if self._probe_delay is not None:
-            return self._probe_delay(f.probes + 1)
-        from hubport.core.retry import retry_delay
-
+        """The queue retry ladder: probes come as often as a failed queue's retries."""
         return retry_delay(self.pipeline.server, f.probes + 1, queue_level=True)
 
     async def _probe(self, f: Failing) -> None:
