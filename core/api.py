@@ -51,6 +51,7 @@ from hubport.core.headers import ParsedMessage
 from hubport.core.model import (
     Envelope,
     EnvelopeRecipient,
+    Inspection,
     MailFrom,
     NextHop,
     Notify,
@@ -86,6 +87,7 @@ __all__ = [
     "FailQueue",
     "FieldReader",
     "FolderWriter",
+    "Inspection",
     "ItemResult",
     "MailFrom",
     "MailItem",

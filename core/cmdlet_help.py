@@ -23,12 +23,13 @@ class Entry:
 def catalogue() -> list[Entry]:
     """Every cmdlet, by name."""
     from hubport.core.cmdlets import CMDLETS
-    from hubport.core.org_cmdlets import NOUNS, SINGLE, noun_name
+    from hubport.core.org_cmdlets import NOUNS, SECTION_VERBS, SINGLE, noun_name
 
     entries = [Entry(c.name, c.help) for c in CMDLETS.values()
                if c.name.split("-", 1)[1].lower() not in NOUNS]  # the object's own wins
     for noun, section in NOUNS.items():
-        verbs = ("Get", "Set") if section in SINGLE else ("New", "Set", "Get", "Remove")
+        verbs = SECTION_VERBS.get(section) or (
+            ("Get", "Set") if section in SINGLE else ("New", "Set", "Get", "Remove"))
         for verb in verbs:
             entries.append(Entry(f"{verb}-{noun_name(noun)}", _SYNOPSIS[verb].format(
                 what=section.replace("_", " ")), section))
@@ -47,7 +48,7 @@ def catalogue() -> list[Entry]:
 
 
 _SYNOPSIS = {"New": "make a {what}", "Set": "change a {what}", "Get": "show {what} objects",
-             "Remove": "remove a {what}"}
+             "Remove": "remove a {what}", "Rotate": "sign with the other selector of a {what}"}
 
 
 def get_command(line: str) -> str:
@@ -173,6 +174,42 @@ def _examples(name: str, examples: list[tuple[str, str]]) -> str:
 #: organization (the queue cmdlets with the daemon running it and mail in Retry), in the
 #: Exchange form and the --json form (tests/test_cmdlet_examples.py).
 EXAMPLES: dict[str, list[tuple[str, str]]] = {
+    "New-DkimSigningConfig": [
+        ("New-DkimSigningConfig -DomainName contoso.test -Enabled $true",
+         "This example signs contoso.test's outbound mail. It makes the keys of both"
+         " selectors; publish their records (Get-DkimSigningConfig) before mail leaves.")],
+    "Set-DkimSigningConfig": [
+        ("Set-DkimSigningConfig contoso.test -Ed25519Enabled $true",
+         "This example adds an ed25519-sha256 signature beside the RSA one; its keys are"
+         " made now.")],
+    "Get-DkimSigningConfig": [
+        ("Get-DkimSigningConfig contoso.test | Format-List",
+         "This example shows the configuration and the DNS TXT records to publish.")],
+    "Rotate-DkimSigningConfig": [
+        ("Rotate-DkimSigningConfig contoso.test",
+         "This example signs with the other selector from now on; the old key is kept."),
+        ("Rotate-DkimSigningConfig contoso.test -RenewInactiveKey",
+         "This example replaces the key of the selector no longer in use; publish its new"
+         " record before the next rotation.")],
+    "Remove-DkimSigningConfig": [
+        ("Remove-DkimSigningConfig contoso.test",
+         "This example stops signing contoso.test's mail (its keys stay on disk).")],
+    "Set-SenderIdConfig": [
+        ("Set-SenderIdConfig -Enabled $true -SpoofedDomainAction Reject"
+         " -TempErrorAction StampStatus",
+         "This example checks SPF, DKIM, DMARC and ARC on mail from the Internet, refuses"
+         " mail that fails SPF or spoofs one of the organization's domains, and stamps"
+         " the results when DNS fails.")],
+    "Get-SenderIdConfig": [
+        ("Get-SenderIdConfig", "This example shows the checks' settings.")],
+    "Set-AntiPhishPolicy": [
+        ("Set-AntiPhishPolicy -Identity Default -HonorDmarcPolicy $true -DmarcRejectAction"
+         " Reject -DmarcQuarantineAction Quarantine",
+         "This example refuses mail whose sender domain's DMARC policy is reject and"
+         " quarantines mail whose policy is quarantine.")],
+    "Get-AntiPhishPolicy": [
+        ("Get-AntiPhishPolicy Default | Format-List",
+         "This example shows the Default anti-phishing policy.")],
     "New-AcceptedDomain": [
         ("New-AcceptedDomain -DomainName tailspin.example -DomainType Authoritative"
          " -Name Tailspin", "This example makes tailspin.example an authoritative domain.")],

@@ -14,7 +14,7 @@ import itertools
 import re
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -37,6 +37,14 @@ from hubport.core.config_fields import (
     suggest,
 )
 from hubport.core.connectors import Connector, ConnectorType
+from hubport.core.mail_auth_config import (
+    AntiPhishPolicy,
+    DkimSigningConfig,
+    SenderIdConfig,
+    read_anti_phish_policies,
+    read_dkim_signing_configs,
+    read_sender_id_config,
+)
 from hubport.core.routing_groups import (
     LegacyServer,
     RoutingGroup,
@@ -83,6 +91,9 @@ SECTIONS = (
     "mailbox",
     "mail_contact",
     "distribution_group",
+    "dkim_signing_config",
+    "sender_id_config",
+    "anti_phish_policy",
 )
 
 KB = 1024
@@ -345,6 +356,11 @@ class Organization:
     plugins: tuple[str, ...] = ()
     #: legacy routing groups (``[[routing_group]]``)
     routing_groups: tuple[RoutingGroup, ...] = ()
+    #: mail authentication (core/mail_auth_config.py): DKIM signing per domain, the inbound
+    #: checks and the anti-phishing policy
+    dkim_signing_configs: tuple[DkimSigningConfig, ...] = ()
+    sender_id_config: SenderIdConfig = field(default_factory=SenderIdConfig)
+    anti_phish_policy: AntiPhishPolicy = field(default_factory=AntiPhishPolicy)
     #: which version of the file this is: its modification time (ns) when read, 0 for the
     #: embedded default. Hubs compare it when they disagree on a route (core/categorizer.py)
     version: int = 0
@@ -722,6 +738,10 @@ class _Loader:
         resolved = self._resolve_members(everyone, groups)
         connectors = self._connectors()
         plugins = self._plugins()
+        dkim = read_dkim_signing_configs(self._readers("dkim_signing_config"),
+                                         [d.domain_name for d in self.domains])
+        sender_id = read_sender_id_config(self._single("sender_id_config"))
+        anti_phish = read_anti_phish_policies(self._readers("anti_phish_policy"))[0]
         self.ctx.raise_if_errors()
         return Organization(
             source=self.ctx.file,
@@ -737,6 +757,9 @@ class _Loader:
             connectors=connectors,
             plugins=plugins,
             routing_groups=self.routing_groups,
+            dkim_signing_configs=dkim,
+            sender_id_config=sender_id,
+            anti_phish_policy=anti_phish,
         )
 
     # -- sections
@@ -1123,17 +1146,22 @@ class _Loader:
         r.finish()
         return modules
 
-    def _transport_config(self) -> TransportConfig:
-        value = self.data.get("transport_config")
+    def _single(self, section: str) -> FieldReader | None:
+        """The reader of a section that is one table (``[transport_config]``), or None."""
+        value = self.data.get(section)
         if value is None:
-            return TransportConfig()
+            return None
         if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
             value = value[0]
         if not isinstance(value, dict):
-            self.ctx.error("transport_config", None, "must be one table, written "
-                                                     "[transport_config]")
+            self.ctx.error(section, None, f"must be one table, written [{section}]")
+            return None
+        return self.ctx.reader(value, section)
+
+    def _transport_config(self) -> TransportConfig:
+        r = self._single("transport_config")
+        if r is None:
             return TransportConfig()
-        r = self.ctx.reader(value, "transport_config")
         config = TransportConfig(
             max_send_size=r.size("MaxSendSize", 10 * MB),
             max_receive_size=r.size("MaxReceiveSize", 10 * MB),

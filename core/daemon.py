@@ -28,7 +28,12 @@ from watchdog.observers import Observer
 
 from hubport.core import queue as q
 from hubport.core.backpressure import BackPressure
-from hubport.core.config import Organization, load_organization, plugin_modules
+from hubport.core.config import (
+    Organization,
+    TransportServer,
+    load_organization,
+    plugin_modules,
+)
 from hubport.core.config_fields import ConfigError
 from hubport.core.control import Handler, start_control
 from hubport.core.counters import SharedCounters
@@ -151,10 +156,25 @@ def load(config: Path | None, hooks: Hooks, server: str | None = None) -> Organi
                            EXIT_CONFIG) from exc
 
 
-def warn_about(org: Organization) -> None:
-    """Log what the organization allows but an administrator should hear about."""
+def warn_about(org: Organization, server: TransportServer | None = None) -> None:
+    """Log what the organization allows but an administrator should hear about; with the
+    ``server`` this process runs as, also what this machine lacks for it (DKIM keys)."""
     for warning in org.config_warnings:
         log.warning("configuration warning", source=org.source, warning=warning)
+    if server is None:
+        return
+    from hubport.core.dkim_keys import dkim_key_folder, key_status
+
+    folder = dkim_key_folder(org, server)
+    for config in org.dkim_signing_configs:
+        if not config.enabled:
+            continue
+        for _name, status in key_status(folder, config):
+            if status.problem and status.selector.split("-", 1)[0] == config.active_selector:
+                log.error("this hub should DKIM-sign the domain's mail but cannot: it leaves"
+                          " unsigned until the key is here (Get-DkimSigningConfig)",
+                          domain=config.domain, selector=status.selector,
+                          problem=status.problem)
 
 
 def pick_server(org: Organization, name: str | None) -> str:
@@ -247,8 +267,8 @@ class Daemon:
             self.org = self.loaded.organization
         else:
             self.org = load(self.config_path, self.hooks)
-        warn_about(self.org)
         self.server_name = pick_server(self.org, server)
+        warn_about(self.org, self.org.server(self.server_name))
         if self.store is not None:  # written under the server's own name
             self.cache = default_cache(self.store.url, self.server_name)
         self.pipeline: Pipeline | None = None
@@ -416,7 +436,7 @@ class Daemon:
             log.error("configuration change refused; the running configuration stays",
                       error=str(exc))
             return False
-        warn_about(org)
+        warn_about(org, org.server(self.server_name))
         old, new = self.server, org.server(self.server_name)
         folders_changed = (old.pickup_directory_path, old.replay_directory_path) != (
             new.pickup_directory_path, new.replay_directory_path)

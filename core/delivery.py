@@ -249,6 +249,11 @@ class DeliveryContext:
     #: a random id of this queue database: with queue ids it makes file names unique forever
     store_id: str = ""
     log: Any = None
+    #: the header fields to add to a message leaving the organization through a connector
+    #: (the ``stamp_outbound`` hook: DKIM signatures, an ARC set); a connector type that
+    #: sends mail out of the organization calls it on the final content
+    stamp_outbound: Callable[[MailItem, Any, bytes | MessageBody], Awaitable[list[bytes]]] \
+        | None = None
 
 
 class DeliveryAgent:

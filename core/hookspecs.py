@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 from hubport.core import hookspec
 
 if TYPE_CHECKING:
+    from hubport.core.body import MessageBody
     from hubport.core.categorizer import CategorizeResult, Decision
-    from hubport.core.config import Organization
+    from hubport.core.config import Organization, TransportServer
     from hubport.core.connectors import Connector, ConnectorType
     from hubport.core.delivery import (
         DeferQueue,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from hubport.core.headers import ParsedMessage
     from hubport.core.model import (
         EnvelopeRecipient,
+        Inspection,
         MailFrom,
         NextHop,
         QueuedMessage,
@@ -240,3 +242,44 @@ def on_end_of_data(session: ReceiveSession, submission: Submission) -> SmtpRespo
 @hookspec
 def on_disconnect(session: ReceiveSession) -> None:
     """The session ended, however it ended (OnDisconnectEvent). The result is ignored."""
+
+
+# -- mail authentication -------------------------------------------------------------------
+
+
+@hookspec
+def authenticate_sender(
+    session: ReceiveSession,
+    headers: ParsedMessage,
+    body: MessageBody,
+    organization: Organization,
+    server: TransportServer,
+) -> Inspection | None:
+    """A message from the Internet arrived whole: check who sent it (every implementation
+    is called; their ``Inspection`` results are all applied).
+
+    Called for anonymous sessions on receive connectors whose ``MailAuthentication`` is
+    ``Anonymous`` (the default), never for authenticated users, partners or other hubs;
+    ``headers`` and ``body`` are the message as received (``body.read()`` in a thread: it
+    may be large). The checks are network- and CPU-bound: run them off the event loop. A
+    raising implementation is logged and the message is accepted unchanged by it.
+    """
+
+
+@hookspec
+def stamp_outbound(
+    item: MailItem,
+    connector: Connector,
+    content: bytes | MessageBody,
+    organization: Organization,
+    server: TransportServer,
+) -> list[bytes] | None:
+    """A message leaves the organization through ``connector`` (a Send connector): header
+    fields to add at its top (every implementation is called; their lists are joined).
+
+    ``content`` is the message exactly as it will be sent, after every change the transport
+    makes, so a signature over it holds (DKIM-Signature, an ARC set). Return complete,
+    CRLF-terminated fields in the order they appear. Not called for hops inside the
+    organization (hub to hub, a linked connector's scanner, mailbox delivery). A raising
+    implementation is logged and the message goes without its fields.
+    """

@@ -146,6 +146,45 @@ class Submission:
 
 
 @dataclass(frozen=True, slots=True)
+class Inspection:
+    """What a plugin decided about a message from the Internet (the ``authenticate_sender``
+    hook), applied by the receive connector before the message is queued.
+
+    Every field is optional. ``prepend`` are complete header fields (CRLF-terminated) added
+    at the top, in order (an ``Authentication-Results``); ``remove`` are the positions, in
+    the received header section, of fields to drop first (a forged
+    ``Authentication-Results`` claiming this server). Then one outcome, the strictest of
+    all plugins' winning: ``response`` answers the client instead of queuing (5xx refuses,
+    4xx defers); ``discard`` accepts the message and delivers it to nobody (tracked as a
+    DROP); ``redirect_to`` delivers it to these addresses instead of its recipients (a
+    quarantine mailbox). ``summary`` goes to the message tracking log (the RECEIVE event's
+    source context), e.g. ``spf=pass dkim=pass dmarc=pass``.
+    """
+
+    prepend: tuple[bytes, ...] = ()
+    remove: tuple[int, ...] = ()
+    response: SmtpResponse | None = None
+    discard: bool = False
+    redirect_to: tuple[str, ...] = ()
+    summary: str = ""
+
+    @classmethod
+    def merge(cls, found: list[Inspection]) -> Inspection:
+        """Several plugins' verdicts as one: every field added and removed; of the
+        outcomes, a refusal (5xx before 4xx) before a discard before a redirection."""
+        responses = sorted((i.response for i in found if i.response is not None),
+                           key=lambda r: -r.code)
+        return cls(
+            prepend=tuple(f for i in found for f in i.prepend),
+            remove=tuple(sorted({n for i in found for n in i.remove})),
+            response=responses[0] if responses else None,
+            discard=any(i.discard for i in found),
+            redirect_to=tuple(dict.fromkeys(a for i in found for a in i.redirect_to)),
+            summary=" ".join(i.summary for i in found if i.summary),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class SubmitResult:
     """What submitting a message did: committed to the Submission queue as ``message_id``
     (acknowledge it now), or refused by a ``receive`` hook with ``response`` (4xx: the

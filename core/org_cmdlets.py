@@ -46,15 +46,25 @@ NOUNS = {
     "accepteddomain": "accepted_domain", "mailbox": "mailbox", "mailcontact": "mail_contact",
     "distributiongroup": "distribution_group", "adsite": "site", "adsitelink": "site_link",
     "transportserver": "transport_server", "transportconfig": "transport_config",
+    "dkimsigningconfig": "dkim_signing_config", "senderidconfig": "sender_id_config",
+    "antiphishpolicy": "anti_phish_policy",
 }
-SINGLE = {"transport_config"}
+SINGLE = {"transport_config", "sender_id_config"}
+#: the verbs of a section when not New/Set/Get/Remove (Set/Get for a SINGLE one)
+SECTION_VERBS = {"anti_phish_policy": ("Get", "Set"),
+                 "dkim_signing_config": ("New", "Set", "Get", "Remove", "Rotate")}
+#: sections whose objects are named by another field (a DKIM signing configuration by its
+#: domain, as Exchange's New-DkimSigningConfig -DomainName)
+NAMED_BY = {"dkim_signing_config": "DomainName"}
 _USAGES = ("Custom", "Internal", "Internet", "Partner", "Client")
 #: switches that stand for a field's value, as Exchange's New-SendConnector -Internet
-SWITCHES = {section: {u.lower(): ("Usage", u) for u in _USAGES}
-            for section in ("send_connector", "receive_connector")}
+SWITCHES: dict[str, dict[str, tuple[str, Any]]] = {
+    **{section: {u.lower(): ("Usage", u) for u in _USAGES}
+       for section in ("send_connector", "receive_connector")},
+    "dkim_signing_config": {"renewinactivekey": ("RenewInactiveKey", True)}}
 #: Exchange parameters whose field hubport spells otherwise
 ALIASES = {"accepted_domain": {"MakeDefault": "Default"}}
-VERBS = ("new", "set", "get", "remove", "add")
+VERBS = ("new", "set", "get", "remove", "add", "rotate")
 #: Add-/Remove-DistributionGroupMember edit a group's Members
 MEMBER_NOUN = "distributiongroupmember"
 #: Add-/Remove-ADPermission edit a Receive connector's Permissions (the rights Active
@@ -133,10 +143,14 @@ def _name(identity: Any) -> str:
     return str(identity).rsplit("\\", 1)[-1].strip()
 
 
+def object_name(table: Mapping[str, Any]) -> str:
+    """An object's Name (a DKIM signing configuration's is its DomainName)."""
+    return str(table.get("Name") or table.get("DomainName") or "")
+
+
 def _find(objects: Sequence[Mapping[str, Any]], name: str) -> int | None:
     wanted = name.lower()
-    return next((i for i, t in enumerate(objects)
-                 if str(t.get("Name", "")).lower() == wanted), None)
+    return next((i for i, t in enumerate(objects) if object_name(t).lower() == wanted), None)
 
 
 def _merge(table: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,9 +176,13 @@ def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, stages: Stag
     section = "distribution_group" if member else "receive_connector" if permission else \
         NOUNS[noun.lower()]
     cmdlet = f"{verb.capitalize()}-{noun_name(noun)}"
-    if verb == "add" and not (member or permission):
-        raise CmdletError(f"{cmdlet}: not a cmdlet hubport knows (New-{noun_name(noun)}"
-                          " makes one)")
+    allowed = [v.lower() for v in SECTION_VERBS.get(section, ())]
+    if (verb == "add" and not (member or permission)) or (verb == "rotate" and
+                                                          "rotate" not in allowed) \
+            or (allowed and verb not in allowed and not (member or permission)):
+        known = ", ".join(f"{v}-{noun_name(noun)}" for v in SECTION_VERBS.get(
+            section, ("Get", "Set") if section in SINGLE else ("New", "Set", "Get", "Remove")))
+        raise CmdletError(f"{cmdlet}: not a cmdlet hubport knows ({known} are)")
     values = arguments(cmdlet, tokens, "Name" if verb == "new" else "Identity",
                        SWITCHES.get(section))
     for key in list(values):
@@ -178,7 +196,17 @@ def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, stages: Stag
     data = _read(config, store)
     _expand_names(cmdlet, section, data, values, validate)
     if verb == "get":
-        return _get(cmdlet, section, data, values, stages)
+        return _get(cmdlet, section, data, values, stages, config, store, validate)
+    if section == "dkim_signing_config":
+        from hubport.core import mail_auth_cmdlets
+
+        plan = mail_auth_cmdlets.prepare(cmdlet, verb, data, values, config, store, validate)
+        if plan.done:
+            changed(cmdlet, plan.where, plan.objects, plan.revision)
+            _say(cmdlet, store.url if store is not None else str(plan.where), plan.objects,
+                 plan.revision, stages)
+            return 0
+        values = plan.values
     if permission:
         edits = _permission_edits(cmdlet, verb, data, values)
     elif member:
@@ -187,6 +215,8 @@ def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, stages: Stag
         edits = _edits(cmdlet, verb, section, data, values)
     if section == "accepted_domain":
         edits.update(_one_default(data, edits))
+    if section == "dkim_signing_config" and not what_if:
+        plan.make_keys(edits)
     if what_if:
         for (sec, name), table in edits.items():
             action = "Removing" if table is None else "Setting"
@@ -208,13 +238,19 @@ def run(verb: str, noun: str, tokens: Sequence[Token], config: Any, stages: Stag
         where = path
         revision = "sha256 " + hashlib.sha256(new.encode()).hexdigest()[:16]
     changed(cmdlet, where, objects, revision)
-    shown = store.url if store is not None else str(where)
+    _say(cmdlet, store.url if store is not None else str(where), objects, revision, stages)
+    if section == "dkim_signing_config":
+        plan.report(edits)
+    return 0
+
+
+def _say(cmdlet: str, shown: str, objects: list[str], revision: str, stages: Stages) -> None:
+    """What a change did: one line, or one JSON document with --json."""
     if stages.output == "json":
         print(json.dumps({"cmdlet": cmdlet, "organization": shown, "changed": objects,
                           "revision": revision}, indent=2))
     else:
         print(f"{cmdlet}: done ({shown}, {revision})")
-    return 0
 
 
 def noun_name(noun: str) -> str:
@@ -222,7 +258,8 @@ def noun_name(noun: str) -> str:
                    "ReceiveConnector", "ForeignConnector", "DeliveryAgentConnector",
                    "RoutingGroupConnector", "RoutingGroup",
                    "AcceptedDomain", "Mailbox", "MailContact", "DistributionGroup", "AdSite",
-                   "AdSiteLink", "TransportServer", "TransportConfig"):
+                   "AdSiteLink", "TransportServer", "TransportConfig", "DkimSigningConfig",
+                   "SenderIdConfig", "AntiPhishPolicy"):
         if proper.lower() == noun.lower():
             return proper
     return noun
@@ -232,11 +269,21 @@ def _edits(cmdlet: str, verb: str, section: str, data: Mapping[str, Any],
            values: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any] | None]:
     if section in SINGLE:
         if verb != "set":
-            raise CmdletError(f"{cmdlet}: the transport configuration is set, not made or"
-                              " removed (Set-TransportConfig)")
+            noun = cmdlet.split("-", 1)[1]
+            raise CmdletError(f"{cmdlet}: the {section.replace('_', ' ')} is set, not made or"
+                              f" removed (Set-{noun})")
         _pop(values, "Identity")
         return {(section, ""): _merge(data.get(section, {}), values)}
     objects = data.get(section, [])
+    named_by = NAMED_BY.get(section)
+    if verb == "new" and named_by:
+        name = next((v for k, v in values.items() if k.lower() == named_by.lower()), None)
+        if not name:
+            raise CmdletError(f"{cmdlet}: -{named_by} is required")
+        if _find(objects, str(name)) is not None:
+            raise CmdletError(f"{cmdlet}: {section} {name!r} already exists (Set-… changes"
+                              " it)")
+        return {(section, str(name)): dict(values)}
     if verb == "new":
         name = _pop(values, "Name")
         if not name:
@@ -255,13 +302,16 @@ def _edits(cmdlet: str, verb: str, section: str, data: Mapping[str, Any],
         raise CmdletError(f"{cmdlet}: -Identity is required (the object's Name; -Name renames"
                           f" it){hint}")
     index = _find(objects, _name(identity))
+    if index is None and section == "anti_phish_policy" and \
+            _name(identity).lower() == "default":  # the Default policy, written out
+        return {(section, "Default"): {"Name": "Default", **values}}
     if index is None:
-        names = [str(t.get("Name", "")) for t in objects]
+        names = [object_name(t) for t in objects]
         from hubport.core.config_fields import suggest
 
         raise CmdletError(f"{cmdlet}: no {section} {_name(identity)!r}"
                           f"{suggest(_name(identity), names)}")
-    stored = str(objects[index].get("Name"))
+    stored = object_name(objects[index])
     if verb == "remove":
         return {(section, stored): None}
     new_name = next((v for k, v in values.items() if k.lower() == "name"), None)
@@ -440,15 +490,23 @@ def _same_recipient(data: Mapping[str, Any], validate: Callable[[str, str], obje
 
 
 def _get(cmdlet: str, section: str, data: Mapping[str, Any], values: dict[str, Any],
-         stages: Stages) -> int:
-    if section in SINGLE:
+         stages: Stages, config: Any = None, store: Any = None,
+         validate: Callable[[str, str], object] | None = None) -> int:
+    from hubport.core import mail_auth_cmdlets
+
+    short: Sequence[str] | None = None
+    if section in mail_auth_cmdlets.SECTIONS and validate is not None:
+        # every property with its effective value, and what this machine has of the keys
+        rows = mail_auth_cmdlets.rows(section, data, config, store, validate)
+        short = mail_auth_cmdlets.SHORT.get(section)
+    elif section in SINGLE:
         rows = [dict(data.get(section, {}))]
     else:
         rows = [dict(t) for t in data.get(section, [])]
+    if section not in SINGLE:
         identity = _pop(values, "Identity")
         if identity is not None:
-            rows = [t for t in rows if str(t.get("Name", "")).lower() ==
-                    _name(identity).lower()]
+            rows = [t for t in rows if object_name(t).lower() == _name(identity).lower()]
             if not rows:
                 raise CmdletError(f"{cmdlet}: no {section} {_name(identity)!r}")
     if values:
@@ -459,7 +517,8 @@ def _get(cmdlet: str, section: str, data: Mapping[str, Any], values: dict[str, A
     objects = apply(rows, stages)
     if stages.output is None and not stages.works_on_objects and section not in SINGLE:
         for row in objects:  # the short table: the Name, then the fields set
-            rest = ", ".join(f"{k}={display(v)}" for k, v in row.items() if k != "Name")
+            rest = ", ".join(f"{k}={display(v)}" for k, v in row.items()
+                             if k != "Name" and (short is None or k in short))
             print(f"{row.get('Name', '')!s:<28} {rest}")
         return 0
     default = "list" if section in SINGLE else "table"

@@ -356,6 +356,26 @@ class Pipeline:
         await self.hooks.notify("on_submitted", message=message)
         return SubmitResult(msg_id)
 
+    async def track_unqueued(self, sub: Submission, response: SmtpResponse, *,
+                             dropped: bool) -> None:
+        """Track a message an agent refused at the end of DATA (``response`` went to the
+        client: FAIL) or accepted and deleted (DROP), which was never queued: a RECEIVE and
+        the event that ended it, nothing else (the client has its answer; no NDR)."""
+        now = self.clock()
+        message = _message_of(0, sub, now, now)
+        recipients = [r.address for r in sub.envelope.recipients]
+        statuses = [str(response)] * len(recipients)
+
+        def work(conn: sqlite3.Connection) -> None:
+            self._track(conn, "RECEIVE", sub.source, message, recipients, statuses,
+                        connector=sub.source_name, context=sub.context,
+                        endpoints=_received_over(sub))
+            self._track(conn, "DROP" if dropped else "FAIL", "AGENT", message, recipients,
+                        statuses, connector=sub.source_name, context=sub.context,
+                        endpoints=_received_over(sub))
+
+        await self.store.write(work)
+
     async def bounce(self, sub: Submission, response: SmtpResponse) -> None:
         """Commit an NDR for a message refused before it was queued (Pickup limits, hooks).
 
@@ -728,7 +748,21 @@ class Pipeline:
     def delivery_context(self) -> DeliveryContext:
         """What a deliver (or probe) hook gets besides the mail."""
         return DeliveryContext(self.org, self.server, self.directory, self._record_intent,
-                               self.clock, self.store_id, log)
+                               self.clock, self.store_id, log, self._stamp_outbound)
+
+    async def _stamp_outbound(self, item: MailItem, connector: Any,
+                              content: bytes | MessageBody) -> list[bytes]:
+        """The ``stamp_outbound`` fields of every plugin; a failing one adds none (the
+        message goes unsigned rather than not at all)."""
+        try:
+            lists = await self.hooks.call_all(
+                "stamp_outbound", item=item, connector=connector, content=content,
+                organization=self.org, server=self.server)
+        except Exception:
+            log.exception("a stamp_outbound implementation failed; the message goes without"
+                          " its fields", message=item.message.internal_id)
+            return []
+        return [field for fields in lists for field in fields]
 
     async def _call_deliver(self, hop: NextHop, items: list[MailItem]) -> Any:
         # a relay names the connector the other hub delivers through: not one for this hub

@@ -24,7 +24,8 @@ __all__ = ["export_secrets"]
 def secret_files(org: Organization, target: TransportServer, here: TransportServer
                  ) -> list[tuple[Path, Path]]:
     """(file on this machine, where the new hub reads it) for every secret ``target``
-    needs: its connectors' secret files, and the mailboxes' password hashes."""
+    needs: its connectors' secret files, the mailboxes' password hashes and the DKIM signing
+    keys."""
     wanted: list[tuple[Path, Path]] = []
     for connector in org.connectors:
         sources = {s.lower() for s in getattr(connector, "source_transport_servers", ())}
@@ -32,7 +33,21 @@ def secret_files(org: Organization, target: TransportServer, here: TransportServ
         if target.name.lower() in sources and secret is not None:
             wanted += [(path, path) for path in secret()]
     wanted.append((here.password_file_path, target.password_file_path))
+    wanted += _dkim_keys(org, target, here)
     return list(dict.fromkeys(wanted))
+
+
+def _dkim_keys(org: Organization, target: TransportServer, here: TransportServer
+               ) -> list[tuple[Path, Path]]:
+    """Every DKIM signing key (both selectors of each domain): any hub may send a domain's
+    mail out, and every hub must sign it with the published key."""
+    from hubport.core.dkim_keys import dkim_key_folder, key_path, selectors_of
+    from hubport.core.mail_auth_config import SELECTORS
+
+    mine, theirs = dkim_key_folder(org, here), dkim_key_folder(org, target)
+    return [(key_path(mine, config.domain, name), key_path(theirs, config.domain, name))
+            for config in org.dkim_signing_configs for selector in SELECTORS
+            for name, _algorithm in selectors_of(config, selector)]
 
 
 def export_secrets(org: Organization, target: TransportServer, here: TransportServer,

@@ -98,6 +98,12 @@ class ServiceRuntime:
         """
         return await self.pipeline.submit(submission)
 
+    async def track_unqueued(self, submission: Submission, response: SmtpResponse, *,
+                             dropped: bool = False) -> None:
+        """Track a message refused (or, ``dropped``, accepted and deleted) by an agent at the
+        end of DATA, which is never queued (``Pipeline.track_unqueued``)."""
+        await self.pipeline.track_unqueued(submission, response, dropped=dropped)
+
     def admission(self, sender: str | None = None, *, internal: bool = False
                   ) -> SmtpResponse | None:
         """``None`` when a new message may come in, else the 452 4.3.1 to answer at MAIL.

@@ -91,6 +91,9 @@ class ReceiveConnector:
     tls_client_certificate_authority_file: Path | None = None
     implicit_tls: bool = False
     bare_line_endings: str = "Reject"
+    #: which sessions get the inbound mail authentication checks ([sender_id_config]):
+    #: Anonymous (sessions from the Internet) or None
+    mail_authentication: str = "Anonymous"
     max_line_length: int = 64 * KB
     greeting_delay: float = 0.0
     tls_handshake_timeout: float = 30.0
@@ -217,6 +220,8 @@ class ReceiveConnector:
             implicit_tls=r.bool("ImplicitTls", False),
             bare_line_endings=r.string("BareLineEndings", "Reject",
                                        choices=("Reject", "Normalize")) or "Reject",
+            mail_authentication=r.string("MailAuthentication", "Anonymous",
+                                         choices=("Anonymous", "None")),
             max_line_length=r.size("MaxLineLength", 998 if usage == "Internet" else 64 * KB,
                                    min=998, max=MB, unlimited=False) or 64 * KB,
             greeting_delay=r.duration("GreetingDelay", "1s" if usage == "Internet" else "0s",

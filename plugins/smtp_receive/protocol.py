@@ -28,7 +28,9 @@ from hubport.core.addresses import AddressError, normalize_address
 from hubport.core.body import MessageBody, SpoolWriter
 from hubport.core.failpoints import failpoint
 from hubport.core.headers import (
+    HeaderField,
     MessageFormatError,
+    ParsedMessage,
     message_id_of,
     parse_header_section,
     rebuild,
@@ -38,6 +40,7 @@ from hubport.core.headers import (
 from hubport.core.model import (
     Envelope,
     EnvelopeRecipient,
+    Inspection,
     MailFrom,
     Notify,
     ReceiveSession,
@@ -58,6 +61,9 @@ log = structlog.get_logger("hubport.smtp.receive")
 
 R = SmtpResponse
 LOCAL_ERROR = R(451, "4.3.0", "Local error in processing, try again later")
+#: the answer to a message the checks delete (SpoofedDomainAction Delete): the sender is not
+#: told, as with Exchange's Delete action
+DISCARDED = R(250, "2.6.0", "Queued mail for delivery")
 SEND_HELLO = R(503, "5.5.1", "Send HELO/EHLO first")
 NEED_MAIL = R(503, "5.5.1", "Need MAIL command")
 NO_RECIPIENTS = R(503, "5.5.1", "No valid recipients")
@@ -489,6 +495,12 @@ class ReceiveProtocol(SMTP):
     def rights(self) -> frozenset[Right]:
         assert self.info is not None
         return self.info.rights  # type: ignore[return-value]
+
+    def _from_internet(self, connector: ReceiveConnector) -> bool:
+        """The session is one the mail authentication checks are for: anonymous, on a
+        connector whose MailAuthentication is Anonymous."""
+        return connector.mail_authentication == "Anonymous" and \
+            self._principal() == Principal.ANONYMOUS
 
     def _own_session(self) -> bool:
         """The organization's own session, let in at Medium back pressure whatever the
@@ -976,23 +988,38 @@ class ReceiveProtocol(SMTP):
         if verdict is not None:
             return verdict
         assert info.mail_from is not None
+        checked = await self.service.check_sender(info, parsed, body) \
+            if self._from_internet(connector) else None
+        verdict_of_checks = checked or Inspection()
         received = policy.received_field(
             helo=info.helo, remote_ip=info.remote_ip, fqdn=connector.fqdn,
             local_ip=info.local_ip, esmtp=info.esmtp, tls=info.tls,
             user=info.authenticated_as, session_id=info.session_id,
             recipient=info.recipients[0].address if len(info.recipients) == 1 else None,
             when=time.time())
-        rewritten = rebuild(parsed, remove=policy.firewalled(self.rights), prepend=[received])
+        rewritten = rebuild(parsed, remove=_removal(parsed, verdict_of_checks,
+                                                    policy.firewalled(self.rights)),
+                            prepend=[*verdict_of_checks.prepend, received])
+        recipients = [EnvelopeRecipient(a) for a in verdict_of_checks.redirect_to] \
+            or list(info.recipients)
         submission = Submission(
-            Envelope(info.mail_from, list(info.recipients)),
+            Envelope(info.mail_from, recipients),
             replace_header_section(body, parsed, rewritten), source="SMTP",
             source_name=connector.name, message_id=message_id_of(parsed),
             subject=subject_of(parsed), client_ip=info.remote_ip,
-            client_hostname=policy.helo_for_header(info.helo), server_ip=info.local_ip)
+            client_hostname=policy.helo_for_header(info.helo), server_ip=info.local_ip,
+            context=verdict_of_checks.summary)
+        if verdict_of_checks.response is not None:
+            await self.service.runtime.track_unqueued(submission, verdict_of_checks.response)
+            return verdict_of_checks.response
         verdict = await self.service.event("on_end_of_data", session=info,
                                            submission=submission)
         if verdict is not None:
             return verdict
+        if verdict_of_checks.discard:  # accepted, and deleted (SpoofedDomainAction Delete)
+            await self.service.runtime.track_unqueued(submission, DISCARDED, dropped=True)
+            info.messages += 1
+            return DISCARDED
         committing = asyncio.ensure_future(self.service.runtime.submit(submission))
         try:
             # shielded: a client that leaves now must not cut the commit short (its
@@ -1051,6 +1078,16 @@ class ReceiveProtocol(SMTP):
 
 
 # -- argument syntax -------------------------------------------------------------------------
+
+
+def _removal(parsed: ParsedMessage, checked: Inspection,
+             firewall: Callable[[HeaderField], bool] | None
+             ) -> Callable[[HeaderField], bool] | None:
+    """Which received fields go: the header firewall's, and those the checks named."""
+    named = {id(parsed.fields[i]) for i in checked.remove if 0 <= i < len(parsed.fields)}
+    if not named:
+        return firewall
+    return lambda field: id(field) in named or (firewall is not None and firewall(field))
 
 
 def _keep_if_queued(writer: SpoolWriter, commit: asyncio.Future[SubmitResult]) -> None:

@@ -27,7 +27,7 @@ import structlog
 
 from hubport.core.credentials import PasswordStore, hash_password, mailbox_for_login
 from hubport.core.internal_tls import InternalTls, internal_tls
-from hubport.core.model import SmtpResponse
+from hubport.core.model import Inspection, SmtpResponse
 from hubport.core.protocol_log import ProtocolLog
 from hubport.core.rotating_log import log_writer
 from hubport.core.routing_groups import is_legacy_peer
@@ -43,7 +43,10 @@ from hubport.plugins.smtp_receive.connector import ReceiveConnector
 from hubport.plugins.smtp_receive.protocol import LOCAL_ERROR, ReceiveProtocol
 
 if TYPE_CHECKING:
+    from hubport.core.body import MessageBody
     from hubport.core.config import Mailbox
+    from hubport.core.headers import ParsedMessage
+    from hubport.core.model import ReceiveSession
 
 log = structlog.get_logger("hubport.smtp.receive")
 logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-connection chatter
@@ -57,7 +60,8 @@ TOO_MANY_FROM_SOURCE = SmtpResponse(
 DRAIN_TIMEOUT = 10.0
 SWEEP_INTERVAL = 0.25
 SMTP_EVENTS = ("on_connect", "on_helo", "on_starttls", "on_auth", "on_mail_from", "on_rcpt_to",
-               "on_data", "on_end_of_headers", "on_end_of_data", "on_disconnect")
+               "on_data", "on_end_of_headers", "on_end_of_data", "on_disconnect",
+               "authenticate_sender")
 
 
 #: seconds between checks that the internal transport certificate is not due for renewal
@@ -427,6 +431,22 @@ class ReceiveService:
         hook = self.runtime.hooks.pm.hook
         return frozenset(name for name in SMTP_EVENTS
                          if getattr(hook, name).get_hookimpls())
+
+    async def check_sender(self, session: ReceiveSession, headers: ParsedMessage,
+                           body: MessageBody) -> Inspection | None:
+        """The ``authenticate_sender`` verdicts on a message from the Internet, merged; a
+        raising plugin is logged and has no say (the message is not refused for it)."""
+        if "authenticate_sender" not in self._events:
+            return None
+        try:
+            found = await self.runtime.hooks.call_all(
+                "authenticate_sender", session=session, headers=headers, body=body,
+                organization=self.runtime.organization, server=self.runtime.server)
+        except Exception:
+            log.exception("an authenticate_sender implementation raised; the message is"
+                          " taken without its verdict", session=session.session_id)
+            return None
+        return Inspection.merge(found) if found else None
 
     async def event(self, name: str, **kwargs: Any) -> SmtpResponse | None:
         """Run an SMTP agent event; a raising plugin answers 451 4.3.0, never a 5xx."""

@@ -271,6 +271,9 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
     datas = [await _outgoing(item.body, profile.usage) for item in items]
     if link:  # after the firewall, which strips stamps of earlier rounds
         datas = [linked.stamp(data, link) for data in datas]
+    elif not relay and context.stamp_outbound is not None:  # leaving the organization
+        datas = [await _stamped(context, item, connector, data)
+                 for item, data in zip(items, datas)]
     if relay:  # who routed it, so two hubs that disagree never bounce it to and fro
         line = routed_by_line(server.name, context.organization.version)
         datas = [content.prepend(data, line) for data in datas]
@@ -320,6 +323,17 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
     for route, resolution in zip(by_domain.values(), resolutions):
         route.resolution = resolution
     return list(by_domain.values())
+
+
+async def _stamped(context: DeliveryContext, item: MailItem, connector: SendConnector,
+                   data: bytes | MessageBody) -> bytes | MessageBody:
+    """The message with the fields the ``stamp_outbound`` hook adds (DKIM, ARC) on top:
+    made over the final content, after every change above."""
+    assert context.stamp_outbound is not None
+    fields = await context.stamp_outbound(item, connector, data)
+    for added in reversed(fields):
+        data = content.prepend(data, added)
+    return data
 
 
 async def _outgoing(body: MessageBody, usage: str | None) -> bytes | MessageBody:

@@ -1,0 +1,95 @@
+"""Mail authentication: DKIM signing and ARC sealing of outbound mail, and SPF, DKIM, DMARC
+and ARC checks of mail from the Internet (docs/exchange.md, "Mail authentication").
+
+The organization's objects (``[[dkim_signing_config]]``, ``[sender_id_config]``,
+``[[anti_phish_policy]]``) are read by the core (core/mail_auth_config.py) and the keys are
+server-local files (core/dkim_keys.py); this plugin does the work through two hooks:
+``authenticate_sender`` (the receive connector asks it about each message from the
+Internet) and ``stamp_outbound`` (a Send connector asks it for the fields to add to a
+message leaving the organization). The cryptography and the record parsing are dkimpy's,
+pyspf's, authres's and publicsuffixlist's, with RSA through OpenSSL; both hooks run that
+work in a thread pool of their own, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import structlog
+
+from hubport.core import hookimpl
+from hubport.core.body import MessageBody
+from hubport.core.config import Organization, TransportServer
+from hubport.core.headers import ParsedMessage
+from hubport.core.model import Inspection, ReceiveSession
+from hubport.plugins.mail_auth import openssl_rsa
+from hubport.plugins.mail_auth.checks import check_message
+from hubport.plugins.mail_auth.dns_txt import lookup_for
+from hubport.plugins.mail_auth.signing import arc_seal, dkim_signatures
+from hubport.plugins.mail_auth.verdict import decide
+
+log = structlog.get_logger("hubport.mail_auth")
+
+openssl_rsa.install()
+
+#: the checks wait on DNS most of the time; signing is CPU-bound but short
+_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mail-auth")
+
+
+def authserv_id(org: Organization, server: TransportServer) -> str:
+    return org.sender_id_config.authserv_id or server.fqdn
+
+
+def our_authserv_ids(org: Organization) -> list[str]:
+    """Every id an Authentication-Results of this organization may carry: the configured
+    one and each transport server's FQDN (another hub's claim is as forged as ours)."""
+    return [org.sender_id_config.authserv_id, *(s.fqdn for s in org.servers)]
+
+
+async def _in_pool(function: Any, *args: Any, **kwargs: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(
+        _pool, partial(function, *args, **kwargs))
+
+
+@hookimpl
+async def authenticate_sender(session: ReceiveSession, headers: ParsedMessage,
+                              body: MessageBody, organization: Organization,
+                              server: TransportServer) -> Inspection | None:
+    if not organization.sender_id_config.enabled:
+        return None
+    lookup = lookup_for(server.external_dns_servers)
+    sender = session.mail_from.address if session.mail_from is not None else ""
+    recipients = [r.address for r in session.recipients]
+
+    def work() -> Inspection:
+        checks = check_message(body.read(), headers, ip=session.remote_ip,
+                               helo=session.helo, sender=sender, lookup=lookup)
+        return decide(checks, organization, headers, recipients,
+                      authserv_id(organization, server), our_authserv_ids(organization))
+
+    inspection: Inspection = await _in_pool(work)
+    log.info("sender authenticated", session=session.session_id, results=inspection.summary)
+    return inspection
+
+
+@hookimpl
+async def stamp_outbound(item: Any, connector: Any, content: bytes | MessageBody,
+                         organization: Organization, server: TransportServer
+                         ) -> list[bytes] | None:
+    signing = any(c.enabled for c in organization.dkim_signing_configs)
+    if not signing:
+        return None
+    sealer = authserv_id(organization, server)
+
+    def work() -> list[bytes]:
+        data = content.read() if isinstance(content, MessageBody) else content
+        signatures = dkim_signatures(data, organization, server)
+        signed = b"".join(signatures) + data
+        seal = arc_seal(signed, organization, server, sealer)
+        return [*seal, *signatures]
+
+    fields: list[bytes] = await _in_pool(work)
+    return fields or None
