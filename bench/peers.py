@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,14 +99,14 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def smtp_source(port: int, messages: int, sessions: int, recipient: str, size: int = 2048
-                ) -> float:
+def smtp_source(port: int, messages: int, sessions: int, recipient: str, size: int = 2048,
+                sender: str = "sender@example.org") -> float:
     """Postfix's load generator: ``sessions`` reused connections, ``size``-byte messages
-    (2 KB unless told); the seconds it took."""
+    (2 KB unless told) from ``sender`` (also their From); the seconds it took."""
     started = time.monotonic()
     done = subprocess.run(
         [SMTP_SOURCE, "-d", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-         "-f", "sender@example.org", "-t", recipient, f"127.0.0.1:{port}"],
+         "-f", sender, "-t", recipient, f"127.0.0.1:{port}"],
         capture_output=True, text=True, timeout=900, check=False)
     elapsed = time.monotonic() - started
     if done.returncode != 0:
@@ -222,13 +222,16 @@ def postfix(root: Path, *, relayhost: int | None = None, maildir: Path | None = 
 
 
 @contextmanager
-def hubport(root: Path, org: str, port: int,
-            workers: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def hubport(root: Path, org: str, port: int, workers: int | None = None,
+            commands: Sequence[str] = ()) -> Iterator[subprocess.Popen[bytes]]:
     """The real daemon in a subprocess on ``root/org.toml``; its log beside ``root``.
-    ``workers``: ``hubport run --workers`` (None: the daemon's default, the CPU count)."""
+    ``workers``: ``hubport run --workers`` (None: the daemon's default, the CPU count);
+    ``commands``: cmdlet lines run on the organization before the daemon starts."""
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     (root / "org.toml").write_text(org)
+    for line in commands:
+        hubport_command(root, line)
     log_path = root.parent / f"{root.name}.log"  # outside the watched folder
     argv = [str(HUBPORT), "run", "--config", "org.toml"]
     if workers is not None:

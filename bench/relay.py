@@ -43,19 +43,22 @@ SmtpMaxMessagesPerConnection = 1000
 RECIPIENT = "someone@fabrikam.example"
 
 
-def relay_rate(server: str, root: Path, messages: int, sessions: int) -> float:
+def relay_rate(server: str, root: Path, messages: int, sessions: int, *,
+               sender: str = "sender@example.org", commands: tuple[str, ...] = ()) -> float:
+    """Messages per second from ``sender``; ``commands``: cmdlets run on hubport's
+    organization before it starts (bench/dkim_relay.py turns signing on)."""
     with sink(root.parent) as peer:
         if server == "hubport":
             port = free_port()
             context = hubport(root, bench_org(
                 port, mailbox=None, relay=True, server="MaxPerDomainOutboundConnections = 20",
-                tail=SMART_HOST.format(sink=peer.port)), port)
+                tail=SMART_HOST.format(sink=peer.port)), port, commands=commands)
         else:
             context = postfix(root, relayhost=peer.port)
         with context as started:
             port = started if isinstance(started, int) else port
             begin = time.monotonic()
-            smtp_source(port, messages, sessions, RECIPIENT)
+            smtp_source(port, messages, sessions, RECIPIENT, sender=sender)
             end = peer.wait_for(messages)
     return messages / (end - begin)
 

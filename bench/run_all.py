@@ -37,6 +37,8 @@ BENCHMARKS = [
      ["--messages", "400", "--sessions", "10"]),
     ("relay.py", ["--messages", "5000", "--sessions", "20"],
      ["--messages", "500", "--sessions", "10"]),
+    ("dkim_relay.py", ["--messages", "3000", "--sessions", "20"],
+     ["--messages", "300", "--sessions", "10"]),
     ("ingest.py", ["--count", "10000"], ["--count", "500"]),
     ("latency.py", ["--messages", "200"], ["--messages", "30"]),
     ("curve.py", [], ["--quick"]),

@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument("name")
     secrets = sub.add_parser("export-secrets",
                              help="copy the server-local secret files a new hub needs (its"
-                                  " connectors' password files, the mailbox password hashes)"
+                                  " connectors' password files, the mailbox password hashes,"
+                                  " the DKIM signing keys)"
                                   " into a folder, with a MANIFEST of where each goes")
     _common(secrets)
     secrets.add_argument("target", help="the transport server that needs them")

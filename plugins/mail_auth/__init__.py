@@ -25,15 +25,8 @@ from hubport.core.body import MessageBody
 from hubport.core.config import Organization, TransportServer
 from hubport.core.headers import ParsedMessage
 from hubport.core.model import Inspection, ReceiveSession
-from hubport.plugins.mail_auth import openssl_rsa
-from hubport.plugins.mail_auth.checks import check_message
-from hubport.plugins.mail_auth.dns_txt import lookup_for
-from hubport.plugins.mail_auth.signing import arc_seal, dkim_signatures
-from hubport.plugins.mail_auth.verdict import decide
 
 log = structlog.get_logger("hubport.mail_auth")
-
-openssl_rsa.install()
 
 #: the checks wait on DNS most of the time; signing is CPU-bound but short
 _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mail-auth")
@@ -54,12 +47,25 @@ async def _in_pool(function: Any, *args: Any, **kwargs: Any) -> Any:
         _pool, partial(function, *args, **kwargs))
 
 
+def _libraries() -> None:
+    """dkimpy, pyspf and authres are loaded on first use, not by every ``hubport`` command
+    that loads the plugins; dkimpy's RSA then goes through OpenSSL."""
+    from hubport.plugins.mail_auth import openssl_rsa
+
+    openssl_rsa.install()
+
+
 @hookimpl
 async def authenticate_sender(session: ReceiveSession, headers: ParsedMessage,
                               body: MessageBody, organization: Organization,
                               server: TransportServer) -> Inspection | None:
     if not organization.sender_id_config.enabled:
         return None
+    _libraries()
+    from hubport.plugins.mail_auth.checks import check_message
+    from hubport.plugins.mail_auth.dns_txt import lookup_for
+    from hubport.plugins.mail_auth.verdict import decide
+
     lookup = lookup_for(server.external_dns_servers)
     sender = session.mail_from.address if session.mail_from is not None else ""
     recipients = [r.address for r in session.recipients]
@@ -82,6 +88,9 @@ async def stamp_outbound(item: Any, connector: Any, content: bytes | MessageBody
     signing = any(c.enabled for c in organization.dkim_signing_configs)
     if not signing:
         return None
+    _libraries()
+    from hubport.plugins.mail_auth.signing import arc_seal, dkim_signatures
+
     sealer = authserv_id(organization, server)
 
     def work() -> list[bytes]:

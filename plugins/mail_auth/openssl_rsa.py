@@ -5,7 +5,8 @@ its own ``pow()`` over Python integers, about 20 times slower than OpenSSL for a
 signature. dkimpy calls two module-level functions for that step
 (``RSASSA_PKCS1_v1_5_sign`` and ``..._verify``, with its parsed key dictionaries); ``install``
 points them at OpenSSL. The keys built from those dictionaries are cached by modulus, so a
-domain's key is parsed by OpenSSL once, not per message.
+domain's key is parsed by OpenSSL once, not per message (and dkimpy's PEM parsing, by the
+PEM text).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def verify(hash_object: Any, signature: bytes, public_key: dict[str, int]) -> bo
 
 
 def install() -> None:
-    """Point dkimpy's RSA step at OpenSSL (idempotent)."""
+    """Point dkimpy's RSA step at OpenSSL, and keep the private keys it parses from PEM
+    (its own ASN.1 reader, per signature otherwise) for the next message (idempotent)."""
     dkim.RSASSA_PKCS1_v1_5_sign = sign
     dkim.RSASSA_PKCS1_v1_5_verify = verify
+    if not hasattr(dkim.parse_pem_private_key, "cache_info"):
+        dkim.parse_pem_private_key = functools.lru_cache(maxsize=64)(
+            dkim.parse_pem_private_key)
