@@ -28,8 +28,11 @@ from hubport.core.model import Inspection, ReceiveSession
 
 log = structlog.get_logger("hubport.mail_auth")
 
-#: the checks wait on DNS most of the time; signing is CPU-bound but short
+#: the checks wait on DNS most of the time: several at once
 _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mail-auth")
+#: signing is CPU-bound (RSA in OpenSSL, without the GIL): one thread per process, so that
+#: the daemon's workers (one per core) do not crowd the cores with signers
+_signing_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dkim-sign")
 
 
 def authserv_id(org: Organization, server: TransportServer) -> str:
@@ -42,9 +45,10 @@ def our_authserv_ids(org: Organization) -> list[str]:
     return [org.sender_id_config.authserv_id, *(s.fqdn for s in org.servers)]
 
 
-async def _in_pool(function: Any, *args: Any, **kwargs: Any) -> Any:
+async def _in_pool(function: Any, *args: Any, pool: ThreadPoolExecutor = _pool,
+                   **kwargs: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(
-        _pool, partial(function, *args, **kwargs))
+        pool, partial(function, *args, **kwargs))
 
 
 def _libraries() -> None:
@@ -100,5 +104,5 @@ async def stamp_outbound(item: Any, connector: Any, content: bytes | MessageBody
         seal = arc_seal(signed, organization, server, sealer)
         return [*seal, *signatures]
 
-    fields: list[bytes] = await _in_pool(work)
+    fields: list[bytes] = await _in_pool(work, pool=_signing_pool)
     return fields or None

@@ -173,6 +173,9 @@ def arc_seal(content: bytes, org: Organization, server: TransportServer,
     """An ARC set for a message this hub authenticated on its way in (it carries our
     Authentication-Results), sealed with the default domain's signing key; [] when there
     is nothing to seal or no key to seal with."""
+    head = content[:content.find(b"\r\n\r\n") + 2]
+    if b"authentication-results:" not in head.lower():  # most mail: nothing to seal
+        return []
     parsed = parse_header_section(content)
     ours = [f for f in parsed.get_all("Authentication-Results")
             if f.text.strip().lower().startswith(authserv_id.lower())]

@@ -272,8 +272,9 @@ async def _routes(next_hop: NextHop, connector: Any, items: Sequence[MailItem],
     if link:  # after the firewall, which strips stamps of earlier rounds
         datas = [linked.stamp(data, link) for data in datas]
     elif not relay and context.stamp_outbound is not None:  # leaving the organization
-        datas = [await _stamped(context, item, connector, data)
-                 for item, data in zip(items, datas)]
+        # the batch at once: the plugins sign in threads, side by side
+        datas = list(await asyncio.gather(*(_stamped(context, item, connector, data)
+                                             for item, data in zip(items, datas))))
     if relay:  # who routed it, so two hubs that disagree never bounce it to and fro
         line = routed_by_line(server.name, context.organization.version)
         datas = [content.prepend(data, line) for data in datas]
@@ -331,6 +332,13 @@ async def _stamped(context: DeliveryContext, item: MailItem, connector: SendConn
     made over the final content, after every change above."""
     assert context.stamp_outbound is not None
     fields = await context.stamp_outbound(item, connector, data)
+    if fields and isinstance(data, bytes) and not data.isascii():
+        # a peer without 8BITMIME would get it converted, after the signature: convert it
+        # now and sign that (RFC 6376 §5.3), so the signature holds on every path
+        downgraded = await asyncio.to_thread(content.downgrade_to_7bit, data)
+        if downgraded is not None and downgraded != data:
+            data = downgraded
+            fields = await context.stamp_outbound(item, connector, data)
     for added in reversed(fields):
         data = content.prepend(data, added)
     return data
