@@ -254,3 +254,11 @@ def test_key_folder_is_beside_the_organization(tmp_path: Path) -> None:
 
     org = load_organization(write_org(tmp_path), Hooks().registry.connector_types)
     assert dkim_key_folder(org, org.servers[0]) == tmp_path / "org-dkim"
+
+
+def test_a_message_too_large_to_hold_is_checked_without_its_signatures(lookup: Lookup) -> None:
+    signed = SIGNER.sign(mail("x@signer.test"))
+    got = check_message(None, parse_header_section(signed), ip="127.0.0.1",
+                        helo="client.test", sender="x@signer.test", lookup=lookup)
+    assert [d.result for d in got.dkim] == ["policy"] and got.spf.result == "pass"
+    assert got.arc.result == "none" and got.dmarc.result == "none"

@@ -28,6 +28,11 @@ from hubport.core.model import Inspection, ReceiveSession
 
 log = structlog.get_logger("hubport.mail_auth")
 
+#: the largest message signed or verified: dkimpy hashes a message it holds whole, and no
+#: other path of the daemon holds a large message whole (core/body.py). Larger mail goes
+#: unsigned, and its signatures unverified (reported as such), with a log line.
+MAX_WHOLE = 64 * 1024 * 1024
+
 #: the checks wait on DNS most of the time: several at once
 _pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="mail-auth")
 #: signing is CPU-bound (RSA in OpenSSL, without the GIL): one thread per process, so that
@@ -36,7 +41,7 @@ _signing_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dkim-sign"
 
 
 def authserv_id(org: Organization, server: TransportServer) -> str:
-    return org.sender_id_config.authserv_id or server.fqdn
+    return (org.sender_id_config.authserv_id or server.fqdn).lower()
 
 
 def our_authserv_ids(org: Organization) -> list[str]:
@@ -75,7 +80,8 @@ async def authenticate_sender(session: ReceiveSession, headers: ParsedMessage,
     recipients = [r.address for r in session.recipients]
 
     def work() -> Inspection:
-        checks = check_message(body.read(), headers, ip=session.remote_ip,
+        whole = body.read() if body.size <= MAX_WHOLE else None
+        checks = check_message(whole, headers, ip=session.remote_ip,
                                helo=session.helo, sender=sender, lookup=lookup)
         return decide(checks, organization, headers, recipients,
                       authserv_id(organization, server), our_authserv_ids(organization))
@@ -95,13 +101,18 @@ async def stamp_outbound(item: Any, connector: Any, content: bytes | MessageBody
     _libraries()
     from hubport.plugins.mail_auth.signing import arc_seal, dkim_signatures
 
-    sealer = authserv_id(organization, server)
+    sealers = our_authserv_ids(organization)
+
+    if isinstance(content, MessageBody) and content.size > MAX_WHOLE:
+        log.warning("message too large to sign; it leaves unsigned", size=content.size,
+                    limit=MAX_WHOLE, message=item.message.internal_id)
+        return None
 
     def work() -> list[bytes]:
         data = content.read() if isinstance(content, MessageBody) else content
         signatures = dkim_signatures(data, organization, server)
         signed = b"".join(signatures) + data
-        seal = arc_seal(signed, organization, server, sealer)
+        seal = arc_seal(signed, organization, server, sealers)
         return [*seal, *signatures]
 
     fields: list[bytes] = await _in_pool(work, pool=_signing_pool)

@@ -284,13 +284,19 @@ def from_domain(parsed: ParsedMessage) -> tuple[str, str]:
 # -- all of them ---------------------------------------------------------------------------
 
 
-def check_message(message: bytes, parsed: ParsedMessage, *, ip: str, helo: str, sender: str,
-                  lookup: Lookup) -> Checks:
+def check_message(message: bytes | None, parsed: ParsedMessage, *, ip: str, helo: str,
+                  sender: str, lookup: Lookup) -> Checks:
     """Every check of one message, as received from ``ip`` after ``HELO helo`` and
-    ``MAIL FROM:<sender>``."""
+    ``MAIL FROM:<sender>``; ``message`` None: too large to hold whole, so its signatures
+    are reported unchecked (``policy``) and only SPF and DMARC decide."""
     helo_spf, mail_spf = check_spf(lookup, ip, sender, helo)
-    dkims = check_dkim(message, lookup)
-    arc = check_arc(message, lookup)
+    if message is None:
+        dkims = [DkimResult("policy", reason="message too large to verify")] \
+            if parsed.get("DKIM-Signature") is not None else []
+        arc = ArcResult("none", reason="message too large to verify")
+    else:
+        dkims = check_dkim(message, lookup)
+        arc = check_arc(message, lookup)
     domain, problem = from_domain(parsed)
     if problem:
         verdict = dmarc.DmarcResult("permerror", reason=problem)

@@ -169,17 +169,20 @@ def dkim_signatures(content: bytes, org: Organization, server: TransportServer
 
 
 def arc_seal(content: bytes, org: Organization, server: TransportServer,
-             authserv_id: str) -> list[bytes]:
-    """An ARC set for a message this hub authenticated on its way in (it carries our
-    Authentication-Results), sealed with the default domain's signing key; [] when there
-    is nothing to seal or no key to seal with."""
+             authserv_ids: list[str]) -> list[bytes]:
+    """An ARC set for a message the organization authenticated on its way in (it carries
+    the Authentication-Results of one of ``authserv_ids``: this hub's, or the hub that took
+    it from the Internet), sealed with the default domain's signing key; [] when there is
+    nothing to seal or no key to seal with."""
     head = content[:content.find(b"\r\n\r\n") + 2]
     if b"authentication-results:" not in head.lower():  # most mail: nothing to seal
         return []
     parsed = parse_header_section(content)
-    ours = [f for f in parsed.get_all("Authentication-Results")
-            if f.text.strip().lower().startswith(authserv_id.lower())]
-    if not ours:
+    wanted = {i.lower() for i in authserv_ids if i}
+    claimed = [f.text.strip().split(";", 1)[0].strip().lower()
+               for f in parsed.get_all("Authentication-Results")]
+    authserv_id = next((c for c in claimed if c in wanted), None)
+    if authserv_id is None:
         return []
     config = config_for(org, org.default_domain.base_domain) or next(
         (c for c in org.dkim_signing_configs if c.enabled), None)
