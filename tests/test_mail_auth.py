@@ -62,7 +62,7 @@ class Hub:
     def cmdlet(self, line: str) -> str:
         status, out, err = call(self.home, line, "--config", str(self.config))
         assert status == 0, f"{line}\n{out}\n{err}"
-        return out + err
+        return out
 
     def mailbox(self, name: str) -> list[bytes]:
         """The messages in a mailbox, with CRLF line endings (the Maildir keeps LF)."""
@@ -128,8 +128,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         hub = Hub(home, config, inbound, unchecked, 0, sink, None)  # type: ignore[arg-type]
         hub.cmdlet("New-DkimSigningConfig -DomainName contoso.test -Enabled $true"
                    " -Ed25519Enabled $true")
-        keys = json.loads(hub.cmdlet("Get-DkimSigningConfig contoso.test | ConvertTo-Json")
-                          .split("\nNew-", 1)[0])[0]
+        keys = json.loads(hub.cmdlet("Get-DkimSigningConfig contoso.test | ConvertTo-Json"))[0]
         ours = [txt(keys[f"{label}RecordName"], keys[f"{label}Record"])
                 for label in ("Selector1", "Selector2", "Selector1Ed25519", "Selector2Ed25519")]
         with dns_with(RECORDS + ours, failing=("tempfail.test",)) as dns:
@@ -250,12 +249,15 @@ def test_signed_mail_verifies_with_an_independent_implementation_through_a_rotat
             b"\r\n", b"\n")
         (pickup / f"{subject}.eml").write_bytes(content)
 
+    before = json.loads(hub.cmdlet("Get-DkimSigningConfig | ConvertTo-Json"))[0][
+        "ActiveSelector"]
+    after = "selector2" if before == "selector1" else "selector1"
     send("signed 1")
     first = hub.sent("signed 1")
     hub.reload_after("Rotate-DkimSigningConfig contoso.test")
     send("signed 2")
     second = hub.sent("signed 2")
-    for message, selector in ((first, "selector1"), (second, "selector2")):
+    for message, selector in ((first, before), (second, after)):
         lines = perl_verify(message, hub.dns)
         assert f"pass d=contoso.test s={selector} a=rsa-sha256" in lines, lines
         assert lines[-1] == "result=pass", lines
@@ -281,7 +283,9 @@ def test_signed_mail_verifies_with_an_independent_implementation_through_a_rotat
 
 
 def test_an_unusable_key_stops_signing_but_not_mail(hub: Hub) -> None:
-    key = hub.home / "org-dkim" / "contoso.test" / "selector2.key"
+    active = json.loads(hub.cmdlet("Get-DkimSigningConfig | ConvertTo-Json"))[0][
+        "ActiveSelector"]  # the tests may run in any order, on several hubs
+    key = hub.home / "org-dkim" / "contoso.test" / f"{active}.key"
     saved = key.read_bytes()
     try:
         key.write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
@@ -289,11 +293,11 @@ def test_an_unusable_key_stops_signing_but_not_mail(hub: Hub) -> None:
             mail("alice@contoso.test", "someone@example.test", "unsigned").replace(
                 b"\r\n", b"\n"))
         sent = hub.sent("unsigned")
-        assert b"s=selector2;" not in sent.replace(b"\r\n ", b" ")
+        assert f"s={active};".encode() not in sent.replace(b"\r\n ", b" ")
         wait_for_sync(lambda: "DKIM signing key unusable" in hub.daemon.log_text(), 30,
                       what="the key's error line")
         status = json.loads(hub.cmdlet("Get-DkimSigningConfig | ConvertTo-Json"))[0]["Status"]
-        assert status.startswith("KeyMissing") and "selector2" in status, status
+        assert status.startswith("KeyMissing") and active in status, status
     finally:
         key.write_bytes(saved)
 
