@@ -229,6 +229,10 @@ def test_the_stamp_and_forged_claims(lookup: Lookup, org: object) -> None:
                                        "Authentication-Results: mx.elsewhere.test; none\r\n")
     parsed = parse_header_section(forged)
     assert forged_results(parsed, ["hub01.contoso.test"]) == (5,)
+    for hostile in (" ;", ";;", "(unclosed comment", "hub01.contoso.test (x"):
+        odd = parse_header_section(mail("x@pass.test", extra=f"Authentication-Results:"
+                                                             f"{hostile}\r\n"))
+        forged_results(odd, ["hub01.contoso.test"])  # an answer, never an exception
     got = checks(lookup, forged, "x@pass.test")
     result = verdict(org, got, forged)
     (stamp,) = result.prepend  # type: ignore[attr-defined]
@@ -262,3 +266,28 @@ def test_a_message_too_large_to_hold_is_checked_without_its_signatures(lookup: L
                         helo="client.test", sender="x@signer.test", lookup=lookup)
     assert [d.result for d in got.dkim] == ["policy"] and got.spf.result == "pass"
     assert got.arc.result == "none" and got.dmarc.result == "none"
+
+
+async def test_a_check_that_crashes_still_removes_forged_results(
+        monkeypatch: pytest.MonkeyPatch, org: object) -> None:
+    """Input no check foresaw must not let a forged Authentication-Results through."""
+    from hubport.core.body import MessageBody
+    from hubport.core.model import MailFrom, ReceiveSession
+    from hubport.plugins import mail_auth
+    from hubport.plugins.mail_auth import checks as checks_module
+
+    def unforeseen(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(checks_module, "check_message", unforeseen)
+    forged = mail("x@pass.test", extra="Authentication-Results: hub01.contoso.test;"
+                                       " dmarc=pass header.from=contoso.test\r\n")
+    session = ReceiveSession("S1", "From Internet", "HUB01", "127.0.0.1", 1, "127.0.0.1", 25,
+                             helo="client.test", mail_from=MailFrom("x@pass.test"))
+    configured = replace(org, sender_id_config=SenderIdConfig(enabled=True))  # type: ignore[type-var]
+    result = await mail_auth.authenticate_sender(
+        session, parse_header_section(forged), MessageBody.of(forged), configured,
+        configured.servers[0])  # type: ignore[attr-defined]
+    assert result is not None and result.remove == (5,)
+    assert result.prepend == (b"Authentication-Results: hub01.contoso.test; none\r\n",)
+    assert result.response is None and "checks failed" in result.summary

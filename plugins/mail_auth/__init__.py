@@ -86,7 +86,24 @@ async def authenticate_sender(session: ReceiveSession, headers: ParsedMessage,
         return decide(checks, organization, headers, recipients,
                       authserv_id(organization, server), our_authserv_ids(organization))
 
-    inspection: Inspection = await _in_pool(work)
+    def failed(error: Exception) -> Inspection:
+        """Input no check foresaw: the message is stamped as unchecked, and forged
+        results claiming us still go (a crash must not let them through)."""
+        from hubport.plugins.mail_auth.verdict import forged_results, unchecked_field
+
+        log.error("sender checks failed; the message is stamped unchecked",
+                  session=session.session_id, error=repr(error))
+        return Inspection((unchecked_field(authserv_id(organization, server)),),
+                          forged_results(headers, our_authserv_ids(organization)),
+                          summary=f"checks failed: {type(error).__name__}")
+
+    def guarded() -> Inspection:
+        try:
+            return work()
+        except Exception as exc:
+            return failed(exc)
+
+    inspection: Inspection = await _in_pool(guarded)
     log.info("sender authenticated", session=session.session_id, results=inspection.summary)
     return inspection
 

@@ -32,7 +32,7 @@ from hubport.core.headers import ParsedMessage
 from hubport.core.model import Inspection, SmtpResponse
 from hubport.plugins.mail_auth.checks import Checks
 
-__all__ = ["decide", "forged_results", "results_field"]
+__all__ = ["decide", "forged_results", "results_field", "unchecked_field"]
 
 R = SmtpResponse
 MAX_REASON = 200
@@ -78,6 +78,12 @@ def results_field(authserv_id: str, checks: Checks, override: str = "") -> bytes
     return (head + ";" + ";".join(f"\r\n\t{r}" for r in results) + "\r\n").encode()
 
 
+def unchecked_field(authserv_id: str) -> bytes:
+    """``Authentication-Results: <id>; none``: nothing could be checked (RFC 8601 §2.2)."""
+    header = AuthenticationResultsHeader(_CONTEXT, authserv_id=authserv_id, results=[])
+    return f"{header}\r\n".encode()
+
+
 def forged_results(parsed: ParsedMessage, our_ids: Sequence[str]) -> tuple[int, ...]:
     """Positions of incoming Authentication-Results fields claiming one of ``our_ids``
     (RFC 8601 §5: they must go before ours is added)."""
@@ -90,8 +96,7 @@ def forged_results(parsed: ParsedMessage, our_ids: Sequence[str]) -> tuple[int, 
             claimed = AuthenticationResultsHeader.parse_value(_CONTEXT, field.text
                                                               ).authserv_id or ""
         except Exception:  # unparsable: judged by its first word
-            claimed = field.text.strip().split(";", 1)[0].split()[0:1][0] \
-                if field.text.strip() else ""
+            claimed = next(iter(field.text.split(";", 1)[0].split()), "")
         if str(claimed).strip().lower() in wanted:
             found.append(index)
     return tuple(found)
