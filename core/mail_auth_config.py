@@ -76,8 +76,10 @@ class DkimSigningConfig:
 @dataclass(frozen=True)
 class SenderIdConfig:
     """Inbound checks of mail from the Internet (Exchange's Sender ID agent, extended to
-    DKIM, DMARC and ARC). Off by default, as the anti-spam agents are on an Exchange 2010
-    Hub Transport server: a hub that faces the Internet turns it on."""
+    DKIM, DMARC and ARC). An organization without ``[sender_id_config]`` checks nothing, as
+    an Exchange 2010 Hub Transport server without its anti-spam agents; the section, which
+    the first Set-SenderIdConfig writes, turns the checks on unless it says
+    ``Enabled = false``."""
 
     enabled: bool = False
     spoofed_domain_action: str = "StampStatus"
@@ -174,7 +176,7 @@ def read_sender_id_config(reader: FieldReader | None) -> SenderIdConfig:
         except AddressError as exc:
             r.error("BypassedRecipients", f'"{address}": {exc}')
     config = SenderIdConfig(
-        enabled=r.bool("Enabled", False),
+        enabled=r.bool("Enabled", True),
         spoofed_domain_action=r.string("SpoofedDomainAction", "StampStatus",
                                        choices=SPOOFED_DOMAIN_ACTIONS),
         temp_error_action=temp,

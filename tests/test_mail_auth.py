@@ -134,7 +134,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
         with dns_with(RECORDS + ours, failing=("tempfail.test",)) as dns:
             hub.dns = dns
             hub.cmdlet(f"Set-TransportServer HUB01 -ExternalDnsServers 127.0.0.1:{dns}")
-            hub.cmdlet("Set-SenderIdConfig -Enabled $true -SpoofedDomainAction Reject"
+            # the first Set-SenderIdConfig turns the checks on (no -Enabled needed)
+            hub.cmdlet("Set-SenderIdConfig -SpoofedDomainAction Reject"
                        " -TempErrorAction Reject -ArcTrustedSealers fwd.test")
             hub.cmdlet("Set-AntiPhishPolicy -Identity Default -HonorDmarcPolicy $true"
                        " -DmarcRejectAction Reject -DmarcQuarantineAction Quarantine"

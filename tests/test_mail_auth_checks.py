@@ -291,3 +291,13 @@ async def test_a_check_that_crashes_still_removes_forged_results(
     assert result is not None and result.remove == (5,)
     assert result.prepend == (b"Authentication-Results: hub01.contoso.test; none\r\n",)
     assert result.response is None and "checks failed" in result.summary
+
+
+@pytest.mark.parametrize("section, enabled", [
+    ("", False),  # no [sender_id_config]: nothing is checked
+    ('[sender_id_config]\nSpoofedDomainAction = "Reject"\n', True),
+    ("[sender_id_config]\nEnabled = false\n", False)])
+def test_the_section_turns_the_checks_on(tmp_path: Path, section: str, enabled: bool) -> None:
+    org = load_organization(write_org(tmp_path, extra=section),
+                            Hooks().registry.connector_types)
+    assert org.sender_id_config.enabled is enabled
