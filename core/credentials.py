@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING
 import structlog
 
 if TYPE_CHECKING:
-    from hubport.core.config import Mailbox, Organization
+    from hubport.core.config import Mailbox, Organization, TransportServer
 
 __all__ = [
     "PasswordStore",
     "hash_password",
     "locked_folder",
     "mailbox_for_login",
+    "organization_folder",
     "replace_file",
     "verify_password",
 ]
@@ -188,6 +189,19 @@ class PasswordStore:
 
 # --------------------------------------------------------------------------------------------
 # Private files (also used by hubport.core.tls for its keys)
+
+
+def organization_folder(org: Organization, server: TransportServer, name: str) -> Path:
+    """A folder of server-local secrets the organization's hubs share: beside the
+    organization file, which every hub of one machine reads (``org.toml`` ->
+    ``org-<name>/``); in the server's state folder (``<state>/<name>``) for the embedded
+    default and for an organization in a store."""
+    from hubport.core.config_fields import EMBEDDED_SOURCE
+
+    if org.source == EMBEDDED_SOURCE or "://" in org.source:
+        return server.state_directory / name
+    source = Path(org.source)
+    return source.with_name(f"{source.stem}-{name}")
 
 
 @contextlib.contextmanager

@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from hubport.core.config_fields import EMBEDDED_SOURCE
-from hubport.core.credentials import locked_folder, replace_file
+from hubport.core.credentials import locked_folder, organization_folder, replace_file
 
 if TYPE_CHECKING:
     from hubport.core.config import Organization, TransportServer
@@ -53,10 +52,7 @@ class SigningKeyError(Exception):
 
 def dkim_key_folder(org: Organization, server: TransportServer) -> Path:
     """Where the organization's DKIM keys live on this machine (see the module's text)."""
-    if org.source == EMBEDDED_SOURCE or "://" in org.source:
-        return server.state_directory / "dkim"
-    source = Path(org.source)
-    return source.with_name(f"{source.stem}-dkim")
+    return organization_folder(org, server, "dkim")
 
 
 def key_path(folder: Path, domain: str, selector: str) -> Path:

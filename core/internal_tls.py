@@ -36,8 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hubport.core.config_fields import EMBEDDED_SOURCE
-from hubport.core.credentials import locked_folder, replace_file
+from hubport.core.credentials import locked_folder, organization_folder, replace_file
 from hubport.core.tls import CertificatePair, TlsConfigError, check_pair
 
 if TYPE_CHECKING:
@@ -69,10 +68,7 @@ def organization_ca_folder(org: Organization, server: TransportServer) -> Path:
     one machine shares (``org.toml`` -> ``org-ca/``); in the state folder for the embedded
     default and for an organization in a store (copy ``ca/ca.crt`` to each hub's, and its
     certificate from new-servercertificate, as for hubs on other machines)."""
-    if org.source == EMBEDDED_SOURCE or "://" in org.source:  # embedded, or in a store
-        return server.state_directory / "ca"
-    source = Path(org.source)
-    return source.with_name(f"{source.stem}-ca")
+    return organization_folder(org, server, "ca")
 
 
 class CertificateAuthority:

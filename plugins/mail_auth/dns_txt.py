@@ -18,9 +18,10 @@ from typing import Any
 
 import dns.exception
 import dns.name
-import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+
+from hubport.core.dns_resolver import resolver_for
 
 __all__ = ["Lookup", "TemporaryDnsError", "lookup_for"]
 
@@ -37,17 +38,8 @@ class Lookup:
     """TXT, A, AAAA, MX and PTR lookups through one resolver and its cache."""
 
     def __init__(self, servers: Sequence[tuple[str, int]]) -> None:
-        if servers:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port)
-                                    for ip, port in servers]
-        else:
-            try:
-                resolver = dns.resolver.Resolver()
-            except dns.resolver.NoResolverConfiguration:
-                resolver = dns.resolver.Resolver(configure=False)
-        resolver.timeout = TIMEOUT
-        resolver.lifetime = LIFETIME
+        resolver = resolver_for(dns.resolver.Resolver, servers, timeout=TIMEOUT,
+                                lifetime=LIFETIME)
         resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
         self.resolver = resolver
 

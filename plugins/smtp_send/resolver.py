@@ -24,6 +24,7 @@ import dns.nameserver
 import dns.resolver
 import structlog
 
+from hubport.core.dns_resolver import resolver_for
 from hubport.core.model import NextHop, SmtpResponse
 from hubport.core.routing import RoutingTable
 
@@ -83,17 +84,8 @@ AddressLookup = Callable[[str], Awaitable[list[str] | None]]
 
 def make_resolver(servers: Sequence[tuple[str, int]]) -> dns.asyncresolver.Resolver:
     """A dnspython resolver: the listed servers (ExternalDnsServers) or the system's."""
-    if servers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(ip, port) for ip, port in servers]
-    else:
-        try:
-            resolver = dns.asyncresolver.Resolver()
-        except dns.resolver.NoResolverConfiguration:
-            resolver = dns.asyncresolver.Resolver(configure=False)
-    resolver.timeout = DNS_TIMEOUT
-    resolver.lifetime = DNS_LIFETIME
-    return resolver
+    return resolver_for(dns.asyncresolver.Resolver, servers, timeout=DNS_TIMEOUT,
+                        lifetime=DNS_LIFETIME)
 
 
 async def _query(resolver: dns.asyncresolver.Resolver, name: str, rdtype: str) -> Any:
