@@ -202,7 +202,7 @@ def read_anti_phish_policies(readers: Iterable[tuple[int, FieldReader]]
                                          choices=DMARC_REJECT_ACTIONS),
             dmarc_quarantine_action=r.string("DmarcQuarantineAction", "Quarantine",
                                              choices=DMARC_QUARANTINE_ACTIONS),
-            quarantine_mailbox=r.smtp_address("QuarantineMailbox", default="") or "",
+            quarantine_mailbox=_optional_address(r, "QuarantineMailbox"),
         )
         r.finish()
         if name and name.lower() != DEFAULT_POLICY.lower():
@@ -214,6 +214,13 @@ def read_anti_phish_policies(readers: Iterable[tuple[int, FieldReader]]
             continue
         policies.append(policy)
     return tuple(policies) or (AntiPhishPolicy(),)
+
+
+def _optional_address(r: FieldReader, key: str) -> str:
+    """An SMTP address, or '' (written or left out) for the default."""
+    if r.raw(key, "") == "":
+        return ""
+    return r.smtp_address(key, default="") or ""
 
 
 def _key_size(r: FieldReader) -> int:

@@ -301,3 +301,14 @@ def test_the_section_turns_the_checks_on(tmp_path: Path, section: str, enabled: 
     org = load_organization(write_org(tmp_path, extra=section),
                             Hooks().registry.connector_types)
     assert org.sender_id_config.enabled is enabled
+
+
+@pytest.mark.parametrize("value, expected", [
+    ('""', ""), ('"Quarantine@Contoso.test"', "Quarantine@contoso.test")])
+def test_the_quarantine_mailbox_may_be_left_empty(tmp_path: Path, value: str,
+                                                 expected: str) -> None:
+    """As docs/exchange.md shows it: '' is the postmaster."""
+    org = load_organization(write_org(tmp_path, extra=(
+        f'[[anti_phish_policy]]\nName = "Default"\nQuarantineMailbox = {value}\n')),
+        Hooks().registry.connector_types)
+    assert org.anti_phish_policy.quarantine_mailbox == expected
