@@ -106,6 +106,7 @@ def smtp(port: int, sender: str, message: bytes, rcpt: str = "alice@contoso.test
             code, reply = client.data(message)
         except smtplib.SMTPDataError as exc:
             code, reply = exc.smtp_code, exc.smtp_error
+        print(f"{sender} -> {rcpt}: {code} {reply.decode()}")  # shown by pytest -rP
         return code, reply.decode()
 
 
@@ -173,6 +174,7 @@ def test_each_spf_result_end_to_end(hub: Hub, domain: str, code: int, enhanced: 
     assert (got, reply.split(" ", 1)[0]) == (code, enhanced), reply
     if stamped is not None:
         results = results_of(hub.delivered("Alice", subject))
+        print(results)
         assert stamped in results and f"smtp.mailfrom=x@{domain}" in results, results
 
 
@@ -260,6 +262,7 @@ def test_signed_mail_verifies_with_an_independent_implementation_through_a_rotat
     second = hub.sent("signed 2")
     for message, selector in ((first, before), (second, after)):
         lines = perl_verify(message, hub.dns)
+        print("Mail::DKIM:", lines)
         assert f"pass d=contoso.test s={selector} a=rsa-sha256" in lines, lines
         assert lines[-1] == "result=pass", lines
         # the ed25519 signature, which this Mail::DKIM does not know: checked with dkimpy
@@ -331,6 +334,7 @@ def test_a_forwarded_message_with_a_valid_arc_chain(hub: Hub) -> None:
     assert "arc=pass" in results and "dmarc=fail" in results and "arc override" in results
     assert "dkim=fail" in results  # the list changed the body
     lines = perl_verify(out, hub.dns, "arc")
+    print(results, "\nMail::DKIM::ARC:", lines)
     assert lines[-1] == "result=pass", lines
     assert b"ARC-Seal: i=2;" in out.replace(b"\r\n ", b" ")
 
